@@ -1,0 +1,50 @@
+# Quickstart: `make demo` runs the live video demo, `make test` runs every check.
+# Each target creates and fills its own virtual environment in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: help venv test lint typecheck unit demo bench bench-smoke clean
+
+help:
+	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
+	@echo "make test   - lint, type-check and run the test suite"
+	@echo "make bench  - full benchmark against multiprocessing and Celery+Redis"
+	@echo "make clean  - remove the virtual environment and generated output"
+
+$(VENV)/.dev-installed: pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.demo-installed: $(VENV)/.dev-installed demo/requirements.txt
+	$(PIP) install -r demo/requirements.txt
+	touch $@
+
+$(VENV)/.bench-installed: $(VENV)/.dev-installed benchmark/requirements.txt
+	$(PIP) install -r benchmark/requirements.txt
+	touch $@
+
+venv: $(VENV)/.dev-installed
+
+lint: $(VENV)/.dev-installed
+	$(PY) -m ruff check pytaskqml tests benchmark demo
+	$(PY) -m ruff format --check pytaskqml tests benchmark demo
+
+typecheck: $(VENV)/.dev-installed
+	$(PY) -m mypy
+
+unit: $(VENV)/.dev-installed
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m demo
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m benchmark --all
+
+clean:
+	rm -rf $(VENV) demo/output .mypy_cache .ruff_cache .pytest_cache

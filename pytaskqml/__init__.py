@@ -1,0 +1,1 @@
+"""pytaskqml: ordered, crash-safe task orchestration over raw TCP."""
