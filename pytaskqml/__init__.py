@@ -1,1 +1,45 @@
-"""pytaskqml: ordered, crash-safe task orchestration over raw TCP."""
+"""pytaskqml: ordered, crash-safe task orchestration for Python models over live streams.
+
+A :class:`Coordinator` owns an in-memory task queue and sends framed tasks over raw TCP to
+worker processes (spawned here, or started elsewhere with ``pytaskqml worker``) and to local
+thread workers. Results come back in submission order. Standard library only.
+"""
+
+from ._control import get_health, request_shutdown
+from ._coordinator import Coordinator, LateResult, Statistics, Stream, TaskTimeout, WorkerStats
+from ._errors import (
+    AuthenticationError,
+    ClosedError,
+    ConnectionLost,
+    ProtocolError,
+    PyTaskQMLError,
+    RemoteTraceback,
+    TaskFailed,
+    WorkerLostError,
+    WorkerStartError,
+)
+from ._worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ClosedError",
+    "ConnectionLost",
+    "Coordinator",
+    "LateResult",
+    "ProtocolError",
+    "PyTaskQMLError",
+    "RemoteTraceback",
+    "Statistics",
+    "Stream",
+    "TaskFailed",
+    "TaskTimeout",
+    "Worker",
+    "WorkerLostError",
+    "WorkerStartError",
+    "WorkerStats",
+    "__version__",
+    "get_health",
+    "request_shutdown",
+]

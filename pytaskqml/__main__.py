@@ -1,0 +1,7 @@
+"""``python -m pytaskqml``: the same as the ``pytaskqml`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""The only module that touches a TCP socket.
+
+:class:`Connection` wraps a connected socket: it frames outgoing messages (scatter/gather, so
+buffers are never copied into one string), decodes incoming bytes with a
+:class:`~._protocol.FrameDecoder`, and turns every way a peer can vanish - EOF, reset, broken
+pipe, a close from the heartbeat watchdog - into one exception, :class:`ConnectionLost`.
+
+Sockets stay in blocking mode. A reader thread blocks in ``recv``; liveness is judged from the
+outside (a watchdog compares :attr:`Connection.last_recv` with the clock and calls
+:meth:`Connection.abort`, which makes the blocked ``recv`` return at once).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from . import _protocol
+from ._errors import AuthenticationError, ConnectionLost, ProtocolError
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+_RECV_SIZE = 256 * 1024
+# sendmsg takes at most IOV_MAX (1024 on Linux) chunks at once.
+_MAX_IOV = 512
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+
+
+def parse_address(text: str, *, default_host: str = "127.0.0.1") -> Address:
+    """Parse ``host:port``, ``[v6]:port`` or ``:port``; raise ``ValueError`` with a clear reason."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("address is empty (expected HOST:PORT)")
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bad address {text!r} (expected [IPv6]:PORT)")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad address {text!r} (expected HOST:PORT)")
+        if ":" in host:
+            raise ValueError(f"bad address {text!r} (write IPv6 addresses as [ADDR]:PORT)")
+    host = host or default_host
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"bad port in {text!r} (expected a number from 0 to 65535)")
+    return host, int(port_text)
+
+
+def format_address(address: Address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tune(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def open_listener(address: Address, *, backlog: int = 128) -> socket.socket:
+    """A listening socket with SO_REUSEADDR, so a restarted process can rebind at once."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
+
+
+def dial(address: Address, *, timeout: float | None = 5.0) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.settimeout(None)
+    return sock
+
+
+class Connection:
+    """A framed, thread-safe-for-send connection to one peer."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        name: str = "",
+        max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        _tune(sock)
+        sock.settimeout(None)
+        self.sock = sock
+        self.name = name
+        self.max_frame_size = max_frame_size
+        self._decoder = _protocol.FrameDecoder(max_frame_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE)
+        self._ready: deque[_protocol.Message] = deque()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._is_ssl = isinstance(sock, ssl.SSLSocket)
+        self._can_sendmsg = hasattr(sock, "sendmsg") and not self._is_ssl
+        now = time.monotonic()
+        self.last_recv = now
+        self.last_send = now
+        self.bytes_in = 0
+        self.bytes_out = 0
+        try:
+            peer = sock.getpeername()
+            self.peer = format_address(peer) if isinstance(peer, tuple) else str(peer)
+        except OSError:
+            self.peer = "?"
+
+    # ------------------------------------------------------------------ sending
+
+    def send_frame(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Send one frame's chunks; raise :class:`ConnectionLost` if the peer is gone."""
+        try:
+            with self._send_lock:
+                if self._closed:
+                    raise ConnectionLost(f"connection to {self.peer} is closed")
+                if len(chunks) == 1:
+                    self.sock.sendall(chunks[0])
+                    n = len(chunks[0])
+                elif self._can_sendmsg:
+                    n = self._sendmsg_all(chunks)
+                else:
+                    n = 0
+                    for c in chunks:
+                        self.sock.sendall(c)
+                        n += memoryview(c).nbytes
+                self.bytes_out += n
+                self.last_send = time.monotonic()
+        except (OSError, ValueError) as exc:
+            self.abort()
+            raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
+
+    def _sendmsg_all(self, chunks: Sequence[bytes | memoryview]) -> int:
+        views = deque(memoryview(c).cast("B") for c in chunks)
+        total = 0
+        while views:
+            batch = [views[i] for i in range(min(len(views), _MAX_IOV))]
+            sent = self.sock.sendmsg(batch)
+            total += sent
+            while sent:
+                head = views[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    views.popleft()
+                else:
+                    views[0] = head[sent:]
+                    sent = 0
+        return total
+
+    def send(self, op: str, fields: dict[str, Any] | None = None) -> None:
+        self.send_frame([_protocol.encode_message(op, fields)])
+
+    def send_json(self, header_json: str, buffers: Sequence[memoryview] = ()) -> None:
+        self.send_frame(_protocol.encode_frame(header_json, buffers))
+
+    # ---------------------------------------------------------------- receiving
+
+    def recv(self) -> _protocol.Message:
+        """Block until a whole message arrives.
+
+        Raises :class:`ConnectionLost` when the peer goes away (or :meth:`abort` is called) and
+        :class:`ProtocolError` when it sends something that is not a valid frame.
+        """
+        while not self._ready:
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except TimeoutError:
+                raise
+            except (OSError, ValueError) as exc:
+                self.abort()
+                raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
+            if not data:
+                pending = self._decoder.buffered
+                self.abort()
+                if pending:
+                    raise ProtocolError(
+                        f"{self.peer} closed the connection mid-frame ({pending} bytes pending)"
+                    )
+                raise ConnectionLost(f"{self.peer} closed the connection")
+            self.bytes_in += len(data)
+            self.last_recv = time.monotonic()
+            self._ready.extend(self._decoder.feed(data))
+        return self._ready.popleft()
+
+    def set_authenticated(self) -> None:
+        """Lift the handshake's tiny frame limit to the configured one."""
+        old = self._decoder
+        self._decoder = _protocol.FrameDecoder(max_frame_size=self.max_frame_size)
+        if old.buffered:  # pragma: no cover - a peer that pipelines past the handshake
+            raise ProtocolError("peer sent data before the handshake finished")
+
+    # ------------------------------------------------------------------ closing
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def abort(self) -> None:
+        """Close at once, from any thread; a blocked :meth:`recv` returns with ConnectionLost."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    close = abort
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+def _expect(conn: Connection, op: str) -> _protocol.Message:
+    msg = conn.recv()
+    if msg.op == "denied":
+        raise AuthenticationError(f"{conn.peer} refused the handshake: {msg.header.get('why')}")
+    if msg.op != op:
+        raise AuthenticationError(f"handshake: expected {op!r}, got {msg.op!r}")
+    return msg
+
+
+def _with_deadline(conn: Connection, timeout: float | None) -> None:
+    conn.sock.settimeout(timeout)
+
+
+def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
+    """Run the listening side of the mutual HMAC handshake; raise AuthenticationError."""
+    _with_deadline(conn, timeout)
+    try:
+        nonce = _protocol.new_nonce()
+        conn.send("challenge", {"nonce": nonce.hex(), "v": _protocol.PROTOCOL_VERSION})
+        msg = _expect(conn, "auth")
+        if not _protocol.auth_verify(key, nonce, "client", msg.header.get("proof")):
+            try:
+                conn.send("denied", {"why": "authentication failed"})
+            except ConnectionLost:
+                pass
+            raise AuthenticationError(f"{conn.peer} failed authentication (wrong or missing key)")
+        theirs = _nonce_from(msg.header.get("nonce"))
+        conn.send("welcome", {"proof": _protocol.auth_digest(key, theirs, "server").hex()})
+        conn.set_authenticated()
+    except (TimeoutError, socket.timeout):
+        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
+    except ProtocolError as exc:
+        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
+    finally:
+        if not conn.closed:
+            try:
+                conn.sock.settimeout(None)
+            except OSError:
+                pass
+
+
+def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
+    """Run the dialling side of the mutual HMAC handshake; raise AuthenticationError."""
+    _with_deadline(conn, timeout)
+    try:
+        msg = _expect(conn, "challenge")
+        if msg.header.get("v") != _protocol.PROTOCOL_VERSION:
+            raise AuthenticationError(f"peer speaks protocol version {msg.header.get('v')!r}")
+        theirs = _nonce_from(msg.header.get("nonce"))
+        mine = _protocol.new_nonce()
+        conn.send(
+            "auth",
+            {"proof": _protocol.auth_digest(key, theirs, "client").hex(), "nonce": mine.hex()},
+        )
+        reply = _expect(conn, "welcome")
+        if not _protocol.auth_verify(key, mine, "server", reply.header.get("proof")):
+            raise AuthenticationError(f"{conn.peer} could not prove it holds the key")
+        conn.set_authenticated()
+    except (TimeoutError, socket.timeout):
+        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
+    except ProtocolError as exc:
+        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
+    finally:
+        if not conn.closed:
+            try:
+                conn.sock.settimeout(None)
+            except OSError:
+                pass
+
+
+def _nonce_from(value: object) -> bytes:
+    if isinstance(value, str) and len(value) == 2 * _protocol.NONCE_SIZE:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise AuthenticationError("handshake: malformed nonce")
+

@@ -1,0 +1,77 @@
+"""The exception tree.
+
+::
+
+    PyTaskQMLError
+     ├── ProtocolError            a peer sent bytes that are not a valid frame (garbage, wrong
+     │                            version, oversize, lying buffer lengths, bad JSON)
+     ├── AuthenticationError      the handshake failed: wrong or missing key, replay, timeout
+     ├── ConnectionLost           the peer broke the connection (EOF, reset, heartbeat silence)
+     ├── ClosedError              *you* closed it: submit after shutdown, put after close
+     ├── WorkerStartError         a worker process could not start (import error, setup() raised)
+     ├── TaskFailed               process() raised; carries the remote type and traceback text
+     └── WorkerLostError          a task killed (or was in flight on) more workers than max_retries
+
+Timeouts reuse the builtin :class:`TimeoutError`; cancellation reuses
+:class:`concurrent.futures.CancelledError`.
+"""
+
+from __future__ import annotations
+
+
+class PyTaskQMLError(Exception):
+    """Base class of every error pytaskqml raises on purpose."""
+
+
+class ProtocolError(PyTaskQMLError):
+    """The byte stream from a peer is not a valid pytaskqml frame sequence."""
+
+
+class AuthenticationError(PyTaskQMLError):
+    """The peer failed the mutual HMAC handshake."""
+
+
+class ConnectionLost(PyTaskQMLError):
+    """The peer closed or broke the connection, or fell silent past the heartbeat limit."""
+
+
+class ClosedError(PyTaskQMLError):
+    """The object was closed by its owner: nothing more is accepted."""
+
+
+class WorkerStartError(PyTaskQMLError):
+    """A worker process failed before it became ready."""
+
+
+class TaskFailed(PyTaskQMLError):
+    """``Worker.process`` raised for this task.
+
+    ``remote_type`` is the exception's qualified type name and ``remote_traceback`` the
+    formatted traceback, both as text: exceptions never travel as objects. For a remote worker
+    ``__cause__`` is a :class:`RemoteTraceback` holding that text; for a local thread worker it
+    is the original exception.
+    """
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+class RemoteTraceback(Exception):
+    """Holds a traceback formatted in another process, shown as the ``__cause__``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class WorkerLostError(PyTaskQMLError):
+    """The task could not be completed because the workers running it died.
+
+    Raised for a *poison* task: one whose attempts killed more than ``max_retries`` workers.
+    """

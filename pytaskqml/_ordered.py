@@ -1,0 +1,140 @@
+"""The bounded task queue with its overflow policies, and the reorder buffer.
+
+Neither class starts a thread or reads a clock; the coordinator drives both under its lock
+(:class:`TaskQueue`) or from its delivery path (:class:`ReorderBuffer`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Generic, Literal, TypeVar
+
+T = TypeVar("T")
+
+OverflowPolicy = Literal["block", "drop_oldest", "reject"]
+OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_oldest", "reject")
+
+
+class TaskQueue(Generic[T]):
+    """A FIFO with a soft bound.
+
+    ``push`` admits new work subject to ``maxsize`` (the caller applies the overflow policy
+    when it reports full); ``push_front`` returns work that was already admitted - tasks
+    re-queued after a worker died - and is never refused, so a retry cannot be lost to a full
+    queue.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize <= 0:
+            raise ValueError("max_queue must be positive")
+        self.maxsize = maxsize
+        self._items: deque[T] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    @property
+    def space(self) -> int:
+        return max(0, self.maxsize - len(self._items))
+
+    def push(self, item: T) -> None:
+        self._items.append(item)
+
+    def push_front(self, items: Iterable[T]) -> None:
+        """Put *items* at the head, keeping their relative order."""
+        self._items.extendleft(reversed(list(items)))
+
+    def pop_oldest(self) -> T:
+        return self._items.popleft()
+
+    def pop_many(self, n: int) -> list[T]:
+        items = self._items
+        n = min(n, len(items))
+        return [items.popleft() for _ in range(n)]
+
+    def remove(self, item: T) -> bool:
+        try:
+            self._items.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def clear(self) -> list[T]:
+        out = list(self._items)
+        self._items.clear()
+        return out
+
+
+# Outcome kinds delivered for a task.
+OK = 0
+ERROR = 1
+TIMEOUT = 2
+DROPPED = 3
+CANCELLED = 4
+
+
+class ReorderBuffer:
+    """Holds outcomes that arrived early until every earlier one has arrived.
+
+    Invariant: ``_next`` is the sequence number the consumer waits for; every stored key is
+    ``>= _next``; an outcome is stored once (a second delivery for the same number is ignored,
+    which is how a late duplicate can never reach the caller). The producer side calls
+    :meth:`deliver` from any thread; the consumer calls :meth:`get_next`, which blocks until the
+    head of the line is present. Only a delivery that completes the head wakes the consumer, so
+    out-of-order arrivals cost no wake-ups.
+
+    With ``ordered=False`` the buffer is a plain completion queue: :meth:`get_next` returns
+    outcomes as they arrive. (The coordinator delivers each task once; the buffer's own check
+    is for the ordered case, where a stale number must never overwrite the head.)
+    """
+
+    def __init__(self, *, ordered: bool = True) -> None:
+        self.ordered = ordered
+        self._cv = threading.Condition(threading.Lock())
+        self._slots: dict[int, tuple[int, Any]] = {}
+        self._arrived: deque[tuple[int, int, Any]] = deque()
+        self._next = 0
+
+    def deliver(self, seq: int, kind: int, value: Any) -> None:
+        with self._cv:
+            if self.ordered:
+                if seq < self._next or seq in self._slots:
+                    return
+                self._slots[seq] = (kind, value)
+                if seq == self._next:
+                    self._cv.notify()
+            else:
+                self._arrived.append((seq, kind, value))
+                self._cv.notify()
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._slots) if self.ordered else len(self._arrived)
+
+    def get_next(self, timeout: float | None = None) -> tuple[int, int, Any]:
+        """``(seq, kind, value)`` of the next outcome; ``TimeoutError`` if none in time."""
+        with self._cv:
+            if self.ordered:
+                seq = self._next
+                if seq not in self._slots and not self._cv.wait_for(
+                    lambda: seq in self._slots, timeout
+                ):
+                    raise TimeoutError("no result within the timeout")
+                kind, value = self._slots.pop(seq)
+                self._next = seq + 1
+                return seq, kind, value
+            if not self._arrived and not self._cv.wait_for(lambda: bool(self._arrived), timeout):
+                raise TimeoutError("no result within the timeout")
+            return self._arrived.popleft()

@@ -1,0 +1,271 @@
+"""Sans-IO framing: messages to bytes, and a decoder you feed bytes that yields messages.
+
+No sockets, threads or clocks live here, so every rule below is tested byte by byte.
+
+Frame layout (all integers big-endian)::
+
+    offset  size  field
+    0       2     magic  b"PQ"
+    2       1     protocol version (PROTOCOL_VERSION)
+    3       1     flags, reserved: must be 0
+    4       4     H  header length in bytes
+    8       4     N  number of raw buffers
+    12      4     B  total length of the buffers
+    16      4*N   length of each buffer
+    16+4N   H     header: a UTF-8 JSON object with at least {"op": <str>}
+    ...     B     the buffers, back to back
+
+The decoder validates the 16-byte prefix as soon as it has it - magic, version, flags, buffer
+count and the total size against ``max_frame_size`` - so an oversize or garbage frame is
+refused *before* anything is buffered for it. The buffer table must add up to ``B``; the header
+must be a JSON object whose nesting is at most ``max_depth`` deep and whose buffer markers (see
+:mod:`._codec`) claim every buffer exactly once. Anything else is a :class:`ProtocolError`, and
+nothing else is ever raised. After an error the decoder stays failed: the stream cannot be
+resynchronised, so the connection must be dropped.
+
+Authentication (mutual HMAC-SHA256 challenge-response, in the manner of
+``multiprocessing.connection``) is built from the pure helpers at the end of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _codec
+from ._errors import ProtocolError
+
+MAGIC = b"PQ"
+PROTOCOL_VERSION = 1
+_PREFIX = struct.Struct("!2sBBIII")
+PREFIX_SIZE = _PREFIX.size  # 16
+
+DEFAULT_MAX_FRAME_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_BUFFERS = 4096
+DEFAULT_MAX_DEPTH = 64
+#: Frames exchanged before a peer is authenticated are tiny; a peer gets no more than this.
+HANDSHAKE_MAX_FRAME_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded frame: its JSON header (buffers already swapped in) and its raw buffers."""
+
+    header: dict[str, Any]
+    buffers: tuple[memoryview, ...] = field(default=())
+
+    @property
+    def op(self) -> str:
+        op: str = self.header["op"]
+        return op
+
+
+def encode_frame(
+    header_json: str, buffers: Sequence[memoryview] = (), *, max_frame_size: int | None = None
+) -> list[bytes | memoryview]:
+    """Frame a JSON header (text, as produced by :mod:`._codec`) and its buffers.
+
+    Returns a list of byte chunks to send back to back (suitable for ``socket.sendmsg``): the
+    buffers themselves are not copied.
+    """
+    head = header_json.encode("utf-8")
+    lengths = [b.nbytes for b in buffers]
+    body = sum(lengths)
+    total = PREFIX_SIZE + 4 * len(lengths) + len(head) + body
+    if max_frame_size is not None and total > max_frame_size:
+        raise ValueError(f"frame of {total} bytes exceeds max_frame_size={max_frame_size}")
+    if len(lengths) > 0xFFFFFFFF or body > 0xFFFFFFFF or len(head) > 0xFFFFFFFF:
+        raise ValueError("frame too large for the wire format")
+    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(head), len(lengths), body)
+    if lengths:
+        prefix += struct.pack(f"!{len(lengths)}I", *lengths)
+    return [prefix + head, *buffers]
+
+
+def encode_message(op: str, fields: dict[str, Any] | None = None) -> bytes:
+    """Frame a small control message with no buffers, as one bytes object."""
+    header = {"op": op} if fields is None else {"op": op, **fields}
+    return b"".join(encode_frame(_codec.encode_str(header)))  # type: ignore[arg-type]
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_EMPTY_PAIRS = re.compile(r"\[\]|\{\}")
+
+
+def json_depth_exceeds(text: str, max_depth: int) -> bool:
+    """True when the JSON text nests deeper than *max_depth*.
+
+    Works at C speed: strings are removed, then everything but brackets, then innermost
+    bracket pairs are stripped one level per pass. A document of depth d needs d passes, so
+    the work is bounded by ``max_depth`` passes over the text whatever the input.
+    """
+    if len(text) < 2 * max_depth:
+        return False
+    skeleton = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    for _ in range(max_depth):
+        if not skeleton:
+            return False
+        stripped = _EMPTY_PAIRS.sub("", skeleton)
+        if stripped == skeleton:
+            return False  # unbalanced: json.loads will reject it
+        skeleton = stripped
+    return bool(skeleton) and _EMPTY_PAIRS.search(skeleton) is not None
+
+
+class FrameDecoder:
+    """Feed bytes in, get :class:`Message` objects out.
+
+    ``feed`` may be called with any split of the byte stream - one byte at a time or many frames
+    at once - and yields the same messages.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_buffers: int = DEFAULT_MAX_BUFFERS,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        if max_frame_size < PREFIX_SIZE + 2:
+            raise ValueError("max_frame_size is too small to hold any frame")
+        self.max_frame_size = max_frame_size
+        self.max_buffers = max_buffers
+        self.max_depth = max_depth
+        self._buf = bytearray()
+        self._frame_total = 0  # size of the frame being accumulated, once its prefix is known
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a whole frame."""
+        return len(self._buf)
+
+    @property
+    def pending_frame_size(self) -> int:
+        """Total size of the frame being received, or 0 while its prefix is incomplete."""
+        return self._frame_total
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Add received bytes; return every message they complete (possibly none)."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf = bytearray()
+            raise
+
+    def _fail(self, why: str) -> ProtocolError:
+        return ProtocolError(why)
+
+    def _check_prefix(self) -> int:
+        buf = self._buf
+        if len(buf) < PREFIX_SIZE:
+            # Refuse garbage on its first bytes rather than waiting for a whole prefix.
+            n = min(len(buf), 2)
+            if bytes(buf[:n]) != MAGIC[:n]:
+                raise self._fail("bad magic: not a pytaskqml frame")
+            if len(buf) >= 3 and buf[2] != PROTOCOL_VERSION:
+                raise self._fail(f"unsupported protocol version {buf[2]}")
+            return 0
+        magic, version, flags, hlen, nbuf, body = _PREFIX.unpack_from(buf)
+        if magic != MAGIC:
+            raise self._fail("bad magic: not a pytaskqml frame")
+        if version != PROTOCOL_VERSION:
+            raise self._fail(f"unsupported protocol version {version}")
+        if flags != 0:
+            raise self._fail(f"unknown frame flags {flags:#x}")
+        if nbuf > self.max_buffers:
+            raise self._fail(f"frame declares {nbuf} buffers (max {self.max_buffers})")
+        if hlen < 2:
+            raise self._fail("frame header too short")
+        total = PREFIX_SIZE + 4 * nbuf + hlen + body
+        if total > self.max_frame_size:
+            raise self._fail(f"frame of {total} bytes exceeds max_frame_size={self.max_frame_size}")
+        return total
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while True:
+            if not self._frame_total:
+                self._frame_total = self._check_prefix()
+                if not self._frame_total:
+                    return out
+            total = self._frame_total
+            if len(self._buf) < total:
+                return out
+            if len(self._buf) == total:
+                frame, self._buf = self._buf, bytearray()
+            else:
+                frame = self._buf[:total]
+                del self._buf[:total]
+            self._frame_total = 0
+            out.append(self._parse(frame))
+
+    def _parse(self, frame: bytearray) -> Message:
+        _, _, _, hlen, nbuf, body = _PREFIX.unpack_from(frame)
+        lengths = struct.unpack_from(f"!{nbuf}I", frame, PREFIX_SIZE) if nbuf else ()
+        if sum(lengths) != body:
+            raise self._fail(
+                f"buffer lengths add up to {sum(lengths)} but the frame declares {body}"
+            )
+        start = PREFIX_SIZE + 4 * nbuf
+        try:
+            text = frame[start : start + hlen].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._fail("frame header is not UTF-8") from None
+        if json_depth_exceeds(text, self.max_depth):
+            raise self._fail(f"frame header nests deeper than {self.max_depth}")
+        view = memoryview(frame)
+        pos = start + hlen
+        buffers = []
+        for n in lengths:
+            buffers.append(view[pos : pos + n])
+            pos += n
+        header = _codec.decode(text, buffers)
+        if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+            raise self._fail('frame header must be a JSON object with a string "op"')
+        return Message(header, tuple(buffers))
+
+
+# --------------------------------------------------------------------------- handshake
+
+NONCE_SIZE = 32
+_AUTH_DOMAIN = b"pytaskqml-auth-v1"
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def auth_digest(key: bytes, nonce: bytes, role: str) -> bytes:
+    """HMAC-SHA256 proof of the key over a peer's nonce.
+
+    *role* names who answers ("client" or "server"), so a proof cannot be reflected back at
+    the side that issued the challenge.
+    """
+    return hmac.new(key, _AUTH_DOMAIN + b"|" + role.encode() + b"|" + nonce, hashlib.sha256).digest()
+
+
+def auth_verify(key: bytes, nonce: bytes, role: str, digest_hex: object) -> bool:
+    if not isinstance(digest_hex, str) or len(digest_hex) != 64:
+        return False
+    try:
+        got = bytes.fromhex(digest_hex)
+    except ValueError:
+        return False
+    return hmac.compare_digest(got, auth_digest(key, nonce, role))
+
+
+def control_token(key: bytes) -> str:
+    """Bearer token for the HTTP control endpoint, derived from the shared key."""
+    return hmac.new(key, b"pytaskqml-control-v1", hashlib.sha256).hexdigest()

@@ -1,0 +1,501 @@
+"""The :class:`Worker` base class and the serve loop of a worker process.
+
+A worker process has three threads while it is connected:
+
+* the **main** thread runs ``setup()``, then ``process()`` for one task at a time, sends results,
+  and finally runs ``teardown()``;
+* a **reader** thread receives frames and hands task frames to the main thread; it is what
+  notices at once that the coordinator went away (EOF), even while a task is running;
+* a **heartbeat** thread pings an idle connection and closes one that stayed silent too long.
+
+Graceful stop (``/shutdown``, a ``stop`` message, or :meth:`WorkerServer.request_stop`): the
+task in hand finishes, its result and every earlier one is sent, then a ``bye`` frame. The
+coordinator re-queues anything still in flight for this worker - those tasks never started, so
+that costs them no retry - and the process runs ``teardown()`` and exits 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _codec, _connection, _protocol
+from ._errors import AuthenticationError, ConnectionLost, ProtocolError, WorkerStartError
+
+log = logging.getLogger(__name__)
+
+# Results of quick tasks are sent together; once the oldest unsent result is this old it goes
+# out on its own, so a slow model's first result never waits for its neighbour.
+_RESULT_FLUSH_AFTER = 0.0005
+
+
+class Worker:
+    """Subclass this and override :meth:`process` (and optionally the rest).
+
+    The same subclass runs as a local thread worker, as a process the coordinator spawns, or as
+    a standalone process started by ``pytaskqml worker module:Class``.
+
+    Class attributes:
+
+    ``max_batch_size``
+        When above 1 the coordinator groups up to this many queued tasks into one call of
+        :meth:`process_batch` (dynamic batching, for models that prefer a batch, e.g. on a GPU).
+    ``max_batch_delay``
+        Seconds the coordinator may hold a partial batch back waiting for it to fill.
+    """
+
+    max_batch_size: int = 1
+    max_batch_delay: float = 0.0
+
+    def setup(self) -> None:
+        """Called once per worker, before its first task (load the model here)."""
+
+    def process(self, payload: Any) -> Any:
+        """Compute the result of one task. An exception fails this task only."""
+        raise NotImplementedError(f"{type(self).__name__} must override process()")
+
+    def process_batch(self, payloads: list[Any]) -> list[Any]:
+        """Compute a batch of results, one per payload and in the same order.
+
+        To fail one item without failing the batch, put an ``Exception`` instance in its place.
+        """
+        return [self.process(p) for p in payloads]
+
+    def teardown(self) -> None:
+        """Called once when the worker stops, also after ``/shutdown``."""
+
+
+def error_info(exc: BaseException) -> list[str]:
+    """``[qualified type, message, traceback text]``: how an exception travels."""
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
+    return [name, str(exc), "".join(traceback.format_exception(t, exc, exc.__traceback__))]
+
+
+def run_tasks(worker: Worker, payloads: Sequence[Any], batch: bool) -> list[tuple[bool, Any]]:
+    """Run payloads through the worker: ``(True, result)`` or ``(False, exception)`` each."""
+    if batch:
+        try:
+            results = worker.process_batch(list(payloads))
+            if not isinstance(results, list) or len(results) != len(payloads):
+                got = len(results) if isinstance(results, list) else type(results).__name__
+                raise ValueError(
+                    f"process_batch returned {got} results for {len(payloads)} payloads"
+                )
+        except Exception as exc:
+            return [(False, exc)] * len(payloads)
+        return [(False, r) if isinstance(r, Exception) else (True, r) for r in results]
+    out: list[tuple[bool, Any]] = []
+    for p in payloads:
+        try:
+            out.append((True, worker.process(p)))
+        except Exception as exc:
+            out.append((False, exc))
+    return out
+
+
+def worker_info(worker: Worker) -> dict[str, Any]:
+    batch = int(getattr(worker, "max_batch_size", 1) or 1)
+    delay = float(getattr(worker, "max_batch_delay", 0.0) or 0.0)
+    overridden = type(worker).process_batch is not Worker.process_batch
+    return {
+        "cls": f"{type(worker).__module__}.{type(worker).__qualname__}",
+        "batch": batch if (batch > 1 or overridden) else 1,
+        "batch_delay": delay,
+    }
+
+
+# --------------------------------------------------------------------------- class loading
+
+
+def load_worker_class(target: str, *, main_path: str | None = None) -> type[Worker]:
+    """Import ``module:Class`` (or ``module:Outer.Inner``); raise WorkerStartError clearly."""
+    module_name, sep, qualname = target.partition(":")
+    if not sep or not module_name or not qualname:
+        raise WorkerStartError(f"bad worker {target!r}: expected MODULE:CLASS, e.g. myapp:WordCount")
+    try:
+        if module_name in ("__main__", "__mp_main__") and main_path:
+            module = _load_main(main_path)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except WorkerStartError:
+        raise
+    except Exception as exc:
+        raise WorkerStartError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise WorkerStartError(f"module {module_name!r} has no attribute {qualname!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Worker)):
+        raise WorkerStartError(f"{target!r} is not a subclass of pytaskqml.Worker")
+    return obj
+
+
+def _load_main(path: str) -> Any:
+    # The parent's main script is imported under another name, as multiprocessing does, so its
+    # `if __name__ == "__main__":` block does not run again in the child.
+    existing = sys.modules.get("__mp_main__")
+    if existing is not None:
+        return existing
+    spec = importlib.util.spec_from_file_location("__mp_main__", path)
+    if spec is None or spec.loader is None:
+        raise WorkerStartError(f"cannot load the main script {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__mp_main__"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def class_target(cls: type) -> tuple[str, str | None]:
+    """``("module:Qualname", main_path)`` naming *cls* so a child process can import it."""
+    if "<locals>" in cls.__qualname__:
+        raise ValueError(
+            f"{cls.__qualname__} is defined inside a function; define worker classes at module "
+            "level so a child process can import them"
+        )
+    module = cls.__module__
+    main_path = None
+    if module in ("__main__", "__mp_main__"):
+        main = sys.modules.get("__main__")
+        main_path = getattr(main, "__file__", None)
+        if not main_path:
+            raise ValueError(
+                f"{cls.__qualname__} lives in an interactive __main__; put it in an importable "
+                "module to spawn it"
+            )
+        main_path = os.path.abspath(main_path)
+    return f"{module}:{cls.__qualname__}", main_path
+
+
+# --------------------------------------------------------------------------- serving
+
+
+_STOP = "stop"
+_LOST = "lost"
+_RUN = "run"
+
+
+class WorkerServer:
+    """Serves one :class:`Worker` instance to coordinators over TCP (in a worker process)."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        authkey: bytes = b"",
+        name: str = "",
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 5.0,
+        max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
+        handshake_timeout: float = _connection.DEFAULT_HANDSHAKE_TIMEOUT,
+        exit_grace: float | None = None,
+        control_address: str | None = None,
+        spawn_id: int | None = None,
+    ) -> None:
+        self.worker = worker
+        self.authkey = authkey
+        self.name = name or f"{type(worker).__name__}-{os.getpid()}"
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_frame_size = max_frame_size
+        self.handshake_timeout = handshake_timeout
+        self.exit_grace = exit_grace
+        self.control_address = control_address
+        self.spawn_id = spawn_id
+        self.tasks_done = 0
+        self._stop = threading.Event()
+        self._wake: queue.SimpleQueue[tuple[str, Any]] | None = None
+        self._listener: Any = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- control
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Finish the task in hand, send its result, say goodbye, and stop serving."""
+        with self._lock:
+            self._stop.set()
+            if self._wake is not None:
+                self._wake.put((_STOP, None))
+            if self._listener is not None:
+                try:
+                    self._listener.close()
+                except OSError:
+                    pass
+
+    def wait_stop(self, timeout: float) -> bool:
+        return self._stop.wait(timeout)
+
+    # --------------------------------------------------------------- endpoints
+
+    def run_dial(self, address: _connection.Address, *, reconnect: bool) -> str:
+        """Dial the coordinator and serve; with *reconnect*, dial again (with backoff) after a
+        lost connection. Returns ``"stopped"`` or ``"lost"``."""
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                sock = _connection.dial(address, timeout=self.handshake_timeout)
+            except OSError as exc:
+                if not reconnect:
+                    raise ConnectionLost(
+                        f"cannot reach coordinator at {_connection.format_address(address)}: {exc}"
+                    ) from None
+                log.info("coordinator %s unreachable (%s); retrying in %.1fs",
+                         _connection.format_address(address), exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            conn = _connection.Connection(sock, name=self.name, max_frame_size=self.max_frame_size)
+            try:
+                _connection.client_handshake(conn, self.authkey, timeout=self.handshake_timeout)
+            except (AuthenticationError, ConnectionLost) as exc:
+                conn.abort()
+                if not reconnect:
+                    raise
+                log.warning("handshake with %s failed: %s", conn.peer, exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            outcome = self.serve_connection(conn)
+            if outcome == "stopped" or not reconnect:
+                return outcome
+            log.warning("lost the coordinator; reconnecting")
+        return "stopped"
+
+    def run_listen(self, listener: Any) -> str:
+        """Accept coordinators one at a time on *listener* until stopped."""
+        with self._lock:
+            self._listener = listener
+            if self._stop.is_set():
+                listener.close()
+        while not self._stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            conn = _connection.Connection(sock, name=self.name, max_frame_size=self.max_frame_size)
+            try:
+                _connection.server_handshake(conn, self.authkey, timeout=self.handshake_timeout)
+            except (AuthenticationError, ConnectionLost, OSError) as exc:
+                log.warning("rejected connection from %s: %s", conn.peer, exc)
+                conn.abort()
+                continue
+            log.info("coordinator %s connected", conn.peer)
+            if self.serve_connection(conn) == "stopped":
+                break
+        return "stopped"
+
+    # ------------------------------------------------------------ one session
+
+    def serve_connection(self, conn: _connection.Connection) -> str:
+        """Serve one authenticated connection; ``"stopped"`` or ``"lost"``."""
+        wake: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        done = threading.Event()
+        with self._lock:
+            self._wake = wake
+            if self._stop.is_set():
+                wake.put((_STOP, None))
+        info = worker_info(self.worker)
+        try:
+            conn.send(
+                "hello",
+                {
+                    "name": self.name,
+                    "pid": os.getpid(),
+                    "spawn_id": self.spawn_id,
+                    "control": self.control_address,
+                    **info,
+                },
+            )
+        except ConnectionLost:
+            return "lost"
+        reader = threading.Thread(
+            target=self._read_loop, args=(conn, wake, done), name=f"pytaskqml-reader-{conn.peer}",
+            daemon=True,
+        )
+        beat = threading.Thread(
+            target=self._heartbeat_loop, args=(conn, done), name=f"pytaskqml-heartbeat-{conn.peer}",
+            daemon=True,
+        )
+        reader.start()
+        beat.start()
+        try:
+            while True:
+                kind, item = wake.get()
+                if kind == _STOP or (kind == _RUN and self._stop.is_set()):
+                    try:
+                        conn.send("bye", {"done": self.tasks_done})
+                    except ConnectionLost:
+                        pass
+                    return "stopped"
+                if kind == _LOST:
+                    log.info("connection to %s ended: %s", conn.peer, item)
+                    return "lost"
+                try:
+                    self._run_frame(conn, item)
+                except ConnectionLost as exc:
+                    log.info("connection to %s lost while sending results: %s", conn.peer, exc)
+                    return "lost"
+        finally:
+            done.set()
+            with self._lock:
+                self._wake = None
+            conn.abort()
+            reader.join(timeout=5)
+            beat.join(timeout=5)
+
+    def _read_loop(
+        self,
+        conn: _connection.Connection,
+        wake: queue.SimpleQueue[tuple[str, Any]],
+        done: threading.Event,
+    ) -> None:
+        try:
+            while True:
+                msg = conn.recv()
+                op = msg.op
+                if op == "run":
+                    wake.put((_RUN, msg))
+                elif op == "stop":
+                    self.request_stop()
+                elif op in ("ping", "config"):
+                    pass
+                else:
+                    raise ProtocolError(f"unexpected message {op!r} from coordinator")
+        except ConnectionLost as exc:
+            if not done.is_set():
+                wake.put((_LOST, exc))
+        except ProtocolError as exc:
+            log.error("protocol error from %s: %s", conn.peer, exc)
+            wake.put((_LOST, exc))
+        except BaseException as exc:  # a reader that dies silently would hang the worker
+            log.exception("worker reader thread crashed")
+            wake.put((_LOST, exc))
+        finally:
+            conn.abort()
+            if self.exit_grace is not None and not done.is_set() and not self._stop.is_set():
+                # A spawned worker must not outlive its coordinator, even inside a task that
+                # never returns: give the main thread a grace period, then leave.
+                self._arm_exit_timer(done)
+
+    def _arm_exit_timer(self, done: threading.Event) -> None:
+        def _exit_if_stuck() -> None:
+            if not done.wait(self.exit_grace):
+                log.error("task still running %.1fs after losing the coordinator; exiting",
+                          self.exit_grace)
+                os._exit(3)
+
+        threading.Thread(target=_exit_if_stuck, name="pytaskqml-orphan-watch", daemon=True).start()
+
+    def _heartbeat_loop(self, conn: _connection.Connection, done: threading.Event) -> None:
+        interval = self.heartbeat_interval
+        try:
+            while not done.wait(interval / 2):
+                now = time.monotonic()
+                if now - conn.last_recv > self.heartbeat_timeout:
+                    log.warning("coordinator %s silent for %.1fs; dropping the connection",
+                                conn.peer, now - conn.last_recv)
+                    conn.abort()
+                    return
+                if now - conn.last_send >= interval:
+                    conn.send("ping")
+        except ConnectionLost:
+            return
+        except BaseException:
+            log.exception("worker heartbeat thread crashed")
+            conn.abort()
+
+    def _run_frame(self, conn: _connection.Connection, msg: _protocol.Message) -> None:
+        entries = msg.header.get("t")
+        if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) for e in entries
+        ):
+            raise ProtocolError("malformed run frame")
+        if msg.header.get("b"):
+            results = run_tasks(self.worker, [e[1] for e in entries], batch=True)
+            self._send_results(conn, [(e[0], *r) for e, r in zip(entries, results, strict=True)])
+            self.tasks_done += len(entries)
+            return
+        pending: list[tuple[int, bool, Any]] = []
+        first = 0.0
+        for tid, payload in entries:
+            if self._stop.is_set():
+                break  # the rest never started: the coordinator re-queues them after "bye"
+            try:
+                pending.append((tid, True, self.worker.process(payload)))
+            except Exception as exc:
+                pending.append((tid, False, exc))
+            self.tasks_done += 1
+            now = time.perf_counter()
+            if len(pending) == 1:
+                first = now
+            elif now - first > _RESULT_FLUSH_AFTER:
+                self._send_results(conn, pending)
+                pending = []
+        if pending:
+            self._send_results(conn, pending)
+
+    def _send_results(self, conn: _connection.Connection, results: list[tuple[int, bool, Any]]) -> None:
+        parts, buffers = encode_results(results)
+        conn.send_json('{"op":"done","r":[' + ",".join(parts) + "]}", buffers)
+
+
+def encode_results(results: Sequence[tuple[int, bool, Any]]) -> tuple[list[str], list[memoryview]]:
+    """Encode ``(task id, ok, value)`` triples; a result that cannot be encoded fails its task."""
+    parts: list[str] = []
+    buffers: list[memoryview] = []
+    for tid, ok, value in results:
+        if ok:
+            try:
+                text, bufs = _codec.encode(value)
+            except (TypeError, ValueError) as exc:
+                ok, value = False, exc
+            else:
+                parts.append(f"[{tid},0,{text}]")
+                buffers.extend(bufs)
+                continue
+        parts.append(f"[{tid},1,{_codec.encode_str(error_info(value))}]")
+    return parts, buffers
+
+
+def make_worker(cls: type[Worker], kwargs: dict[str, Any] | None) -> Worker:
+    try:
+        return cls(**(kwargs or {}))
+    except Exception as exc:
+        raise WorkerStartError(f"{cls.__qualname__}(**{kwargs!r}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def call_setup(worker: Worker) -> None:
+    try:
+        worker.setup()
+    except Exception as exc:
+        raise WorkerStartError(f"{type(worker).__qualname__}.setup() raised {type(exc).__name__}: {exc}") from exc
+
+
+def call_teardown(worker: Worker) -> None:
+    try:
+        worker.teardown()
+    except Exception:
+        log.exception("%s.teardown() raised", type(worker).__qualname__)
+
+
+Callback = Callable[[], None]
