@@ -104,7 +104,9 @@ class Connection:
         self.sock = sock
         self.name = name
         self.max_frame_size = max_frame_size
-        self._decoder = _protocol.FrameDecoder(max_frame_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE)
+        self._decoder = _protocol.FrameDecoder(
+            max_frame_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE, max_depth=_protocol.DEFAULT_MAX_DEPTH
+        )
         self._ready: deque[_protocol.Message] = deque()
         self._send_lock = threading.Lock()
         self._closed = False

@@ -71,6 +71,7 @@ from ._errors import (
 from ._handles import LocalHandle, RemoteHandle, Task, WorkerHandle
 from ._ordered import (
     CANCELLED,
+    CHUNK,
     DROPPED,
     ERROR,
     OK,
@@ -85,6 +86,11 @@ from ._worker import Worker, call_setup, call_teardown, class_target
 log = logging.getLogger(__name__)
 
 _END = 99  # reorder-buffer kind marking the end of a stream
+# map() chunks aim at this much worker time per chunk, and hold at most MAX_CHUNK items.
+CHUNK_BUDGET = 0.0005
+# An adaptive window starts here and follows the measured task time (see WorkerHandle.observe).
+INITIAL_WINDOW = 8
+MAX_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ class _Slot:
     """One supervised child process slot: restarted with backoff when its process dies."""
 
     def __init__(
-        self, spawn_id: int, target: str, main_path: str | None, kwargs: dict[str, Any], window: int
+        self, spawn_id: int, target: str, main_path: str | None, kwargs: dict[str, Any], window: int | None
     ) -> None:
         self.spawn_id = spawn_id
         self.target = target
@@ -197,7 +203,8 @@ class Coordinator:
 
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
     says what a full queue does to new work (``"block"``, ``"drop_oldest"``, ``"reject"``);
-    ``window`` is the default in-flight tasks per worker; ``max_retries`` how many worker deaths
+    ``window`` caps the tasks in flight per worker - below it each worker's window adapts to
+    about 10 ms of its work, unless a window is given for that worker; ``max_retries`` how many worker deaths
     a task may cause before it is failed as poison; ``timeout`` a default per-task deadline;
     ``hang_timeout`` how long a worker with work in hand may go without returning any result
     before it is declared lost; ``heartbeat_interval``/``heartbeat_timeout`` liveness of idle
@@ -274,6 +281,7 @@ class Coordinator:
         self._retried = self._poisoned = self._workers_lost = self._restarts = 0
         self._rejected_peers = 0
         self._latencies: deque[float] = deque(maxlen=8192)
+        self._item_time: float | None = None  # EWMA of worker seconds per item, for chunking
 
         self._slots: list[_Slot] = []
         self._spawn_ids = itertools.count(1)
@@ -344,7 +352,7 @@ class Coordinator:
                 )
                 self._spawn_listener.start()
             new = [
-                _Slot(next(self._spawn_ids), target, main_path, kw, window or self.window)
+                _Slot(next(self._spawn_ids), target, main_path, kw, window)
                 for _ in range(processes)
             ]
             self._slots.extend(new)
@@ -385,7 +393,7 @@ class Coordinator:
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         _check_positive("window", window)
         self._check_open()
-        dialer = _Dialer(self, addr, window or self.window)
+        dialer = _Dialer(self, addr, window)
         with self._lock:
             self._dialers.append(dialer)
         dialer.start()
@@ -448,24 +456,48 @@ class Coordinator:
         ordered: bool = True,
         timeout: float | None = None,
         on_error: Literal["raise", "return"] = "raise",
+        chunksize: int | None = None,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
-        ``ordered=False``), keeping at most ``buffersize`` tasks outstanding.
+        ``ordered=False``), keeping at most ``buffersize`` items outstanding.
 
-        The input is read lazily. A failed task raises its :class:`TaskFailed` at its
-        position (or is yielded as the exception object with ``on_error="return"``). A task
+        The input is read lazily. A failed item raises its :class:`TaskFailed` at its
+        position (or is yielded as the exception object with ``on_error="return"``). An item
         past ``timeout`` yields a :class:`TaskTimeout` marker in its place; its late result goes
-        to the late channel. Tasks dropped by the ``drop_oldest`` policy are skipped.
+        to the late channel. Items dropped by the ``drop_oldest`` policy are skipped.
+
+        ``chunksize`` items travel and run as one task (``None``: chosen from the measured
+        time per item, so that tiny tasks share a task's overhead and slow ones go alone).
+        Items of a chunk that killed a worker are retried one by one, so a poison item fails
+        alone.
         """
         _check_positive("buffersize", buffersize, allow_none=False)
         _check_positive("timeout", timeout)
+        _check_positive("chunksize", chunksize)
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
         self._check_open()
-        return self._map(iter(iterable), buffersize, ordered, timeout if timeout is not None else self.timeout, on_error)
+        return self._map(
+            iter(iterable), buffersize, ordered, timeout if timeout is not None else self.timeout, on_error, chunksize
+        )
+
+    def _auto_chunksize(self, buffersize: int) -> int:
+        """Items per chunk: about CHUNK_BUDGET seconds of work, leaving every worker a share of
+        the buffer. 1 until a result has shown how long an item takes."""
+        per = self._item_time
+        if per is None or per >= CHUNK_BUDGET:
+            return 1
+        share = buffersize // (4 * max(1, len(self._handles)))
+        return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))
 
     def _map(
-        self, it: Iterator[Any], buffersize: int, ordered: bool, timeout: float | None, on_error: str
+        self,
+        it: Iterator[Any],
+        buffersize: int,
+        ordered: bool,
+        timeout: float | None,
+        on_error: str,
+        chunksize: int | None,
     ) -> Iterator[Any]:
         collector = _Collector(ordered)
         refill = max(1, buffersize // 4)
@@ -479,7 +511,8 @@ class Coordinator:
                     if len(items) < buffersize - outstanding:
                         exhausted = True
                     if items:
-                        self._admit_many(items, collector, seq, timeout)
+                        chunk = chunksize or self._auto_chunksize(buffersize)
+                        self._admit_many(items, collector, seq, timeout, chunk)
                         seq += len(items)
                         outstanding += len(items)
                 if outstanding == 0:
@@ -529,67 +562,92 @@ class Coordinator:
         if self._closed:
             raise ClosedError("the coordinator is shut down")
 
-    def _encode(self, payload: Any) -> tuple[str, list[memoryview]]:
+    def _check_payload(self, payload: Any) -> int:
+        """Raise TypeError/ValueError here, in the caller, for a payload that cannot travel;
+        return the bytes of raw buffers it holds."""
         text, bufs = _codec.encode(payload)
-        if bufs and sum(b.nbytes for b in bufs) + len(text) + 64 > self.max_frame_size:
+        nbytes = sum(b.nbytes for b in bufs) if bufs else 0
+        if nbytes + len(text) + 64 > self.max_frame_size:
             raise ValueError(f"payload is larger than max_frame_size={self.max_frame_size}")
-        return text, bufs
+        return nbytes
 
-    def _admit_one(self, payload: Any, sink: Any, seq: int, timeout: float | None, *, put_timeout: float | None = None) -> Task:
+    def _admit_one(
+        self, payload: Any, sink: Any, seq: int, timeout: float | None, *, put_timeout: float | None = None
+    ) -> Task:
         _check_positive("timeout", timeout)
-        text, bufs = self._encode(payload)
-        task = Task(0, payload, text, bufs, sink, seq)
+        task = Task(next(self._ids), payload, self._check_payload(payload), sink, seq, time.perf_counter())
         self._admit([task], timeout, put_timeout)
         return task
 
-    def _admit_many(self, items: list[Any], sink: Any, seq: int, timeout: float | None) -> None:
-        tasks = []
-        for i, payload in enumerate(items):
-            text, bufs = self._encode(payload)
-            tasks.append(Task(0, payload, text, bufs, sink, seq + i))
+    def _admit_many(self, items: list[Any], sink: Any, seq: int, timeout: float | None, chunk: int = 1) -> None:
+        # Checking the whole chunk in one encoder call is several times cheaper than one call
+        # per item; only a chunk that fails, or carries raw buffers, is looked at item by item.
+        try:
+            text, bufs = _codec.encode(items)
+            simple = not bufs and len(text) + 64 <= self.max_frame_size
+        except (TypeError, ValueError):
+            simple = False
+        ids, now = self._ids, time.perf_counter()
+        if simple and chunk > 1:
+            tasks = [
+                Task(next(ids), items[i : i + chunk], 0, sink, seq + i, now, min(chunk, len(items) - i))
+                for i in range(0, len(items), chunk)
+            ]
+        elif simple:
+            tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
+        else:
+            tasks = [Task(next(ids), p, self._check_payload(p), sink, seq + i, now) for i, p in enumerate(items)]
         self._admit(tasks, timeout, None)
 
     def _admit(self, tasks: list[Task], timeout: float | None, put_timeout: float | None) -> None:
         dropped: list[Task] = []
         with self._lock:
-            for task in tasks:
-                if self._closed:
-                    raise ClosedError("the coordinator is shut down")
-                if self._queue.full:
-                    if self.overflow == "reject":
-                        self._rejected += 1
-                        raise queue.Full("the coordinator's queue is full")
-                    if self.overflow == "drop_oldest":
-                        old = self._queue.pop_oldest()
-                        old.finished = True
-                        self._live -= 1
-                        self._dropped += 1
-                        dropped.append(old)
-                    else:
-                        self._blocked_putters += 1
-                        try:
-                            ok = self._not_full.wait_for(
-                                lambda: not self._queue.full or self._closed, put_timeout
-                            )
-                        finally:
-                            self._blocked_putters -= 1
-                        if self._closed:
-                            raise ClosedError("the coordinator is shut down")
-                        if not ok:
-                            raise queue.Full("the coordinator's queue stayed full")
-                task.id = next(self._ids)
-                task.t_submit = time.perf_counter()
-                if timeout is not None:
-                    task.deadline = time.monotonic() + timeout
-                    if not self._deadlines or task.deadline < self._deadlines[0][0]:
-                        self._hk_cv.notify()
-                    heapq.heappush(self._deadlines, (task.deadline, task.id, task))
-                self._queue.push(task)
-                self._live += 1
-                self._submitted += 1
+            if self._closed:
+                raise ClosedError("the coordinator is shut down")
+            q = self._queue
+            if timeout is None and len(tasks) <= q.space:
+                q.extend(tasks)  # the common case: room for all, no deadlines
+                self._live += len(tasks)
+                self._submitted += sum(t.count for t in tasks)
+            else:
+                for task in tasks:
+                    self._admit_slow(task, timeout, put_timeout, dropped)
+                    self._live += 1
+                    self._submitted += task.count
             self._pump()
         for old in dropped:
             _deliver(old, DROPPED, None)
+
+    def _admit_slow(self, task: Task, timeout: float | None, put_timeout: float | None, dropped: list[Task]) -> None:
+        """Admit one task when the queue may be full or it has a deadline. Lock held."""
+        q = self._queue
+        if q.full:
+            if self.overflow == "reject":
+                self._rejected += 1
+                raise queue.Full("the coordinator's queue is full")
+            if self.overflow == "drop_oldest":
+                old = q.pop_oldest()
+                old.finished = True
+                self._live -= 1
+                self._dropped += old.count
+                dropped.append(old)
+            else:
+                self._pump()  # what this call admitted so far must be able to leave the queue
+                self._blocked_putters += 1
+                try:
+                    ok = self._not_full.wait_for(lambda: not q.full or self._closed, put_timeout)
+                finally:
+                    self._blocked_putters -= 1
+                if self._closed:
+                    raise ClosedError("the coordinator is shut down")
+                if not ok:
+                    raise queue.Full("the coordinator's queue stayed full")
+        if timeout is not None:
+            task.deadline = task.t_submit + timeout
+            if not self._deadlines or task.deadline < self._deadlines[0][0]:
+                self._hk_cv.notify()
+            heapq.heappush(self._deadlines, (task.deadline, task.id, task))
+        q.push(task)
 
     # ================================================================ dispatch
 
@@ -616,7 +674,9 @@ class Coordinator:
                 break
             # Handing the leader (best - second + 1) tasks at once is the same as handing them
             # one by one to whoever has the most credit, without rescanning per task.
-            n = min(best_free - second + 1, best_free)
+            # With many free slots each (tiny tasks) hand out chunks of an eighth of the credit,
+            # so a frame carries many tasks; with a small window it is strict alternation.
+            n = min(max(best_free - second + 1, best_free >> 3), best_free)
             tasks = []
             for t in q.pop_many(n):
                 popped = True
@@ -660,38 +720,78 @@ class Coordinator:
 
     # ================================================================ handle callbacks
 
-    def _on_results(self, handle: WorkerHandle, entries: list[tuple[int, int, Any]]) -> None:
-        deliveries: list[tuple[Task, int, Any]] = []
+    def _on_results(self, handle: WorkerHandle, entries: list[Any], busy: float | None = None) -> None:
+        """Results from a worker: ``[task id, OK | ERROR | CHUNK, value]`` rows, validated;
+        *busy* is the worker's own compute time for them, when it reports one."""
+        futures: list[tuple[Task, int, Any]] = []
+        groups: list[tuple[Any, list[tuple[int, int, Any]]]] = []
         late: list[LateResult] = []
+        group: list[tuple[int, int, Any]] = []
+        group_sink: Any = None
         now = time.perf_counter()
         with self._lock:
-            inflight = handle.inflight
+            pop = handle.inflight.pop
+            record = self._latencies.append
+            ok = failed = items = 0
             for tid, kind, value in entries:
-                t = inflight.pop(tid, None)
+                t = pop(tid, None)
                 if t is None:
-                    log.warning("worker %s returned a result for task %d it does not hold; ignored", handle.name, tid)
+                    log.warning("worker %s returned a result for task %r it does not hold; ignored", handle.name, tid)
                     continue
-                if kind == OK:
-                    handle.completed += 1
-                else:
-                    handle.failed += 1
+                items += t.count
+                if kind == CHUNK and (type(value) is not list or len(value) != t.count):
+                    kind, value = ERROR, TaskFailed(
+                        "ProtocolError", f"worker {handle.name} answered a chunk of {t.count} with {len(value)} results"
+                    )
                 if t.finished:
-                    self._late_count += 1
-                    late.append(LateResult(t.id, t.seq, kind == OK, value))
+                    late.extend(_late(t, kind, value))
                     continue
                 t.finished = True
                 self._live -= 1
-                if kind == OK:
-                    self._completed += 1
-                    self._latencies.append(now - t.t_submit)
+                latency = now - t.t_submit
+                sink = t.sink
+                if t.count == 1 and kind != CHUNK:
+                    if kind == OK:
+                        ok += 1
+                        record(latency)
+                    else:
+                        failed += 1
+                    if sink.__class__ is Future:
+                        futures.append((t, kind, value))
+                        continue
+                    outcome = [(t.seq, kind, value)]
                 else:
-                    self._failed += 1
-                deliveries.append((t, kind, value))
+                    outcome = _outcomes(t, kind, value)
+                    for _, k, _v in outcome:
+                        if k == OK:
+                            ok += 1
+                            record(latency)
+                        else:
+                            failed += 1
+                    if sink.__class__ is Future:  # only a misbehaving worker sends a chunk here
+                        futures.append((t, *outcome[0][1:]))
+                        continue
+                if sink is group_sink:
+                    group.extend(outcome)
+                else:
+                    group_sink, group = sink, outcome
+                    groups.append((sink, group))
+            handle.completed += ok
+            handle.failed += failed
+            self._completed += ok
+            self._failed += failed
+            self._late_count += len(late)
+            if busy is not None and entries:
+                handle.observe(busy, len(entries))
+                per_item = busy / max(1, items)
+                self._item_time = per_item if self._item_time is None else 0.7 * self._item_time + 0.3 * per_item
             handle.last_progress = time.monotonic()
             self._pump()
             if not self._live:
                 self._changed.notify_all()
-        for t, kind, value in deliveries:
+        for sink, outcomes in groups:
+            sink.deliver_many(outcomes)
+        for t, kind, value in futures:
             _deliver(t, kind, value)
         for item in late:
             self._emit_late(item)
@@ -711,17 +811,21 @@ class Coordinator:
             handle.accepting = False
             tasks = list(handle.inflight.values())
             handle.inflight.clear()
-            requeue = []
+            requeue: list[Task] = []
             for i, t in enumerate(tasks):
                 if t.finished:
                     continue
                 if not graceful and i < handle.batch:
                     t.attempts += 1
+                    if t.count > 1:
+                        # Run its items one by one from now on, so a poison item fails alone.
+                        requeue.extend(self._split_locked(t))
+                        continue
                 if t.attempts > self.max_retries:
                     t.finished = True
                     self._live -= 1
-                    self._failed += 1
-                    self._poisoned += 1
+                    self._failed += t.count
+                    self._poisoned += t.count
                     failures.append(t)
                 else:
                     requeue.append(t)
@@ -746,6 +850,21 @@ class Coordinator:
         why = f"worker {handle.name} died while running this task ({error})"
         for t in failures:
             _deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
+
+    def _split_locked(self, chunk: Task) -> list[Task]:
+        """Replace a chunk by one task per item, keeping its place, attempts and deadline."""
+        chunk.finished = True
+        singles = []
+        for i, item in enumerate(chunk.payload):
+            t = Task(next(self._ids), item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
+            t.attempts = chunk.attempts
+            t.started = True
+            if chunk.deadline is not None:
+                t.deadline = chunk.deadline
+                heapq.heappush(self._deadlines, (t.deadline, t.id, t))
+            singles.append(t)
+        self._live += len(singles) - 1
+        return singles
 
     def _peer_rejected(self, peer: str, why: object) -> None:
         with self._lock:
@@ -790,6 +909,10 @@ class Coordinator:
                 return None
             window = slot.window
         handle = RemoteHandle(self, conn, hello, window=window or self.window, kind=kind)
+        if window is None:
+            # No window was asked for: size it from how long this worker's tasks take.
+            handle.adaptive = True
+            handle.window = min(handle.max_window, INITIAL_WINDOW)
         with self._lock:
             if self._stopping:
                 conn.abort()
@@ -903,8 +1026,9 @@ class Coordinator:
                     if self._stopped.is_set():
                         return
                     now = time.monotonic()
+                    now_pc = time.perf_counter()  # deadlines are on the submit-time clock
                     dl = self._deadlines
-                    while dl and dl[0][0] <= now:
+                    while dl and dl[0][0] <= now_pc:
                         _, _, t = heapq.heappop(dl)
                         if t.finished:
                             continue
@@ -929,7 +1053,7 @@ class Coordinator:
                         return
                     wait = tick
                     if self._deadlines:
-                        wait = min(wait, max(0.0, self._deadlines[0][0] - time.monotonic()))
+                        wait = min(wait, max(0.0, self._deadlines[0][0] - time.perf_counter()))
                     if wait > 0:
                         self._hk_cv.wait(wait)
         except BaseException:
@@ -1126,6 +1250,19 @@ def _kill(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(5.0)
 
 
+def _outcomes(t: Task, kind: int, value: Any) -> list[tuple[int, int, Any]]:
+    """Per-item ``(seq, kind, value)`` of a task's outcome (a chunk has one per item)."""
+    if kind == CHUNK:
+        return [(t.seq + i, k, v) for i, (k, v) in enumerate(value)]
+    if kind == TIMEOUT:
+        return [(t.seq + i, TIMEOUT, TaskTimeout(t.seq + i, value.timeout)) for i in range(t.count)]
+    return [(t.seq + i, kind, value) for i in range(t.count)]
+
+
+def _late(t: Task, kind: int, value: Any) -> list[LateResult]:
+    return [LateResult(t.id, seq, k == OK, v) for seq, k, v in _outcomes(t, kind, value)]
+
+
 def _deliver(task: Task, kind: int, value: Any) -> None:
     """Hand a finished task's outcome to its owner (outside the coordinator lock)."""
     sink = task.sink
@@ -1146,7 +1283,7 @@ def _deliver(task: Task, kind: int, value: Any) -> None:
         except Exception:  # InvalidStateError: the caller cancelled it meanwhile
             pass
         return
-    sink.deliver(task.seq, kind, value)
+    sink.deliver_many(_outcomes(task, kind, value))
 
 
 class _Collector(ReorderBuffer):
@@ -1361,7 +1498,7 @@ class _Acceptor:
 class _Dialer:
     """Keeps a connection to one listening worker, reconnecting with backoff."""
 
-    def __init__(self, coord: Coordinator, address: tuple[str, int], window: int) -> None:
+    def __init__(self, coord: Coordinator, address: tuple[str, int], window: int | None) -> None:
         self.coord = coord
         self.address = address
         self.window = window

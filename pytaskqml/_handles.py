@@ -22,13 +22,12 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from . import _connection, _protocol
+from . import _codec, _connection, _protocol
 from ._errors import ConnectionLost, ProtocolError, RemoteTraceback, TaskFailed
-from ._ordered import ERROR, OK
-from ._worker import Worker, error_info, run_tasks
+from ._ordered import CHUNK, ERROR, OK
+from ._worker import Worker, error_info, run_entries
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator, _Slot
@@ -38,6 +37,8 @@ log = logging.getLogger(__name__)
 # A frame carries at most this many tasks, and stops growing once its buffers pass this size.
 MAX_TASKS_PER_FRAME = 512
 MAX_FRAME_BUFFER_BYTES = 8 * 1024 * 1024
+# An adaptive window holds about this many seconds of work per worker.
+WINDOW_BUDGET = 0.01
 
 
 class Task:
@@ -45,36 +46,34 @@ class Task:
 
     __slots__ = (
         "attempts",
-        "bufs",
+        "count",
         "deadline",
         "finished",
         "id",
+        "nbytes",
         "payload",
         "seq",
         "sink",
         "started",
         "t_submit",
-        "text",
     )
 
     def __init__(
-        self, tid: int, payload: Any, text: str, bufs: list[memoryview], sink: Any, seq: int
+        self, tid: int, payload: Any, nbytes: int, sink: Any, seq: int, t_submit: float, count: int = 1
     ) -> None:
         self.id = tid
+        # Checked encodable at submit; encoded again when framed. For a chunk (count > 1) the
+        # list of its items, which are seq, seq + 1, ... seq + count - 1 of their map().
         self.payload = payload
-        self.text = text
-        self.bufs = bufs
+        self.count = count
+        self.nbytes = nbytes  # raw buffer bytes inside the payload, to size frames
         self.sink = sink  # a concurrent.futures.Future, or a results collector with .deliver()
         self.seq = seq
         self.attempts = 0  # how many workers died while running it
         self.deadline: float | None = None
         self.finished = False  # its outcome was delivered (result, error, timeout, drop...)
         self.started = False  # dispatched at least once
-        self.t_submit = time.perf_counter()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.bufs) if self.bufs else 0
+        self.t_submit = t_submit
 
 
 _handle_ids = itertools.count(1)
@@ -90,7 +89,10 @@ class WorkerHandle:
         self.batch = max(1, batch)
         self.batch_delay = max(0.0, batch_delay)
         # A batching worker needs room for a batch in hand and one filling behind it.
-        self.window = max(window, 2 * self.batch) if self.batch > 1 else window
+        self.max_window = max(window, 2 * self.batch) if self.batch > 1 else window
+        self.window = self.max_window
+        self.adaptive = False
+        self.task_time: float | None = None  # EWMA of seconds of work per task (or chunk)
         self.inflight: dict[int, Task] = {}
         self.accepting = True
         self.completed = 0
@@ -105,6 +107,22 @@ class WorkerHandle:
 
     def free(self) -> int:
         return self.window - len(self.inflight) if self.accepting else 0
+
+    def observe(self, busy: float, tasks: int) -> None:
+        """Learn how long a task takes here; size an adaptive window from it.
+
+        The window aims at about :data:`WINDOW_BUDGET` seconds of work queued at the worker: a
+        model taking 30 ms per frame gets a window of 2 (one in hand, one ready), so frames wait
+        in the coordinator's queue where drop-oldest and deadlines can act, while tiny tasks get
+        a window large enough to hide the round trip. Lock held.
+        """
+        if tasks <= 0 or busy < 0:
+            return
+        per = busy / tasks
+        self.task_time = per if self.task_time is None else 0.7 * self.task_time + 0.3 * per
+        if self.adaptive:
+            want = int(WINDOW_BUDGET / max(self.task_time, 1e-7)) + 1
+            self.window = max(2, min(self.max_window, want))
 
     def assign(self, tasks: list[Task]) -> None:
         if not self.inflight:
@@ -215,14 +233,25 @@ class RemoteHandle(WorkerHandle):
             self.conn.abort()
 
     def _send(self, tasks: list[Task]) -> None:
-        parts = [f"[{t.id},{t.text}]" for t in tasks]
-        buffers: list[memoryview] = []
-        for t in tasks:
-            if t.bufs:
-                buffers.extend(t.bufs)
+        # One encoder call for the whole frame: the C encoder does the per-task work.
+        try:
+            text, buffers = _codec.encode([_row(t) for t in tasks])
+        except (TypeError, ValueError):
+            # A payload was mutated into something unencodable after submit: fail just those.
+            good, failed = [], []
+            for t in tasks:
+                try:
+                    _codec.encode(t.payload)
+                    good.append(t)
+                except (TypeError, ValueError) as exc:
+                    failed.append((t.id, ERROR, TaskFailed(type(exc).__name__, str(exc))))
+            self.coord._on_results(self, failed)
+            if not good:
+                return
+            tasks = good
+            text, buffers = _codec.encode([_row(t) for t in tasks])
         flag = ',"b":1' if self.batch > 1 else ""
-        header = '{"op":"run"' + flag + ',"t":[' + ",".join(parts) + "]}"
-        self.conn.send_frame(_protocol.encode_frame(header, buffers))
+        self.conn.send_frame(_protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers))
 
     # ------------------------------------------------------------------ reader
 
@@ -234,7 +263,12 @@ class RemoteHandle(WorkerHandle):
                 msg = self.conn.recv()
                 op = msg.op
                 if op == "done":
-                    self.coord._on_results(self, parse_results(msg.header.get("r")))
+                    busy = msg.header.get("bt")
+                    self.coord._on_results(
+                        self,
+                        parse_results(msg.header.get("r")),
+                        busy if type(busy) is float or type(busy) is int else None,
+                    )
                 elif op == "ping":
                     continue
                 elif op == "bye":
@@ -256,24 +290,44 @@ class RemoteHandle(WorkerHandle):
             self.coord._on_worker_lost(self, error, graceful)
 
 
-def parse_results(entries: Any) -> list[tuple[int, int, Any]]:
-    """Validate a ``done`` frame's entries: ``[id, 0, value]`` or ``[id, 1, [type, msg, tb]]``."""
-    if not isinstance(entries, list):
+def _row(t: Task) -> list[Any]:
+    return [t.id, t.payload] if t.count == 1 else [t.id, t.payload, 1]
+
+
+def _remote_error(info: Any) -> TaskFailed:
+    if not (type(info) is list and len(info) == 3 and all(type(x) is str for x in info)):
+        raise ProtocolError("malformed error entry")
+    err = TaskFailed(info[0], info[1], info[2])
+    err.__cause__ = RemoteTraceback(info[2])
+    return err
+
+
+def parse_results(entries: Any) -> list[Any]:
+    """Validate a ``done`` frame's rows in place: ``[id, 0, value]`` stays as it is, an error
+    ``[id, 1, [type, message, traceback]]`` gets a :class:`TaskFailed` as its value, and a
+    chunk ``[id, 2, [[0, value] or [1, error], ...]]`` the same per item."""
+    if type(entries) is not list:
         raise ProtocolError("malformed results frame")
-    out: list[tuple[int, int, Any]] = []
     for e in entries:
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], int) and e[1] in (0, 1)):
+        if type(e) is not list or len(e) != 3 or type(e[0]) is not int or type(e[1]) is not int:
             raise ProtocolError("malformed result entry")
-        if e[1] == 0:
-            out.append((e[0], OK, e[2]))
+        flag = e[1]
+        if flag == OK:
             continue
-        info = e[2]
-        if not (isinstance(info, list) and len(info) == 3 and all(isinstance(s, str) for s in info)):
-            raise ProtocolError("malformed error entry")
-        err = TaskFailed(info[0], info[1], info[2])
-        err.__cause__ = RemoteTraceback(info[2])
-        out.append((e[0], ERROR, err))
-    return out
+        if flag == ERROR:
+            e[2] = _remote_error(e[2])
+        elif flag == CHUNK and type(e[2]) is list:
+            items = e[2]
+            for i, item in enumerate(items):
+                if type(item) is not list or len(item) != 2 or item[0] not in (0, 1):
+                    raise ProtocolError("malformed chunk entry")
+                if item[0]:
+                    items[i] = (ERROR, _remote_error(item[1]))
+                else:
+                    items[i] = (OK, item[1])
+        else:
+            raise ProtocolError("malformed result entry")
+    return entries
 
 
 class LocalHandle(WorkerHandle):
@@ -319,21 +373,24 @@ class LocalHandle(WorkerHandle):
                     self.coord._on_skipped(self, [t for t in tasks if t.finished])
                 if not live:
                     continue
-                outcomes = run_tasks(self.worker, [t.payload for t in live], self.batch > 1)
-                entries: list[tuple[int, int, Any]] = []
-                for t, (ok, value) in zip(live, outcomes, strict=True):
-                    if ok:
-                        entries.append((t.id, OK, value))
-                    else:
-                        kind, message, tb = error_info(value)
-                        err = TaskFailed(kind, message, tb)
-                        err.__cause__ = value
-                        entries.append((t.id, ERROR, err))
-                self.coord._on_results(self, entries)
+                t0 = time.perf_counter()
+                rows = run_entries(self.worker, [_row(t) for t in live], self.batch > 1)
+                busy = time.perf_counter() - t0
+                entries: list[Any] = []
+                for tid, flag, value in rows:
+                    if flag == ERROR:
+                        value = _local_error(value)
+                    elif flag == CHUNK:
+                        value = [(k, _local_error(v) if k else v) for k, v in value]
+                    entries.append((tid, flag, value))
+                self.coord._on_results(self, entries, busy)
         except BaseException as exc:
             log.exception("local worker thread %s crashed", threading.current_thread().name)
             self.coord._on_worker_lost(self, exc, False)
 
 
-def new_future() -> Future[Any]:
-    return Future()
+def _local_error(exc: BaseException) -> TaskFailed:
+    kind, message, tb = error_info(exc)
+    err = TaskFailed(kind, message, tb)
+    err.__cause__ = exc
+    return err

@@ -52,6 +52,9 @@ class TaskQueue(Generic[T]):
     def push(self, item: T) -> None:
         self._items.append(item)
 
+    def extend(self, items: Iterable[T]) -> None:
+        self._items.extend(items)
+
     def push_front(self, items: Iterable[T]) -> None:
         """Put *items* at the head, keeping their relative order."""
         self._items.extendleft(reversed(list(items)))
@@ -77,12 +80,13 @@ class TaskQueue(Generic[T]):
         return out
 
 
-# Outcome kinds delivered for a task.
+# Outcome kinds. OK, ERROR and CHUNK are also the flags of result rows on the wire.
 OK = 0
 ERROR = 1
-TIMEOUT = 2
-DROPPED = 3
-CANCELLED = 4
+CHUNK = 2  # the value is a list of (OK or ERROR, value) pairs, one per item of a chunk
+TIMEOUT = 3
+DROPPED = 4
+CANCELLED = 5
 
 
 class ReorderBuffer:
@@ -117,6 +121,21 @@ class ReorderBuffer:
                     self._cv.notify()
             else:
                 self._arrived.append((seq, kind, value))
+                self._cv.notify()
+
+    def deliver_many(self, outcomes: list[tuple[int, int, Any]]) -> None:
+        with self._cv:
+            if self.ordered:
+                slots, head = self._slots, self._next
+                wake = False
+                for seq, kind, value in outcomes:
+                    if seq >= head and seq not in slots:
+                        slots[seq] = (kind, value)
+                        wake = wake or seq == head
+                if wake:
+                    self._cv.notify()
+            else:
+                self._arrived.extend(outcomes)
                 self._cv.notify()
 
     def pending(self) -> int:

@@ -18,9 +18,16 @@ Frame layout (all integers big-endian)::
 The decoder validates the 16-byte prefix as soon as it has it - magic, version, flags, buffer
 count and the total size against ``max_frame_size`` - so an oversize or garbage frame is
 refused *before* anything is buffered for it. The buffer table must add up to ``B``; the header
-must be a JSON object whose nesting is at most ``max_depth`` deep and whose buffer markers (see
-:mod:`._codec`) claim every buffer exactly once. Anything else is a :class:`ProtocolError`, and
-nothing else is ever raised. After an error the decoder stays failed: the stream cannot be
+must be a JSON object whose buffer markers (see :mod:`._codec`) claim every buffer exactly once.
+
+JSON nesting is bounded two ways. Before a peer has authenticated, its frames are at most
+:data:`HANDSHAKE_MAX_FRAME_SIZE` bytes and nest at most :data:`DEFAULT_MAX_DEPTH` deep, checked
+explicitly. After, the explicit check (which costs as much as parsing on a frame of many small
+tasks) is off by default and nesting is bounded by the interpreter's recursion limit: the C JSON
+parser raises ``RecursionError`` on a deeper document, which is reported like any other bad
+frame. Pass ``max_depth`` to enforce a tighter bound on every frame.
+
+Anything malformed is a :class:`ProtocolError`, and nothing else is ever raised. After an error the decoder stays failed: the stream cannot be
 resynchronised, so the connection must be dropped.
 
 Authentication (mutual HMAC-SHA256 challenge-response, in the manner of
@@ -94,7 +101,7 @@ def encode_message(op: str, fields: dict[str, Any] | None = None) -> bytes:
     return b"".join(encode_frame(_codec.encode_str(header)))  # type: ignore[arg-type]
 
 
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _EMPTY_PAIRS = re.compile(r"\[\]|\{\}")
 
@@ -103,10 +110,11 @@ def json_depth_exceeds(text: str, max_depth: int) -> bool:
     """True when the JSON text nests deeper than *max_depth*.
 
     Works at C speed: strings are removed, then everything but brackets, then innermost
-    bracket pairs are stripped one level per pass. A document of depth d needs d passes, so
-    the work is bounded by ``max_depth`` passes over the text whatever the input.
+    bracket pairs are stripped one level per pass, so the work is bounded by ``max_depth``
+    passes whatever the input. A text with no more than ``max_depth`` opening brackets in all
+    cannot be too deep and is not scanned.
     """
-    if len(text) < 2 * max_depth:
+    if text.count("[") + text.count("{") <= max_depth:
         return False
     skeleton = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
     for _ in range(max_depth):
@@ -131,7 +139,7 @@ class FrameDecoder:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_buffers: int = DEFAULT_MAX_BUFFERS,
-        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_depth: int | None = None,
     ) -> None:
         if max_frame_size < PREFIX_SIZE + 2:
             raise ValueError("max_frame_size is too small to hold any frame")
@@ -223,7 +231,7 @@ class FrameDecoder:
             text = frame[start : start + hlen].decode("utf-8")
         except UnicodeDecodeError:
             raise self._fail("frame header is not UTF-8") from None
-        if json_depth_exceeds(text, self.max_depth):
+        if self.max_depth is not None and json_depth_exceeds(text, self.max_depth):
             raise self._fail(f"frame header nests deeper than {self.max_depth}")
         view = memoryview(frame)
         pos = start + hlen

@@ -103,6 +103,40 @@ def run_tasks(worker: Worker, payloads: Sequence[Any], batch: bool) -> list[tupl
     return out
 
 
+def run_entries(worker: Worker, entries: Sequence[Any], batch: bool) -> list[tuple[int, int, Any]]:
+    """Run task rows ``[id, payload]`` and chunk rows ``[id, [items...], 1]``.
+
+    Returns ``(id, 0, result)``, ``(id, 1, exception)`` or, for a chunk,
+    ``(id, 2, [(0 or 1, result or exception), ...])``. With *batch* every item of every row goes
+    through ``process_batch`` in slices of ``max_batch_size``.
+    """
+    items: list[Any] = []
+    for row in entries:
+        if len(row) == 3:
+            items.extend(row[1])
+        else:
+            items.append(row[1])
+    if batch:
+        size = max(1, int(getattr(worker, "max_batch_size", 1) or 1))
+        outcomes: list[tuple[bool, Any]] = []
+        for i in range(0, len(items), size):
+            outcomes.extend(run_tasks(worker, items[i : i + size], batch=True))
+    else:
+        outcomes = run_tasks(worker, items, batch=False)
+    out: list[tuple[int, int, Any]] = []
+    pos = 0
+    for row in entries:
+        if len(row) == 3:
+            n = len(row[1])
+            out.append((row[0], 2, [(0 if ok else 1, v) for ok, v in outcomes[pos : pos + n]]))
+            pos += n
+        else:
+            ok, v = outcomes[pos]
+            out.append((row[0], 0 if ok else 1, v))
+            pos += 1
+    return out
+
+
 def worker_info(worker: Worker) -> dict[str, Any]:
     batch = int(getattr(worker, "max_batch_size", 1) or 1)
     delay = float(getattr(worker, "max_batch_delay", 0.0) or 0.0)
@@ -426,55 +460,90 @@ class WorkerServer:
 
     def _run_frame(self, conn: _connection.Connection, msg: _protocol.Message) -> None:
         entries = msg.header.get("t")
-        if not isinstance(entries, list) or not all(
-            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) for e in entries
-        ):
+        if type(entries) is not list or not all(_valid_row(e) for e in entries):
             raise ProtocolError("malformed run frame")
+        clock = time.perf_counter
         if msg.header.get("b"):
-            results = run_tasks(self.worker, [e[1] for e in entries], batch=True)
-            self._send_results(conn, [(e[0], *r) for e, r in zip(entries, results, strict=True)])
+            t0 = clock()
+            rows = run_entries(self.worker, entries, batch=True)
             self.tasks_done += len(entries)
+            self._send_results(conn, rows, clock() - t0)
             return
-        pending: list[tuple[int, bool, Any]] = []
-        first = 0.0
-        for tid, payload in entries:
+        process = self.worker.process
+        pending: list[tuple[int, int, Any]] = []
+        start = clock()
+        for row in entries:
             if self._stop.is_set():
                 break  # the rest never started: the coordinator re-queues them after "bye"
-            try:
-                pending.append((tid, True, self.worker.process(payload)))
-            except Exception as exc:
-                pending.append((tid, False, exc))
+            if len(row) == 2:
+                try:
+                    pending.append((row[0], 0, process(row[1])))
+                except Exception as exc:
+                    pending.append((row[0], 1, exc))
+            else:
+                pending.extend(run_entries(self.worker, [row], batch=False))
             self.tasks_done += 1
-            now = time.perf_counter()
-            if len(pending) == 1:
-                first = now
-            elif now - first > _RESULT_FLUSH_AFTER:
-                self._send_results(conn, pending)
+            now = clock()
+            if now - start > _RESULT_FLUSH_AFTER:
+                self._send_results(conn, pending, now - start)
                 pending = []
+                start = clock()
         if pending:
-            self._send_results(conn, pending)
+            self._send_results(conn, pending, clock() - start)
 
-    def _send_results(self, conn: _connection.Connection, results: list[tuple[int, bool, Any]]) -> None:
-        parts, buffers = encode_results(results)
-        conn.send_json('{"op":"done","r":[' + ",".join(parts) + "]}", buffers)
+    def _send_results(
+        self, conn: _connection.Connection, results: list[tuple[int, int, Any]], busy: float
+    ) -> None:
+        text, buffers = encode_results(results)
+        conn.send_json('{"op":"done","bt":' + repr(round(busy, 7)) + ',"r":' + text + "}", buffers)
 
 
-def encode_results(results: Sequence[tuple[int, bool, Any]]) -> tuple[list[str], list[memoryview]]:
-    """Encode ``(task id, ok, value)`` triples; a result that cannot be encoded fails its task."""
+def _valid_row(e: Any) -> bool:
+    if type(e) is not list or not e or type(e[0]) is not int:
+        return False
+    return len(e) == 2 or (len(e) == 3 and e[2] == 1 and type(e[1]) is list)
+
+
+def _wire_value(flag: int, value: Any) -> Any:
+    """Exceptions travel as ``[type, message, traceback]`` text, never as objects."""
+    if flag == 1:
+        return error_info(value)
+    if flag == 2:
+        return [[k, error_info(v) if k else v] for k, v in value]
+    return value
+
+
+def encode_results(results: Sequence[tuple[int, int, Any]]) -> tuple[str, list[memoryview]]:
+    """Encode result rows ``(task id, flag, value)`` (see :func:`run_entries`) as one JSON array
+    plus buffers.
+
+    One encoder call does the whole list; only if that fails is each row (and each item of a
+    chunk) encoded alone, so a result that cannot be encoded fails its own task and no other.
+    """
+    rows = [[tid, flag, _wire_value(flag, v)] for tid, flag, v in results]
+    try:
+        return _codec.encode(rows)
+    except (TypeError, ValueError):
+        pass
     parts: list[str] = []
     buffers: list[memoryview] = []
-    for tid, ok, value in results:
-        if ok:
-            try:
-                text, bufs = _codec.encode(value)
-            except (TypeError, ValueError) as exc:
-                ok, value = False, exc
-            else:
-                parts.append(f"[{tid},0,{text}]")
-                buffers.extend(bufs)
-                continue
-        parts.append(f"[{tid},1,{_codec.encode_str(error_info(value))}]")
-    return parts, buffers
+    for row in rows:
+        if row[1] == 2:
+            items = []
+            for item in row[2]:
+                try:
+                    _codec.encode(item)
+                    items.append(item)
+                except (TypeError, ValueError) as exc:
+                    items.append([1, error_info(exc)])
+            row = [row[0], 2, items]
+        try:
+            text, bufs = _codec.encode(row)
+        except (TypeError, ValueError) as exc:
+            text, bufs = _codec.encode([row[0], 1, error_info(exc)])
+        parts.append(text)
+        buffers.extend(bufs)
+    return "[" + ",".join(parts) + "]", buffers
 
 
 def make_worker(cls: type[Worker], kwargs: dict[str, Any] | None) -> Worker:
