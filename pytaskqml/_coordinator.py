@@ -511,7 +511,9 @@ class Coordinator:
                     if len(items) < buffersize - outstanding:
                         exhausted = True
                     if items:
-                        chunk = chunksize or self._auto_chunksize(buffersize)
+                        # Items with a deadline go alone: a chunk would make neighbours of a
+                        # slow item miss theirs.
+                        chunk = chunksize or (1 if timeout is not None else self._auto_chunksize(buffersize))
                         self._admit_many(items, collector, seq, timeout, chunk)
                         seq += len(items)
                         outstanding += len(items)
@@ -589,10 +591,13 @@ class Coordinator:
             simple = False
         ids, now = self._ids, time.perf_counter()
         if simple and chunk > 1:
-            tasks = [
-                Task(next(ids), items[i : i + chunk], 0, sink, seq + i, now, min(chunk, len(items) - i))
-                for i in range(0, len(items), chunk)
-            ]
+            tasks = []
+            for i in range(0, len(items), chunk):
+                part = items[i : i + chunk]
+                if len(part) == 1:  # a chunk of one is a plain task
+                    tasks.append(Task(next(ids), part[0], 0, sink, seq + i, now))
+                else:
+                    tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part)))
         elif simple:
             tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
@@ -605,8 +610,8 @@ class Coordinator:
             if self._closed:
                 raise ClosedError("the coordinator is shut down")
             q = self._queue
-            if timeout is None and len(tasks) <= q.space:
-                q.extend(tasks)  # the common case: room for all, no deadlines
+            if timeout is None and len(tasks) + len(q.items) <= q.maxsize:
+                q.items.extend(tasks)  # the common case: room for all, no deadlines
                 self._live += len(tasks)
                 self._submitted += sum(t.count for t in tasks)
             else:
@@ -653,17 +658,18 @@ class Coordinator:
 
     def _pump(self) -> None:
         """Hand queued tasks to workers with free credit, most free credit first. Lock held."""
-        q = self._queue
-        if not q:
+        items = self._queue.items
+        if not items:
             return
         handles = self._handles
         popped = False
-        while q:
+        pop = items.popleft
+        while items:
             best: WorkerHandle | None = None
             best_free = 0
             second = 0
             for h in handles:
-                f = h.free()
+                f = h.window - len(h.inflight) if h.accepting else 0
                 if f > best_free:
                     second = best_free
                     best_free = f
@@ -673,13 +679,14 @@ class Coordinator:
             if best is None:
                 break
             # Handing the leader (best - second + 1) tasks at once is the same as handing them
-            # one by one to whoever has the most credit, without rescanning per task.
-            # With many free slots each (tiny tasks) hand out chunks of an eighth of the credit,
-            # so a frame carries many tasks; with a small window it is strict alternation.
-            n = min(max(best_free - second + 1, best_free >> 3), best_free)
+            # one by one to whoever has the most credit, without rescanning per task. With
+            # many free slots each (tiny tasks) hand out chunks of an eighth of the credit, so a
+            # frame carries many tasks; with a small window it is strict alternation.
+            n = min(max(best_free - second + 1, best_free >> 3), best_free, len(items))
             tasks = []
-            for t in q.pop_many(n):
-                popped = True
+            popped = True
+            for _ in range(n):
+                t = pop()
                 if t.finished:
                     continue
                 if not t.started:
@@ -1034,7 +1041,7 @@ class Coordinator:
                             continue
                         t.finished = True
                         self._live -= 1
-                        self._timed_out += 1
+                        self._timed_out += t.count
                         self._queue.remove(t)  # no-op when it is in flight
                         expired.append(t)
                     if expired:

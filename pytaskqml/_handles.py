@@ -103,6 +103,7 @@ class WorkerHandle:
         self.slot: _Slot | None = None
         self._cv = threading.Condition(threading.Lock())
         self._outbox: deque[Task] = deque()
+        self._idle = 0  # threads waiting in _take()
         self._closing = False
 
     def free(self) -> int:
@@ -125,20 +126,33 @@ class WorkerHandle:
             self.window = max(2, min(self.max_window, want))
 
     def assign(self, tasks: list[Task]) -> None:
+        """Lock held (the coordinator's). Cheap on purpose: the outbox append needs no lock,
+        and the condition is only touched when a sender thread is waiting.
+
+        Why no lost wake-up: a sender announces ``_idle`` *before* it looks at the outbox,
+        under ``_cv``. So either it sees these tasks, or we see it idle and notify - and our
+        notify cannot slip in between its look and its wait, because it holds ``_cv`` for both.
+        """
         if not self.inflight:
             self.last_progress = time.monotonic()
+        inflight = self.inflight
         for t in tasks:
-            self.inflight[t.id] = t
-        with self._cv:
-            self._outbox.extend(tasks)
-            self._cv.notify()
+            inflight[t.id] = t
+        self._outbox.extend(tasks)
+        if self._idle:
+            with self._cv:
+                self._cv.notify()
 
     def _take(self, limit: int) -> list[Task] | None:
         """Wait for tasks in the outbox; ``None`` once closing. Holds back a partial batch for up
         to ``batch_delay`` so it can fill."""
         with self._cv:
-            while not self._outbox and not self._closing:
-                self._cv.wait()
+            self._idle += 1
+            try:
+                while not self._outbox and not self._closing:
+                    self._cv.wait()
+            finally:
+                self._idle -= 1
             if self._closing:
                 return None
             if self.batch > 1 and self.batch_delay > 0 and len(self._outbox) < self.batch:
@@ -148,9 +162,24 @@ class WorkerHandle:
                 if self._closing:
                     return None
             out = self._outbox
-            n = min(len(out), limit)
-            taken = [out.popleft() for _ in range(n)]
+            # popleft one by one: assign() may append concurrently (without _cv), and each
+            # popleft is atomic where a copy-then-clear would not be.
+            pop = out.popleft
+            taken = [pop() for _ in range(min(len(out), limit))]
+            if out and self._idle:
+                self._cv.notify()  # more left over: wake another thread of a local worker
         return taken
+
+    def _take_live(self, limit: int) -> list[Task] | None:
+        """:meth:`_take`, minus tasks that finished while waiting (timed out, cancelled): their
+        credit goes straight back."""
+        tasks = self._take(limit)
+        if tasks is None:
+            return None
+        live = [t for t in tasks if not t.finished]
+        if len(live) != len(tasks):
+            self.coord._on_skipped(self, [t for t in tasks if t.finished])
+        return live
 
     def close(self) -> None:
         with self._cv:
@@ -210,27 +239,29 @@ class RemoteHandle(WorkerHandle):
     def _write_loop(self) -> None:
         limit = self.batch if self.batch > 1 else MAX_TASKS_PER_FRAME
         try:
-            while True:
-                tasks = self._take(limit)
-                if tasks is None:
-                    return
-                live = [t for t in tasks if not t.finished]
-                if len(live) != len(tasks):
-                    self.coord._on_skipped(self, [t for t in tasks if t.finished])
-                # Split by size so one frame does not carry an unbounded amount of pixels.
-                start = 0
-                while start < len(live):
-                    end, size = start, 0
-                    while end < len(live) and (end == start or size < MAX_FRAME_BUFFER_BYTES):
-                        size += live[end].nbytes
-                        end += 1
-                    self._send(live[start:end])
-                    start = end
+            while self._write_once(limit):
+                pass
         except ConnectionLost:
             return  # the reader reports the loss
         except BaseException:
             log.exception("writer thread for %s crashed; dropping the worker", self.name)
             self.conn.abort()
+
+    def _write_once(self, limit: int) -> bool:
+        # One call per batch, so no task stays referenced from this frame while we wait.
+        live = self._take_live(limit)
+        if live is None:
+            return False
+        # Split by size so one frame does not carry an unbounded amount of pixels.
+        start = 0
+        while start < len(live):
+            end, size = start, 0
+            while end < len(live) and (end == start or size < MAX_FRAME_BUFFER_BYTES):
+                size += live[end].nbytes
+                end += 1
+            self._send(live[start:end])
+            start = end
+        return True
 
     def _send(self, tasks: list[Task]) -> None:
         # One encoder call for the whole frame: the C encoder does the per-task work.
@@ -364,29 +395,30 @@ class LocalHandle(WorkerHandle):
 
     def _run(self) -> None:
         try:
-            while True:
-                tasks = self._take(self.batch)
-                if tasks is None:
-                    return
-                live = [t for t in tasks if not t.finished]
-                if len(live) != len(tasks):
-                    self.coord._on_skipped(self, [t for t in tasks if t.finished])
-                if not live:
-                    continue
-                t0 = time.perf_counter()
-                rows = run_entries(self.worker, [_row(t) for t in live], self.batch > 1)
-                busy = time.perf_counter() - t0
-                entries: list[Any] = []
-                for tid, flag, value in rows:
-                    if flag == ERROR:
-                        value = _local_error(value)
-                    elif flag == CHUNK:
-                        value = [(k, _local_error(v) if k else v) for k, v in value]
-                    entries.append((tid, flag, value))
-                self.coord._on_results(self, entries, busy)
+            while self._run_once():
+                pass
         except BaseException as exc:
             log.exception("local worker thread %s crashed", threading.current_thread().name)
             self.coord._on_worker_lost(self, exc, False)
+
+    def _run_once(self) -> bool:
+        live = self._take_live(self.batch)
+        if live is None:
+            return False
+        if not live:
+            return True
+        t0 = time.perf_counter()
+        rows = run_entries(self.worker, [_row(t) for t in live], self.batch > 1)
+        busy = time.perf_counter() - t0
+        entries: list[Any] = []
+        for tid, flag, value in rows:
+            if flag == ERROR:
+                value = _local_error(value)
+            elif flag == CHUNK:
+                value = [(k, _local_error(v) if k else v) for k, v in value]
+            entries.append((tid, flag, value))
+        self.coord._on_results(self, entries, busy)
+        return True
 
 
 def _local_error(exc: BaseException) -> TaskFailed:

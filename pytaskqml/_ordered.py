@@ -30,53 +30,53 @@ class TaskQueue(Generic[T]):
         if maxsize <= 0:
             raise ValueError("max_queue must be positive")
         self.maxsize = maxsize
-        self._items: deque[T] = deque()
+        self.items: deque[T] = deque()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def __bool__(self) -> bool:
-        return bool(self._items)
+        return bool(self.items)
 
     def __iter__(self) -> Any:
-        return iter(self._items)
+        return iter(self.items)
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self.maxsize
+        return len(self.items) >= self.maxsize
 
     @property
     def space(self) -> int:
-        return max(0, self.maxsize - len(self._items))
+        return max(0, self.maxsize - len(self.items))
 
     def push(self, item: T) -> None:
-        self._items.append(item)
+        self.items.append(item)
 
     def extend(self, items: Iterable[T]) -> None:
-        self._items.extend(items)
+        self.items.extend(items)
 
     def push_front(self, items: Iterable[T]) -> None:
         """Put *items* at the head, keeping their relative order."""
-        self._items.extendleft(reversed(list(items)))
+        self.items.extendleft(reversed(list(items)))
 
     def pop_oldest(self) -> T:
-        return self._items.popleft()
+        return self.items.popleft()
 
     def pop_many(self, n: int) -> list[T]:
-        items = self._items
+        items = self.items
         n = min(n, len(items))
         return [items.popleft() for _ in range(n)]
 
     def remove(self, item: T) -> bool:
         try:
-            self._items.remove(item)
+            self.items.remove(item)
         except ValueError:
             return False
         return True
 
     def clear(self) -> list[T]:
-        out = list(self._items)
-        self._items.clear()
+        out = list(self.items)
+        self.items.clear()
         return out
 
 

@@ -1,0 +1,109 @@
+"""Worker classes the tests run in threads, spawned processes and CLI workers.
+
+They live in an importable module (not in a test file) so a child process can import them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from pytaskqml import Worker
+
+
+class Echo(Worker):
+    def process(self, payload: Any) -> Any:
+        return payload
+
+
+class Square(Worker):
+    def process(self, x: int) -> int:
+        return x * x
+
+
+class WordCount(Worker):
+    def process(self, word: str) -> dict[str, int]:
+        return {word: 1}
+
+
+class Pid(Worker):
+    """Returns which process ran the task, and after how long a pause."""
+
+    def process(self, payload: Any) -> list[Any]:
+        if isinstance(payload, list) and payload and isinstance(payload[1], int | float):
+            time.sleep(payload[1])
+            return [payload[0], os.getpid()]
+        return [payload, os.getpid()]
+
+
+class Faulty(Worker):
+    def process(self, payload: Any) -> Any:
+        if payload == "boom":
+            raise ValueError("cannot process boom")
+        if payload == "unencodable":
+            return object()
+        return payload
+
+
+class Poison(Worker):
+    """Kills its own process on the poison item, as a segfaulting model would."""
+
+    def process(self, payload: Any) -> Any:
+        if payload == "poison":
+            os._exit(13)
+        if isinstance(payload, list) and payload and payload[0] == "slow":
+            time.sleep(payload[1])
+            return payload[2]
+        return payload
+
+
+class Hang(Worker):
+    def process(self, payload: Any) -> Any:
+        if payload == "hang":
+            time.sleep(3600)
+        return payload
+
+
+class Slow(Worker):
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay = delay
+
+    def process(self, payload: Any) -> Any:
+        time.sleep(self.delay)
+        return payload
+
+
+class SetupFails(Worker):
+    def setup(self) -> None:
+        raise RuntimeError("model file missing")
+
+    def process(self, payload: Any) -> Any:
+        return payload
+
+
+class Batched(Worker):
+    max_batch_size = 4
+
+    def process_batch(self, payloads: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for p in payloads:
+            out.append(ValueError("bad item") if p == "bad" else [p, len(payloads)])
+        return out
+
+
+class Tearable(Worker):
+    """Writes a marker file from teardown() so a test can see teardown ran."""
+
+    def __init__(self, marker: str = "") -> None:
+        self.marker = marker
+
+    def process(self, payload: Any) -> Any:
+        if isinstance(payload, int | float) and payload > 0:
+            time.sleep(payload)
+        return payload
+
+    def teardown(self) -> None:
+        if self.marker:
+            with open(self.marker, "w") as f:
+                f.write("torn down")

@@ -1,0 +1,279 @@
+"""The sans-IO framing and the payload codec, byte by byte, with no sockets."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytaskqml import ProtocolError
+from pytaskqml import _codec, _protocol
+from pytaskqml._protocol import FrameDecoder, Message
+
+np = pytest.importorskip("numpy")
+
+
+def frame(header: dict, buffers: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
+    text, bufs = _codec.encode(header)
+    return b"".join(bytes(c) for c in _protocol.encode_frame(text, [*bufs, *map(memoryview, buffers)]))
+
+
+def decode_all(data: bytes, **kw: int) -> list[Message]:
+    return FrameDecoder(**kw).feed(data)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_round_trip_one_frame() -> None:
+    msgs = decode_all(frame({"op": "run", "t": [[1, "apple"]]}))
+    assert [m.header for m in msgs] == [{"op": "run", "t": [[1, "apple"]]}]
+    assert msgs[0].op == "run"
+
+
+def test_byte_by_byte_and_many_frames_at_once_agree() -> None:
+    stream = b"".join(frame({"op": "x", "i": i, "s": "é" * i}) for i in range(20))
+    whole = [m.header for m in decode_all(stream)]
+    dec = FrameDecoder()
+    one_by_one = [m.header for b in stream for m in dec.feed(bytes([b]))]
+    assert whole == one_by_one == [{"op": "x", "i": i, "s": "é" * i} for i in range(20)]
+    assert dec.buffered == 0
+
+
+def test_prefix_layout_is_as_documented() -> None:
+    data = frame({"op": "a"})
+    magic, version, flags, hlen, nbuf, body = struct.unpack_from("!2sBBIII", data)
+    assert (magic, version, flags, nbuf, body) == (b"PQ", _protocol.PROTOCOL_VERSION, 0, 0, 0)
+    assert json.loads(data[16 : 16 + hlen]) == {"op": "a"}
+
+
+def test_garbage_is_refused_on_its_first_bytes() -> None:
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match="magic"):
+        dec.feed(b"GET / HTTP/1.1\r\n")
+    # The decoder stays failed: the stream cannot be resynchronised.
+    with pytest.raises(ProtocolError):
+        dec.feed(frame({"op": "a"}))
+
+
+def test_wrong_version_is_refused() -> None:
+    data = bytearray(frame({"op": "a"}))
+    data[2] = 99
+    with pytest.raises(ProtocolError, match="version 99"):
+        decode_all(bytes(data[:3]))
+
+
+def test_unknown_flags_are_refused() -> None:
+    data = bytearray(frame({"op": "a"}))
+    data[3] = 1
+    with pytest.raises(ProtocolError, match="flags"):
+        decode_all(bytes(data))
+
+
+def test_oversize_frame_is_refused_before_it_is_buffered() -> None:
+    prefix = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, 10, 0, 10**8)
+    dec = FrameDecoder(max_frame_size=1 << 20)
+    with pytest.raises(ProtocolError, match="exceeds max_frame_size"):
+        dec.feed(prefix)  # nothing but the 16-byte prefix was needed to say no
+
+
+def test_too_many_buffers_is_refused() -> None:
+    prefix = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, 2, 10_000, 0)
+    with pytest.raises(ProtocolError, match="buffers"):
+        decode_all(prefix, max_buffers=16)
+
+
+def test_lying_buffer_table_is_refused() -> None:
+    head = b'{"op":"a"}'
+    data = (
+        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 4)
+        + struct.pack("!I", 3)
+        + head
+        + b"abcd"
+    )
+    with pytest.raises(ProtocolError, match="add up"):
+        decode_all(data)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"not json", b"[1, 2]", b'{"no_op": 1}', b'{"op": 5}', b"\xff\xfe{}", b'{"op":"a"'],
+)
+def test_bad_headers_are_protocol_errors(head: bytes) -> None:
+    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
+    with pytest.raises(ProtocolError):
+        decode_all(data)
+
+
+def test_deep_nesting_is_refused_with_an_explicit_limit() -> None:
+    deep = {"op": "a", "x": json.loads("[" * 100 + "]" * 100)}
+    with pytest.raises(ProtocolError, match="nests deeper"):
+        decode_all(frame(deep), max_depth=64)
+    shallow = {"op": "a", "x": json.loads("[" * 60 + "]" * 60), "s": "[[[[[[" * 50}
+    assert decode_all(frame(shallow), max_depth=64)[0].header == shallow
+
+
+def test_nesting_past_the_recursion_limit_is_a_protocol_error_without_a_limit() -> None:
+    head = b'{"op":"a","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
+    with pytest.raises(ProtocolError):
+        decode_all(data)
+
+
+def test_depth_check_counts_real_nesting_only() -> None:
+    assert not _protocol.json_depth_exceeds('["[[[[[[[[[[[[[[[[[[[[["]', 4)
+    assert _protocol.json_depth_exceeds("[[[[[[]]]]]]", 4)
+    assert not _protocol.json_depth_exceeds("[[[[]]]]", 4)
+    assert not _protocol.json_depth_exceeds("[[],[],[],[],[],[],[]]", 4)
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def test_bytes_and_arrays_travel_raw_after_the_header() -> None:
+    img = np.arange(480 * 640 * 3, dtype=np.uint8).reshape(480, 640, 3)
+    payload = {"op": "run", "frame": img, "raw": b"\x00\x01\x02", "mv": memoryview(b"xyz"), "n": 7}
+    data = frame(payload)
+    # The pixels are not in the JSON header: it stays tiny.
+    hlen = struct.unpack_from("!I", data, 4)[0]
+    assert hlen < 200
+    (msg,) = decode_all(data)
+    out = msg.header
+    assert out["raw"] == b"\x00\x01\x02" and out["mv"] == b"xyz" and out["n"] == 7
+    assert out["frame"].dtype == np.uint8 and out["frame"].shape == (480, 640, 3)
+    assert np.array_equal(out["frame"], img)
+    out["frame"][0, 0, 0] = 255  # arrives writable, so a model can draw on it in place
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">i8", "<u2", "bool", "<c16"])
+def test_array_dtype_and_shape_survive(dtype: str) -> None:
+    arr = (np.arange(24) % 3).astype(dtype).reshape(2, 3, 4)
+    (msg,) = decode_all(frame({"op": "a", "a": [arr, arr[:, ::2]]}))
+    for got, want in zip(msg.header["a"], [arr, arr[:, ::2]], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert np.array_equal(got, want)
+
+
+def test_object_arrays_are_refused_at_encode() -> None:
+    with pytest.raises(TypeError):
+        _codec.encode(np.array([object()], dtype=object))
+
+
+def test_numpy_scalars_become_json_numbers() -> None:
+    text, bufs = _codec.encode({"f": np.float32(1.5), "i": np.int64(3)})
+    assert json.loads(text) == {"f": 1.5, "i": 3} and bufs == []
+
+
+def test_reserved_marker_key_in_user_data_is_refused() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        _codec.encode({_codec.MARKER_KEY: 3})
+
+
+def test_unencodable_payload_is_type_error() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        _codec.encode({"a": {1, 2}})
+
+
+def test_marker_lengths_must_match_the_buffers() -> None:
+    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 5}}).encode()
+    data = (
+        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
+        + struct.pack("!I", 3)
+        + head
+        + b"abc"
+    )
+    with pytest.raises(ProtocolError, match="declared 5 bytes"):
+        decode_all(data)
+
+
+def test_every_buffer_must_be_claimed() -> None:
+    head = b'{"op":"a"}'
+    data = (
+        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
+        + struct.pack("!I", 3)
+        + head
+        + b"abc"
+    )
+    with pytest.raises(ProtocolError, match="referenced"):
+        decode_all(data)
+
+
+def test_marker_without_buffer_is_refused() -> None:
+    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 1}}).encode()
+    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
+    with pytest.raises(ProtocolError):
+        decode_all(data)
+
+
+def test_array_marker_with_wrong_size_is_refused() -> None:
+    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: ["<u1", [10, 10]]}}).encode()
+    data = (
+        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
+        + struct.pack("!I", 3)
+        + head
+        + b"abc"
+    )
+    with pytest.raises(ProtocolError, match="needs 100"):
+        decode_all(data)
+
+
+def test_encode_frame_checks_the_size_limit() -> None:
+    with pytest.raises(ValueError, match="max_frame_size"):
+        _protocol.encode_frame('{"op":"a"}', [memoryview(b"x" * 100)], max_frame_size=64)
+
+
+# --------------------------------------------------------------------------- properties
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text() | st.binary(max_size=64)
+    | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(json_values, min_size=1, max_size=5), st.data())
+def test_any_split_of_a_valid_stream_decodes_the_same(values: list, data: st.DataObject) -> None:  # type: ignore[type-arg]
+    stream = b"".join(frame({"op": "v", "v": v}) for v in values)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    dec = FrameDecoder()
+    got = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        got.extend(m.header["v"] for m in dec.feed(stream[prev:cut]))
+        prev = cut
+    assert got == values
+    assert dec.buffered == 0
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_random_bytes_give_messages_or_protocol_error(blob: bytes) -> None:
+    dec = FrameDecoder(max_frame_size=1 << 16)
+    try:
+        for m in dec.feed(blob):
+            assert isinstance(m.header, dict) and isinstance(m.op, str)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=1, max_size=64), st.integers(0, 200), st.data())
+def test_mutated_frames_give_messages_or_protocol_error(noise: bytes, pos: int, data: st.DataObject) -> None:
+    good = bytearray(frame({"op": "run", "t": [[1, "a"], [2, b"xy"]]}))
+    pos = min(pos, len(good))
+    mode = data.draw(st.sampled_from(["overwrite", "insert", "truncate"]))
+    if mode == "overwrite":
+        good[pos : pos + len(noise)] = noise
+    elif mode == "insert":
+        good[pos:pos] = noise
+    else:
+        del good[pos:]
+    try:
+        FrameDecoder(max_frame_size=1 << 16).feed(bytes(good))
+    except ProtocolError:
+        pass
