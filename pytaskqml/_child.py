@@ -25,7 +25,7 @@ log = logging.getLogger("pytaskqml")
 def _report_failure(cfg: dict[str, Any], key: bytes, error: str) -> None:
     """Tell the coordinator why we could not start, so spawn() can say it in one line."""
     try:
-        sock = _connection.dial(tuple(cfg["address"]), timeout=5.0)  # type: ignore[arg-type]
+        sock = _connection.dial((str(cfg["address"][0]), int(cfg["address"][1])), timeout=5.0)
         conn = _connection.Connection(sock)
         _connection.client_handshake(conn, key, timeout=5.0)
         conn.send("failed", {"spawn_id": cfg.get("spawn_id"), "error": error, "pid": os.getpid()})
@@ -45,7 +45,9 @@ def main() -> int:
         return 2
     sys.stdin.close()
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s pytaskqml-worker[{os.getpid()}] %(levelname)s %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s pytaskqml-worker[{os.getpid()}] %(levelname)s %(message)s")
+    )
     log.addHandler(handler)
     log.setLevel(int(cfg.get("log_level") or logging.WARNING))
     for entry in reversed(cfg.get("sys_path") or []):

@@ -30,6 +30,7 @@ from typing import Any
 
 from ._errors import ProtocolError
 
+_np: Any
 try:  # numpy is optional: used when importable, never required.
     import numpy as _np
 except ImportError:  # pragma: no cover - exercised on machines without numpy
@@ -59,7 +60,8 @@ def _default(obj: Any) -> Any:
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
             arr = _np.ascontiguousarray(obj)
-            bufs.append(memoryview(arr.reshape(-1).view(_np.uint8)))
+            flat: Any = arr.reshape(-1).view(_np.uint8)
+            bufs.append(memoryview(flat))
             return {MARKER_KEY: [arr.dtype.str, list(arr.shape)]}
         if isinstance(obj, _np.generic):
             return obj.item()

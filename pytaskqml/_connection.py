@@ -12,6 +12,7 @@ outside (a watchdog compares :attr:`Connection.last_recv` with the clock and cal
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -19,7 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _protocol
@@ -217,14 +218,10 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
     close = abort
 
@@ -241,42 +238,46 @@ def _expect(conn: Connection, op: str) -> _protocol.Message:
     return msg
 
 
-def _with_deadline(conn: Connection, timeout: float | None) -> None:
-    conn.sock.settimeout(timeout)
+def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None]) -> None:
+    """Run handshake *steps* under a deadline; on any failure close the connection and raise
+    :class:`AuthenticationError` (or :class:`ConnectionLost` if the peer just went away)."""
+    try:
+        conn.sock.settimeout(timeout)
+        steps()
+        conn.sock.settimeout(None)
+        conn.set_authenticated()
+    except TimeoutError:
+        conn.abort()
+        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
+    except ProtocolError as exc:
+        conn.abort()
+        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
+    except BaseException:
+        conn.abort()
+        raise
 
 
 def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
     """Run the listening side of the mutual HMAC handshake; raise AuthenticationError."""
-    _with_deadline(conn, timeout)
-    try:
+
+    def steps() -> None:
         nonce = _protocol.new_nonce()
         conn.send("challenge", {"nonce": nonce.hex(), "v": _protocol.PROTOCOL_VERSION})
         msg = _expect(conn, "auth")
         if not _protocol.auth_verify(key, nonce, "client", msg.header.get("proof")):
-            try:
+            with contextlib.suppress(ConnectionLost):
                 conn.send("denied", {"why": "authentication failed"})
-            except ConnectionLost:
-                pass
             raise AuthenticationError(f"{conn.peer} failed authentication (wrong or missing key)")
         theirs = _nonce_from(msg.header.get("nonce"))
         conn.send("welcome", {"proof": _protocol.auth_digest(key, theirs, "server").hex()})
-        conn.set_authenticated()
-    except (TimeoutError, socket.timeout):
-        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
-    except ProtocolError as exc:
-        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
-    finally:
-        if not conn.closed:
-            try:
-                conn.sock.settimeout(None)
-            except OSError:
-                pass
+
+    _handshake(conn, timeout, steps)
 
 
 def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
     """Run the dialling side of the mutual HMAC handshake; raise AuthenticationError."""
-    _with_deadline(conn, timeout)
-    try:
+
+    def steps() -> None:
         msg = _expect(conn, "challenge")
         if msg.header.get("v") != _protocol.PROTOCOL_VERSION:
             raise AuthenticationError(f"peer speaks protocol version {msg.header.get('v')!r}")
@@ -289,17 +290,8 @@ def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
         reply = _expect(conn, "welcome")
         if not _protocol.auth_verify(key, mine, "server", reply.header.get("proof")):
             raise AuthenticationError(f"{conn.peer} could not prove it holds the key")
-        conn.set_authenticated()
-    except (TimeoutError, socket.timeout):
-        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
-    except ProtocolError as exc:
-        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
-    finally:
-        if not conn.closed:
-            try:
-                conn.sock.settimeout(None)
-            except OSError:
-                pass
+
+    _handshake(conn, timeout, steps)
 
 
 def _nonce_from(value: object) -> bytes:
@@ -309,4 +301,3 @@ def _nonce_from(value: object) -> bytes:
         except ValueError:
             pass
     raise AuthenticationError("handshake: malformed nonce")
-

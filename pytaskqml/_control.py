@@ -88,8 +88,13 @@ class ControlServer:
                 self.close_connection = True
 
             def _refuse(self, code: int, why: str) -> None:
-                log.warning("control endpoint refused %s %s from %s: %s",
-                            self.command, self.path, self.client_address[0], why)
+                log.warning(
+                    "control endpoint refused %s %s from %s: %s",
+                    self.command,
+                    self.path,
+                    self.client_address[0],
+                    why,
+                )
                 self._reply(code, {"error": why})
 
             def do_GET(self) -> None:

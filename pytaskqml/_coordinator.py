@@ -55,16 +55,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _codec, _connection, _protocol
+from ._control import ControlServer
 from ._errors import (
     AuthenticationError,
     ClosedError,
     ConnectionLost,
     ProtocolError,
+    TaskFailed,
     WorkerLostError,
     WorkerStartError,
 )
@@ -157,7 +159,12 @@ class _Slot:
     """One supervised child process slot: restarted with backoff when its process dies."""
 
     def __init__(
-        self, spawn_id: int, target: str, main_path: str | None, kwargs: dict[str, Any], window: int | None
+        self,
+        spawn_id: int,
+        target: str,
+        main_path: str | None,
+        kwargs: dict[str, Any],
+        window: int | None,
     ) -> None:
         self.spawn_id = spawn_id
         self.target = target
@@ -204,8 +211,9 @@ class Coordinator:
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
     says what a full queue does to new work (``"block"``, ``"drop_oldest"``, ``"reject"``);
     ``window`` caps the tasks in flight per worker - below it each worker's window adapts to
-    about 10 ms of its work, unless a window is given for that worker; ``max_retries`` how many worker deaths
-    a task may cause before it is failed as poison; ``timeout`` a default per-task deadline;
+    about 10 ms of its work, unless a window is given for that worker; ``max_retries`` how
+    many worker deaths a task may cause before it is failed as poison; ``timeout`` a default
+    per-task deadline;
     ``hang_timeout`` how long a worker with work in hand may go without returning any result
     before it is declared lost; ``heartbeat_interval``/``heartbeat_timeout`` liveness of idle
     connections; ``authkey`` the shared key for worker connections (default: the
@@ -231,7 +239,9 @@ class Coordinator:
         name: str = "coordinator",
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}")
+            raise ValueError(
+                f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {overflow!r}"
+            )
         for label, value in (
             ("max_queue", max_queue),
             ("window", window),
@@ -244,7 +254,11 @@ class Coordinator:
             _check_positive(label, value, allow_none=False)
         _check_positive("timeout", timeout)
         _check_positive("hang_timeout", hang_timeout)
-        if isinstance(window, float) or isinstance(max_retries, float) or isinstance(max_queue, float):
+        if (
+            isinstance(window, float)
+            or isinstance(max_retries, float)
+            or isinstance(max_queue, float)
+        ):
             raise ValueError("window, max_retries and max_queue must be integers")
         self.name = name
         self.overflow: OverflowPolicy = overflow
@@ -289,9 +303,11 @@ class Coordinator:
         self._spawn_key = secrets.token_bytes(32)
         self._acceptors: list[_Acceptor] = []
         self._dialers: list[_Dialer] = []
-        self._control: Any = None
+        self._control: ControlServer | None = None
         self._threads: list[threading.Thread] = []
-        self._hk = threading.Thread(target=self._housekeeping, name=f"pytaskqml-housekeeping-{name}", daemon=True)
+        self._hk = threading.Thread(
+            target=self._housekeeping, name=f"pytaskqml-housekeeping-{name}", daemon=True
+        )
         self._hk.start()
 
     # ================================================================ context
@@ -307,7 +323,9 @@ class Coordinator:
 
     # ================================================================ workers
 
-    def add_local(self, worker: Worker, threads: int = 1, *, window: int | None = None) -> LocalHandle:
+    def add_local(
+        self, worker: Worker, threads: int = 1, *, window: int | None = None
+    ) -> LocalHandle:
         """Run *worker* in ``threads`` threads of this process (``setup()`` is called here)."""
         if not isinstance(worker, Worker):
             raise TypeError("add_local() takes a Worker instance")
@@ -367,7 +385,9 @@ class Coordinator:
                     if s.handle is None and not s.error and s.proc is not None:
                         code = s.proc.poll()
                         if code is not None:
-                            s.error = f"the worker process exited with code {code} before connecting"
+                            s.error = (
+                                f"the worker process exited with code {code} before connecting"
+                            )
                 failed = [s for s in new if s.error]
                 if failed or all(s.handle is not None for s in new):
                     break
@@ -383,7 +403,12 @@ class Coordinator:
         return [s.proc.pid for s in new if s.proc]
 
     def connect(
-        self, address: tuple[str, int] | str, *, window: int | None = None, wait: bool = True, timeout: float = 10.0
+        self,
+        address: tuple[str, int] | str,
+        *,
+        window: int | None = None,
+        wait: bool = True,
+        timeout: float = 10.0,
     ) -> None:
         """Connect to a worker listening at *address*; reconnect with backoff whenever it drops.
 
@@ -405,7 +430,11 @@ class Coordinator:
             )
 
     def listen(
-        self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, window: int | None = None, insecure: bool = False
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        window: int | None = None,
+        insecure: bool = False,
     ) -> tuple[str, int]:
         """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
         address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``)."""
@@ -418,7 +447,9 @@ class Coordinator:
                     f"refusing to listen on non-loopback {addr[0]} without an authkey "
                     "(set authkey= or PYTASKQML_AUTHKEY, or pass insecure=True)"
                 )
-            log.warning("listening on %s without an authkey: anyone who can reach it may connect", addr[0])
+            log.warning(
+                "listening on %s without an authkey: anyone who can reach it may connect", addr[0]
+            )
         acceptor = _Acceptor(self, addr, self.authkey or b"", kind="dial-in", window=window)
         with self._lock:
             self._acceptors.append(acceptor)
@@ -428,7 +459,10 @@ class Coordinator:
     def wait_workers(self, n: int, timeout: float | None = None) -> bool:
         """Block until at least *n* workers are attached; False on timeout."""
         with self._lock:
-            return self._changed.wait_for(lambda: len(self._handles) >= n or self._closed, timeout) and len(self._handles) >= n
+            return (
+                self._changed.wait_for(lambda: len(self._handles) >= n or self._closed, timeout)
+                and len(self._handles) >= n
+            )
 
     @property
     def workers(self) -> tuple[WorkerStats, ...]:
@@ -478,7 +512,12 @@ class Coordinator:
             raise ValueError("on_error must be 'raise' or 'return'")
         self._check_open()
         return self._map(
-            iter(iterable), buffersize, ordered, timeout if timeout is not None else self.timeout, on_error, chunksize
+            iter(iterable),
+            buffersize,
+            ordered,
+            timeout if timeout is not None else self.timeout,
+            on_error,
+            chunksize,
         )
 
     def _auto_chunksize(self, buffersize: int) -> int:
@@ -513,7 +552,9 @@ class Coordinator:
                     if items:
                         # Items with a deadline go alone: a chunk would make neighbours of a
                         # slow item miss theirs.
-                        chunk = chunksize or (1 if timeout is not None else self._auto_chunksize(buffersize))
+                        chunk = chunksize or (
+                            1 if timeout is not None else self._auto_chunksize(buffersize)
+                        )
                         self._admit_many(items, collector, seq, timeout, chunk)
                         seq += len(items)
                         outstanding += len(items)
@@ -549,7 +590,9 @@ class Coordinator:
         _check_positive("buffersize", buffersize, allow_none=False)
         _check_positive("timeout", timeout)
         self._check_open()
-        return Stream(self, buffersize, ordered, timeout if timeout is not None else self.timeout, on_error)
+        return Stream(
+            self, buffersize, ordered, timeout if timeout is not None else self.timeout, on_error
+        )
 
     def late_results(self) -> list[LateResult]:
         """Drain and return results that arrived after their deadline (when no ``on_late``)."""
@@ -574,14 +617,24 @@ class Coordinator:
         return nbytes
 
     def _admit_one(
-        self, payload: Any, sink: Any, seq: int, timeout: float | None, *, put_timeout: float | None = None
+        self,
+        payload: Any,
+        sink: Any,
+        seq: int,
+        timeout: float | None,
+        *,
+        put_timeout: float | None = None,
     ) -> Task:
         _check_positive("timeout", timeout)
-        task = Task(next(self._ids), payload, self._check_payload(payload), sink, seq, time.perf_counter())
+        task = Task(
+            next(self._ids), payload, self._check_payload(payload), sink, seq, time.perf_counter()
+        )
         self._admit([task], timeout, put_timeout)
         return task
 
-    def _admit_many(self, items: list[Any], sink: Any, seq: int, timeout: float | None, chunk: int = 1) -> None:
+    def _admit_many(
+        self, items: list[Any], sink: Any, seq: int, timeout: float | None, chunk: int = 1
+    ) -> None:
         # Checking the whole chunk in one encoder call is several times cheaper than one call
         # per item; only a chunk that fails, or carries raw buffers, is looked at item by item.
         try:
@@ -601,7 +654,10 @@ class Coordinator:
         elif simple:
             tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
-            tasks = [Task(next(ids), p, self._check_payload(p), sink, seq + i, now) for i, p in enumerate(items)]
+            tasks = [
+                Task(next(ids), p, self._check_payload(p), sink, seq + i, now)
+                for i, p in enumerate(items)
+            ]
         self._admit(tasks, timeout, None)
 
     def _admit(self, tasks: list[Task], timeout: float | None, put_timeout: float | None) -> None:
@@ -623,7 +679,9 @@ class Coordinator:
         for old in dropped:
             _deliver(old, DROPPED, None)
 
-    def _admit_slow(self, task: Task, timeout: float | None, put_timeout: float | None, dropped: list[Task]) -> None:
+    def _admit_slow(
+        self, task: Task, timeout: float | None, put_timeout: float | None, dropped: list[Task]
+    ) -> None:
         """Admit one task when the queue may be full or it has a deadline. Lock held."""
         q = self._queue
         if q.full:
@@ -727,7 +785,9 @@ class Coordinator:
 
     # ================================================================ handle callbacks
 
-    def _on_results(self, handle: WorkerHandle, entries: list[Any], busy: float | None = None) -> None:
+    def _on_results(
+        self, handle: WorkerHandle, entries: list[Any], busy: float | None = None
+    ) -> None:
         """Results from a worker: ``[task id, OK | ERROR | CHUNK, value]`` rows, validated;
         *busy* is the worker's own compute time for them, when it reports one."""
         futures: list[tuple[Task, int, Any]] = []
@@ -743,12 +803,21 @@ class Coordinator:
             for tid, kind, value in entries:
                 t = pop(tid, None)
                 if t is None:
-                    log.warning("worker %s returned a result for task %r it does not hold; ignored", handle.name, tid)
+                    log.warning(
+                        "worker %s returned a result for task %r it does not hold; ignored",
+                        handle.name,
+                        tid,
+                    )
                     continue
                 items += t.count
                 if kind == CHUNK and (type(value) is not list or len(value) != t.count):
-                    kind, value = ERROR, TaskFailed(
-                        "ProtocolError", f"worker {handle.name} answered a chunk of {t.count} with {len(value)} results"
+                    kind, value = (
+                        ERROR,
+                        TaskFailed(
+                            "ProtocolError",
+                            f"worker {handle.name} answered a chunk of {t.count} "
+                            f"with {len(value)} results",
+                        ),
                     )
                 if t.finished:
                     late.extend(_late(t, kind, value))
@@ -791,7 +860,9 @@ class Coordinator:
             if busy is not None and entries:
                 handle.observe(busy, len(entries))
                 per_item = busy / max(1, items)
-                self._item_time = per_item if self._item_time is None else 0.7 * self._item_time + 0.3 * per_item
+                self._item_time = (
+                    per_item if self._item_time is None else 0.7 * self._item_time + 0.3 * per_item
+                )
             handle.last_progress = time.monotonic()
             self._pump()
             if not self._live:
@@ -809,7 +880,9 @@ class Coordinator:
                 handle.inflight.pop(t.id, None)
             self._pump()
 
-    def _on_worker_lost(self, handle: WorkerHandle, error: BaseException | None, graceful: bool) -> None:
+    def _on_worker_lost(
+        self, handle: WorkerHandle, error: BaseException | None, graceful: bool
+    ) -> None:
         failures: list[Task] = []
         with self._lock:
             if handle not in self._handles:
@@ -852,8 +925,13 @@ class Coordinator:
         if graceful:
             log.info("worker %s left (%d tasks re-queued)", handle.name, len(requeue))
         elif not self._stopping:
-            log.warning("lost worker %s (%s); %d tasks re-queued, %d failed as poison",
-                        handle.name, error, len(requeue), len(failures))
+            log.warning(
+                "lost worker %s (%s); %d tasks re-queued, %d failed as poison",
+                handle.name,
+                error,
+                len(requeue),
+                len(failures),
+            )
         why = f"worker {handle.name} died while running this task ({error})"
         for t in failures:
             _deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
@@ -899,7 +977,9 @@ class Coordinator:
             self._pump()
             self._changed.notify_all()
 
-    def _attach_remote(self, conn: _connection.Connection, hello: dict[str, Any], *, kind: str, window: int | None) -> RemoteHandle | None:
+    def _attach_remote(
+        self, conn: _connection.Connection, hello: dict[str, Any], *, kind: str, window: int | None
+    ) -> RemoteHandle | None:
         """Called from an acceptor/dialer thread after the handshake and hello."""
         spawn_id = hello.get("spawn_id") if kind == "spawned" else None
         slot = None
@@ -934,7 +1014,13 @@ class Coordinator:
             handle.start()
             self._pump()
             self._changed.notify_all()
-        log.info("worker %s attached (%s, pid %s, window %d)", handle.name, kind, handle.pid, handle.window)
+        log.info(
+            "worker %s attached (%s, pid %s, window %d)",
+            handle.name,
+            kind,
+            handle.pid,
+            handle.window,
+        )
         return handle
 
     # ================================================================ processes
@@ -977,8 +1063,12 @@ class Coordinator:
     def _schedule_restart(self, slot: _Slot) -> None:
         """Lock held. Restart the slot's process after its backoff, up to max_restarts."""
         if slot.restarts >= self.max_restarts:
-            log.error("worker %s (slot %d) died %d times; not restarting it again",
-                      slot.target, slot.spawn_id, slot.restarts)
+            log.error(
+                "worker %s (slot %d) died %d times; not restarting it again",
+                slot.target,
+                slot.spawn_id,
+                slot.restarts,
+            )
             slot.retired = True
             return
         if time.monotonic() - slot.started_at > 10.0:
@@ -1019,7 +1109,12 @@ class Coordinator:
         for proc in doomed:
             _kill(proc)
         for slot in due:
-            log.info("restarting worker %s (slot %d, restart %d)", slot.target, slot.spawn_id, slot.restarts)
+            log.info(
+                "restarting worker %s (slot %d, restart %d)",
+                slot.target,
+                slot.spawn_id,
+                slot.restarts,
+            )
             self._start_process(slot)
 
     # ================================================================ housekeeping
@@ -1075,9 +1170,17 @@ class Coordinator:
                 log.warning("worker %s silent for %.1fs; declaring it lost", h.name, silent)
                 self._kill_handle(h)
                 continue
-            if self.hang_timeout is not None and h.inflight and now - h.last_progress > self.hang_timeout:
-                log.warning("worker %s returned nothing for %.1fs with %d tasks in hand; declaring it hung",
-                            h.name, now - h.last_progress, len(h.inflight))
+            if (
+                self.hang_timeout is not None
+                and h.inflight
+                and now - h.last_progress > self.hang_timeout
+            ):
+                log.warning(
+                    "worker %s returned nothing for %.1fs with %d tasks in hand; declaring it hung",
+                    h.name,
+                    now - h.last_progress,
+                    len(h.inflight),
+                )
                 self._kill_handle(h)
                 continue
             if now - conn.last_send >= self.heartbeat_interval:
@@ -1092,7 +1195,9 @@ class Coordinator:
     # ================================================================ stats
 
     def _worker_stats(self, h: WorkerHandle) -> WorkerStats:
-        return WorkerStats(h.name, h.kind, h.pid, h.address, h.window, len(h.inflight), h.completed, h.failed)
+        return WorkerStats(
+            h.name, h.kind, h.pid, h.address, h.window, len(h.inflight), h.completed, h.failed
+        )
 
     def statistics(self) -> Statistics:
         with self._lock:
@@ -1124,30 +1229,43 @@ class Coordinator:
 
     # ================================================================ control endpoint
 
-    def serve_control(self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, insecure: bool = False) -> tuple[str, int]:
+    def serve_control(
+        self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, insecure: bool = False
+    ) -> tuple[str, int]:
         """Start the HTTP control endpoint (``GET /health``, ``POST /shutdown``)."""
-        from ._control import ControlServer
-
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         if self._control is not None:
             raise RuntimeError("the control endpoint is already running")
 
         def health() -> dict[str, Any]:
             s = self.statistics()
-            return {"status": "ok", "role": "coordinator", "pid": os.getpid(),
-                    "workers": len(s.workers), "submitted": s.submitted, "completed": s.completed,
-                    "queued": s.queued, "in_flight": s.in_flight}
+            return {
+                "status": "ok",
+                "role": "coordinator",
+                "pid": os.getpid(),
+                "workers": len(s.workers),
+                "submitted": s.submitted,
+                "completed": s.completed,
+                "queued": s.queued,
+                "in_flight": s.in_flight,
+            }
 
         def stop() -> None:
-            threading.Thread(target=self.shutdown, name="pytaskqml-control-shutdown", daemon=True).start()
+            threading.Thread(
+                target=self.shutdown, name="pytaskqml-control-shutdown", daemon=True
+            ).start()
 
-        self._control = ControlServer(addr, health=health, shutdown=stop, authkey=self.authkey, insecure=insecure)
+        self._control = ControlServer(
+            addr, health=health, shutdown=stop, authkey=self.authkey, insecure=insecure
+        )
         self._control.start()
         return self._control.address
 
     # ================================================================ shutdown
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
+    def shutdown(
+        self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
         """Stop accepting work; finish (or with ``cancel_futures`` cancel) what is queued; stop
         and reap every worker process and thread. Every future is resolved when this returns
         (with ``wait``): result, exception or cancelled."""
@@ -1162,7 +1280,12 @@ class Coordinator:
         if cancel_futures:
             self._cancel_queued()
         if not wait:
-            threading.Thread(target=self._finish_shutdown, args=(timeout,), name="pytaskqml-shutdown", daemon=False).start()
+            threading.Thread(
+                target=self._finish_shutdown,
+                args=(timeout,),
+                name="pytaskqml-shutdown",
+                daemon=False,
+            ).start()
             return
         self._finish_shutdown(timeout)
 
@@ -1178,10 +1301,15 @@ class Coordinator:
             _deliver(t, CANCELLED, None)
 
     def _can_progress(self) -> bool:
-        return bool(self._handles) or any(
-            not s.retired and (s.restart_at is not None or s.proc is not None and s.proc.poll() is None)
-            for s in self._slots
-        ) or any(d.active for d in self._dialers)
+        return (
+            bool(self._handles)
+            or any(
+                not s.retired
+                and (s.restart_at is not None or (s.proc is not None and s.proc.poll() is None))
+                for s in self._slots
+            )
+            or any(d.active for d in self._dialers)
+        )
 
     def _finish_shutdown(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1282,12 +1410,14 @@ def _deliver(task: Task, kind: int, value: Any) -> None:
             elif kind == ERROR:
                 sink.set_exception(value)
             elif kind == TIMEOUT:
-                sink.set_exception(TimeoutError(f"task {task.id} missed its {value.timeout:.3f}s deadline"))
+                sink.set_exception(
+                    TimeoutError(f"task {task.id} missed its {value.timeout:.3f}s deadline")
+                )
             elif kind == CANCELLED and value is not None and sink.running():
                 sink.set_exception(value)
             elif not sink.cancel():
                 sink.set_exception(value if value is not None else ClosedError("task cancelled"))
-        except Exception:  # InvalidStateError: the caller cancelled it meanwhile
+        except InvalidStateError:  # the caller cancelled it meanwhile
             pass
         return
     sink.deliver_many(_outcomes(task, kind, value))
@@ -1324,7 +1454,14 @@ class Stream:
     dropped (counted in :attr:`dropped`); under ``reject`` it raises :class:`queue.Full`.
     """
 
-    def __init__(self, coord: Coordinator, buffersize: int, ordered: bool, timeout: float | None, on_error: str) -> None:
+    def __init__(
+        self,
+        coord: Coordinator,
+        buffersize: int,
+        ordered: bool,
+        timeout: float | None,
+        on_error: str,
+    ) -> None:
         self._coord = coord
         self._buffersize = buffersize
         self._timeout = timeout
@@ -1436,7 +1573,13 @@ class _Acceptor:
     max_pending = 64
 
     def __init__(
-        self, coord: Coordinator, address: tuple[str, int], key: bytes, *, kind: str, window: int | None
+        self,
+        coord: Coordinator,
+        address: tuple[str, int],
+        key: bytes,
+        *,
+        kind: str,
+        window: int | None,
     ) -> None:
         self.coord = coord
         self.key = key
@@ -1448,7 +1591,9 @@ class _Acceptor:
         self._pending = threading.BoundedSemaphore(self.max_pending)
         self._stopped = False
         self._thread = threading.Thread(
-            target=self._loop, name=f"pytaskqml-accept-{_connection.format_address(self.address)}", daemon=True
+            target=self._loop,
+            name=f"pytaskqml-accept-{_connection.format_address(self.address)}",
+            daemon=True,
         )
 
     def start(self) -> None:
@@ -1480,7 +1625,9 @@ class _Acceptor:
                 with contextlib.suppress(OSError):
                     sock.close()
                 continue
-            threading.Thread(target=self._admit, args=(sock,), name="pytaskqml-handshake", daemon=True).start()
+            threading.Thread(
+                target=self._admit, args=(sock,), name="pytaskqml-handshake", daemon=True
+            ).start()
 
     def _admit(self, sock: Any) -> None:
         conn = None
@@ -1515,7 +1662,9 @@ class _Dialer:
         self._stop = threading.Event()
         self._handle: RemoteHandle | None = None
         self._thread = threading.Thread(
-            target=self._loop, name=f"pytaskqml-dial-{_connection.format_address(address)}", daemon=True
+            target=self._loop,
+            name=f"pytaskqml-dial-{_connection.format_address(address)}",
+            daemon=True,
         )
 
     def start(self) -> None:
@@ -1535,15 +1684,23 @@ class _Dialer:
             while not self._stop.is_set():
                 conn = None
                 try:
-                    sock = _connection.dial(self.address, timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT)
+                    sock = _connection.dial(
+                        self.address, timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT
+                    )
                     conn = _connection.Connection(sock, max_frame_size=self.coord.max_frame_size)
-                    _connection.client_handshake(conn, key, timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT)
+                    _connection.client_handshake(
+                        conn, key, timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT
+                    )
                     hello = _read_hello(conn, _connection.DEFAULT_HANDSHAKE_TIMEOUT)
                 except (AuthenticationError, ConnectionLost, ProtocolError, OSError) as exc:
                     if conn is not None:
                         conn.abort()
                     if self.last_error != str(exc):
-                        log.info("worker at %s unavailable: %s", _connection.format_address(self.address), exc)
+                        log.info(
+                            "worker at %s unavailable: %s",
+                            _connection.format_address(self.address),
+                            exc,
+                        )
                     self.last_error = str(exc)
                     self._stop.wait(delay)
                     delay = min(delay * 2, 2.0)

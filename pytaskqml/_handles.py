@@ -59,7 +59,14 @@ class Task:
     )
 
     def __init__(
-        self, tid: int, payload: Any, nbytes: int, sink: Any, seq: int, t_submit: float, count: int = 1
+        self,
+        tid: int,
+        payload: Any,
+        nbytes: int,
+        sink: Any,
+        seq: int,
+        t_submit: float,
+        count: int = 1,
     ) -> None:
         self.id = tid
         # Checked encodable at submit; encoded again when framed. For a chunk (count > 1) the
@@ -82,7 +89,9 @@ _handle_ids = itertools.count(1)
 class WorkerHandle:
     kind = "?"
 
-    def __init__(self, coord: Coordinator, *, name: str, window: int, batch: int, batch_delay: float) -> None:
+    def __init__(
+        self, coord: Coordinator, *, name: str, window: int, batch: int, batch_delay: float
+    ) -> None:
         self.coord = coord
         self.id = next(_handle_ids)
         self.name = name
@@ -195,7 +204,13 @@ class RemoteHandle(WorkerHandle):
     """A worker in another process, reached over a :class:`~._connection.Connection`."""
 
     def __init__(
-        self, coord: Coordinator, conn: _connection.Connection, hello: dict[str, Any], *, window: int, kind: str
+        self,
+        coord: Coordinator,
+        conn: _connection.Connection,
+        hello: dict[str, Any],
+        *,
+        window: int,
+        kind: str,
     ) -> None:
         batch = hello.get("batch", 1)
         delay = hello.get("batch_delay", 0.0)
@@ -204,7 +219,9 @@ class RemoteHandle(WorkerHandle):
             name=str(hello.get("name") or conn.peer),
             window=window,
             batch=batch if isinstance(batch, int) and 0 < batch <= MAX_TASKS_PER_FRAME else 1,
-            batch_delay=float(delay) if isinstance(delay, int | float) and 0 <= delay <= 10 else 0.0,
+            batch_delay=float(delay)
+            if isinstance(delay, int | float) and 0 <= delay <= 10
+            else 0.0,
         )
         self.kind = kind
         self.conn = conn
@@ -282,7 +299,9 @@ class RemoteHandle(WorkerHandle):
             tasks = good
             text, buffers = _codec.encode([_row(t) for t in tasks])
         flag = ',"b":1' if self.batch > 1 else ""
-        self.conn.send_frame(_protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers))
+        self.conn.send_frame(
+            _protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers)
+        )
 
     # ------------------------------------------------------------------ reader
 

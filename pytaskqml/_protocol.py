@@ -27,8 +27,9 @@ tasks) is off by default and nesting is bounded by the interpreter's recursion l
 parser raises ``RecursionError`` on a deeper document, which is reported like any other bad
 frame. Pass ``max_depth`` to enforce a tighter bound on every frame.
 
-Anything malformed is a :class:`ProtocolError`, and nothing else is ever raised. After an error the decoder stays failed: the stream cannot be
-resynchronised, so the connection must be dropped.
+Anything malformed is a :class:`ProtocolError`, and nothing else is ever raised. After an
+error the decoder stays failed: the stream cannot be resynchronised, so the connection must be
+dropped.
 
 Authentication (mutual HMAC-SHA256 challenge-response, in the manner of
 ``multiprocessing.connection``) is built from the pure helpers at the end of this module.
@@ -98,7 +99,7 @@ def encode_frame(
 def encode_message(op: str, fields: dict[str, Any] | None = None) -> bytes:
     """Frame a small control message with no buffers, as one bytes object."""
     header = {"op": op} if fields is None else {"op": op, **fields}
-    return b"".join(encode_frame(_codec.encode_str(header)))  # type: ignore[arg-type]
+    return b"".join(encode_frame(_codec.encode_str(header)))
 
 
 _STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -195,7 +196,7 @@ class FrameDecoder:
             raise self._fail(f"frame declares {nbuf} buffers (max {self.max_buffers})")
         if hlen < 2:
             raise self._fail("frame header too short")
-        total = PREFIX_SIZE + 4 * nbuf + hlen + body
+        total: int = PREFIX_SIZE + 4 * nbuf + hlen + body
         if total > self.max_frame_size:
             raise self._fail(f"frame of {total} bytes exceeds max_frame_size={self.max_frame_size}")
         return total
@@ -261,7 +262,9 @@ def auth_digest(key: bytes, nonce: bytes, role: str) -> bytes:
     *role* names who answers ("client" or "server"), so a proof cannot be reflected back at
     the side that issued the challenge.
     """
-    return hmac.new(key, _AUTH_DOMAIN + b"|" + role.encode() + b"|" + nonce, hashlib.sha256).digest()
+    return hmac.new(
+        key, _AUTH_DOMAIN + b"|" + role.encode() + b"|" + nonce, hashlib.sha256
+    ).digest()
 
 
 def auth_verify(key: bytes, nonce: bytes, role: str, digest_hex: object) -> bool:

@@ -16,6 +16,7 @@ that costs them no retry - and the process runs ``teardown()`` and exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -77,7 +78,11 @@ class Worker:
 def error_info(exc: BaseException) -> list[str]:
     """``[qualified type, message, traceback text]``: how an exception travels."""
     t = type(exc)
-    name = t.__qualname__ if t.__module__ in ("builtins", "__main__") else f"{t.__module__}.{t.__qualname__}"
+    name = (
+        t.__qualname__
+        if t.__module__ in ("builtins", "__main__")
+        else f"{t.__module__}.{t.__qualname__}"
+    )
     return [name, str(exc), "".join(traceback.format_exception(t, exc, exc.__traceback__))]
 
 
@@ -155,7 +160,9 @@ def load_worker_class(target: str, *, main_path: str | None = None) -> type[Work
     """Import ``module:Class`` (or ``module:Outer.Inner``); raise WorkerStartError clearly."""
     module_name, sep, qualname = target.partition(":")
     if not sep or not module_name or not qualname:
-        raise WorkerStartError(f"bad worker {target!r}: expected MODULE:CLASS, e.g. myapp:WordCount")
+        raise WorkerStartError(
+            f"bad worker {target!r}: expected MODULE:CLASS, e.g. myapp:WordCount"
+        )
     try:
         if module_name in ("__main__", "__mp_main__") and main_path:
             module = _load_main(main_path)
@@ -166,13 +173,17 @@ def load_worker_class(target: str, *, main_path: str | None = None) -> type[Work
     except WorkerStartError:
         raise
     except Exception as exc:
-        raise WorkerStartError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        raise WorkerStartError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     obj: Any = module
     for part in qualname.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise WorkerStartError(f"module {module_name!r} has no attribute {qualname!r}") from None
+            raise WorkerStartError(
+                f"module {module_name!r} has no attribute {qualname!r}"
+            ) from None
     if not (isinstance(obj, type) and issubclass(obj, Worker)):
         raise WorkerStartError(f"{target!r} is not a subclass of pytaskqml.Worker")
     return obj
@@ -268,10 +279,8 @@ class WorkerServer:
             if self._wake is not None:
                 self._wake.put((_STOP, None))
             if self._listener is not None:
-                try:
+                with contextlib.suppress(OSError):
                     self._listener.close()
-                except OSError:
-                    pass
 
     def wait_stop(self, timeout: float) -> bool:
         return self._stop.wait(timeout)
@@ -290,8 +299,12 @@ class WorkerServer:
                     raise ConnectionLost(
                         f"cannot reach coordinator at {_connection.format_address(address)}: {exc}"
                     ) from None
-                log.info("coordinator %s unreachable (%s); retrying in %.1fs",
-                         _connection.format_address(address), exc, delay)
+                log.info(
+                    "coordinator %s unreachable (%s); retrying in %.1fs",
+                    _connection.format_address(address),
+                    exc,
+                    delay,
+                )
                 self._stop.wait(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -363,11 +376,15 @@ class WorkerServer:
         except ConnectionLost:
             return "lost"
         reader = threading.Thread(
-            target=self._read_loop, args=(conn, wake, done), name=f"pytaskqml-reader-{conn.peer}",
+            target=self._read_loop,
+            args=(conn, wake, done),
+            name=f"pytaskqml-reader-{conn.peer}",
             daemon=True,
         )
         beat = threading.Thread(
-            target=self._heartbeat_loop, args=(conn, done), name=f"pytaskqml-heartbeat-{conn.peer}",
+            target=self._heartbeat_loop,
+            args=(conn, done),
+            name=f"pytaskqml-heartbeat-{conn.peer}",
             daemon=True,
         )
         reader.start()
@@ -376,10 +393,8 @@ class WorkerServer:
             while True:
                 kind, item = wake.get()
                 if kind == _STOP or (kind == _RUN and self._stop.is_set()):
-                    try:
+                    with contextlib.suppress(ConnectionLost):
                         conn.send("bye", {"done": self.tasks_done})
-                    except ConnectionLost:
-                        pass
                     return "stopped"
                 if kind == _LOST:
                     log.info("connection to %s ended: %s", conn.peer, item)
@@ -434,8 +449,10 @@ class WorkerServer:
     def _arm_exit_timer(self, done: threading.Event) -> None:
         def _exit_if_stuck() -> None:
             if not done.wait(self.exit_grace):
-                log.error("task still running %.1fs after losing the coordinator; exiting",
-                          self.exit_grace)
+                log.error(
+                    "task still running %.1fs after losing the coordinator; exiting",
+                    self.exit_grace,
+                )
                 os._exit(3)
 
         threading.Thread(target=_exit_if_stuck, name="pytaskqml-orphan-watch", daemon=True).start()
@@ -446,8 +463,11 @@ class WorkerServer:
             while not done.wait(interval / 2):
                 now = time.monotonic()
                 if now - conn.last_recv > self.heartbeat_timeout:
-                    log.warning("coordinator %s silent for %.1fs; dropping the connection",
-                                conn.peer, now - conn.last_recv)
+                    log.warning(
+                        "coordinator %s silent for %.1fs; dropping the connection",
+                        conn.peer,
+                        now - conn.last_recv,
+                    )
                     conn.abort()
                     return
                 if now - conn.last_send >= interval:
@@ -550,14 +570,18 @@ def make_worker(cls: type[Worker], kwargs: dict[str, Any] | None) -> Worker:
     try:
         return cls(**(kwargs or {}))
     except Exception as exc:
-        raise WorkerStartError(f"{cls.__qualname__}(**{kwargs!r}) raised {type(exc).__name__}: {exc}") from exc
+        raise WorkerStartError(
+            f"{cls.__qualname__}(**{kwargs!r}) raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def call_setup(worker: Worker) -> None:
     try:
         worker.setup()
     except Exception as exc:
-        raise WorkerStartError(f"{type(worker).__qualname__}.setup() raised {type(exc).__name__}: {exc}") from exc
+        raise WorkerStartError(
+            f"{type(worker).__qualname__}.setup() raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def call_teardown(worker: Worker) -> None:

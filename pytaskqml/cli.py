@@ -42,7 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytaskqml",
         description="Run pytaskqml workers and control running processes.",
-        epilog="Keys: set PYTASKQML_AUTHKEY or pass --authkey-file; the coordinator must use the same key.",
+        epilog="Keys: set PYTASKQML_AUTHKEY or pass --authkey-file; "
+        "the coordinator must use the same key.",
     )
     parser.add_argument("--version", action="version", version=f"pytaskqml {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -57,7 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
     w.add_argument("target", metavar="MODULE:CLASS", help="the worker class, e.g. myapp:WordCount")
     mode = w.add_mutually_exclusive_group(required=True)
     mode.add_argument("--listen", metavar="HOST:PORT", help="wait for a coordinator to connect")
-    mode.add_argument("--connect", metavar="HOST:PORT", help="dial in to a coordinator (reconnects)")
+    mode.add_argument(
+        "--connect", metavar="HOST:PORT", help="dial in to a coordinator (reconnects)"
+    )
     w.add_argument(
         "--control",
         metavar="HOST:PORT",
@@ -65,12 +68,21 @@ def make_parser() -> argparse.ArgumentParser:
         help="HTTP control endpoint (/health, /shutdown); default 127.0.0.1 on a free port",
     )
     w.add_argument("--no-control", action="store_true", help="do not start the control endpoint")
-    w.add_argument("--kwargs", metavar="JSON", default="{}", help="constructor arguments as a JSON object")
+    w.add_argument(
+        "--kwargs", metavar="JSON", default="{}", help="constructor arguments as a JSON object"
+    )
     w.add_argument("--name", help="worker name shown in the coordinator's statistics")
     _add_key_args(w)
-    w.add_argument("--insecure", action="store_true", help="allow a non-loopback address without a key")
-    w.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="drop a coordinator that stays silent this long (default 5)")
+    w.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without a key"
+    )
+    w.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="drop a coordinator that stays silent this long (default 5)",
+    )
     w.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
 
     s = sub.add_parser("shutdown", help="ask a process to stop gracefully via its control endpoint")
@@ -85,7 +97,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _add_key_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--authkey-file", metavar="PATH", help="file holding the shared key (else $PYTASKQML_AUTHKEY)")
+    p.add_argument(
+        "--authkey-file",
+        metavar="PATH",
+        help="file holding the shared key (else $PYTASKQML_AUTHKEY)",
+    )
 
 
 def _read_key(path: str | None) -> bytes | None:
@@ -111,9 +127,13 @@ def _address(text: str, what: str) -> tuple[str, int]:
 
 def _setup_logging(verbosity: int) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s pytaskqml[{os.getpid()}] %(levelname)s %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s pytaskqml[{os.getpid()}] %(levelname)s %(message)s")
+    )
     log.addHandler(handler)
-    log.setLevel(logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    log.setLevel(
+        logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    )
     log.propagate = False
 
 
@@ -147,7 +167,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             listener = _connection.open_listener(listen)
         except OSError as exc:
             raise _UserError(
-                f"cannot listen on {_connection.format_address(listen)}: {exc.strerror or exc}", EXIT_FAILURE
+                f"cannot listen on {_connection.format_address(listen)}: {exc.strerror or exc}",
+                EXIT_FAILURE,
             ) from None
     try:
         try:
@@ -155,16 +176,25 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             call_setup(worker)
         except WorkerStartError as exc:
             raise _UserError(str(exc), EXIT_FAILURE) from None
-        server = WorkerServer(worker, authkey=key or b"", name=args.name or "",
-                              heartbeat_timeout=args.heartbeat_timeout)
+        server = WorkerServer(
+            worker,
+            authkey=key or b"",
+            name=args.name or "",
+            heartbeat_timeout=args.heartbeat_timeout,
+        )
         ctl = None
         if control is not None:
             try:
                 ctl = _control.ControlServer(
                     control,
-                    health=lambda: {"status": "ok", "role": "worker", "pid": os.getpid(),
-                                    "worker": args.target, "tasks_done": server.tasks_done,
-                                    "stopping": server.stopping},
+                    health=lambda: {
+                        "status": "ok",
+                        "role": "worker",
+                        "pid": os.getpid(),
+                        "worker": args.target,
+                        "tasks_done": server.tasks_done,
+                        "stopping": server.stopping,
+                    },
                     shutdown=server.request_stop,
                     authkey=key,
                     insecure=args.insecure,
@@ -172,15 +202,26 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 call_teardown(worker)
                 msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                raise _UserError(f"cannot serve --control on {args.control}: {msg}", EXIT_FAILURE) from None
+                raise _UserError(
+                    f"cannot serve --control on {args.control}: {msg}", EXIT_FAILURE
+                ) from None
             ctl.start()
             server.control_address = _connection.format_address(ctl.address)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.request_stop())
-        where = (f"listening on {_connection.format_address(listener.getsockname()[:2])}" if listener
-                 else f"dialling {_connection.format_address(connect)}" if connect else "")
-        print(f"pytaskqml worker {args.target} (pid {os.getpid()}) {where}"
-              + (f"; control at http://{server.control_address}" if ctl else ""), file=sys.stderr, flush=True)
+        where = (
+            f"listening on {_connection.format_address(listener.getsockname()[:2])}"
+            if listener
+            else f"dialling {_connection.format_address(connect)}"
+            if connect
+            else ""
+        )
+        print(
+            f"pytaskqml worker {args.target} (pid {os.getpid()}) {where}"
+            + (f"; control at http://{server.control_address}" if ctl else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             if listener is not None:
                 server.run_listen(listener)
@@ -204,11 +245,15 @@ def _cmd_shutdown(args: argparse.Namespace) -> int:
         status, body = _control.request_shutdown(address, authkey=key, timeout=args.timeout)
     except OSError as exc:
         raise _UserError(
-            f"cannot reach {_connection.format_address(address)}: {exc.strerror or exc}", EXIT_FAILURE
+            f"cannot reach {_connection.format_address(address)}: {exc.strerror or exc}",
+            EXIT_FAILURE,
         ) from None
     if status >= 400:
-        raise _UserError(f"{_connection.format_address(address)} refused: {status} {body.get('error', '')}".rstrip(),
-                         EXIT_FAILURE)
+        raise _UserError(
+            f"{_connection.format_address(address)} refused: {status} "
+            f"{body.get('error', '')}".rstrip(),
+            EXIT_FAILURE,
+        )
     print(f"{_connection.format_address(address)}: {body.get('status', status)}")
     return 0
 
@@ -219,7 +264,8 @@ def _cmd_health(args: argparse.Namespace) -> int:
         status, body = _control.get_health(address, timeout=args.timeout)
     except OSError as exc:
         raise _UserError(
-            f"cannot reach {_connection.format_address(address)}: {exc.strerror or exc}", EXIT_FAILURE
+            f"cannot reach {_connection.format_address(address)}: {exc.strerror or exc}",
+            EXIT_FAILURE,
         ) from None
     print(json.dumps(body, indent=2, sort_keys=True))
     return 0 if status == 200 else EXIT_FAILURE
@@ -228,7 +274,11 @@ def _cmd_health(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    commands: dict[str, Any] = {"worker": _cmd_worker, "shutdown": _cmd_shutdown, "health": _cmd_health}
+    commands: dict[str, Any] = {
+        "worker": _cmd_worker,
+        "shutdown": _cmd_shutdown,
+        "health": _cmd_health,
+    }
     try:
         return int(commands[args.command](args))
     except _UserError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
@@ -9,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytaskqml import ProtocolError
-from pytaskqml import _codec, _protocol
+from pytaskqml import ProtocolError, _codec, _protocol
 from pytaskqml._protocol import FrameDecoder, Message
 
 np = pytest.importorskip("numpy")
@@ -18,7 +18,9 @@ np = pytest.importorskip("numpy")
 
 def frame(header: dict, buffers: list[bytes] = ()) -> bytes:  # type: ignore[assignment]
     text, bufs = _codec.encode(header)
-    return b"".join(bytes(c) for c in _protocol.encode_frame(text, [*bufs, *map(memoryview, buffers)]))
+    return b"".join(
+        bytes(c) for c in _protocol.encode_frame(text, [*bufs, *map(memoryview, buffers)])
+    )
 
 
 def decode_all(data: bytes, **kw: int) -> list[Message]:
@@ -228,9 +230,15 @@ def test_encode_frame_checks_the_size_limit() -> None:
 # --------------------------------------------------------------------------- properties
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text() | st.binary(max_size=64)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
+    | st.binary(max_size=64)
     | st.floats(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -263,7 +271,9 @@ def test_random_bytes_give_messages_or_protocol_error(blob: bytes) -> None:
 
 @settings(max_examples=300)
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 200), st.data())
-def test_mutated_frames_give_messages_or_protocol_error(noise: bytes, pos: int, data: st.DataObject) -> None:
+def test_mutated_frames_give_messages_or_protocol_error(
+    noise: bytes, pos: int, data: st.DataObject
+) -> None:
     good = bytearray(frame({"op": "run", "t": [[1, "a"], [2, b"xy"]]}))
     pos = min(pos, len(good))
     mode = data.draw(st.sampled_from(["overwrite", "insert", "truncate"]))
@@ -273,7 +283,5 @@ def test_mutated_frames_give_messages_or_protocol_error(noise: bytes, pos: int, 
         good[pos:pos] = noise
     else:
         del good[pos:]
-    try:
+    with contextlib.suppress(ProtocolError):
         FrameDecoder(max_frame_size=1 << 16).feed(bytes(good))
-    except ProtocolError:
-        pass
