@@ -237,7 +237,10 @@ json_values = st.recursive(
     | st.binary(max_size=64)
     | st.floats(allow_nan=False),
     lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=5).filter(lambda k: k != _codec.MARKER_KEY), inner, max_size=4
+        )
     ),
     max_leaves=20,
 )
