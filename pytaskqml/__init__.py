@@ -5,6 +5,7 @@ worker processes (spawned here, or started elsewhere with ``pytaskqml worker``) 
 thread workers. Results come back in submission order. Standard library only.
 """
 
+from ._connection import tls_client_context, tls_server_context
 from ._control import get_health, request_shutdown
 from ._coordinator import Coordinator, LateResult, Statistics, Stream, TaskTimeout, WorkerStats
 from ._errors import (
@@ -42,4 +43,6 @@ __all__ = [
     "__version__",
     "get_health",
     "request_shutdown",
+    "tls_client_context",
+    "tls_server_context",
 ]

@@ -84,10 +84,59 @@ def open_listener(address: Address, *, backlog: int = 128) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
 
 
-def dial(address: Address, *, timeout: float | None = 5.0) -> socket.socket:
+def dial(
+    address: Address, *, timeout: float | None = 5.0, ssl_context: ssl.SSLContext | None = None
+) -> socket.socket:
+    """Connect (and with *ssl_context* complete the TLS handshake) within *timeout*."""
     sock = socket.create_connection(address, timeout=timeout)
-    sock.settimeout(None)
+    try:
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_hostname=address[0])
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def tls_accept(
+    sock: socket.socket, ssl_context: ssl.SSLContext, *, timeout: float | None
+) -> socket.socket:
+    """Run the server side of a TLS handshake on an accepted socket, within *timeout*."""
+    try:
+        sock.settimeout(timeout)
+        tls = ssl_context.wrap_socket(sock, server_side=True)
+        tls.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return tls
+
+
+def tls_server_context(
+    certfile: str, keyfile: str | None = None, cafile: str | None = None
+) -> ssl.SSLContext:
+    """A TLS context for the listening side. With *cafile*, peers must show a certificate
+    signed by that CA (mutual TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    if cafile:
+        ctx.load_verify_locations(cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_client_context(
+    cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
+) -> ssl.SSLContext:
+    """A TLS context for the dialling side: verifies the server's certificate and host name
+    against *cafile* (or the system's CAs); *certfile*/*keyfile* present a client certificate."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certfile:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
 
 
 class Connection:

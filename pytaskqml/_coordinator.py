@@ -49,6 +49,7 @@ import logging
 import os
 import queue
 import secrets
+import ssl
 import subprocess
 import sys
 import threading
@@ -409,6 +410,7 @@ class Coordinator:
         window: int | None = None,
         wait: bool = True,
         timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """Connect to a worker listening at *address*; reconnect with backoff whenever it drops.
 
@@ -418,7 +420,7 @@ class Coordinator:
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         _check_positive("window", window)
         self._check_open()
-        dialer = _Dialer(self, addr, window)
+        dialer = _Dialer(self, addr, window, ssl_context)
         with self._lock:
             self._dialers.append(dialer)
         dialer.start()
@@ -435,9 +437,11 @@ class Coordinator:
         *,
         window: int | None = None,
         insecure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> tuple[str, int]:
         """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
-        address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``)."""
+        address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``).
+        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first."""
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         _check_positive("window", window)
         self._check_open()
@@ -450,7 +454,9 @@ class Coordinator:
             log.warning(
                 "listening on %s without an authkey: anyone who can reach it may connect", addr[0]
             )
-        acceptor = _Acceptor(self, addr, self.authkey or b"", kind="dial-in", window=window)
+        acceptor = _Acceptor(
+            self, addr, self.authkey or b"", kind="dial-in", window=window, ssl_context=ssl_context
+        )
         with self._lock:
             self._acceptors.append(acceptor)
         acceptor.start()
@@ -1580,9 +1586,11 @@ class _Acceptor:
         *,
         kind: str,
         window: int | None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.coord = coord
         self.key = key
+        self.ssl_context = ssl_context
         self.kind = kind
         self.window = window
         self.sock = _connection.open_listener(address)
@@ -1631,9 +1639,11 @@ class _Acceptor:
 
     def _admit(self, sock: Any) -> None:
         conn = None
+        timeout = _connection.DEFAULT_HANDSHAKE_TIMEOUT
         try:
+            if self.ssl_context is not None:
+                sock = _connection.tls_accept(sock, self.ssl_context, timeout=timeout)
             conn = _connection.Connection(sock, max_frame_size=self.coord.max_frame_size)
-            timeout = _connection.DEFAULT_HANDSHAKE_TIMEOUT
             _connection.server_handshake(conn, self.key, timeout=timeout)
             hello = _read_hello(conn, timeout)
             self.coord._attach_remote(conn, hello, kind=self.kind, window=self.window)
@@ -1641,10 +1651,16 @@ class _Acceptor:
             self.coord._peer_rejected(conn.peer if conn else "?", exc)
             if conn is not None:
                 conn.abort()
+            else:
+                with contextlib.suppress(OSError):
+                    sock.close()
         except BaseException:
             log.exception("handshake thread crashed")
             if conn is not None:
                 conn.abort()
+            else:
+                with contextlib.suppress(OSError):
+                    sock.close()
         finally:
             self._pending.release()
 
@@ -1652,8 +1668,15 @@ class _Acceptor:
 class _Dialer:
     """Keeps a connection to one listening worker, reconnecting with backoff."""
 
-    def __init__(self, coord: Coordinator, address: tuple[str, int], window: int | None) -> None:
+    def __init__(
+        self,
+        coord: Coordinator,
+        address: tuple[str, int],
+        window: int | None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.coord = coord
+        self.ssl_context = ssl_context
         self.address = address
         self.window = window
         self.connected = threading.Event()
@@ -1685,7 +1708,9 @@ class _Dialer:
                 conn = None
                 try:
                     sock = _connection.dial(
-                        self.address, timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT
+                        self.address,
+                        timeout=_connection.DEFAULT_HANDSHAKE_TIMEOUT,
+                        ssl_context=self.ssl_context,
                     )
                     conn = _connection.Connection(sock, max_frame_size=self.coord.max_frame_size)
                     _connection.client_handshake(

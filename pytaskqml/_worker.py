@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import queue
+import ssl
 import sys
 import threading
 import time
@@ -249,6 +250,7 @@ class WorkerServer:
         exit_grace: float | None = None,
         control_address: str | None = None,
         spawn_id: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.worker = worker
         self.authkey = authkey
@@ -260,6 +262,7 @@ class WorkerServer:
         self.exit_grace = exit_grace
         self.control_address = control_address
         self.spawn_id = spawn_id
+        self.ssl_context = ssl_context
         self.tasks_done = 0
         self._stop = threading.Event()
         self._wake: queue.SimpleQueue[tuple[str, Any]] | None = None
@@ -293,7 +296,9 @@ class WorkerServer:
         delay = 0.1
         while not self._stop.is_set():
             try:
-                sock = _connection.dial(address, timeout=self.handshake_timeout)
+                sock = _connection.dial(
+                    address, timeout=self.handshake_timeout, ssl_context=self.ssl_context
+                )
             except OSError as exc:
                 if not reconnect:
                     raise ConnectionLost(
@@ -339,6 +344,14 @@ class WorkerServer:
                 if self._stop.is_set():
                     break
                 raise
+            if self.ssl_context is not None:
+                try:
+                    sock = _connection.tls_accept(
+                        sock, self.ssl_context, timeout=self.handshake_timeout
+                    )
+                except OSError as exc:
+                    log.warning("rejected a connection: TLS handshake failed: %s", exc)
+                    continue
             conn = _connection.Connection(sock, name=self.name, max_frame_size=self.max_frame_size)
             try:
                 _connection.server_handshake(conn, self.authkey, timeout=self.handshake_timeout)

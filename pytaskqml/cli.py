@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -75,6 +76,18 @@ def make_parser() -> argparse.ArgumentParser:
     _add_key_args(w)
     w.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a key"
+    )
+    tls = w.add_argument_group("TLS (for connections between machines)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate (with --listen: the server's; with --connect: a client certificate)",
+    )
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert, if separate")
+    tls.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA to verify the peer (with --listen: require client certificates signed by it)",
     )
     w.add_argument(
         "--heartbeat-timeout",
@@ -156,6 +169,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                 "(set PYTASKQML_AUTHKEY or --authkey-file, or pass --insecure)"
             )
         log.warning("listening on %s without a key: anyone who can reach it may connect", listen[0])
+    ssl_context = _tls_context(args, server=bool(listen))
     try:
         cls = load_worker_class(args.target)
     except WorkerStartError as exc:
@@ -178,6 +192,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             raise _UserError(str(exc), EXIT_FAILURE) from None
         server = WorkerServer(
             worker,
+            ssl_context=ssl_context,
             authkey=key or b"",
             name=args.name or "",
             heartbeat_timeout=args.heartbeat_timeout,
@@ -236,6 +251,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()
     return 0
+
+
+def _tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
+    if not (args.tls_cert or args.tls_ca):
+        if args.tls_key:
+            raise _UserError("--tls-key needs --tls-cert")
+        return None
+    try:
+        if server:
+            if not args.tls_cert:
+                raise _UserError("--listen with TLS needs --tls-cert (and --tls-key)")
+            return _connection.tls_server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        return _connection.tls_client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise _UserError(f"cannot load TLS files: {exc}") from None
 
 
 def _cmd_shutdown(args: argparse.Namespace) -> int:
