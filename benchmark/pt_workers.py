@@ -1,0 +1,43 @@
+"""pytaskqml Worker classes for the benchmark (module-level so spawned processes import them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmark import workloads
+from pytaskqml import Worker
+
+
+class WordCountWorker(Worker):
+    def process(self, word: str) -> dict[str, int]:
+        return workloads.task_wordcount(word)
+
+
+class FrameWorker(Worker):
+    def setup(self) -> None:
+        workloads.cv2_module()
+
+    def process(self, frame: Any) -> float:
+        return workloads.task_frame(frame)
+
+
+class EchoWorker(Worker):
+    def process(self, payload: Any) -> Any:
+        return workloads.task_echo(payload)
+
+
+class SleepWorker(Worker):
+    def __init__(self, delay: float = workloads.SLEEP_S) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def process(self, index: int) -> int:
+        return workloads.task_sleep(index, self.delay)
+
+
+WORKERS: dict[str, tuple[type[Worker], dict[str, Any]]] = {
+    "wordcount": (WordCountWorker, {}),
+    "frame": (FrameWorker, {}),
+    "echo": (EchoWorker, {}),
+    "sleep": (SleepWorker, {"delay": workloads.SLEEP_S}),
+}
