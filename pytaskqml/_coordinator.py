@@ -681,7 +681,9 @@ class Coordinator:
                     self._admit_slow(task, timeout, put_timeout, dropped)
                     self._live += 1
                     self._submitted += task.count
-            self._pump()
+            assigned = self._pump(inline=True)
+        for handle in assigned:
+            handle.flush_inline()
         for old in dropped:
             _deliver(old, DROPPED, None)
 
@@ -720,11 +722,16 @@ class Coordinator:
 
     # ================================================================ dispatch
 
-    def _pump(self) -> None:
-        """Hand queued tasks to workers with free credit, most free credit first. Lock held."""
+    def _pump(self, *, inline: bool = False) -> list[WorkerHandle]:
+        """Hand queued tasks to workers with free credit, most free credit first. Lock held.
+
+        With *inline* the caller promises to call ``flush_inline()`` on the returned handles
+        once it has released the lock, so idle writer threads are not woken for them.
+        """
         items = self._queue.items
+        assigned: list[WorkerHandle] = []
         if not items:
-            return
+            return assigned
         handles = self._handles
         popped = False
         pop = items.popleft
@@ -765,9 +772,12 @@ class Coordinator:
                         continue
                 tasks.append(t)
             if tasks:
-                best.assign(tasks)
+                best.assign(tasks, wake=not inline)
+                if inline and best not in assigned:
+                    assigned.append(best)
         if popped and self._blocked_putters:
             self._not_full.notify_all()
+        return assigned
 
     def _finish_cancelled_locked(self, t: Task) -> None:
         t.finished = True

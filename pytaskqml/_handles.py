@@ -134,7 +134,7 @@ class WorkerHandle:
             want = int(WINDOW_BUDGET / max(self.task_time, 1e-7)) + 1
             self.window = max(2, min(self.max_window, want))
 
-    def assign(self, tasks: list[Task]) -> None:
+    def assign(self, tasks: list[Task], *, wake: bool = True) -> None:
         """Lock held (the coordinator's). Cheap on purpose: the outbox append needs no lock,
         and the condition is only touched when a sender thread is waiting.
 
@@ -148,9 +148,16 @@ class WorkerHandle:
         for t in tasks:
             inflight[t.id] = t
         self._outbox.extend(tasks)
-        if self._idle:
+        if wake and self._idle:
             with self._cv:
                 self._cv.notify()
+
+    def flush_inline(self) -> None:
+        """Send what is in the outbox from the calling thread, if no sender is busy: saves a
+        thread hand-off on an idle connection (the latency case). Lock not held."""
+        if self._outbox and self._idle:
+            with self._cv:
+                self._cv.notify()  # local threads do the work themselves: just wake one
 
     def _take(self, limit: int) -> list[Task] | None:
         """Wait for tasks in the outbox; ``None`` once closing. Holds back a partial batch for up
@@ -231,6 +238,8 @@ class RemoteHandle(WorkerHandle):
         control = hello.get("control")
         self.control = control if isinstance(control, str) else None
         self.lost = threading.Event()
+        self._limit = self.batch if self.batch > 1 else MAX_TASKS_PER_FRAME
+        self._sending = threading.Lock()  # one sender at a time: the writer or an inline flush
         self._reader = threading.Thread(
             target=self._read_loop, name=f"pytaskqml-reader-{conn.peer}", daemon=True
         )
@@ -253,8 +262,30 @@ class RemoteHandle(WorkerHandle):
 
     # ------------------------------------------------------------------ writer
 
+    def flush_inline(self) -> None:
+        if not self._outbox or not self._idle:
+            return  # the writer is awake and will take them
+        if not self._sending.acquire(blocking=False):
+            return
+        try:
+            with self._cv:
+                pop = self._outbox.popleft
+                tasks = [pop() for _ in range(min(len(self._outbox), self._limit))]
+            live = [t for t in tasks if not t.finished]
+            if len(live) != len(tasks):
+                self.coord._on_skipped(self, [t for t in tasks if t.finished])
+            if live:
+                self._send_sized(live)
+        except ConnectionLost:
+            pass  # the reader reports the loss
+        finally:
+            self._sending.release()
+        if self._outbox:  # more arrived meanwhile: let the writer have them
+            with self._cv:
+                self._cv.notify()
+
     def _write_loop(self) -> None:
-        limit = self.batch if self.batch > 1 else MAX_TASKS_PER_FRAME
+        limit = self._limit
         try:
             while self._write_once(limit):
                 pass
@@ -269,6 +300,11 @@ class RemoteHandle(WorkerHandle):
         live = self._take_live(limit)
         if live is None:
             return False
+        with self._sending:
+            self._send_sized(live)
+        return True
+
+    def _send_sized(self, live: list[Task]) -> None:
         # Split by size so one frame does not carry an unbounded amount of pixels.
         start = 0
         while start < len(live):
@@ -278,7 +314,6 @@ class RemoteHandle(WorkerHandle):
                 end += 1
             self._send(live[start:end])
             start = end
-        return True
 
     def _send(self, tasks: list[Task]) -> None:
         # One encoder call for the whole frame: the C encoder does the per-task work.
