@@ -160,6 +160,7 @@ class Connection:
         self._ready: deque[_protocol.Message] = deque()
         self._send_lock = threading.Lock()
         self._closed = False
+        self._interrupted = False
         self._is_ssl = isinstance(sock, ssl.SSLSocket)
         self._can_sendmsg = hasattr(sock, "sendmsg") and not self._is_ssl
         now = time.monotonic()
@@ -237,6 +238,9 @@ class Connection:
                 self.abort()
                 raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
             if not data:
+                if self._interrupted:
+                    # Our own interrupt_recv(), not the peer: the sending side stays open.
+                    raise ConnectionLost("receiving was interrupted")
                 pending = self._decoder.buffered
                 self.abort()
                 if pending:
@@ -248,6 +252,13 @@ class Connection:
             self.last_recv = time.monotonic()
             self._ready.extend(self._decoder.feed(data))
         return self._ready.popleft()
+
+    def interrupt_recv(self) -> None:
+        """Make a ``recv`` blocked in another thread return (with ConnectionLost) while
+        leaving the connection open for sending - e.g. a last goodbye."""
+        self._interrupted = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
     def set_authenticated(self) -> None:
         """Lift the handshake's tiny frame limit to the configured one."""

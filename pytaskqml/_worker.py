@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import logging
 import os
-import queue
+import select
 import ssl
 import sys
 import threading
@@ -229,9 +229,15 @@ def class_target(cls: type) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- serving
 
 
-_STOP = "stop"
-_LOST = "lost"
-_RUN = "run"
+def _peer_hung_up(conn: _connection.Connection) -> bool:
+    """Has the peer closed its end, even with unread data still queued? (Linux: POLLRDHUP.)"""
+    try:
+        poller = select.poll()
+        mask = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+        poller.register(conn.sock.fileno(), mask)
+        return any(ev & mask for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 class WorkerServer:
@@ -265,7 +271,8 @@ class WorkerServer:
         self.ssl_context = ssl_context
         self.tasks_done = 0
         self._stop = threading.Event()
-        self._wake: queue.SimpleQueue[tuple[str, Any]] | None = None
+        self._conn: _connection.Connection | None = None
+        self._busy = False  # the main thread is running tasks, not reading
         self._listener: Any = None
         self._lock = threading.Lock()
 
@@ -279,8 +286,9 @@ class WorkerServer:
         """Finish the task in hand, send its result, say goodbye, and stop serving."""
         with self._lock:
             self._stop.set()
-            if self._wake is not None:
-                self._wake.put((_STOP, None))
+            conn = self._conn
+            if conn is not None and not self._busy:
+                conn.interrupt_recv()  # the main thread wakes, sees the flag, says goodbye
             if self._listener is not None:
                 with contextlib.suppress(OSError):
                     self._listener.close()
@@ -367,13 +375,15 @@ class WorkerServer:
     # ------------------------------------------------------------ one session
 
     def serve_connection(self, conn: _connection.Connection) -> str:
-        """Serve one authenticated connection; ``"stopped"`` or ``"lost"``."""
-        wake: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        """Serve one authenticated connection; ``"stopped"`` or ``"lost"``.
+
+        The calling (main) thread reads frames and runs their tasks itself, so a task reaches
+        ``process()`` without a thread hand-off. While a task runs nobody reads the socket, so
+        the heartbeat thread watches for the coordinator hanging up (poll for RDHUP) instead.
+        """
         done = threading.Event()
         with self._lock:
-            self._wake = wake
-            if self._stop.is_set():
-                wake.put((_STOP, None))
+            self._conn = conn
         info = worker_info(self.worker)
         try:
             conn.send(
@@ -388,94 +398,66 @@ class WorkerServer:
             )
         except ConnectionLost:
             return "lost"
-        reader = threading.Thread(
-            target=self._read_loop,
-            args=(conn, wake, done),
-            name=f"pytaskqml-reader-{conn.peer}",
-            daemon=True,
-        )
         beat = threading.Thread(
             target=self._heartbeat_loop,
             args=(conn, done),
             name=f"pytaskqml-heartbeat-{conn.peer}",
             daemon=True,
         )
-        reader.start()
         beat.start()
         try:
             while True:
-                kind, item = wake.get()
-                if kind == _STOP or (kind == _RUN and self._stop.is_set()):
+                if self._stop.is_set():
                     with contextlib.suppress(ConnectionLost):
                         conn.send("bye", {"done": self.tasks_done})
                     return "stopped"
-                if kind == _LOST:
-                    log.info("connection to %s ended: %s", conn.peer, item)
-                    return "lost"
+                self._busy = False
                 try:
-                    self._run_frame(conn, item)
+                    msg = conn.recv()
                 except ConnectionLost as exc:
-                    log.info("connection to %s lost while sending results: %s", conn.peer, exc)
+                    if self._stop.is_set():
+                        continue  # woken by request_stop(): say goodbye above
+                    log.info("connection to %s ended: %s", conn.peer, exc)
                     return "lost"
-        finally:
-            done.set()
-            with self._lock:
-                self._wake = None
-            conn.abort()
-            reader.join(timeout=5)
-            beat.join(timeout=5)
-
-    def _read_loop(
-        self,
-        conn: _connection.Connection,
-        wake: queue.SimpleQueue[tuple[str, Any]],
-        done: threading.Event,
-    ) -> None:
-        try:
-            while True:
-                msg = conn.recv()
+                except ProtocolError as exc:
+                    log.error("protocol error from %s: %s", conn.peer, exc)
+                    return "lost"
                 op = msg.op
                 if op == "run":
-                    wake.put((_RUN, msg))
+                    self._busy = True
+                    try:
+                        self._run_frame(conn, msg)
+                    except ConnectionLost as exc:
+                        log.info("connection to %s lost while sending results: %s", conn.peer, exc)
+                        return "lost"
+                    except ProtocolError as exc:
+                        log.error("protocol error from %s: %s", conn.peer, exc)
+                        return "lost"
                 elif op == "stop":
-                    self.request_stop()
-                elif op in ("ping", "config"):
-                    pass
-                else:
-                    raise ProtocolError(f"unexpected message {op!r} from coordinator")
-        except ConnectionLost as exc:
-            if not done.is_set():
-                wake.put((_LOST, exc))
-        except ProtocolError as exc:
-            log.error("protocol error from %s: %s", conn.peer, exc)
-            wake.put((_LOST, exc))
-        except BaseException as exc:  # a reader that dies silently would hang the worker
-            log.exception("worker reader thread crashed")
-            wake.put((_LOST, exc))
+                    self._stop.set()
+                elif op not in ("ping", "config"):
+                    log.error("unexpected message %r from %s", op, conn.peer)
+                    return "lost"
         finally:
+            self._busy = False
+            done.set()
+            with self._lock:
+                self._conn = None
             conn.abort()
-            if self.exit_grace is not None and not done.is_set() and not self._stop.is_set():
-                # A spawned worker must not outlive its coordinator, even inside a task that
-                # never returns: give the main thread a grace period, then leave.
-                self._arm_exit_timer(done)
-
-    def _arm_exit_timer(self, done: threading.Event) -> None:
-        def _exit_if_stuck() -> None:
-            if not done.wait(self.exit_grace):
-                log.error(
-                    "task still running %.1fs after losing the coordinator; exiting",
-                    self.exit_grace,
-                )
-                os._exit(3)
-
-        threading.Thread(target=_exit_if_stuck, name="pytaskqml-orphan-watch", daemon=True).start()
+            beat.join(timeout=5)
 
     def _heartbeat_loop(self, conn: _connection.Connection, done: threading.Event) -> None:
         interval = self.heartbeat_interval
         try:
             while not done.wait(interval / 2):
                 now = time.monotonic()
-                if now - conn.last_recv > self.heartbeat_timeout:
+                if self._busy:
+                    # A task is running: the socket is not being read, so silence means nothing;
+                    # a hang-up does (the coordinator died). A spawned worker then leaves.
+                    if _peer_hung_up(conn) and self.exit_grace is not None:
+                        self._exit_if_stuck(done)
+                        return
+                elif now - conn.last_recv > self.heartbeat_timeout:
                     log.warning(
                         "coordinator %s silent for %.1fs; dropping the connection",
                         conn.peer,
@@ -490,6 +472,15 @@ class WorkerServer:
         except BaseException:
             log.exception("worker heartbeat thread crashed")
             conn.abort()
+
+    def _exit_if_stuck(self, done: threading.Event) -> None:
+        # A spawned worker must not outlive its coordinator, even inside a task that never
+        # returns: give the task a grace period, then leave.
+        if not done.wait(self.exit_grace):
+            log.error(
+                "coordinator gone and the task still running after %.1fs; exiting", self.exit_grace
+            )
+            os._exit(3)
 
     def _run_frame(self, conn: _connection.Connection, msg: _protocol.Message) -> None:
         entries = msg.header.get("t")
