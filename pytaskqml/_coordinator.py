@@ -54,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -284,7 +285,9 @@ class Coordinator:
         self._all_handles: list[WorkerHandle] = []
         self._live = 0  # tasks admitted and not yet finished
         self._ids = itertools.count(1)
-        self._deadlines: list[tuple[float, int, Task]] = []
+        # (deadline, task id, weak reference): a finished task must not be kept alive by its
+        # entry, which stays until the deadline passes or the heap is compacted.
+        self._deadlines: list[tuple[float, int, weakref.ref[Task]]] = []
         self._blocked_putters = 0
         self._closed = False
         self._stopping = False
@@ -717,7 +720,7 @@ class Coordinator:
             task.deadline = task.t_submit + timeout
             if not self._deadlines or task.deadline < self._deadlines[0][0]:
                 self._hk_cv.notify()
-            heapq.heappush(self._deadlines, (task.deadline, task.id, task))
+            heapq.heappush(self._deadlines, (task.deadline, task.id, weakref.ref(task)))
         q.push(task)
 
     # ================================================================ dispatch
@@ -962,7 +965,7 @@ class Coordinator:
             t.started = True
             if chunk.deadline is not None:
                 t.deadline = chunk.deadline
-                heapq.heappush(self._deadlines, (t.deadline, t.id, t))
+                heapq.heappush(self._deadlines, (t.deadline, t.id, weakref.ref(t)))
             singles.append(t)
         self._live += len(singles) - 1
         return singles
@@ -1138,45 +1141,60 @@ class Coordinator:
     def _housekeeping(self) -> None:
         tick = min(0.25, self.heartbeat_interval / 2)
         try:
-            while True:
-                expired: list[Task] = []
-                with self._lock:
-                    if self._stopped.is_set():
-                        return
-                    now = time.monotonic()
-                    now_pc = time.perf_counter()  # deadlines are on the submit-time clock
-                    dl = self._deadlines
-                    while dl and dl[0][0] <= now_pc:
-                        _, _, t = heapq.heappop(dl)
-                        if t.finished:
-                            continue
-                        t.finished = True
-                        self._live -= 1
-                        self._timed_out += t.count
-                        self._queue.remove(t)  # no-op when it is in flight
-                        expired.append(t)
-                    if expired:
-                        self._pump()
-                        if not self._live:
-                            self._changed.notify_all()
-                        if self._blocked_putters:
-                            self._not_full.notify_all()
-                    handles = [h for h in self._handles if isinstance(h, RemoteHandle)]
-                for t in expired:
-                    _deliver(t, TIMEOUT, TaskTimeout(t.seq, (t.deadline or 0) - t.t_submit))
-                self._check_liveness(handles, now)
-                self._supervise(now)
-                with self._lock:
-                    if self._stopped.is_set():
-                        return
-                    wait = tick
-                    if self._deadlines:
-                        wait = min(wait, max(0.0, self._deadlines[0][0] - time.perf_counter()))
-                    if wait > 0:
-                        self._hk_cv.wait(wait)
+            while self._housekeeping_once(tick):
+                pass
         except BaseException:
             log.exception("coordinator housekeeping thread crashed; failing outstanding work")
             self._fail_everything(ClosedError("the coordinator's housekeeping thread crashed"))
+
+    def _housekeeping_once(self, tick: float) -> bool:
+        # One round per call, so no task stays referenced from this frame while it waits.
+        with self._lock:
+            if self._stopped.is_set():
+                return False
+            now = time.monotonic()
+            expired = self._expire_locked()
+            handles = [h for h in self._handles if isinstance(h, RemoteHandle)]
+        for t in expired:
+            _deliver(t, TIMEOUT, TaskTimeout(t.seq, (t.deadline or 0) - t.t_submit))
+        del expired
+        self._check_liveness(handles, now)
+        self._supervise(now)
+        with self._lock:
+            if self._stopped.is_set():
+                return False
+            wait = tick
+            if self._deadlines:
+                wait = min(wait, max(0.0, self._deadlines[0][0] - time.perf_counter()))
+            if wait > 0:
+                self._hk_cv.wait(wait)
+        return True
+
+    def _expire_locked(self) -> list[Task]:
+        """Finish the tasks whose deadline passed (lock held); the caller delivers markers."""
+        expired: list[Task] = []
+        dl = self._deadlines
+        now = time.perf_counter()  # deadlines are on the submit-time clock
+        while dl and dl[0][0] <= now:
+            t = heapq.heappop(dl)[2]()
+            if t is None or t.finished:
+                continue
+            t.finished = True
+            self._live -= 1
+            self._timed_out += t.count
+            self._queue.remove(t)  # no-op when it is in flight
+            expired.append(t)
+        if len(dl) > 2 * self._live + 1024:
+            # Mostly entries of tasks that finished early: drop them.
+            dl[:] = [e for e in dl if _unfinished(e[2])]
+            heapq.heapify(dl)
+        if expired:
+            self._pump()
+            if not self._live:
+                self._changed.notify_all()
+            if self._blocked_putters:
+                self._not_full.notify_all()
+        return expired
 
     def _check_liveness(self, handles: list[RemoteHandle], now: float) -> None:
         for h in handles:
@@ -1389,6 +1407,11 @@ class Coordinator:
             self._changed.notify_all()
         for t in tasks:
             _deliver(t, CANCELLED, error)
+
+
+def _unfinished(ref: weakref.ref[Task]) -> bool:
+    t = ref()
+    return t is not None and not t.finished
 
 
 def _kill(proc: subprocess.Popen[bytes] | None) -> None:

@@ -45,6 +45,7 @@ class Task:
     """One unit of work. Lives from submit until its outcome is delivered."""
 
     __slots__ = (
+        "__weakref__",
         "attempts",
         "count",
         "deadline",
