@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
-_RECV_SIZE = 256 * 1024
 # sendmsg takes at most IOV_MAX (1024 on Linux) chunks at once.
 _MAX_IOV = 512
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
@@ -155,7 +154,9 @@ class Connection:
         self.name = name
         self.max_frame_size = max_frame_size
         self._decoder = _protocol.FrameDecoder(
-            max_frame_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE, max_depth=_protocol.DEFAULT_MAX_DEPTH
+            max_frame_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE,
+            max_depth=_protocol.DEFAULT_MAX_DEPTH,
+            scratch_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE,
         )
         self._ready: deque[_protocol.Message] = deque()
         self._send_lock = threading.Lock()
@@ -230,14 +231,15 @@ class Connection:
         :class:`ProtocolError` when it sends something that is not a valid frame.
         """
         while not self._ready:
+            decoder = self._decoder
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                n = self.sock.recv_into(decoder.recv_target())
             except TimeoutError:
                 raise
             except (OSError, ValueError) as exc:
                 self.abort()
                 raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
-            if not data:
+            if not n:
                 if self._interrupted:
                     # Our own interrupt_recv(), not the peer: the sending side stays open.
                     raise ConnectionLost("receiving was interrupted")
@@ -248,9 +250,9 @@ class Connection:
                         f"{self.peer} closed the connection mid-frame ({pending} bytes pending)"
                     )
                 raise ConnectionLost(f"{self.peer} closed the connection")
-            self.bytes_in += len(data)
+            self.bytes_in += n
             self.last_recv = time.monotonic()
-            self._ready.extend(self._decoder.feed(data))
+            self._ready.extend(decoder.commit(n))
         return self._ready.popleft()
 
     def interrupt_recv(self) -> None:
@@ -264,8 +266,8 @@ class Connection:
         """Lift the handshake's tiny frame limit to the configured one."""
         old = self._decoder
         self._decoder = _protocol.FrameDecoder(max_frame_size=self.max_frame_size)
-        if old.buffered:  # pragma: no cover - a peer that pipelines past the handshake
-            raise ProtocolError("peer sent data before the handshake finished")
+        # Bytes of a frame the peer sent right behind the handshake carry over.
+        self._ready.extend(self._decoder.feed(old.take_buffered()))
 
     # ------------------------------------------------------------------ closing
 

@@ -59,6 +59,9 @@ DEFAULT_MAX_BUFFERS = 4096
 DEFAULT_MAX_DEPTH = 64
 #: Frames exchanged before a peer is authenticated are tiny; a peer gets no more than this.
 HANDSHAKE_MAX_FRAME_SIZE = 4096
+# Frames at least this big are received straight into a buffer of their own.
+LARGE_FRAME = 64 * 1024
+SCRATCH_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,7 @@ class FrameDecoder:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_buffers: int = DEFAULT_MAX_BUFFERS,
         max_depth: int | None = None,
+        scratch_size: int = SCRATCH_SIZE,
     ) -> None:
         if max_frame_size < PREFIX_SIZE + 2:
             raise ValueError("max_frame_size is too small to hold any frame")
@@ -149,12 +153,15 @@ class FrameDecoder:
         self.max_depth = max_depth
         self._buf = bytearray()
         self._frame_total = 0  # size of the frame being accumulated, once its prefix is known
+        self._large: bytearray | None = None  # a large frame's own buffer, being filled
+        self._filled = 0
+        self._scratch = bytearray(scratch_size)
         self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a whole frame."""
-        return len(self._buf)
+        return len(self._buf) + self._filled
 
     @property
     def pending_frame_size(self) -> int:
@@ -170,6 +177,7 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._buf = bytearray()
+            self._large = None
             raise
 
     def _fail(self, why: str) -> ProtocolError:
@@ -202,8 +210,19 @@ class FrameDecoder:
         return total
 
     def _feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        self._buf += data
         out: list[Message] = []
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        if self._large is not None:
+            # A large frame is being filled in place: copy into it, then go on with the rest.
+            room = len(self._large) - self._filled
+            take = min(room, len(view))
+            self._large[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            if self._filled < len(self._large):
+                return out
+            out.append(self._finish_large())
+            view = view[take:]
+        self._buf += view
         while True:
             if not self._frame_total:
                 self._frame_total = self._check_prefix()
@@ -211,6 +230,13 @@ class FrameDecoder:
                     return out
             total = self._frame_total
             if len(self._buf) < total:
+                if total >= LARGE_FRAME:
+                    # Give the frame its own buffer of the right size now, so the rest of it
+                    # can be received straight into place (see recv_target).
+                    self._large = bytearray(total)
+                    self._filled = len(self._buf)
+                    self._large[: self._filled] = self._buf
+                    self._buf = bytearray()
                 return out
             if len(self._buf) == total:
                 frame, self._buf = self._buf, bytearray()
@@ -219,6 +245,42 @@ class FrameDecoder:
                 del self._buf[:total]
             self._frame_total = 0
             out.append(self._parse(frame))
+
+    def _finish_large(self) -> Message:
+        assert self._large is not None
+        frame, self._large, self._filled, self._frame_total = self._large, None, 0, 0
+        return self._parse(frame)
+
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes received but not yet decoded (to a successor decoder)."""
+        rest = bytes(self._buf)
+        if self._large is not None:
+            rest = bytes(self._large[: self._filled])
+        self._buf, self._large, self._filled, self._frame_total = bytearray(), None, 0, 0
+        return rest
+
+    def recv_target(self) -> memoryview:
+        """Where to receive the next bytes: the unfilled rest of a large frame (so its bytes
+        are copied once, by the kernel, into their final place), or a scratch buffer.
+        Follow with :meth:`commit`."""
+        if self._large is not None:
+            return memoryview(self._large)[self._filled :]
+        return memoryview(self._scratch)
+
+    def commit(self, n: int) -> list[Message]:
+        """*n* bytes were written into the view :meth:`recv_target` returned."""
+        if self._error is not None:
+            raise self._error
+        if self._large is None:
+            return self.feed(memoryview(self._scratch)[:n])
+        self._filled += n
+        if self._filled < len(self._large):
+            return []
+        try:
+            return [self._finish_large()]
+        except ProtocolError as exc:
+            self._error = exc
+            raise
 
     def _parse(self, frame: bytearray) -> Message:
         _, _, _, hlen, nbuf, body = _PREFIX.unpack_from(frame)

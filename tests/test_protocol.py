@@ -288,3 +288,36 @@ def test_mutated_frames_give_messages_or_protocol_error(
         del good[pos:]
     with contextlib.suppress(ProtocolError):
         FrameDecoder(max_frame_size=1 << 16).feed(bytes(good))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 200_000), min_size=1, max_size=6), st.data())
+def test_receiving_in_place_decodes_the_same(sizes: list[int], data: st.DataObject) -> None:
+    """The socket path (recv_target + commit, large frames filled in place) with any chunking."""
+    payloads = [{"op": "v", "i": i, "b": bytes([i % 256]) * n} for i, n in enumerate(sizes)]
+    stream = b"".join(frame(p) for p in payloads)
+    dec = FrameDecoder()
+    got: list[dict] = []  # type: ignore[type-arg]
+    pos = 0
+    while pos < len(stream):
+        target = dec.recv_target()
+        n = min(len(target), len(stream) - pos, data.draw(st.integers(1, 300_000)))
+        target[:n] = stream[pos : pos + n]
+        pos += n
+        got.extend(m.header for m in dec.commit(n))
+    assert got == payloads
+    assert dec.buffered == 0
+
+
+def test_large_frame_is_received_into_its_own_buffer() -> None:
+    img = np.zeros((480, 640, 3), dtype=np.uint8)
+    data = frame({"op": "run", "f": img})
+    dec = FrameDecoder()
+    first = dec.recv_target()
+    first[:1000] = data[:1000]
+    assert dec.commit(1000) == []
+    rest = dec.recv_target()
+    assert len(rest) == len(data) - 1000  # exactly the rest of this frame, in place
+    rest[:] = data[1000:]
+    (msg,) = dec.commit(len(rest))
+    assert msg.header["f"].shape == (480, 640, 3)
