@@ -266,6 +266,12 @@ class RemoteHandle(WorkerHandle):
     def flush_inline(self) -> None:
         if not self._outbox or not self._idle:
             return  # the writer is awake and will take them
+        if len(self.inflight) > len(self._outbox):
+            # The worker still has work in hand: no hurry. Let the writer thread gather what
+            # piles up meanwhile into one frame instead of sending a frame per task from here.
+            with self._cv:
+                self._cv.notify()
+            return
         if not self._sending.acquire(blocking=False):
             return
         try:
