@@ -90,6 +90,7 @@ from ._worker import Worker, call_setup, call_teardown, class_target
 log = logging.getLogger(__name__)
 
 _END = 99  # reorder-buffer kind marking the end of a stream
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 # map() chunks aim at this much worker time per chunk, and hold at most MAX_CHUNK items.
 CHUNK_BUDGET = 0.0005
 # An adaptive window starts here and follows the measured task time (see WorkerHandle.observe).
@@ -619,6 +620,8 @@ class Coordinator:
     def _check_payload(self, payload: Any) -> int:
         """Raise TypeError/ValueError here, in the caller, for a payload that cannot travel;
         return the bytes of raw buffers it holds."""
+        if type(payload) in _SCALARS and (type(payload) is not str or len(payload) < 4096):
+            return 0  # always encodable, never holds a buffer
         text, bufs = _codec.encode(payload)
         nbytes = sum(b.nbytes for b in bufs) if bufs else 0
         if nbytes + len(text) + 64 > self.max_frame_size:
@@ -678,7 +681,9 @@ class Coordinator:
             if timeout is None and len(tasks) + len(q.items) <= q.maxsize:
                 q.items.extend(tasks)  # the common case: room for all, no deadlines
                 self._live += len(tasks)
-                self._submitted += sum(t.count for t in tasks)
+                self._submitted += (
+                    tasks[0].count if len(tasks) == 1 else sum(t.count for t in tasks)
+                )
             else:
                 for task in tasks:
                     self._admit_slow(task, timeout, put_timeout, dropped)
