@@ -93,6 +93,8 @@ _END = 99  # reorder-buffer kind marking the end of a stream
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 # map() chunks aim at this much worker time per chunk, and hold at most MAX_CHUNK items.
 CHUNK_BUDGET = 0.0005
+# More than max_restarts restarts of one slot within this many seconds retire it.
+RESTART_WINDOW = 60.0
 # An adaptive window starts here and follows the measured task time (see WorkerHandle.observe).
 INITIAL_WINDOW = 8
 MAX_CHUNK = 512
@@ -183,6 +185,7 @@ class _Slot:
         self.restart_at: float | None = None
         self.retired = False
         self.connected_once = False
+        self.restart_times: deque[float] = deque()
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -283,7 +286,7 @@ class Coordinator:
         self._hk_cv = threading.Condition(self._lock)
         self._queue: TaskQueue[Task] = TaskQueue(max_queue)
         self._handles: list[WorkerHandle] = []
-        self._all_handles: list[WorkerHandle] = []
+        self._locals: list[LocalHandle] = []  # torn down at shutdown
         self._live = 0  # tasks admitted and not yet finished
         self._ids = itertools.count(1)
         # (deadline, task id, weak reference): a finished task must not be kept alive by its
@@ -291,6 +294,7 @@ class Coordinator:
         self._deadlines: list[tuple[float, int, weakref.ref[Task]]] = []
         self._blocked_putters = 0
         self._closed = False
+        self._stranded = False  # every worker gone for good (see _fail_if_stranded)
         self._stopping = False
         self._stopped = threading.Event()
         self._started = time.monotonic()
@@ -690,6 +694,8 @@ class Coordinator:
                     self._live += 1
                     self._submitted += task.count
             assigned = self._pump(inline=True)
+            if self._stranded:
+                self._fail_if_stranded()
         for handle in assigned:
             handle.flush_inline()
         for old in dropped:
@@ -941,18 +947,22 @@ class Coordinator:
             if slot is not None and slot.handle is handle:
                 slot.handle = None
                 if not self._stopping and not slot.retired:
-                    self._schedule_restart(slot)
+                    self._schedule_restart(slot, did_work=handle.completed > 0)
+            elif not self._stopping:
+                self._fail_if_stranded()
             self._pump()
             self._changed.notify_all()
             self._hk_cv.notify()
         handle.close()
+        if handle.loss_reason:
+            error = ConnectionLost(handle.loss_reason)
         if graceful:
             log.info("worker %s left (%d tasks re-queued)", handle.name, len(requeue))
         elif not self._stopping:
             log.warning(
                 "lost worker %s (%s); %d tasks re-queued, %d failed as poison",
                 handle.name,
-                error,
+                str(error),
                 len(requeue),
                 len(failures),
             )
@@ -997,7 +1007,8 @@ class Coordinator:
             if self._closed and not isinstance(handle, RemoteHandle):
                 raise ClosedError("the coordinator is shut down")
             self._handles.append(handle)
-            self._all_handles.append(handle)
+            if isinstance(handle, LocalHandle):
+                self._locals.append(handle)
             self._pump()
             self._changed.notify_all()
 
@@ -1034,7 +1045,6 @@ class Coordinator:
                 slot.error = None
                 slot.connected_once = True
             self._handles.append(handle)
-            self._all_handles.append(handle)
             handle.start()
             self._pump()
             self._changed.notify_all()
@@ -1084,21 +1094,64 @@ class Coordinator:
         slot.started_at = time.monotonic()
         slot.restart_at = None
 
-    def _schedule_restart(self, slot: _Slot) -> None:
-        """Lock held. Restart the slot's process after its backoff, up to max_restarts."""
-        if slot.restarts >= self.max_restarts:
+    def _schedule_restart(self, slot: _Slot, *, did_work: bool = False) -> None:
+        """Lock held. Restart the slot's process after its backoff.
+
+        The backoff grows while the process dies without getting anything done and starts
+        over once it has completed work; more than ``max_restarts`` restarts within
+        ``RESTART_WINDOW`` seconds retire the slot (a crash loop, not bad luck).
+        """
+        now = time.monotonic()
+        recent = slot.restart_times
+        while recent and now - recent[0] > RESTART_WINDOW:
+            recent.popleft()
+        if len(recent) >= self.max_restarts:
             log.error(
-                "worker %s (slot %d) died %d times; not restarting it again",
+                "worker %s (slot %d) died %d times within %.0fs; not restarting it again",
                 slot.target,
                 slot.spawn_id,
-                slot.restarts,
+                len(recent),
+                RESTART_WINDOW,
             )
             slot.retired = True
+            self._fail_if_stranded()
             return
-        if time.monotonic() - slot.started_at > 10.0:
-            slot.backoff = 0.05  # it ran fine for a while: start over
-        slot.restart_at = time.monotonic() + slot.backoff
+        if did_work or now - slot.started_at > 10.0:
+            slot.backoff = 0.05
+        recent.append(now)
+        slot.restart_at = now + slot.backoff
         slot.backoff = min(slot.backoff * 2, 5.0)
+
+    def _fail_if_stranded(self) -> None:
+        """Lock held. With no worker left and none that can come back (no process slot to
+        restart, nothing listening or dialling), queued work would wait forever: fail it."""
+        if self._handles or self._acceptors or any(not s.retired for s in self._slots):
+            self._stranded = False
+            return
+        if any(d.active for d in self._dialers):
+            self._stranded = False
+            return
+        self._stranded = True  # from now on new work fails at once, until a worker is added
+        stranded = [t for t in self._queue.clear() if not t.finished]
+        for t in stranded:
+            t.finished = True
+            self._live -= 1
+            self._failed += t.count
+        if stranded:
+            log.error(
+                "no workers left and none can come back; failing %d queued tasks", len(stranded)
+            )
+            err = WorkerLostError(
+                "no workers left: every worker process died and was not restarted"
+            )
+            # Delivered from a fresh thread: we hold the lock, and sinks run user callbacks.
+            threading.Thread(
+                target=_deliver_each,
+                args=(stranded, ERROR, err),
+                name="pytaskqml-fail-stranded",
+                daemon=True,
+            ).start()
+        self._changed.notify_all()
 
     def _retire(self, slot: _Slot) -> None:
         with self._lock:
@@ -1207,6 +1260,7 @@ class Coordinator:
             silent = now - conn.last_recv
             if silent > self.heartbeat_timeout:
                 log.warning("worker %s silent for %.1fs; declaring it lost", h.name, silent)
+                h.loss_reason = f"silent for {silent:.1f}s"
                 self._kill_handle(h)
                 continue
             if (
@@ -1220,6 +1274,7 @@ class Coordinator:
                     now - h.last_progress,
                     len(h.inflight),
                 )
+                h.loss_reason = f"hung: no result for {now - h.last_progress:.1f}s"
                 self._kill_handle(h)
                 continue
             if now - conn.last_send >= self.heartbeat_interval:
@@ -1384,12 +1439,12 @@ class Coordinator:
                     _kill(s.proc)
         for h in handles:
             h.close()
-        for h in list(self._all_handles):
-            if isinstance(h, LocalHandle):
-                h.close()
-                h.join(5.0)
-                call_teardown(h.worker)
-            elif isinstance(h, RemoteHandle):
+        for local in self._locals:
+            local.close()
+            local.join(5.0)
+            call_teardown(local.worker)
+        for h in handles:
+            if isinstance(h, RemoteHandle):
                 h.join(2.0)
         if self._control is not None:
             self._control.stop()
@@ -1412,6 +1467,11 @@ class Coordinator:
             self._changed.notify_all()
         for t in tasks:
             _deliver(t, CANCELLED, error)
+
+
+def _deliver_each(tasks: list[Task], kind: int, value: Any) -> None:
+    for t in tasks:
+        _deliver(t, kind, value)
 
 
 def _unfinished(ref: weakref.ref[Task]) -> bool:

@@ -111,6 +111,7 @@ class WorkerHandle:
         self.pid: int | None = None
         self.address: str | None = None
         self.slot: _Slot | None = None
+        self.loss_reason: str | None = None  # why the coordinator dropped it, if it did
         self._cv = threading.Condition(threading.Lock())
         self._outbox: deque[Task] = deque()
         self._idle = 0  # threads waiting in _take()
@@ -379,6 +380,10 @@ class RemoteHandle(WorkerHandle):
         finally:
             self.conn.abort()
             self.lost.set()
+            if error is not None:
+                # Its traceback would pin this thread's frames - and this handle - to wherever
+                # the error ends up (a log record, a task's exception).
+                error = error.with_traceback(None)
             self.coord._on_worker_lost(self, error, graceful)
 
 
