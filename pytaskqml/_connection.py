@@ -102,9 +102,15 @@ def tls_accept(
     sock: socket.socket, ssl_context: ssl.SSLContext, *, timeout: float | None
 ) -> socket.socket:
     """Run the server side of a TLS handshake on an accepted socket, within *timeout*."""
+
+    def abort() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
     try:
         sock.settimeout(timeout)
-        tls = ssl_context.wrap_socket(sock, server_side=True)
+        with Deadline(abort, timeout):
+            tls = ssl_context.wrap_socket(sock, server_side=True)
         tls.settimeout(None)
     except BaseException:
         sock.close()
@@ -200,7 +206,8 @@ class Connection:
             raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
 
     def _sendmsg_all(self, chunks: Sequence[bytes | memoryview]) -> int:
-        views = deque(memoryview(c).cast("B") for c in chunks)
+        # Empty chunks are left out: sendmsg() of nothing returns 0 and would never finish.
+        views = deque(v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes)
         total = 0
         while views:
             batch = [views[i] for i in range(min(len(views), _MAX_IOV))]
@@ -300,12 +307,46 @@ def _expect(conn: Connection, op: str) -> _protocol.Message:
     return msg
 
 
+class Deadline:
+    """Abort a socket if the block inside does not finish within *timeout* seconds.
+
+    A socket timeout alone bounds each recv, not the whole exchange: a peer sending a byte
+    just before every timeout would be served forever (slow-loris). This bounds the total.
+    """
+
+    def __init__(self, abort: Callable[[], None], timeout: float | None) -> None:
+        self.expired = False
+        self._abort = abort
+        self._timer = None if timeout is None else threading.Timer(timeout, self._fire)
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.expired = True
+        self._abort()
+
+    def __enter__(self) -> Deadline:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None]) -> None:
     """Run handshake *steps* under a deadline; on any failure close the connection and raise
     :class:`AuthenticationError` (or :class:`ConnectionLost` if the peer just went away)."""
     try:
         conn.sock.settimeout(timeout)
-        steps()
+        with Deadline(conn.abort, timeout) as deadline:
+            try:
+                steps()
+            except ConnectionLost:
+                if deadline.expired:
+                    raise TimeoutError from None
+                raise
         conn.sock.settimeout(None)
         conn.set_authenticated()
     except TimeoutError:

@@ -12,10 +12,12 @@ minute is cut off by the socket timeout, and at most ``max_connections`` are ser
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import http.client
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +28,8 @@ from . import _connection, _protocol
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4096
+# A request (headers and body) must arrive within this many seconds in all.
+REQUEST_DEADLINE = 5.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -70,9 +74,26 @@ class ControlServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = 5.0  # slow clients are cut off
+            timeout = REQUEST_DEADLINE  # per read; the Deadline below bounds the whole request
             server_version = "pytaskqml"
             sys_version = ""
+
+            def setup(self) -> None:
+                super().setup()
+                sock = self.connection
+
+                def cut() -> None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+                self._deadline = _connection.Deadline(cut, REQUEST_DEADLINE)
+                self._deadline.__enter__()
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                finally:
+                    self._deadline.__exit__()
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("control %s: " + format, self.client_address[0], *args)

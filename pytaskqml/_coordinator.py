@@ -1076,6 +1076,7 @@ class Coordinator:
             "log_level": logging.getLogger("pytaskqml").getEffectiveLevel(),
         }
         env = dict(os.environ)
+        env.pop("PYTASKQML_AUTHKEY", None)  # the child gets its key on stdin, nothing else
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
@@ -1656,9 +1657,12 @@ _HELLO_OPS = ("hello", "failed")
 def _read_hello(conn: _connection.Connection, timeout: float) -> dict[str, Any]:
     conn.sock.settimeout(timeout)
     try:
-        msg = conn.recv()
-    except TimeoutError:
-        raise ConnectionLost(f"{conn.peer} sent no hello in time") from None
+        with _connection.Deadline(conn.abort, timeout) as deadline:
+            msg = conn.recv()
+    except (TimeoutError, ConnectionLost) as exc:
+        if isinstance(exc, TimeoutError) or deadline.expired:
+            raise ConnectionLost(f"{conn.peer} sent no hello in time") from None
+        raise
     finally:
         if not conn.closed:
             conn.sock.settimeout(None)
@@ -1716,7 +1720,7 @@ class _Acceptor:
     def _loop(self) -> None:
         while not self._stopped:
             try:
-                sock, _ = self.sock.accept()
+                sock, peer = self.sock.accept()
             except OSError as exc:
                 if self._stopped:
                     return
@@ -1727,7 +1731,10 @@ class _Acceptor:
                 log.exception("acceptor thread crashed")
                 return
             if not self._pending.acquire(blocking=False):
-                self.coord._peer_rejected("?", "too many connections waiting for the handshake")
+                self.coord._peer_rejected(
+                    _connection.format_address(peer[:2]),
+                    "too many connections waiting for the handshake",
+                )
                 with contextlib.suppress(OSError):
                     sock.close()
                 continue

@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import queue
 import select
 import ssl
 import sys
@@ -274,6 +275,7 @@ class WorkerServer:
         self._conn: _connection.Connection | None = None
         self._busy = False  # the main thread is running tasks, not reading
         self._listener: Any = None
+        self._ready: queue.SimpleQueue[_connection.Connection | None] | None = None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- control
@@ -289,9 +291,8 @@ class WorkerServer:
             conn = self._conn
             if conn is not None and not self._busy:
                 conn.interrupt_recv()  # the main thread wakes, sees the flag, says goodbye
-            if self._listener is not None:
-                with contextlib.suppress(OSError):
-                    self._listener.close()
+            if self._ready is not None:
+                self._ready.put(None)  # wakes run_listen() waiting for a coordinator
 
     def wait_stop(self, timeout: float) -> bool:
         return self._stop.wait(timeout)
@@ -340,37 +341,110 @@ class WorkerServer:
         return "stopped"
 
     def run_listen(self, listener: Any) -> str:
-        """Accept coordinators one at a time on *listener* until stopped."""
+        """Serve coordinators that connect to *listener*, one session at a time, until stopped.
+
+        Connections are accepted and authenticated by their own threads (at most
+        ``max_pending_handshakes`` at once), so a peer that stalls in the handshake holds up
+        nobody; authenticated connections wait their turn in a queue.
+        """
+        ready: queue.SimpleQueue[_connection.Connection | None] = queue.SimpleQueue()
         with self._lock:
             self._listener = listener
+            self._ready = ready
             if self._stop.is_set():
-                listener.close()
-        while not self._stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                if self._stop.is_set():
+                ready.put(None)
+        acceptor = threading.Thread(
+            target=self._accept_loop, args=(listener, ready), name="pytaskqml-accept", daemon=True
+        )
+        acceptor.start()
+        try:
+            while not self._stop.is_set():
+                conn = ready.get()
+                if conn is None:
                     break
-                raise
-            if self.ssl_context is not None:
+                if self._stop.is_set():
+                    conn.abort()
+                    break
+                log.info("coordinator %s connected", conn.peer)
+                if self.serve_connection(conn) == "stopped":
+                    break
+        finally:
+            with self._lock:
+                self._ready = None
+            with contextlib.suppress(OSError):
+                listener.shutdown(2)
+            with contextlib.suppress(OSError):
+                listener.close()
+            acceptor.join(timeout=5)
+            while True:  # connections authenticated meanwhile are closed, not leaked
                 try:
-                    sock = _connection.tls_accept(
-                        sock, self.ssl_context, timeout=self.handshake_timeout
-                    )
-                except OSError as exc:
-                    log.warning("rejected a connection: TLS handshake failed: %s", exc)
-                    continue
-            conn = _connection.Connection(sock, name=self.name, max_frame_size=self.max_frame_size)
-            try:
-                _connection.server_handshake(conn, self.authkey, timeout=self.handshake_timeout)
-            except (AuthenticationError, ConnectionLost, OSError) as exc:
-                log.warning("rejected connection from %s: %s", conn.peer, exc)
-                conn.abort()
-                continue
-            log.info("coordinator %s connected", conn.peer)
-            if self.serve_connection(conn) == "stopped":
-                break
+                    extra = ready.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is not None:
+                    extra.abort()
         return "stopped"
+
+    max_pending_handshakes = 16
+
+    def _accept_loop(
+        self, listener: Any, ready: queue.SimpleQueue[_connection.Connection | None]
+    ) -> None:
+        pending = threading.BoundedSemaphore(self.max_pending_handshakes)
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, peer = listener.accept()
+                except OSError:
+                    if self._stop.is_set():
+                        return
+                    time.sleep(0.05)  # e.g. out of file descriptors: do not spin
+                    continue
+                if not pending.acquire(blocking=False):
+                    log.warning(
+                        "rejected connection from %s: too many connections in the handshake",
+                        _connection.format_address(peer[:2]),
+                    )
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    continue
+                threading.Thread(
+                    target=self._admit,
+                    args=(sock, _connection.format_address(peer[:2]), ready, pending),
+                    name="pytaskqml-handshake",
+                    daemon=True,
+                ).start()
+        except BaseException:
+            log.exception("worker accept thread crashed")
+            ready.put(None)
+
+    def _admit(
+        self,
+        sock: Any,
+        peer: str,
+        ready: queue.SimpleQueue[_connection.Connection | None],
+        pending: threading.BoundedSemaphore,
+    ) -> None:
+        try:
+            if self.ssl_context is not None:
+                sock = _connection.tls_accept(
+                    sock, self.ssl_context, timeout=self.handshake_timeout
+                )
+            conn = _connection.Connection(sock, name=self.name, max_frame_size=self.max_frame_size)
+            _connection.server_handshake(conn, self.authkey, timeout=self.handshake_timeout)
+        except (AuthenticationError, ConnectionLost, OSError) as exc:
+            log.warning("rejected connection from %s: %s", peer, exc)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        except BaseException:
+            log.exception("worker handshake thread crashed")
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        finally:
+            pending.release()
+        ready.put(conn)
 
     # ------------------------------------------------------------ one session
 
