@@ -223,6 +223,13 @@ class Connection:
                     sent = 0
         return total
 
+    def ping(self) -> None:
+        """Send a heartbeat unless a frame is being sent right now (which proves life just as
+        well): a heartbeat thread must never queue up behind a long send."""
+        if self._send_lock.locked():
+            return
+        self.send("ping")
+
     def send(self, op: str, fields: dict[str, Any] | None = None) -> None:
         self.send_frame([_protocol.encode_message(op, fields)])
 

@@ -1280,7 +1280,7 @@ class Coordinator:
                 continue
             if now - conn.last_send >= self.heartbeat_interval:
                 with contextlib.suppress(ConnectionLost):
-                    conn.send("ping")
+                    conn.ping()
 
     def _kill_handle(self, h: RemoteHandle) -> None:
         h.conn.abort()

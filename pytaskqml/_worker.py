@@ -540,7 +540,7 @@ class WorkerServer:
                     conn.abort()
                     return
                 if now - conn.last_send >= interval:
-                    conn.send("ping")
+                    conn.ping()
         except ConnectionLost:
             return
         except BaseException:
