@@ -35,7 +35,8 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
 
-unit: $(VENV)/.dev-installed
+# The demo's own test needs OpenCV and scikit-image, so the suite installs them too.
+unit: $(VENV)/.demo-installed
 	$(PY) -m pytest
 
 test: lint typecheck unit
