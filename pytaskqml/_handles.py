@@ -205,9 +205,6 @@ class WorkerHandle:
             self._outbox.clear()
             self._cv.notify_all()
 
-    def describe(self) -> str:
-        return self.name
-
 
 class RemoteHandle(WorkerHandle):
     """A worker in another process, reached over a :class:`~._connection.Connection`."""

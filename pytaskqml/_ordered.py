@@ -38,16 +38,9 @@ class TaskQueue(Generic[T]):
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def __iter__(self) -> Any:
-        return iter(self.items)
-
     @property
     def full(self) -> bool:
         return len(self.items) >= self.maxsize
-
-    @property
-    def space(self) -> int:
-        return max(0, self.maxsize - len(self.items))
 
     def push(self, item: T) -> None:
         self.items.append(item)
@@ -61,11 +54,6 @@ class TaskQueue(Generic[T]):
 
     def pop_oldest(self) -> T:
         return self.items.popleft()
-
-    def pop_many(self, n: int) -> list[T]:
-        items = self.items
-        n = min(n, len(items))
-        return [items.popleft() for _ in range(n)]
 
     def remove(self, item: T) -> bool:
         try:
@@ -137,10 +125,6 @@ class ReorderBuffer:
             else:
                 self._arrived.extend(outcomes)
                 self._cv.notify()
-
-    def pending(self) -> int:
-        with self._cv:
-            return len(self._slots) if self.ordered else len(self._arrived)
 
     def get_next(self, timeout: float | None = None) -> tuple[int, int, Any]:
         """``(seq, kind, value)`` of the next outcome; ``TimeoutError`` if none in time."""

@@ -163,11 +163,6 @@ class FrameDecoder:
         """Bytes held that do not yet form a whole frame."""
         return len(self._buf) + self._filled
 
-    @property
-    def pending_frame_size(self) -> int:
-        """Total size of the frame being received, or 0 while its prefix is incomplete."""
-        return self._frame_total
-
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Add received bytes; return every message they complete (possibly none)."""
         if self._error is not None:

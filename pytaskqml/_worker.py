@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import _codec, _connection, _protocol
@@ -293,9 +293,6 @@ class WorkerServer:
                 conn.interrupt_recv()  # the main thread wakes, sees the flag, says goodbye
             if self._ready is not None:
                 self._ready.put(None)  # wakes run_listen() waiting for a coordinator
-
-    def wait_stop(self, timeout: float) -> bool:
-        return self._stop.wait(timeout)
 
     # --------------------------------------------------------------- endpoints
 
@@ -667,6 +664,3 @@ def call_teardown(worker: Worker) -> None:
         worker.teardown()
     except Exception:
         log.exception("%s.teardown() raised", type(worker).__qualname__)
-
-
-Callback = Callable[[], None]
