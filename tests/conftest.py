@@ -64,9 +64,9 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
 
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def _start(self, argv: list[str], env: dict[str, str] | None) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytaskqml", *args],
+            [sys.executable, *argv],
             env=env or child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -76,17 +76,11 @@ class Procs:
         self.procs.append(proc)
         return proc
 
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return self._start(["-m", "pytaskqml", *args], env)
+
     def python(self, code: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=env or child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=str(HERE),
-        )
-        self.procs.append(proc)
-        return proc
+        return self._start(["-c", code], env)
 
     def cleanup(self) -> None:
         for proc in self.procs:

@@ -23,6 +23,21 @@ def frame(header: dict, buffers: list[bytes] = ()) -> bytes:  # type: ignore[ass
     )
 
 
+def raw_frame(head: bytes, buffers: list[bytes] = (), declared: list[int] | None = None) -> bytes:  # type: ignore[assignment]
+    """A frame built by hand, so tests can make it lie: *declared* overrides the length table."""
+    lengths = declared if declared is not None else [len(b) for b in buffers]
+    prefix = struct.pack(
+        "!2sBBIII",
+        b"PQ",
+        _protocol.PROTOCOL_VERSION,
+        0,
+        len(head),
+        len(lengths),
+        sum(len(b) for b in buffers),
+    )
+    return prefix + struct.pack(f"!{len(lengths)}I", *lengths) + head + b"".join(buffers)
+
+
 def decode_all(data: bytes, **kw: int) -> list[Message]:
     return FrameDecoder(**kw).feed(data)
 
@@ -89,13 +104,7 @@ def test_too_many_buffers_is_refused() -> None:
 
 
 def test_lying_buffer_table_is_refused() -> None:
-    head = b'{"op":"a"}'
-    data = (
-        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 4)
-        + struct.pack("!I", 3)
-        + head
-        + b"abcd"
-    )
+    data = raw_frame(b'{"op":"a"}', [b"abcd"], declared=[3])
     with pytest.raises(ProtocolError, match="add up"):
         decode_all(data)
 
@@ -105,9 +114,8 @@ def test_lying_buffer_table_is_refused() -> None:
     [b"not json", b"[1, 2]", b'{"no_op": 1}', b'{"op": 5}', b"\xff\xfe{}", b'{"op":"a"'],
 )
 def test_bad_headers_are_protocol_errors(head: bytes) -> None:
-    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
     with pytest.raises(ProtocolError):
-        decode_all(data)
+        decode_all(raw_frame(head))
 
 
 def test_deep_nesting_is_refused_with_an_explicit_limit() -> None:
@@ -120,9 +128,8 @@ def test_deep_nesting_is_refused_with_an_explicit_limit() -> None:
 
 def test_nesting_past_the_recursion_limit_is_a_protocol_error_without_a_limit() -> None:
     head = b'{"op":"a","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
     with pytest.raises(ProtocolError):
-        decode_all(data)
+        decode_all(raw_frame(head))
 
 
 def test_depth_check_counts_real_nesting_only() -> None:
@@ -180,43 +187,26 @@ def test_unencodable_payload_is_type_error() -> None:
 
 
 def test_marker_lengths_must_match_the_buffers() -> None:
-    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 5}}).encode()
-    data = (
-        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
-        + struct.pack("!I", 3)
-        + head
-        + b"abc"
-    )
+    data = raw_frame(json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 5}}).encode(), [b"abc"])
     with pytest.raises(ProtocolError, match="declared 5 bytes"):
         decode_all(data)
 
 
 def test_every_buffer_must_be_claimed() -> None:
-    head = b'{"op":"a"}'
-    data = (
-        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
-        + struct.pack("!I", 3)
-        + head
-        + b"abc"
-    )
+    data = raw_frame(b'{"op":"a"}', [b"abc"])
     with pytest.raises(ProtocolError, match="referenced"):
         decode_all(data)
 
 
 def test_marker_without_buffer_is_refused() -> None:
-    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 1}}).encode()
-    data = struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 0, 0) + head
+    data = raw_frame(json.dumps({"op": "a", "b": {_codec.MARKER_KEY: 1}}).encode())
     with pytest.raises(ProtocolError):
         decode_all(data)
 
 
 def test_array_marker_with_wrong_size_is_refused() -> None:
-    head = json.dumps({"op": "a", "b": {_codec.MARKER_KEY: ["<u1", [10, 10]]}}).encode()
-    data = (
-        struct.pack("!2sBBIII", b"PQ", _protocol.PROTOCOL_VERSION, 0, len(head), 1, 3)
-        + struct.pack("!I", 3)
-        + head
-        + b"abc"
+    data = raw_frame(
+        json.dumps({"op": "a", "b": {_codec.MARKER_KEY: ["<u1", [10, 10]]}}).encode(), [b"abc"]
     )
     with pytest.raises(ProtocolError, match="needs 100"):
         decode_all(data)
