@@ -19,6 +19,7 @@ from ._errors import (
     WorkerLostError,
     WorkerStartError,
 )
+from ._handoff import load, spill
 from ._worker import Worker
 
 __version__ = "0.1.0"
@@ -42,7 +43,9 @@ __all__ = [
     "WorkerStats",
     "__version__",
     "get_health",
+    "load",
     "request_shutdown",
+    "spill",
     "tls_client_context",
     "tls_server_context",
 ]

@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from pytaskqml import Worker
+from pytaskqml import Worker, load
 
 
 class Echo(Worker):
@@ -107,3 +107,10 @@ class Tearable(Worker):
         if self.marker:
             with open(self.marker, "w") as f:
                 f.write("torn down")
+
+
+class SpillSummer(Worker):
+    """Loads a file handed over with pytaskqml.spill() and sums it."""
+
+    def process(self, task: dict[str, Any]) -> float:
+        return float(load(task["ref"], delete=True).sum())
