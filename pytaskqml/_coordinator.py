@@ -1376,7 +1376,7 @@ class Coordinator:
             self._cancel_queued()
         if not wait:
             threading.Thread(
-                target=self._finish_shutdown,
+                target=self._finish_shutdown_logged,
                 args=(timeout,),
                 name="pytaskqml-shutdown",
                 daemon=False,
@@ -1405,6 +1405,12 @@ class Coordinator:
             )
             or any(d.active for d in self._dialers)
         )
+
+    def _finish_shutdown_logged(self, timeout: float | None) -> None:
+        try:
+            self._finish_shutdown(timeout)
+        except BaseException:
+            log.exception("background shutdown crashed")
 
     def _finish_shutdown(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1471,8 +1477,11 @@ class Coordinator:
 
 
 def _deliver_each(tasks: list[Task], kind: int, value: Any) -> None:
-    for t in tasks:
-        _deliver(t, kind, value)
+    try:
+        for t in tasks:
+            _deliver(t, kind, value)
+    except BaseException:
+        log.exception("delivering failed tasks crashed")
 
 
 def _unfinished(ref: weakref.ref[Task]) -> bool:
