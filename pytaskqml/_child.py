@@ -61,6 +61,8 @@ def main() -> int:
         print(f"pytaskqml worker: {exc}", file=sys.stderr)
         _report_failure(cfg, key, str(exc))
         return 3
+    shm = cfg.get("shm")
+    shared = (int(shm[0]), str(shm[1])) if isinstance(shm, list) and len(shm) == 2 else None
     server = WorkerServer(
         worker,
         authkey=key,
@@ -69,6 +71,7 @@ def main() -> int:
         heartbeat_timeout=float(cfg.get("heartbeat_timeout") or 5.0),
         max_frame_size=int(cfg.get("max_frame_size") or 64 * 1024 * 1024),
         exit_grace=5.0,
+        shared=shared,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     try:

@@ -16,6 +16,12 @@ Marker forms (``K`` is :data:`MARKER_KEY`)::
     {K: n}                          bytes of length n        -> bytes
     {K: [dtype_str, [d0, d1, ...]]} C-contiguous ndarray     -> writable ndarray (zero-copy view)
 
+and, between a coordinator and a worker it spawned (see :mod:`._shm`), the same two with the
+memory in a shared segment at ``offset`` instead of in the frame (they claim no frame buffer)::
+
+    {K: [offset, n]}                bytes
+    {K: [dtype_str, [d0, ...], offset]}  ndarray, a view of the shared memory
+
 A user dict whose only key is ``K`` would be ambiguous; the encoder detects it and raises
 ``ValueError`` instead of letting it be misread.
 """
@@ -26,7 +32,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import ProtocolError
 
@@ -42,26 +48,58 @@ _MARKER_TEXT = json.dumps(MARKER_KEY)
 
 Buffer = memoryview
 
+# Places a buffer in shared memory and returns its offset, or None to send it inline.
+Placer = Callable[[memoryview], "int | None"]
+
+
+class SharedMemory(Protocol):
+    """What the decoder needs of a shared segment (see :class:`._shm.SharedView`)."""
+
+    def view(self, offset: Any, nbytes: int) -> memoryview: ...
+
+    def hold(self, offset: int, owner: Any) -> None: ...
+
+
+class _EncodeState:
+    __slots__ = ("bufs", "min_shared", "place", "shared")
+
+    def __init__(self, place: Placer | None, min_shared: int) -> None:
+        self.bufs: list[memoryview] = []
+        self.place = place
+        self.min_shared = min_shared
+        self.shared = 0  # markers that point into shared memory
+
+
 _tls = threading.local()
 
 
 def _default(obj: Any) -> Any:
     """``json`` calls this for every value it cannot encode: buffers become markers."""
-    bufs: list[memoryview] = _tls.bufs
+    state: _EncodeState = _tls.state
     if isinstance(obj, bytes | bytearray | memoryview):
         mv = memoryview(obj)
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
         mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-        bufs.append(mv)
+        if state.place is not None and mv.nbytes >= state.min_shared:
+            offset = state.place(mv)
+            if offset is not None:
+                state.shared += 1
+                return {MARKER_KEY: [offset, mv.nbytes]}
+        state.bufs.append(mv)
         return {MARKER_KEY: mv.nbytes}
     if _np is not None:
         if isinstance(obj, _np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
             arr = _np.ascontiguousarray(obj)
-            flat: Any = arr.reshape(-1).view(_np.uint8)
-            bufs.append(memoryview(flat))
+            flat = memoryview(arr.reshape(-1).view(_np.uint8))
+            if state.place is not None and flat.nbytes >= state.min_shared:
+                offset = state.place(flat)
+                if offset is not None:
+                    state.shared += 1
+                    return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset]}
+            state.bufs.append(flat)
             return {MARKER_KEY: [arr.dtype.str, list(arr.shape)]}
         if isinstance(obj, _np.generic):
             return obj.item()
@@ -74,20 +112,27 @@ def _default(obj: Any) -> Any:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_default, allow_nan=True)
 
 
-def encode(obj: Any) -> tuple[str, list[memoryview]]:
+def encode(
+    obj: Any, *, place: Placer | None = None, min_shared: int = 0
+) -> tuple[str, list[memoryview]]:
     """Encode *obj* to JSON text and the list of raw buffers it refers to.
+
+    With *place*, each buffer of at least *min_shared* bytes is offered to it first; a buffer
+    it places (it returns an offset) is referred to by that offset instead of travelling in
+    the frame.
 
     Raises ``TypeError`` for a value that is neither JSON nor a supported buffer, and
     ``ValueError`` for circular references or a dict that looks like a buffer marker.
     """
-    outer = getattr(_tls, "bufs", None)
-    bufs: list[memoryview] = []
-    _tls.bufs = bufs
+    outer = getattr(_tls, "state", None)
+    state = _EncodeState(place, min_shared)
+    _tls.state = state
     try:
         text = _ENCODER.encode(obj)
     finally:
-        _tls.bufs = outer
-    if _MARKER_TEXT in text and text.count(_MARKER_TEXT) != len(bufs):
+        _tls.state = outer
+    bufs = state.bufs
+    if _MARKER_TEXT in text and text.count(_MARKER_TEXT) != len(bufs) + state.shared:
         raise ValueError(f"a payload dict may not use the reserved key {MARKER_KEY!r}")
     return text, bufs
 
@@ -104,55 +149,91 @@ def _prod(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def make_object_hook(buffers: Sequence[memoryview]) -> tuple[Callable[[dict[str, Any]], Any], Any]:
-    """An ``object_hook`` that swaps markers for buffers, and a function reporting how many
-    buffers were claimed (the caller checks all were)."""
+def _is_count(n: Any) -> bool:
+    return type(n) is int and n >= 0
+
+
+def make_object_hook(
+    buffers: Sequence[memoryview], shared: SharedMemory | None = None
+) -> tuple[Callable[[dict[str, Any]], Any], Any]:
+    """An ``object_hook`` that swaps markers for buffers (or views of shared memory, through
+    *shared*), and a function reporting how many frame buffers were claimed (the caller checks
+    all were)."""
     state = [0]
+
+    def next_buffer() -> memoryview:
+        i = state[0]
+        if i >= len(buffers):
+            raise ProtocolError("more buffer markers than buffers in the frame")
+        state[0] = i + 1
+        return buffers[i]
+
+    def shared_view(offset: Any, nbytes: int) -> memoryview:
+        if shared is None:
+            raise ProtocolError("a shared-memory marker, but no shared memory on this connection")
+        return shared.view(offset, nbytes)
 
     def hook(d: dict[str, Any]) -> Any:
         if MARKER_KEY not in d:
             return d
         if len(d) != 1:
             raise ProtocolError("malformed buffer marker")
-        i = state[0]
-        if i >= len(buffers):
-            raise ProtocolError("more buffer markers than buffers in the frame")
-        state[0] = i + 1
-        mv = buffers[i]
         spec = d[MARKER_KEY]
         if isinstance(spec, int) and not isinstance(spec, bool):
+            mv = next_buffer()
             if spec != mv.nbytes:
-                raise ProtocolError(f"buffer {i} declared {spec} bytes but {mv.nbytes} arrived")
+                raise ProtocolError(
+                    f"buffer {state[0] - 1} declared {spec} bytes but {mv.nbytes} arrived"
+                )
             return mv.tobytes()
+        if type(spec) is list and len(spec) == 2 and _is_count(spec[0]) and _is_count(spec[1]):
+            return shared_view(spec[0], spec[1]).tobytes()
         if (
             isinstance(spec, list)
-            and len(spec) == 2
+            and len(spec) in (2, 3)
             and isinstance(spec[0], str)
             and isinstance(spec[1], list)
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in spec[1])
         ):
-            if _np is None:
-                # Without numpy the caller still gets the data, with its layout.
-                return {"dtype": spec[0], "shape": spec[1], "data": mv.tobytes()}
             try:
-                dtype = _np.dtype(spec[0])
+                dtype = _np.dtype(spec[0]) if _np is not None else None
             except TypeError as exc:
                 raise ProtocolError(f"bad array dtype {spec[0]!r}") from exc
+            if len(spec) == 3:
+                if dtype is None:
+                    raise ProtocolError("a shared-memory array needs numpy on this side")
+                if len(spec[1]) > 64:
+                    raise ProtocolError("array has too many dimensions")
+                mv = shared_view(spec[2], _prod(spec[1]) * dtype.itemsize)
+            else:
+                mv = next_buffer()
+            if dtype is None:
+                # Without numpy the caller still gets the data, with its layout.
+                return {"dtype": spec[0], "shape": spec[1], "data": mv.tobytes()}
             if dtype.hasobject or dtype.fields is not None:
                 raise ProtocolError(f"array dtype {spec[0]!r} is not allowed")
             if _prod(spec[1]) * dtype.itemsize != mv.nbytes:
                 raise ProtocolError(
-                    f"buffer {i} holds {mv.nbytes} bytes, array {spec[0]}{spec[1]} needs "
+                    f"buffer holds {mv.nbytes} bytes, array {spec[0]}{spec[1]} needs "
                     f"{_prod(spec[1]) * dtype.itemsize}"
                 )
-            return _np.frombuffer(mv, dtype=dtype).reshape(spec[1])
+            base = _np.frombuffer(mv, dtype=dtype)
+            if len(spec) == 3:
+                assert shared is not None
+                shared.hold(spec[2], base)  # every view made from here on keeps `base` alive
+            return base.reshape(spec[1])
         raise ProtocolError("malformed buffer marker")
 
     return hook, lambda: state[0]
 
 
-def decode(text: str | bytes | bytearray | memoryview, buffers: Sequence[memoryview] = ()) -> Any:
+def decode(
+    text: str | bytes | bytearray | memoryview,
+    buffers: Sequence[memoryview] = (),
+    shared: SharedMemory | None = None,
+) -> Any:
     """Decode JSON text that may hold buffer markers; the inverse of :func:`encode`.
+    *shared* resolves markers that point into shared memory (without it they are an error).
 
     Any malformed input raises :class:`ProtocolError`, never another exception.
     """
@@ -160,17 +241,15 @@ def decode(text: str | bytes | bytearray | memoryview, buffers: Sequence[memoryv
         text = bytes(text)
     try:
         if not buffers:
-            value = json.loads(text)
             if isinstance(text, bytes):
                 marker_present = _MARKER_TEXT.encode() in text
             else:
                 marker_present = _MARKER_TEXT in text
-            if marker_present:
-                # A marker with no buffers behind it: run the hook to report it precisely.
-                hook, _ = make_object_hook(())
-                value = json.loads(text, object_hook=hook)
-            return value
-        hook, claimed = make_object_hook(buffers)
+            if not marker_present:
+                return json.loads(text)
+            # Markers with no frame buffers behind them: in shared memory, or an error the hook
+            # reports precisely.
+        hook, claimed = make_object_hook(buffers, shared)
         value = json.loads(text, object_hook=hook)
     except ProtocolError:
         raise

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _protocol
+from . import _codec, _protocol
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Connection:
             scratch_size=_protocol.HANDSHAKE_MAX_FRAME_SIZE,
         )
         self._ready: deque[_protocol.Message] = deque()
+        self._shared: _codec.SharedMemory | None = None
         self._send_lock = threading.Lock()
         self._closed = False
         self._interrupted = False
@@ -269,6 +270,12 @@ class Connection:
             self._ready.extend(decoder.commit(n))
         return self._ready.popleft()
 
+    def set_shared(self, shared: _codec.SharedMemory | None) -> None:
+        """Let received frames refer to the shared segment *shared* (call before the first such
+        frame can arrive)."""
+        self._shared = shared
+        self._decoder.shared = shared
+
     def interrupt_recv(self) -> None:
         """Make a ``recv`` blocked in another thread return (with ConnectionLost) while
         leaving the connection open for sending - e.g. a last goodbye."""
@@ -280,6 +287,7 @@ class Connection:
         """Lift the handshake's tiny frame limit to the configured one."""
         old = self._decoder
         self._decoder = _protocol.FrameDecoder(max_frame_size=self.max_frame_size)
+        self._decoder.shared = self._shared
         # Bytes of a frame the peer sent right behind the handshake carry over.
         self._ready.extend(self._decoder.feed(old.take_buffered()))
 

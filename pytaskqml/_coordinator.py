@@ -61,7 +61,7 @@ from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _codec, _connection, _protocol
+from . import _codec, _connection, _protocol, _shm
 from ._control import ControlServer
 from ._errors import (
     AuthenticationError,
@@ -131,6 +131,12 @@ class WorkerStats:
     in_flight: int
     completed: int
     failed: int
+    # Spawned workers share memory with the coordinator where the platform allows: buffers of
+    # 64 KiB or more sent through it, those sent over the socket because no slot was free, and
+    # slots in use now (None: this worker has no shared memory).
+    shared_buffers: int | None = None
+    shared_fallbacks: int | None = None
+    shared_in_use: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,7 @@ class _Slot:
         self.window = window
         self.proc: subprocess.Popen[bytes] | None = None
         self.handle: RemoteHandle | None = None
+        self.arena: _shm.Arena | None = None  # shared memory with the current process
         self.error: str | None = None
         self.restarts = 0
         self.backoff = 0.05
@@ -242,6 +249,7 @@ class Coordinator:
         authkey: bytes | str | None = None,
         max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
         on_late: Callable[[LateResult], None] | None = None,
+        shared_memory: bool = True,
         name: str = "coordinator",
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
@@ -276,6 +284,7 @@ class Coordinator:
         self.heartbeat_timeout = heartbeat_timeout
         self.max_restarts = max_restarts
         self.max_frame_size = max_frame_size
+        self.shared_memory = bool(shared_memory)
         self.authkey = _resolve_key(authkey)
         self._on_late = on_late
         self._late: deque[LateResult] = deque(maxlen=10_000)
@@ -954,6 +963,8 @@ class Coordinator:
             self._changed.notify_all()
             self._hk_cv.notify()
         handle.close()
+        if isinstance(handle, RemoteHandle) and handle.arena is not None:
+            handle.arena.close()  # its process is gone or going; a new one gets a new segment
         if handle.loss_reason:
             error = ConnectionLost(handle.loss_reason)
         if graceful:
@@ -1030,7 +1041,14 @@ class Coordinator:
                 conn.abort()
                 return None
             window = slot.window
-        handle = RemoteHandle(self, conn, hello, window=window or self.window, kind=kind)
+        handle = RemoteHandle(
+            self,
+            conn,
+            hello,
+            window=window or self.window,
+            kind=kind,
+            arena=slot.arena if slot is not None else None,
+        )
         if window is None:
             # No window was asked for: size it from how long this worker's tasks take.
             handle.adaptive = True
@@ -1079,12 +1097,27 @@ class Coordinator:
         env.pop("PYTASKQML_AUTHKEY", None)  # the child gets its key on stdin, nothing else
         pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytaskqml._child"],
-            stdin=subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
+        if slot.arena is not None:
+            slot.arena.close()  # the previous process's segment
+            slot.arena = None
+        fd = _shm.create_segment(f"pytaskqml-{slot.spawn_id}") if self.shared_memory else None
+        token = secrets.token_hex(8)
+        if fd is not None:
+            config["shm"] = [fd, token]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pytaskqml._child"],
+                stdin=subprocess.PIPE,
+                env=env,
+                close_fds=True,
+                pass_fds=(fd,) if fd is not None else (),
+            )
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            slot.arena = _shm.Arena(fd, token=token)
         try:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(config).encode() + b"\n")
@@ -1161,6 +1194,8 @@ class Coordinator:
         if handle is not None:
             handle.conn.abort()
         _kill(slot.proc)
+        if slot.arena is not None:
+            slot.arena.close()
 
     def _supervise(self, now: float) -> None:
         """Housekeeping: notice dead children, end wedged ones, restart slots that are due."""
@@ -1290,8 +1325,19 @@ class Coordinator:
     # ================================================================ stats
 
     def _worker_stats(self, h: WorkerHandle) -> WorkerStats:
+        arena = h.arena if isinstance(h, RemoteHandle) else None
         return WorkerStats(
-            h.name, h.kind, h.pid, h.address, h.window, len(h.inflight), h.completed, h.failed
+            h.name,
+            h.kind,
+            h.pid,
+            h.address,
+            h.window,
+            len(h.inflight),
+            h.completed,
+            h.failed,
+            arena.placed if arena is not None else None,
+            arena.fallbacks if arena is not None else None,
+            arena.in_use if arena is not None else None,
         )
 
     def statistics(self) -> Statistics:
@@ -1444,6 +1490,8 @@ class Coordinator:
                 except subprocess.TimeoutExpired:
                     log.warning("worker process %d did not exit; killing it", s.proc.pid)
                     _kill(s.proc)
+            if s.arena is not None:
+                s.arena.close()
         for h in handles:
             h.close()
         for local in self._locals:

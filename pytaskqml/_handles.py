@@ -24,7 +24,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from . import _codec, _connection, _protocol
+from . import _codec, _connection, _protocol, _shm
 from ._errors import ConnectionLost, ProtocolError, RemoteTraceback, TaskFailed
 from ._ordered import CHUNK, ERROR, OK
 from ._worker import Worker, error_info, run_entries
@@ -217,6 +217,7 @@ class RemoteHandle(WorkerHandle):
         *,
         window: int,
         kind: str,
+        arena: _shm.Arena | None = None,
     ) -> None:
         batch = hello.get("batch", 1)
         delay = hello.get("batch_delay", 0.0)
@@ -237,6 +238,9 @@ class RemoteHandle(WorkerHandle):
         control = hello.get("control")
         self.control = control if isinstance(control, str) else None
         self.lost = threading.Event()
+        # Shared memory with a worker we spawned, if it maps it too (see _shm).
+        # (The token tells that it is this process's segment, not a predecessor's.)
+        self.arena = arena if arena is not None and hello.get("shm") == arena.token else None
         self._limit = self.batch if self.batch > 1 else MAX_TASKS_PER_FRAME
         self._sending = threading.Lock()  # one sender at a time: the writer or an inline flush
         self._reader = threading.Thread(
@@ -320,10 +324,28 @@ class RemoteHandle(WorkerHandle):
             self._send(live[start:end])
             start = end
 
+    def _encode(self, rows: list[list[Any]]) -> tuple[str, list[memoryview]]:
+        arena = self.arena
+        if arena is None:
+            return _codec.encode(rows)
+        placed: list[int] = []
+
+        def place(data: memoryview) -> int | None:
+            offset = arena.place(data)
+            if offset is not None:
+                placed.append(offset)
+            return offset
+
+        try:
+            return _codec.encode(rows, place=place, min_shared=_shm.MIN_BYTES)
+        except BaseException:
+            arena.release(placed)  # nothing will be sent: the slots are free again
+            raise
+
     def _send(self, tasks: list[Task]) -> None:
         # One encoder call for the whole frame: the C encoder does the per-task work.
         try:
-            text, buffers = _codec.encode([_row(t) for t in tasks])
+            text, buffers = self._encode([_row(t) for t in tasks])
         except (TypeError, ValueError):
             # A payload was mutated into something unencodable after submit: fail just those.
             good, failed = [], []
@@ -337,7 +359,7 @@ class RemoteHandle(WorkerHandle):
             if not good:
                 return
             tasks = good
-            text, buffers = _codec.encode([_row(t) for t in tasks])
+            text, buffers = self._encode([_row(t) for t in tasks])
         flag = ',"b":1' if self.batch > 1 else ""
         self.conn.send_frame(
             _protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers)
@@ -353,14 +375,19 @@ class RemoteHandle(WorkerHandle):
                 msg = self.conn.recv()
                 op = msg.op
                 if op == "done":
-                    busy = msg.header.get("bt")
+                    header = msg.header
+                    if "f" in header:
+                        self._free_slots(header["f"])
+                    busy = header.get("bt")
                     self.coord._on_results(
                         self,
-                        parse_results(msg.header.get("r")),
+                        parse_results(header.get("r")),
                         busy if type(busy) is float or type(busy) is int else None,
                     )
                 elif op == "ping":
                     continue
+                elif op == "free":
+                    self._free_slots(msg.header.get("f"))
                 elif op == "bye":
                     graceful = True
                     return
@@ -382,6 +409,12 @@ class RemoteHandle(WorkerHandle):
                 # the error ends up (a log record, a task's exception).
                 error = error.with_traceback(None)
             self.coord._on_worker_lost(self, error, graceful)
+
+    def _free_slots(self, offsets: Any) -> None:
+        if type(offsets) is not list or not all(type(o) is int for o in offsets):
+            raise ProtocolError("malformed list of freed slots")
+        if self.arena is not None:
+            self.arena.release(offsets)
 
 
 def _row(t: Task) -> list[Any]:

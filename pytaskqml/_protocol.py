@@ -157,6 +157,8 @@ class FrameDecoder:
         self._filled = 0
         self._scratch = bytearray(scratch_size)
         self._error: ProtocolError | None = None
+        # Resolves buffer markers that point into shared memory (a spawned worker's side).
+        self.shared: _codec.SharedMemory | None = None
 
     @property
     def buffered(self) -> int:
@@ -297,7 +299,7 @@ class FrameDecoder:
         for n in lengths:
             buffers.append(view[pos : pos + n])
             pos += n
-        header = _codec.decode(text, buffers)
+        header = _codec.decode(text, buffers, self.shared)
         if not isinstance(header, dict) or not isinstance(header.get("op"), str):
             raise self._fail('frame header must be a JSON object with a string "op"')
         return Message(header, tuple(buffers))

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from . import _codec, _connection, _protocol
+from . import _codec, _connection, _protocol, _shm
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError, WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class WorkerServer:
         control_address: str | None = None,
         spawn_id: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        shared: tuple[int, str] | None = None,
     ) -> None:
         self.worker = worker
         self.authkey = authkey
@@ -270,6 +271,9 @@ class WorkerServer:
         self.control_address = control_address
         self.spawn_id = spawn_id
         self.ssl_context = ssl_context
+        # Shared memory with the coordinator that spawned us (see _shm): large task buffers
+        # arrive as views of it instead of through the socket.
+        self._shared = _shm.SharedView(*shared) if shared is not None else None
         self.tasks_done = 0
         self._stop = threading.Event()
         self._conn: _connection.Connection | None = None
@@ -464,11 +468,14 @@ class WorkerServer:
                     "pid": os.getpid(),
                     "spawn_id": self.spawn_id,
                     "control": self.control_address,
+                    "shm": self._shared.token if self._shared is not None else None,
                     **info,
                 },
             )
         except ConnectionLost:
             return "lost"
+        if self._shared is not None:
+            conn.set_shared(self._shared)
         beat = threading.Thread(
             target=self._heartbeat_loop,
             args=(conn, done),
@@ -498,6 +505,8 @@ class WorkerServer:
                     self._busy = True
                     try:
                         self._run_frame(conn, msg)
+                        del msg  # its rows may still refer to shared memory
+                        self._report_freed(conn)
                     except ConnectionLost as exc:
                         log.info("connection to %s lost while sending results: %s", conn.peer, exc)
                         return "lost"
@@ -506,7 +515,9 @@ class WorkerServer:
                         return "lost"
                 elif op == "stop":
                     self._stop.set()
-                elif op not in ("ping", "config"):
+                elif op == "ping":
+                    self._report_freed(conn)
+                elif op != "config":
                     log.error("unexpected message %r from %s", op, conn.peer)
                     return "lost"
         finally:
@@ -562,6 +573,8 @@ class WorkerServer:
             t0 = clock()
             rows = run_entries(self.worker, entries, batch=True)
             self.tasks_done += len(entries)
+            for row in entries:
+                row[1] = None  # drop our reference to the payload: its memory may be freed
             self._send_results(conn, rows, clock() - t0)
             return
         process = self.worker.process
@@ -577,6 +590,7 @@ class WorkerServer:
                     pending.append((row[0], 1, exc))
             else:
                 pending.extend(run_entries(self.worker, [row], batch=False))
+            row[1] = None
             self.tasks_done += 1
             now = clock()
             if now - start > _RESULT_FLUSH_AFTER:
@@ -590,7 +604,25 @@ class WorkerServer:
         self, conn: _connection.Connection, results: list[tuple[int, int, Any]], busy: float
     ) -> None:
         text, buffers = encode_results(results)
-        conn.send_json('{"op":"done","bt":' + repr(round(busy, 7)) + ',"r":' + text + "}", buffers)
+        freed = self._shared.collect() if self._shared is not None else None
+        conn.send_json(
+            '{"op":"done","bt":'
+            + repr(round(busy, 7))
+            + (',"f":' + repr(freed) if freed else "")
+            + ',"r":'
+            + text
+            + "}",
+            buffers,
+        )
+
+    def _report_freed(self, conn: _connection.Connection) -> None:
+        """Tell the coordinator about shared-memory slots freed since the last results (e.g. a
+        result that was the input array itself, now sent; an array ``process()`` kept, now
+        dropped)."""
+        if self._shared is not None and self._shared.held:
+            freed = self._shared.collect()
+            if freed:
+                conn.send("free", {"f": freed})
 
 
 def _valid_row(e: Any) -> bool:
