@@ -80,10 +80,12 @@ from ._ordered import (
     ERROR,
     OK,
     OVERFLOW_POLICIES,
+    RUN,
     TIMEOUT,
     OverflowPolicy,
     ReorderBuffer,
     TaskQueue,
+    span,
 )
 from ._worker import Worker, call_setup, call_teardown, class_target
 
@@ -91,13 +93,17 @@ log = logging.getLogger(__name__)
 
 _END = 99  # reorder-buffer kind marking the end of a stream
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+# map()'s automatic buffer holds about this much work per worker, and at most MAX_MAP_BUFFER
+# items.
+MAP_BUFFER_TIME = 0.05
+MAX_MAP_BUFFER = 65_536
 # map() chunks aim at this much worker time per chunk, and hold at most MAX_CHUNK items.
-CHUNK_BUDGET = 0.0005
+CHUNK_BUDGET = 0.002
 # More than max_restarts restarts of one slot within this many seconds retire it.
 RESTART_WINDOW = 60.0
 # An adaptive window starts here and follows the measured task time (see WorkerHandle.observe).
 INITIAL_WINDOW = 8
-MAX_CHUNK = 512
+MAX_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -509,7 +515,7 @@ class Coordinator:
         self,
         iterable: Iterable[Any],
         *,
-        buffersize: int = 256,
+        buffersize: int | None = None,
         ordered: bool = True,
         timeout: float | None = None,
         on_error: Literal["raise", "return"] = "raise",
@@ -517,6 +523,11 @@ class Coordinator:
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
+
+        ``buffersize=None`` (the default) sizes the buffer from the measured time per item:
+        about 50 ms of work per worker, between 64 (and 16 per worker) and 65,536 items (4,096
+        when items go one per task) - a few frames of video in flight, tens of thousands of
+        tiny items.
 
         The input is read lazily. A failed item raises its :class:`TaskFailed` at its
         position (or is yielded as the exception object with ``on_error="return"``). An item
@@ -528,7 +539,7 @@ class Coordinator:
         Items of a chunk that killed a worker are retried one by one, so a poison item fails
         alone.
         """
-        _check_positive("buffersize", buffersize, allow_none=False)
+        _check_positive("buffersize", buffersize)
         _check_positive("timeout", timeout)
         _check_positive("chunksize", chunksize)
         if on_error not in ("raise", "return"):
@@ -543,6 +554,17 @@ class Coordinator:
             chunksize,
         )
 
+    def _auto_buffersize(self, chunked: bool) -> int:
+        """map()'s default buffer: about MAP_BUFFER_TIME of work per worker. Items that travel
+        one per task (a deadline, chunksize=1) cost a task object each, so fewer of them."""
+        workers = max(1, len(self._handles))
+        floor = max(64, 16 * workers)
+        per = self._item_time
+        if per is None:
+            return max(256, floor)
+        want = int(workers * MAP_BUFFER_TIME / max(per, 1e-7))
+        return max(floor, min(MAX_MAP_BUFFER if chunked else MAX_MAP_BUFFER // 16, want))
+
     def _auto_chunksize(self, buffersize: int) -> int:
         """Items per chunk: about CHUNK_BUDGET seconds of work, leaving every worker a share of
         the buffer. 1 until a result has shown how long an item takes."""
@@ -555,46 +577,60 @@ class Coordinator:
     def _map(
         self,
         it: Iterator[Any],
-        buffersize: int,
+        fixed_buffersize: int | None,
         ordered: bool,
         timeout: float | None,
         on_error: str,
         chunksize: int | None,
     ) -> Iterator[Any]:
         collector = _Collector(ordered)
-        refill = max(1, buffersize // 4)
         seq = 0
         outstanding = 0
         exhausted = False
+        chunked = chunksize != 1 and timeout is None
+
+        def top_up() -> None:
+            # Refill once a quarter of the buffer is free: called after every result handed
+            # out, so the workers keep busy while the caller works through a batch of them.
+            nonlocal seq, outstanding, exhausted
+            buffersize = fixed_buffersize or self._auto_buffersize(chunked)
+            room = buffersize - outstanding
+            if exhausted or room < max(1, buffersize // 4):
+                return
+            items = list(itertools.islice(it, room))
+            if len(items) < room:
+                exhausted = True
+            if items:
+                # Items with a deadline go alone: a chunk would make neighbours of a slow item
+                # miss theirs.
+                chunk = chunksize or (1 if not chunked else self._auto_chunksize(buffersize))
+                self._admit_many(items, collector, seq, timeout, chunk)
+                seq += len(items)
+                outstanding += len(items)
+
         try:
             while True:
-                if not exhausted and buffersize - outstanding >= min(refill, buffersize):
-                    items = list(itertools.islice(it, buffersize - outstanding))
-                    if len(items) < buffersize - outstanding:
-                        exhausted = True
-                    if items:
-                        # Items with a deadline go alone: a chunk would make neighbours of a
-                        # slow item miss theirs.
-                        chunk = chunksize or (
-                            1 if timeout is not None else self._auto_chunksize(buffersize)
-                        )
-                        self._admit_many(items, collector, seq, timeout, chunk)
-                        seq += len(items)
-                        outstanding += len(items)
+                top_up()
                 if outstanding == 0:
                     return
                 for _, kind, value in collector.get_batch():
+                    if kind == RUN:  # a chunk's results, all good
+                        outstanding -= len(value)
+                        yield from value
+                        top_up()
+                        continue
                     outstanding -= 1
                     if kind == OK:
                         yield value
                     elif kind == DROPPED:
-                        continue
+                        pass
                     elif kind == ERROR and on_error == "raise":
                         raise value
                     elif kind == CANCELLED and on_error == "raise":
                         raise value if value is not None else CancelledError()
                     else:
                         yield value
+                    top_up()
         finally:
             collector.abandoned = True
             if outstanding:
@@ -660,23 +696,37 @@ class Coordinator:
     def _admit_many(
         self, items: list[Any], sink: Any, seq: int, timeout: float | None, chunk: int = 1
     ) -> None:
-        # Checking the whole chunk in one encoder call is several times cheaper than one call
-        # per item; only a chunk that fails, or carries raw buffers, is looked at item by item.
+        ids, now = self._ids, time.perf_counter()
+        if chunk > 1:
+            # Each chunk is encoded once, here: that checks it can travel, and the text is what
+            # the frame will carry. A chunk holding raw buffers, or one that fails, is looked at
+            # item by item.
+            tasks = []
+            for i in range(0, len(items), chunk):
+                part = items[i : i + chunk]
+                if len(part) > 1:
+                    try:
+                        text, bufs = _codec.encode(part)
+                        plain = not bufs and len(text) + 64 <= self.max_frame_size
+                    except (TypeError, ValueError):
+                        plain = False
+                    if plain:
+                        tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
+                        continue
+                tasks.extend(
+                    Task(next(ids), p, self._check_payload(p), sink, seq + i + j, now)
+                    for j, p in enumerate(part)
+                )
+            self._admit(tasks, timeout, None)
+            return
+        # Checking all items in one encoder call is several times cheaper than one call per
+        # item; only a batch that fails, or carries raw buffers, is looked at item by item.
         try:
             text, bufs = _codec.encode(items)
             simple = not bufs and len(text) + 64 <= self.max_frame_size
         except (TypeError, ValueError):
             simple = False
-        ids, now = self._ids, time.perf_counter()
-        if simple and chunk > 1:
-            tasks = []
-            for i in range(0, len(items), chunk):
-                part = items[i : i + chunk]
-                if len(part) == 1:  # a chunk of one is a plain task
-                    tasks.append(Task(next(ids), part[0], 0, sink, seq + i, now))
-                else:
-                    tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part)))
-        elif simple:
+        if simple:
             tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
             tasks = [
@@ -849,7 +899,7 @@ class Coordinator:
                     )
                     continue
                 items += t.count
-                if kind == CHUNK and (type(value) is not list or len(value) != t.count):
+                if kind in (CHUNK, RUN) and (type(value) is not list or len(value) != t.count):
                     kind, value = (
                         ERROR,
                         TaskFailed(
@@ -865,7 +915,14 @@ class Coordinator:
                 self._live -= 1
                 latency = now - t.t_submit
                 sink = t.sink
-                if t.count == 1 and kind != CHUNK:
+                if kind == RUN:
+                    ok += t.count
+                    record(latency)  # one sample per task: a chunk counts once
+                    if sink.__class__ is Future:  # only a misbehaving worker sends a run here
+                        futures.append((t, OK, value[0]))
+                        continue
+                    outcome = [(t.seq, RUN, value)]
+                elif t.count == 1 and kind != CHUNK:
                     if kind == OK:
                         ok += 1
                         record(latency)
@@ -1549,6 +1606,8 @@ def _kill(proc: subprocess.Popen[bytes] | None) -> None:
 
 def _outcomes(t: Task, kind: int, value: Any) -> list[tuple[int, int, Any]]:
     """Per-item ``(seq, kind, value)`` of a task's outcome (a chunk has one per item)."""
+    if kind == RUN:
+        return [(t.seq + i, OK, v) for i, v in enumerate(value)]
     if kind == CHUNK:
         return [(t.seq + i, k, v) for i, (k, v) in enumerate(value)]
     if kind == TIMEOUT:
@@ -1601,7 +1660,7 @@ class _Collector(ReorderBuffer):
                 while self._next in slots:
                     kind, value = slots.pop(self._next)
                     out.append((self._next, kind, value))
-                    self._next += 1
+                    self._next += len(value) if kind == RUN else 1
             else:
                 while self._arrived:
                     out.append(self._arrived.popleft())
@@ -1684,9 +1743,11 @@ class Stream:
                         end_seen = True
                         continue
                     with self._space:
-                        self._consumed += 1
+                        self._consumed += span(kind, value)
                         self._space.notify()
-                    if kind == OK:
+                    if kind == RUN:
+                        yield from value
+                    elif kind == OK:
                         yield value
                     elif kind == DROPPED:
                         self.dropped += 1

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _codec, _connection, _protocol, _shm
 from ._errors import ConnectionLost, ProtocolError, RemoteTraceback, TaskFailed
-from ._ordered import CHUNK, ERROR, OK
+from ._ordered import CHUNK, ERROR, OK, RUN
 from ._worker import Worker, error_info, run_entries
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class Task:
         "sink",
         "started",
         "t_submit",
+        "text",
     )
 
     def __init__(
@@ -68,6 +69,7 @@ class Task:
         seq: int,
         t_submit: float,
         count: int = 1,
+        text: str | None = None,
     ) -> None:
         self.id = tid
         # Checked encodable at submit; encoded again when framed. For a chunk (count > 1) the
@@ -82,6 +84,9 @@ class Task:
         self.finished = False  # its outcome was delivered (result, error, timeout, drop...)
         self.started = False  # dispatched at least once
         self.t_submit = t_submit
+        # The payload's JSON, when it was encoded at submit and holds no buffers: framed as it
+        # is instead of being encoded a second time.
+        self.text = text
 
 
 _handle_ids = itertools.count(1)
@@ -343,6 +348,15 @@ class RemoteHandle(WorkerHandle):
             raise
 
     def _send(self, tasks: list[Task]) -> None:
+        flag = ',"b":1' if self.batch > 1 else ""
+        if all(t.text is not None for t in tasks):
+            # Encoded at submit (tiny items, chunks of them): only the rows are put around.
+            rows = ",".join(
+                [f"[{t.id},{t.text},1]" if t.count > 1 else f"[{t.id},{t.text}]" for t in tasks]
+            )
+            header = '{"op":"run"' + flag + ',"t":[' + rows + "]}"
+            self.conn.send_frame(_protocol.encode_frame(header))
+            return
         # One encoder call for the whole frame: the C encoder does the per-task work.
         try:
             text, buffers = self._encode([_row(t) for t in tasks])
@@ -360,7 +374,6 @@ class RemoteHandle(WorkerHandle):
                 return
             tasks = good
             text, buffers = self._encode([_row(t) for t in tasks])
-        flag = ',"b":1' if self.batch > 1 else ""
         self.conn.send_frame(
             _protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers)
         )
@@ -431,15 +444,16 @@ def _remote_error(info: Any) -> TaskFailed:
 
 def parse_results(entries: Any) -> list[Any]:
     """Validate a ``done`` frame's rows in place: ``[id, 0, value]`` stays as it is, an error
-    ``[id, 1, [type, message, traceback]]`` gets a :class:`TaskFailed` as its value, and a
-    chunk ``[id, 2, [[0, value] or [1, error], ...]]`` the same per item."""
+    ``[id, 1, [type, message, traceback]]`` gets a :class:`TaskFailed` as its value, a chunk
+    ``[id, 2, [[0, value] or [1, error], ...]]`` the same per item, and a chunk whose items all
+    succeeded ``[id, 6, [value, ...]]`` stays as it is (no per-item work)."""
     if type(entries) is not list:
         raise ProtocolError("malformed results frame")
     for e in entries:
         if type(e) is not list or len(e) != 3 or type(e[0]) is not int or type(e[1]) is not int:
             raise ProtocolError("malformed result entry")
         flag = e[1]
-        if flag == OK:
+        if flag == OK or (flag == RUN and type(e[2]) is list):
             continue
         if flag == ERROR:
             e[2] = _remote_error(e[2])

@@ -68,24 +68,32 @@ class TaskQueue(Generic[T]):
         return out
 
 
-# Outcome kinds. OK, ERROR and CHUNK are also the flags of result rows on the wire.
+# Outcome kinds. OK, ERROR, CHUNK and RUN are also the flags of result rows on the wire.
 OK = 0
 ERROR = 1
 CHUNK = 2  # the value is a list of (OK or ERROR, value) pairs, one per item of a chunk
 TIMEOUT = 3
 DROPPED = 4
 CANCELLED = 5
+RUN = 6  # the value is the list of results of a chunk whose items all succeeded
+
+
+def span(kind: int, value: Any) -> int:
+    """How many sequence numbers an outcome covers: a RUN covers one per result."""
+    return len(value) if kind == RUN else 1
 
 
 class ReorderBuffer:
     """Holds outcomes that arrived early until every earlier one has arrived.
 
     Invariant: ``_next`` is the sequence number the consumer waits for; every stored key is
-    ``>= _next``; an outcome is stored once (a second delivery for the same number is ignored,
-    which is how a late duplicate can never reach the caller). The producer side calls
-    :meth:`deliver` from any thread; the consumer calls :meth:`get_next`, which blocks until the
-    head of the line is present. Only a delivery that completes the head wakes the consumer, so
-    out-of-order arrivals cost no wake-ups.
+    ``>= _next``; an outcome stored at ``seq`` covers ``seq .. seq + span - 1`` (a RUN of a
+    chunk's results is stored and handed out whole, so a chunk costs one entry, not one per
+    item, and no two stored outcomes overlap); an outcome is stored once (a second delivery
+    for the same number is ignored, which is how a late duplicate can never reach the caller).
+    The producer side calls :meth:`deliver` from any thread; the consumer calls
+    :meth:`get_next`, which blocks until the head of the line is present. Only a delivery that
+    completes the head wakes the consumer, so out-of-order arrivals cost no wake-ups.
 
     With ``ordered=False`` the buffer is a plain completion queue: :meth:`get_next` returns
     outcomes as they arrive. (The coordinator delivers each task once; the buffer's own check
@@ -136,7 +144,7 @@ class ReorderBuffer:
                 ):
                     raise TimeoutError("no result within the timeout")
                 kind, value = self._slots.pop(seq)
-                self._next = seq + 1
+                self._next = seq + (len(value) if kind == RUN else 1)
                 return seq, kind, value
             if not self._arrived and not self._cv.wait_for(lambda: bool(self._arrived), timeout):
                 raise TimeoutError("no result within the timeout")

@@ -113,35 +113,70 @@ def run_tasks(worker: Worker, payloads: Sequence[Any], batch: bool) -> list[tupl
 def run_entries(worker: Worker, entries: Sequence[Any], batch: bool) -> list[tuple[int, int, Any]]:
     """Run task rows ``[id, payload]`` and chunk rows ``[id, [items...], 1]``.
 
-    Returns ``(id, 0, result)``, ``(id, 1, exception)`` or, for a chunk,
-    ``(id, 2, [(0 or 1, result or exception), ...])``. With *batch* every item of every row goes
-    through ``process_batch`` in slices of ``max_batch_size``.
+    Returns ``(id, 0, result)``, ``(id, 1, exception)`` or, for a chunk, ``(id, 6, [result,
+    ...])`` when every item succeeded and ``(id, 2, [(0 or 1, result or exception), ...])``
+    otherwise. With *batch* every item of every row goes through ``process_batch`` in slices of
+    ``max_batch_size``.
     """
+    if not batch:
+        process = worker.process
+        out: list[tuple[int, int, Any]] = []
+        for row in entries:
+            if len(row) == 3:
+                out.append(run_chunk(process, row[0], row[1]))
+                continue
+            try:
+                out.append((row[0], 0, process(row[1])))
+            except Exception as exc:
+                out.append((row[0], 1, exc))
+        return out
     items: list[Any] = []
     for row in entries:
         if len(row) == 3:
             items.extend(row[1])
         else:
             items.append(row[1])
-    if batch:
-        size = max(1, int(getattr(worker, "max_batch_size", 1) or 1))
-        outcomes: list[tuple[bool, Any]] = []
-        for i in range(0, len(items), size):
-            outcomes.extend(run_tasks(worker, items[i : i + size], batch=True))
-    else:
-        outcomes = run_tasks(worker, items, batch=False)
-    out: list[tuple[int, int, Any]] = []
+    size = max(1, int(getattr(worker, "max_batch_size", 1) or 1))
+    outcomes: list[tuple[bool, Any]] = []
+    for i in range(0, len(items), size):
+        outcomes.extend(run_tasks(worker, items[i : i + size], batch=True))
+    out = []
     pos = 0
     for row in entries:
         if len(row) == 3:
             n = len(row[1])
-            out.append((row[0], 2, [(0 if ok else 1, v) for ok, v in outcomes[pos : pos + n]]))
+            part = outcomes[pos : pos + n]
+            if all(ok for ok, _ in part):
+                out.append((row[0], 6, [v for _, v in part]))
+            else:
+                out.append((row[0], 2, [(0 if ok else 1, v) for ok, v in part]))
             pos += n
         else:
             ok, v = outcomes[pos]
             out.append((row[0], 0 if ok else 1, v))
             pos += 1
     return out
+
+
+def run_chunk(process: Any, tid: int, items: list[Any]) -> tuple[int, int, Any]:
+    """One chunk, item by item. The loop is as plain as it can be - a chunk of tiny items costs
+    about one call of ``process`` per item - until an item fails; from there on each outcome is
+    recorded on its own. No item runs twice."""
+    results: list[Any] = []
+    append = results.append
+    try:
+        for item in items:
+            append(process(item))
+    except Exception as exc:
+        mixed: list[tuple[int, Any]] = [(0, r) for r in results]
+        mixed.append((1, exc))
+        for item in items[len(mixed) :]:
+            try:
+                mixed.append((0, process(item)))
+            except Exception as exc2:
+                mixed.append((1, exc2))
+        return tid, 2, mixed
+    return tid, 6, results
 
 
 def worker_info(worker: Worker) -> dict[str, Any]:
@@ -589,7 +624,7 @@ class WorkerServer:
                 except Exception as exc:
                     pending.append((row[0], 1, exc))
             else:
-                pending.extend(run_entries(self.worker, [row], batch=False))
+                pending.append(run_chunk(process, row[0], row[1]))
             row[1] = None
             self.tasks_done += 1
             now = clock()
@@ -637,7 +672,7 @@ def _wire_value(flag: int, value: Any) -> Any:
         return error_info(value)
     if flag == 2:
         return [[k, error_info(v) if k else v] for k, v in value]
-    return value
+    return value  # a result, or (flag 6) a list of results
 
 
 def encode_results(results: Sequence[tuple[int, int, Any]]) -> tuple[str, list[memoryview]]:
@@ -655,6 +690,8 @@ def encode_results(results: Sequence[tuple[int, int, Any]]) -> tuple[str, list[m
     parts: list[str] = []
     buffers: list[memoryview] = []
     for row in rows:
+        if row[1] == 6:
+            row = [row[0], 2, [[0, v] for v in row[2]]]
         if row[1] == 2:
             items = []
             for item in row[2]:
