@@ -114,3 +114,20 @@ class SpillSummer(Worker):
 
     def process(self, task: dict[str, Any]) -> float:
         return float(load(task["ref"], delete=True).sum())
+
+
+class Counted(Worker):
+    """Numbers its calls, so a test can tell that no item ran twice; fails on "boom" and
+    returns something JSON cannot carry for "unencodable"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def process(self, payload: Any) -> Any:
+        self.calls += 1
+        if payload == "boom":
+            raise ValueError("cannot process boom")
+        if payload == "unencodable":
+            return object()
+        return [payload, os.getpid(), self.calls]

@@ -1,9 +1,10 @@
 """Smoke version of the benchmark (tiny sizes) so that `benchmark/` cannot rot.
 
-Runs the real harness on tiny sizes for multiprocessing and the three pytaskqml systems, checks
-that every correctness check passed and that a result has the keys the report relies on, runs
-the CLI once, and exercises the failure paths (unknown names, the time limit, a Celery worker
-that dies mid-run).  The Celery part skips when Redis at 127.0.0.1:6379 does not answer.
+Runs the real harness on tiny sizes for multiprocessing, the pytaskqml systems and the frames
+baselines (compute-only, raw-socket), checks that every correctness check passed and that a
+result has the keys the report relies on, runs the CLI once, and exercises the failure paths
+(unknown names, the time limit, a Celery worker that dies mid-run).  The Celery part skips
+when Redis at 127.0.0.1:6379 does not answer.
 """
 
 from __future__ import annotations
@@ -98,6 +99,59 @@ def test_latency_percentiles() -> None:
 def test_frames_when_opencv_is_installed() -> None:
     pytest.importorskip("cv2", reason="OpenCV is only in benchmark/requirements.txt")
     assert_ok(run_case("mp-imap", "frames", 2, tiny(n=4)))
+
+
+def test_frames_baselines_and_shared_memory() -> None:
+    """The systems `python -m benchmark.frames` adds: the ceilings and pytaskqml with shared
+    memory on and off, every result checked against the local reference, nothing left behind."""
+    pytest.importorskip("cv2", reason="OpenCV is only in benchmark/requirements.txt")
+    before = procstat.descendants(os.getpid())
+    results = {
+        system: run_case(system, "frames", 2, tiny())
+        for system in ("compute-only", "raw-socket", "pytaskqml-map", "pytaskqml-map-socket")
+    }
+    for result in results.values():
+        assert_ok(result)
+    shared = results["pytaskqml-map"]["params"]
+    assert shared["shared_memory"] is True
+    assert shared["shared_buffers"] > 0, shared  # the frames really went through shared memory
+    socket_only = results["pytaskqml-map-socket"]["params"]
+    assert socket_only["shared_memory"] is False
+    assert socket_only["shared_buffers"] in (None, 0), socket_only
+    assert procstat.descendants(os.getpid()) - before == set()
+
+
+def test_frames_only_systems_skip_other_workloads() -> None:
+    result = run_case("raw-socket", "wordcount", 2, tiny())
+    assert result["status"] == "skipped"
+    assert "frames" in result["skip_reason"]
+    assert_ok(run_case("compute-only", "wordcount", 2, tiny()))
+
+
+def test_frames_sizes_measures_both_transports() -> None:
+    pytest.importorskip("numpy")
+    from benchmark.frames import measure_size
+
+    shared = measure_size(64 * 1024, True, 1, 1, 30.0, target_s=0.02)
+    socket_only = measure_size(64 * 1024, False, 1, 1, 30.0, target_s=0.02)
+    for result in (shared, socket_only):
+        assert result["status"] == "ok", result["error"]
+        assert result["rate_per_s"] > 0 and result["mb_per_s"] > 0
+    assert shared["shared_buffers"] >= shared["tasks"]
+    assert socket_only["shared_buffers"] is None
+
+
+def test_frames_cli_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.frames", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "raw-socket" in proc.stdout and "--sizes" in proc.stdout
 
 
 def test_time_limit_fails_the_run_and_cleans_up() -> None:

@@ -10,7 +10,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 import pytest
-from sample_workers import Batched, Echo, Faulty, Square
+from sample_workers import Batched, Counted, Echo, Faulty, Square
 
 from pytaskqml import (
     ClosedError,
@@ -21,6 +21,7 @@ from pytaskqml import (
     Worker,
     WorkerStartError,
 )
+from pytaskqml._ordered import OK, RUN, ReorderBuffer
 
 T = 10  # seconds: the bound on every blocking call in these tests
 
@@ -423,3 +424,41 @@ def test_per_task_state_does_not_outlive_the_task() -> None:
 
         alive = [o for o in gc.get_objects() if isinstance(o, Task)]
         assert alive == []
+
+
+@pytest.mark.parametrize("where", ["local", "spawned"])
+def test_a_failing_item_fails_alone_in_its_chunk_and_nothing_runs_twice(where: str) -> None:
+    items: list[Any] = [*range(30), "boom", *range(30, 60), "unencodable", *range(60, 90)]
+    with Coordinator() as coord:
+        if where == "local":
+            coord.add_local(Counted(), threads=1)
+        else:
+            coord.spawn(Counted, processes=1)
+        out = list(coord.map(items, chunksize=16, on_error="return"))
+    good = [o for o in out if isinstance(o, list)]
+    assert [o[0] for o in good] == [i for i in items if isinstance(i, int)]
+    assert isinstance(out[30], TaskFailed) and out[30].remote_type == "ValueError"
+    if where == "spawned":
+        assert isinstance(out[61], TaskFailed) and "not JSON serializable" in out[61].message
+    else:  # a thread worker hands over the very object: nothing to encode
+        assert type(out[61]) is object
+    # Every item ran exactly once: the call numbers of the good ones are distinct, and with
+    # the two failures they account for every call.
+    calls = [o[2] for o in good]
+    assert len(set(calls)) == len(calls) and max(calls) == len(items)
+
+
+def test_reorder_buffer_hands_out_a_run_of_results_whole() -> None:
+    buf = ReorderBuffer()
+    buf.deliver_many([(3, RUN, ["d", "e", "f"]), (6, OK, "g")])
+    buf.deliver(0, RUN, ["a", "b"])
+    assert buf.get_next(1.0) == (0, RUN, ["a", "b"])
+    with pytest.raises(TimeoutError):
+        buf.get_next(0.01)  # 2 is missing: the run at 3 waits
+    buf.deliver(2, OK, "c")
+    buf.deliver(4, OK, "dup")  # inside the run already stored: never reaches the consumer
+    assert [buf.get_next(1.0) for _ in range(3)] == [
+        (2, OK, "c"),
+        (3, RUN, ["d", "e", "f"]),
+        (6, OK, "g"),
+    ]
