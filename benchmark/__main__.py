@@ -194,10 +194,9 @@ def run_child(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def setup_logging(quiet: bool) -> None:
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="[bench %(asctime)s] %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -205,15 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     # The libraries under test log each worker attach/leave at INFO: keep progress readable.
     for noisy in ("pytaskqml", "distributed", "ray"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.report_from:
-        doc = json.loads(args.report_from.read_text())
-        report.write(doc, args.out)
-        return 0
+
+
+def check_counts(args: argparse.Namespace) -> None:
     for flag, value in (("--repeats", args.repeats), ("--workers", args.workers), ("--n", args.n)):
         if value is not None and value < 1:
             fail(f"{flag} must be at least 1")
-    todo = cases(args)
-    opts = HarnessOptions(
+
+
+def harness_options(args: argparse.Namespace) -> HarnessOptions:
+    return HarnessOptions(
         redis_url=args.redis_url,
         repeats=args.repeats,
         time_limit=args.time_limit,
@@ -221,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         n=args.n,
         quick=args.quick,
     )
+
+
+def run_cases(args: argparse.Namespace, todo: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Run the cases (each in its own child when there are several), printing one JSON line
+    per run on stdout as it finishes; return the results."""
+    opts = harness_options(args)
     isolate = len(todo) > 1 and not args.in_process
-    started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     results = []
     for i, case in enumerate(todo, 1):
@@ -239,33 +244,57 @@ def main(argv: list[str] | None = None) -> int:
         result = run_child(args, opts, case) if isolate else run_case(system, name, workers, opts)
         results.append(result)
         print(json.dumps(result, sort_keys=False), flush=True)
-    elapsed = time.monotonic() - t0
-    ok = sum(r["status"] == "ok" for r in results)
     log.info(
         "%d runs: %d ok, %d skipped, %d failed in %.0f s",
         len(results),
-        ok,
+        sum(r["status"] == "ok" for r in results),
         sum(r["status"] == "skipped" for r in results),
         sum(r["status"] == "failed" for r in results),
-        elapsed,
+        time.monotonic() - t0,
     )
-    if args.all or args.write_report:
-        doc = {
-            "command": "python -m benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "elapsed_s": elapsed,
-            "default_workers": args.workers or 2,
-            "repeats": args.repeats,
-            "machine": machine.describe(args.redis_url),
-            "results": results,
-        }
-        args.out.mkdir(parents=True, exist_ok=True)
-        raw = json.dumps(doc, indent=1)
-        (args.out / f"raw-{started.strftime('%Y%m%d-%H%M%S')}.json").write_text(raw)
-        (args.out / "latest.json").write_text(raw)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.quiet)
+    if args.report_from:
+        doc = json.loads(args.report_from.read_text())
         report.write(doc, args.out)
+        return 0
+    check_counts(args)
+    todo = cases(args)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    results = run_cases(args, todo)
+    elapsed = time.monotonic() - t0
+    if args.all or args.write_report:
+        write_report(args, argv, started, elapsed, results)
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def write_report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    started: datetime.datetime,
+    elapsed: float,
+    results: list[dict[str, Any]],
+) -> None:
+    doc = {
+        "command": "python -m benchmark " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": elapsed,
+        "default_workers": args.workers or 2,
+        "repeats": args.repeats,
+        "machine": machine.describe(args.redis_url),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = json.dumps(doc, indent=1)
+    (args.out / f"raw-{started.strftime('%Y%m%d-%H%M%S')}.json").write_text(raw)
+    (args.out / "latest.json").write_text(raw)
+    report.write(doc, args.out)
 
 
 if __name__ == "__main__":

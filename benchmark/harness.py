@@ -225,7 +225,7 @@ def run_case(system: str, workload: str, workers: int, opts: HarnessOptions) -> 
     result["machine"] = machine.describe(opts.redis_url)
     spec = SYSTEMS[system]
     wl = workloads.WORKLOADS[workload]
-    reason = spec.missing()
+    reason = spec.unsupported(workload) or spec.missing()
     for module in wl.requires:
         if reason is None:
             try:

@@ -35,6 +35,14 @@ class SleepWorker(Worker):
         return workloads.task_sleep(index, self.delay)
 
 
+class TouchWorker(Worker):
+    """Reads one byte of the buffer it is given: ``python -m benchmark.frames --sizes`` times
+    the transport of a buffer, not any work done with it."""
+
+    def process(self, buf: Any) -> int:
+        return int(buf[0])
+
+
 WORKERS: dict[str, tuple[type[Worker], dict[str, Any]]] = {
     "wordcount": (WordCountWorker, {}),
     "frame": (FrameWorker, {}),

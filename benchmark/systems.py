@@ -11,12 +11,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import multiprocessing
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,16 +84,26 @@ class Session:
 
 
 class PytaskqmlSession(Session):
+    """pytaskqml with spawned worker processes (``map``/``submit``) or local thread workers.
+
+    ``shared_memory`` is the Coordinator's switch for spawned workers: buffers of 64 KiB or more
+    go through a shared segment (the default) or all travel over the socket (False).  The summed
+    shared-memory counters are copied into ``params`` after the repeats and at close, so that a
+    result shows whether the frames really went through shared memory.
+    """
+
     BUFFERSIZE = 1024
 
-    def __init__(self, mode: str, kind: str, workers: int, deadline: float) -> None:
+    def __init__(
+        self, mode: str, kind: str, workers: int, deadline: float, shared_memory: bool = True
+    ) -> None:
         super().__init__()
         from benchmark.pt_workers import WORKERS
         from pytaskqml import Coordinator
 
         cls, kwargs = WORKERS[kind]
         self.mode = mode
-        self.coord = Coordinator()
+        self.coord = Coordinator(shared_memory=shared_memory)
         try:
             if mode == "threads":
                 self.coord.add_local(cls(**kwargs), threads=workers)
@@ -99,7 +113,11 @@ class PytaskqmlSession(Session):
         except BaseException:
             self.close()
             raise
-        self.params = {"mode": mode, "worker_class": cls.__name__}
+        self.params = {
+            "mode": mode,
+            "worker_class": cls.__name__,
+            "shared_memory": shared_memory,
+        }
         if mode == "map":
             self.params["buffersize"] = self.BUFFERSIZE
 
@@ -117,12 +135,13 @@ class PytaskqmlSession(Session):
         return result
 
     def worker_pids(self) -> set[int]:
-        pids = {w.pid for w in self.coord.statistics().workers}
+        pids = {w.pid for w in self.coord.statistics().workers if w.pid is not None}
         pids.discard(os.getpid())
         return pids
 
     def statistics(self) -> dict[str, Any]:
         s = self.coord.statistics()
+        self.record_shared(s.workers)
         return {
             "submitted": s.submitted,
             "completed": s.completed,
@@ -130,9 +149,24 @@ class PytaskqmlSession(Session):
             "in_flight": s.in_flight,
             "latency_p50_us": None if s.latency_p50 is None else round(s.latency_p50 * 1e6, 1),
             "latency_p99_us": None if s.latency_p99 is None else round(s.latency_p99 * 1e6, 1),
+            "shared_buffers": self.params.get("shared_buffers"),
+            "shared_fallbacks": self.params.get("shared_fallbacks"),
         }
 
+    def record_shared(self, workers: Any) -> None:
+        """Sum the workers' shared-memory counters into params (None: no worker has shared
+        memory, e.g. thread workers or ``shared_memory=False``).  They count since start-up,
+        warm-up included, over the workers alive now."""
+        shared = [w for w in workers if w.shared_buffers is not None]
+        self.params["shared_buffers"] = sum(w.shared_buffers for w in shared) if shared else None
+        self.params["shared_fallbacks"] = (
+            sum(w.shared_fallbacks or 0 for w in shared) if shared else None
+        )
+
     def close(self) -> None:
+        # Read the counters before shutdown drops the workers (not in run_batch: that is timed).
+        with contextlib.suppress(Exception):
+            self.record_shared(self.coord.statistics().workers)
         self.coord.shutdown(wait=True, cancel_futures=True, timeout=10.0)
 
 
@@ -174,6 +208,272 @@ class MultiprocessingSession(Session):
     def close(self) -> None:
         self.pool.terminate()
         self.pool.join()
+
+
+# --- baselines without a task queue: the ceilings the frames numbers are read against ---------
+
+
+def stop_processes(procs: list[Any], grace: float = 5.0) -> None:
+    """Join multiprocessing children; SIGTERM, then SIGKILL, those that do not exit in time."""
+    until = time.monotonic() + grace
+    for proc in procs:
+        proc.join(max(0.0, until - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(1.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+    for proc in procs:
+        with contextlib.suppress(ValueError):
+            proc.close()
+
+
+def _compute_share(fn: Callable[[Any], Any], items: list[Any], w: int, n: int, conn: Any) -> None:
+    """Child of ComputeOnlySession: the items it inherited by fork, i % n == w; sends back the
+    results and how long computing them took."""
+    t0 = time.perf_counter()
+    results = [fn(item) for item in items[w::n]]
+    conn.send((results, time.perf_counter() - t0))
+    conn.close()
+
+
+class ComputeOnlySession(Session):
+    """The task function alone in N processes, with no transport for the inputs.
+
+    Each batch forks N processes that inherit the items (nothing is copied to them); process w
+    computes items w, w + N, w + 2N, ... and sends back only its list of results through a
+    Pipe, which the caller interleaves back into submission order.  The fork is inside the
+    timed batch: ``params["fork_s"]`` says how long it took and ``params["compute_s"]`` how long
+    the slowest child spent in the task function (last batch).  The exited children are reaped
+    at the next batch or at close, so the harness still reads their CPU time from /proc.
+    """
+
+    def __init__(self, kind: str, workers: int) -> None:
+        super().__init__()
+        self.fn = workloads.TASKS[kind]
+        self.workers = workers
+        self.ctx = multiprocessing.get_context("fork")
+        self.procs: list[Any] = []
+        self.params = {
+            "start_method": "fork, N processes per batch (inputs inherited, not sent)",
+            "split": "item i to process i % N",
+            "results": "one pickled list per process over a Pipe",
+            "fork_s": None,
+            "compute_s": None,
+        }
+
+    def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
+        self.reap()
+        n = self.workers
+        t0 = time.perf_counter()
+        conns = []
+        try:
+            for w in range(n):
+                receiver, sender = self.ctx.Pipe(duplex=False)
+                conns.append(receiver)
+                proc = self.ctx.Process(
+                    target=_compute_share,
+                    args=(self.fn, items, w, n, sender),
+                    name=f"compute-only-{w}",
+                    daemon=True,
+                )
+                proc.start()
+                sender.close()
+                self.procs.append(proc)
+            self.params["fork_s"] = round(time.perf_counter() - t0, 4)
+            out: list[Any] = [None] * len(items)
+            compute_s = 0.0
+            for w, conn in enumerate(conns):
+                if not conn.poll(remaining(deadline)):
+                    raise RunTimeout(f"compute-only process {w} did not finish in time")
+                try:
+                    out[w::n], seconds = conn.recv()
+                    compute_s = max(compute_s, seconds)
+                except EOFError:
+                    self.procs[w].join(1.0)
+                    code = self.procs[w].exitcode
+                    raise RunFailed(f"compute-only process {w} exited with code {code}") from None
+            self.params["compute_s"] = round(compute_s, 4)
+            return out
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def run_one(self, item: Any, deadline: float) -> Any:
+        return self.fn(item)
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.procs if p.pid is not None}
+
+    def reap(self) -> None:
+        # A child still computing after its batch ended (a time limit) is not waited for.
+        stop_processes(self.procs, grace=1.0)
+        self.procs = []
+
+    def close(self) -> None:
+        self.reap()
+
+
+RESULT = struct.Struct("!d")
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from ``sock``; False if the peer closed first."""
+    got = 0
+    while got < len(view):
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def _raw_socket_worker(sock: socket.socket, inherited: list[socket.socket], nbytes: int) -> None:
+    """Child of RawSocketSession: frame bytes in, the task's float out as 8 bytes, until EOF."""
+    import numpy as np
+
+    for other in inherited:  # the caller's ends, copied by fork: keep only our own socket
+        other.close()
+    workloads.cv2_module()
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    try:
+        sock.sendall(b"R")
+        while _recv_exactly(sock, view):
+            frame = np.frombuffer(buf, dtype=np.uint8).reshape(workloads.FRAME_SHAPE)
+            sock.sendall(RESULT.pack(workloads.task_frame(frame)))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the caller closed mid-batch (a time limit, a failure): exit as on EOF
+    finally:
+        sock.close()
+
+
+class RawSocketSession(Session):
+    """The bare socket loop the issue quotes as the baseline: no protocol, no queue.
+
+    N forked workers, each on its own socketpair with the caller.  One thread per worker sends
+    the raw bytes of items w, w + N, ... (``sendall`` of the array's memoryview; the size is
+    fixed by the frame shape); the worker ``recv_into``s a preallocated bytearray, runs
+    ``task_frame`` on it and sends the float back as 8 bytes.  The calling thread reads result
+    i from worker i % N, so results come back in order.  Frames only.
+    """
+
+    READY_TIMEOUT = 60.0
+
+    def __init__(self, kind: str, workers: int, deadline: float) -> None:
+        super().__init__()
+        if kind != "frame":
+            raise RunFailed(f"raw-socket runs the frames workload only, not {kind!r}")
+        self.nbytes = math.prod(workloads.FRAME_SHAPE)
+        self.socks: list[socket.socket] = []
+        self.procs: list[Any] = []
+        ctx = multiprocessing.get_context("fork")
+        try:
+            for w in range(workers):
+                mine, theirs = socket.socketpair()
+                proc = ctx.Process(
+                    target=_raw_socket_worker,
+                    args=(theirs, [*self.socks, mine], self.nbytes),
+                    name=f"raw-socket-{w}",
+                    daemon=True,
+                )
+                self.socks.append(mine)
+                proc.start()
+                theirs.close()
+                self.procs.append(proc)
+            ready_by = min(deadline, time.monotonic() + self.READY_TIMEOUT)
+            for w, sock in enumerate(self.socks):
+                sock.settimeout(remaining(ready_by))
+                hello = bytearray(1)
+                self.recv_into(sock, memoryview(hello), w)
+                if hello != b"R":
+                    raise RunFailed(f"raw-socket worker {w} said {bytes(hello)!r}, not b'R'")
+        except BaseException:
+            self.close()
+            raise
+        self.params = {
+            "start_method": "fork",
+            "transport": "one socketpair per worker, raw frame bytes, result as 8 bytes",
+            "frame_bytes": self.nbytes,
+            "senders": "one thread per worker (items i % N == w), results read in order",
+        }
+
+    def recv_into(self, sock: socket.socket, view: memoryview, w: int) -> None:
+        try:
+            if _recv_exactly(sock, view):
+                return
+        except TimeoutError:
+            raise RunTimeout(f"raw-socket worker {w} did not answer in time") from None
+        except OSError as exc:
+            raise RunFailed(f"raw-socket worker {w}: {exc}") from exc
+        self.procs[w].join(1.0)
+        code = self.procs[w].exitcode
+        raise RunFailed(f"raw-socket worker {w} closed its socket (exit code {code})")
+
+    def payload(self, item: Any) -> memoryview:
+        view = memoryview(item)
+        if view.nbytes != self.nbytes or not view.c_contiguous:
+            raise RunFailed(f"raw-socket needs C-contiguous {self.nbytes}-byte frames")
+        return view
+
+    def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
+        n_workers = len(self.socks)
+        for sock in self.socks:  # bounds every sendall and recv_into below
+            sock.settimeout(remaining(deadline))
+        errors: list[BaseException] = []
+
+        def feed(w: int) -> None:
+            sock = self.socks[w]
+            try:
+                for i in range(w, len(items), n_workers):
+                    sock.sendall(self.payload(items[i]))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=feed, args=(w,), name=f"raw-socket-feed-{w}", daemon=True)
+            for w in range(n_workers)
+        ]
+        for thread in threads:
+            thread.start()
+        out: list[Any] = []
+        buf = bytearray(RESULT.size)
+        view = memoryview(buf)
+        try:
+            for i in range(len(items)):
+                self.recv_into(self.socks[i % n_workers], view, i % n_workers)
+                out.append(RESULT.unpack(buf)[0])
+        except RunFailed as exc:
+            if errors:
+                raise RunFailed(f"{exc}; sending failed first: {errors[0]!r}") from exc
+            raise
+        for thread in threads:
+            thread.join(remaining(deadline))
+        if errors:
+            raise RunFailed(f"raw-socket sender failed: {errors[0]!r}")
+        return out
+
+    def run_one(self, item: Any, deadline: float) -> Any:
+        sock = self.socks[0]
+        sock.settimeout(remaining(deadline))
+        sock.sendall(self.payload(item))
+        buf = bytearray(RESULT.size)
+        self.recv_into(sock, memoryview(buf), 0)
+        return RESULT.unpack(buf)[0]
+
+    def worker_pids(self) -> set[int]:
+        return {p.pid for p in self.procs if p.pid is not None}
+
+    def close(self) -> None:
+        for sock in self.socks:  # EOF: each worker leaves its loop and exits
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self.socks = []
+        stop_processes(self.procs)
+        self.procs = []
 
 
 # --- Celery -------------------------------------------------------------------------------------
@@ -436,6 +736,13 @@ class SystemSpec:
     requires: tuple[str, ...]
     start: Factory
     uses_redis: bool = False
+    workloads: tuple[str, ...] = ()  # the only workloads it runs (empty: all of them)
+
+    def unsupported(self, workload: str) -> str | None:
+        """Why this system does not run ``workload`` (a skip, not a failure), or None."""
+        if not self.workloads or workload in self.workloads:
+            return None
+        return f"{self.name} runs only the {'/'.join(self.workloads)} workload(s)"
 
     def missing(self) -> str | None:
         """Why this system cannot run here, or None."""
@@ -455,6 +762,14 @@ SYSTEMS: dict[str, SystemSpec] = {
             "pytaskqml, spawned processes, ordered map()",
             ("pytaskqml",),
             lambda kind, n, deadline, opts: PytaskqmlSession("map", kind, n, deadline),
+        ),
+        SystemSpec(
+            "pytaskqml-map-socket",
+            "pytaskqml, spawned processes, ordered map(), shared memory off (all over the socket)",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: PytaskqmlSession(
+                "map", kind, n, deadline, shared_memory=False
+            ),
         ),
         SystemSpec(
             "pytaskqml-submit",
@@ -479,6 +794,20 @@ SYSTEMS: dict[str, SystemSpec] = {
             "multiprocessing.Pool.imap, chunksize=1",
             (),
             lambda kind, n, deadline, opts: MultiprocessingSession(kind, n, 1),
+        ),
+        SystemSpec(
+            "compute-only",
+            "ceiling: the task function alone in N forked processes, no transport",
+            (),
+            lambda kind, n, deadline, opts: ComputeOnlySession(kind, n),
+            workloads=("frames", "wordcount"),
+        ),
+        SystemSpec(
+            "raw-socket",
+            "baseline: bare socket loop, raw frame bytes to N forked workers, 8-byte results",
+            ("numpy", "cv2"),
+            lambda kind, n, deadline, opts: RawSocketSession(kind, n, deadline),
+            workloads=("frames",),
         ),
         SystemSpec(
             "celery",

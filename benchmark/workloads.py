@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,7 @@ def task_sleep(index: int, delay: float = SLEEP_S) -> int:
     return index
 
 
-TASKS = {
+TASKS: dict[str, Callable[..., Any]] = {
     "wordcount": task_wordcount,
     "frame": task_frame,
     "echo": task_echo,
