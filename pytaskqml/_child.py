@@ -17,7 +17,14 @@ from typing import Any
 
 from . import _connection
 from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
-from ._worker import WorkerServer, call_setup, call_teardown, load_worker_class, make_worker
+from ._worker import (
+    WorkerServer,
+    call_setup,
+    call_teardown,
+    load_worker_class,
+    make_worker,
+    tune_malloc,
+)
 
 log = logging.getLogger("pytaskqml")
 
@@ -53,6 +60,7 @@ def main() -> int:
     for entry in reversed(cfg.get("sys_path") or []):
         if isinstance(entry, str) and entry not in sys.path:
             sys.path.insert(0, entry)
+    tune_malloc()
     try:
         cls = load_worker_class(str(cfg["target"]), main_path=cfg.get("main_path"))
         worker = make_worker(cls, cfg.get("kwargs"))

@@ -25,7 +25,14 @@ from typing import Any
 
 from . import __version__, _connection, _control
 from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
-from ._worker import WorkerServer, call_setup, call_teardown, load_worker_class, make_worker
+from ._worker import (
+    WorkerServer,
+    call_setup,
+    call_teardown,
+    load_worker_class,
+    make_worker,
+    tune_malloc,
+)
 
 log = logging.getLogger("pytaskqml")
 
@@ -184,6 +191,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                 f"cannot listen on {_connection.format_address(listen)}: {exc.strerror or exc}",
                 EXIT_FAILURE,
             ) from None
+    tune_malloc()  # this process is a worker from here on
     try:
         try:
             worker = make_worker(cls, kwargs)

@@ -131,3 +131,20 @@ class Counted(Worker):
         if payload == "unencodable":
             return object()
         return [payload, os.getpid(), self.calls]
+
+
+class Churn(Worker):
+    """Allocates and frees buffers of a few hundred KiB to MiBs per task, as a model over video
+    frames does, and reports the page faults that cost this process (from getrusage)."""
+
+    def process(self, rounds: int) -> int:
+        import resource
+
+        import numpy as np
+
+        frame = np.full((480, 640, 3), 7, dtype=np.uint8)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(rounds):
+            gray = frame.mean(axis=2, dtype=np.float32)
+            float((gray[1:-1] + gray[2:] + gray[:-2]).mean())
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
