@@ -92,7 +92,8 @@ class PytaskqmlSession(Session):
     result shows whether the frames really went through shared memory.
     """
 
-    BUFFERSIZE = 1024
+    # map()'s own default: a buffer sized from the measured time per item (what a user gets).
+    BUFFERSIZE: int | None = None
 
     def __init__(
         self, mode: str, kind: str, workers: int, deadline: float, shared_memory: bool = True
@@ -119,7 +120,7 @@ class PytaskqmlSession(Session):
             "shared_memory": shared_memory,
         }
         if mode == "map":
-            self.params["buffersize"] = self.BUFFERSIZE
+            self.params["buffersize"] = self.BUFFERSIZE or "auto (map() default)"
 
     def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
         if self.mode == "submit":
