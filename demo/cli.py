@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--frames",
         type=_positive,
-        default=120,
+        default=240,
         help="frames to process: length of the generated clip, or the most read from --input "
         "(default: %(default)s)",
     )

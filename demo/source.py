@@ -90,7 +90,7 @@ def _backdrop(width: int, height: int) -> np.ndarray:
 
 
 def generate_clip(
-    frames: int = 120, size: tuple[int, int] = (640, 480), fps: float = 30.0, seed: int = 7
+    frames: int = 240, size: tuple[int, int] = (640, 480), fps: float = 30.0, seed: int = 7
 ) -> Clip:
     """Render *frames* frames of the astronaut card moving over a star field."""
     width, height = size
