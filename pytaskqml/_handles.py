@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A frame carries at most this many tasks, and stops growing once its buffers pass this size.
+# A frame carries at most this many tasks, and stops growing once its buffers (and the JSON of
+# chunks encoded at submit) pass this size.
 MAX_TASKS_PER_FRAME = 512
 MAX_FRAME_BUFFER_BYTES = 8 * 1024 * 1024
 # An adaptive window holds about this many seconds of work per worker.
@@ -72,8 +73,9 @@ class Task:
         text: str | None = None,
     ) -> None:
         self.id = tid
-        # Checked encodable at submit; encoded again when framed. For a chunk (count > 1) the
-        # list of its items, which are seq, seq + 1, ... seq + count - 1 of their map().
+        # Checked encodable at submit; encoded again when framed unless `text` holds its JSON.
+        # For a chunk (count > 1) the list of its items, which are seq, seq + 1, ...
+        # seq + count - 1 of their map().
         self.payload = payload
         self.count = count
         self.nbytes = nbytes  # raw buffer bytes inside the payload, to size frames
@@ -324,7 +326,8 @@ class RemoteHandle(WorkerHandle):
         while start < len(live):
             end, size = start, 0
             while end < len(live) and (end == start or size < MAX_FRAME_BUFFER_BYTES):
-                size += live[end].nbytes
+                t = live[end]
+                size += t.nbytes + (len(t.text) if t.text is not None else 0)
                 end += 1
             self._send(live[start:end])
             start = end

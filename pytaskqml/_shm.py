@@ -43,10 +43,11 @@ from ._errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
-# Buffers at least this large go through shared memory; smaller ones are cheaper inline in the
-# frame (one socket write instead of a copy plus slot bookkeeping). Measured with
-# `python -m benchmark.frames --sizes`: below ~64 KiB the two paths cost the same.
-MIN_BYTES = 64 * 1024
+# Buffers at least this large go through shared memory; smaller ones travel inline in the frame.
+# `python -m benchmark.frames --sizes` on 2 cores: at 32 KiB shared memory moved 1.4x the tasks
+# per second for 0.66x the CPU, at 16 KiB the two were within noise in one run of two. Below
+# this a buffer would also take a whole slot (at least 1 MiB) for little gain.
+MIN_BYTES = 32 * 1024
 # Slots are a whole number of these, so frames of one stream share a layout even when their
 # sizes differ a little, and a slot is page-aligned (arrays land on 64-byte boundaries).
 SLOT_GRANULE = 1024 * 1024
