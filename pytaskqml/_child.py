@@ -1,9 +1,10 @@
 """Entry point of a worker process spawned by :meth:`Coordinator.spawn`.
 
-The parent writes one JSON line of configuration to our stdin - including the connection key,
-so the key never shows on a command line, in ``ps`` or in the environment - and we dial back to
-the coordinator's private loopback listener. When that connection is lost we exit: a spawned
-worker never outlives its coordinator.
+The parent writes one JSON line of configuration to our stdin. On POSIX it names a file
+descriptor we inherited: our end of a socketpair with the coordinator, a channel nobody else
+holds. Elsewhere it holds a connection key - so the key never shows on a command line, in
+``ps`` or in the environment - and we dial back to the coordinator's loopback listener. When
+that connection is lost we exit: a spawned worker never outlives its coordinator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -29,28 +31,44 @@ from ._worker import (
 log = logging.getLogger("pytaskqml")
 
 
-def _report_failure(cfg: dict[str, Any], key: bytes, error: str) -> None:
+def _report_failure(cfg: dict[str, Any], channel: Any, error: str) -> None:
     """Tell the coordinator why we could not start, so spawn() can say it in one line."""
+    fields = {"spawn_id": cfg.get("spawn_id"), "error": error, "pid": os.getpid()}
     try:
+        if isinstance(channel, _connection.Connection):
+            channel.send("failed", fields)
+            return
         sock = _connection.dial((str(cfg["address"][0]), int(cfg["address"][1])), timeout=5.0)
         conn = _connection.Connection(sock)
-        _connection.client_handshake(conn, key, timeout=5.0)
-        conn.send("failed", {"spawn_id": cfg.get("spawn_id"), "error": error, "pid": os.getpid()})
+        _connection.client_handshake(conn, channel, timeout=5.0)
+        conn.send("failed", fields)
         conn.abort()
-    except (OSError, ConnectionLost, AuthenticationError):
+    except (OSError, ConnectionLost, AuthenticationError, KeyError, ValueError, TypeError):
         pass
 
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    # Either a socket the coordinator handed us (one end of a socketpair: private, no
+    # handshake needed), or an address to dial back to with the key.
+    conn: _connection.Connection | None = None
+    key = b""
+    address: tuple[str, int] | None = None
     try:
         cfg = json.loads(sys.stdin.readline())
-        key = bytes.fromhex(cfg["authkey"])
-        address = (str(cfg["address"][0]), int(cfg["address"][1]))
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        if cfg.get("sock") is not None:
+            sock = socket.socket(fileno=int(cfg["sock"]))
+        else:
+            key = bytes.fromhex(cfg["authkey"])
+            address = (str(cfg["address"][0]), int(cfg["address"][1]))
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
         print(f"pytaskqml worker: bad spawn configuration: {exc}", file=sys.stderr)
         return 2
     sys.stdin.close()
+    max_frame_size = int(cfg.get("max_frame_size") or 64 * 1024 * 1024)
+    if address is None:
+        conn = _connection.Connection(sock, max_frame_size=max_frame_size)
+        conn.set_authenticated()
     handler = logging.StreamHandler()
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s pytaskqml-worker[{os.getpid()}] %(levelname)s %(message)s")
@@ -67,7 +85,7 @@ def main() -> int:
         call_setup(worker)
     except WorkerStartError as exc:
         print(f"pytaskqml worker: {exc}", file=sys.stderr)
-        _report_failure(cfg, key, str(exc))
+        _report_failure(cfg, conn if conn is not None else key, str(exc))
         return 3
     shm = cfg.get("shm")
     shared = (int(shm[0]), str(shm[1])) if isinstance(shm, list) and len(shm) == 2 else None
@@ -77,13 +95,17 @@ def main() -> int:
         spawn_id=cfg.get("spawn_id"),
         heartbeat_interval=float(cfg.get("heartbeat_interval") or 0.5),
         heartbeat_timeout=float(cfg.get("heartbeat_timeout") or 5.0),
-        max_frame_size=int(cfg.get("max_frame_size") or 64 * 1024 * 1024),
+        max_frame_size=max_frame_size,
         exit_grace=5.0,
         shared=shared,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     try:
-        server.run_dial(address, reconnect=False)
+        if conn is not None:
+            server.serve_connection(conn)
+        else:
+            assert address is not None
+            server.run_dial(address, reconnect=False)
     except (ConnectionLost, AuthenticationError) as exc:
         log.warning("cannot reach the coordinator: %s", exc)
     finally:

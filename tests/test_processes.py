@@ -428,3 +428,23 @@ def test_worker_processes_keep_freed_memory_for_the_next_task() -> None:
         text=True,
     )
     assert tuned.stdout.strip() == "False", tuned.stderr  # the user's own tuning wins
+
+
+@pytest.mark.parametrize("socketpair", [True, False], ids=["socketpair", "dial-back"])
+def test_spawned_workers_reach_the_coordinator_either_way(socketpair: bool) -> None:
+    """POSIX: each child gets its end of a socketpair and nothing listens. The fallback (for
+    platforms without fd passing): children dial a loopback listener with a key from stdin."""
+    with Coordinator() as coord:
+        coord._spawn_socketpair = socketpair
+        pids = coord.spawn(Pid, processes=2)
+        assert (coord._spawn_listener is None) == socketpair
+        out = list(coord.map([[i, 0.001] for i in range(100)]))
+        assert [o[0] for o in out] == list(range(100))
+        os.kill(pids[0], signal.SIGKILL)  # a replacement connects the same way
+        wait_for(
+            lambda: {w.pid for w in coord.statistics().workers} - set(pids),
+            what="replacement worker",
+        )
+        assert [o[0] for o in coord.map([[i, 0.001] for i in range(50)])] == list(range(50))
+        addresses = {w.address for w in coord.statistics().workers}
+        assert all(a.startswith("pid ") for a in addresses) == socketpair, addresses
