@@ -17,7 +17,7 @@ one JSON line per run goes to stdout, progress and, at the end, a readable table
 
 ``--sizes`` instead measures pytaskqml's ordered ``map()`` on buffers of 16 KiB to 4 MiB whose
 ``process()`` reads one byte, with shared memory and over the socket: the data behind the
-32 KiB threshold above which the library sends buffers through shared memory
+64 KiB threshold above which the library sends buffers through shared memory
 (``pytaskqml._shm.MIN_BYTES``).
 """
 
@@ -71,7 +71,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             "Frames workload (640x480x3 uint8, grayscale + 5x5 Gaussian blur) on the systems\n"
             "below (and celery with --celery), 2 workers each. One JSON line per run on stdout;\n"
             "progress and a summary table on stderr. With --sizes: pytaskqml map() throughput\n"
-            "per buffer size, shared memory vs socket (the data behind the 32 KiB threshold)."
+            "per buffer size, shared memory vs socket (the data behind the 64 KiB threshold)."
         ),
         epilog="systems:\n"
         + "".join(f"  {name:<22}{SYSTEMS[name].label}\n" for name in FRAME_SYSTEMS)
@@ -212,7 +212,7 @@ def verdict(results: list[dict[str, Any]]) -> str:
 @contextlib.contextmanager
 def shared_threshold(nbytes: int | None) -> Iterator[None]:
     """Temporarily set the library's shared-memory threshold (None: leave it), so that the
-    shared-memory path can be timed below the 32 KiB it normally starts at."""
+    shared-memory path can be timed below the 64 KiB it normally starts at."""
     from pytaskqml import _shm
 
     if nbytes is None or not hasattr(_shm, "MIN_BYTES"):

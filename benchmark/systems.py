@@ -86,7 +86,7 @@ class Session:
 class PytaskqmlSession(Session):
     """pytaskqml with spawned worker processes (``map``/``submit``) or local thread workers.
 
-    ``shared_memory`` is the Coordinator's switch for spawned workers: buffers of 32 KiB or more
+    ``shared_memory`` is the Coordinator's switch for spawned workers: buffers of 64 KiB or more
     go through a shared segment (the default) or all travel over the socket (False).  The summed
     shared-memory counters are copied into ``params`` after the repeats and at close, so that a
     result shows whether the frames really went through shared memory.

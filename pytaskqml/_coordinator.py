@@ -139,7 +139,7 @@ class WorkerStats:
     completed: int
     failed: int
     # Spawned workers share memory with the coordinator where the platform allows: buffers of
-    # 32 KiB or more sent through it, those sent over the socket because no slot was free, and
+    # 64 KiB or more sent through it, those sent over the socket because no slot was free, and
     # slots in use now (None: this worker has no shared memory).
     shared_buffers: int | None = None
     shared_fallbacks: int | None = None

@@ -44,10 +44,10 @@ from ._errors import ProtocolError
 log = logging.getLogger(__name__)
 
 # Buffers at least this large go through shared memory; smaller ones travel inline in the frame.
-# `python -m benchmark.frames --sizes` on 2 cores: at 32 KiB shared memory moved 1.4x the tasks
-# per second for 0.66x the CPU, at 16 KiB the two were within noise in one run of two. Below
-# this a buffer would also take a whole slot (at least 1 MiB) for little gain.
-MIN_BYTES = 32 * 1024
+# `python -m benchmark.frames --sizes` on 2 cores, spawned workers on a socketpair: from 64 KiB
+# on shared memory took 0.66-0.73x the CPU per task at an equal or higher rate (1.9x at 1 MiB);
+# at 16-32 KiB the two were within noise, and a small buffer would take a whole slot (1 MiB).
+MIN_BYTES = 64 * 1024
 # Slots are a whole number of these, so frames of one stream share a layout even when their
 # sizes differ a little, and a slot is page-aligned (arrays land on 64-byte boundaries).
 SLOT_GRANULE = 1024 * 1024
