@@ -1328,7 +1328,13 @@ class Coordinator:
                 slot.spawn_id,
                 slot.restarts,
             )
-            self._start_process(slot)
+            try:
+                self._start_process(slot)
+            except OSError as exc:  # out of processes, descriptors, memory: try again later
+                log.error("could not restart worker %s: %s", slot.target, exc)
+                with self._lock:
+                    if not self._stopping and not slot.retired:
+                        self._schedule_restart(slot)
 
     # ================================================================ housekeeping
 

@@ -400,3 +400,31 @@ def test_chaos_smoke_kill_9_twice_during_an_ordered_map() -> None:
     assert res.received == 3000 and res.workers_lost == 2, table
     assert res.restarts >= 1 and sum(res.rate_per_bucket) == 3000, table
     assert res.ok and "verdict" in table
+
+
+def test_a_restart_that_cannot_start_a_process_is_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Out of descriptors or processes for a moment: the restart fails, is logged, and is
+    tried again with backoff instead of taking the coordinator down."""
+    with Coordinator() as coord:
+        (pid,) = coord.spawn(Echo, processes=1)
+        real = coord._start_process
+        calls: list[int] = []
+
+        def flaky(slot: Any) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(24, "Too many open files")
+            real(slot)
+
+        coord._start_process = flaky  # type: ignore[method-assign]
+        with caplog.at_level(logging.ERROR, logger="pytaskqml"):
+            os.kill(pid, signal.SIGKILL)
+            wait_for(
+                lambda: any(w.pid not in (None, pid) for w in coord.statistics().workers),
+                what="the second restart attempt to attach",
+            )
+        assert len(calls) == 2
+        assert "could not restart worker" in caplog.text and "Too many open files" in caplog.text
+        assert coord.submit("still here").result(20) == "still here"
