@@ -31,6 +31,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHILD_GRACE_S = 60.0
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, n_help: str) -> None:
+    """The options every benchmark entry point shares: repeats, size, smoke run, time limit."""
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
+    parser.add_argument("--n", type=int, default=None, help=n_help)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="limit per run, start-up included (default 300)",
+    )
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
@@ -57,21 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="worker processes per system (default 2; the sleep workload defaults to 1,2,4,8,16)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
-    parser.add_argument(
-        "--n",
-        type=int,
-        default=None,
-        help="tasks per repeat (overrides the workload's default size)",
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="limit per run, start-up included (default 300)",
-    )
+    add_run_options(parser, n_help="tasks per repeat (overrides the workload's default size)")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument(
         "--redis-url",

@@ -85,19 +85,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="instead: pytaskqml map() throughput per buffer size, shared memory vs socket",
     )
-    parser.add_argument(
-        "--n", type=int, default=None, help=f"frames per repeat (default {DEFAULT_N})"
-    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument(
-        "--time-limit",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="limit per run, start-up included (default 300)",
-    )
+    bench.add_run_options(parser, n_help=f"frames per repeat (default {DEFAULT_N})")
     parser.add_argument("-q", "--quiet", action="store_true", help="less progress output")
     return parser.parse_known_args(argv)
 

@@ -710,15 +710,10 @@ class Coordinator:
             tasks = []
             for i in range(0, len(items), chunk):
                 part = items[i : i + chunk]
-                if len(part) > 1:
-                    try:
-                        text, bufs = _codec.encode(part)
-                        plain = not bufs and len(text) + 64 <= self.max_frame_size
-                    except (TypeError, ValueError):
-                        plain = False
-                    if plain:
-                        tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
-                        continue
+                text = self._plain_json(part) if len(part) > 1 else None
+                if text is not None:
+                    tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
+                    continue
                 tasks.extend(
                     Task(next(ids), p, self._check_payload(p), sink, seq + i + j, now)
                     for j, p in enumerate(part)
@@ -727,12 +722,7 @@ class Coordinator:
             return
         # Checking all items in one encoder call is several times cheaper than one call per
         # item; only a batch that fails, or carries raw buffers, is looked at item by item.
-        try:
-            text, bufs = _codec.encode(items)
-            simple = not bufs and len(text) + 64 <= self.max_frame_size
-        except (TypeError, ValueError):
-            simple = False
-        if simple:
+        if self._plain_json(items) is not None:
             tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
             tasks = [
@@ -740,6 +730,14 @@ class Coordinator:
                 for i, p in enumerate(items)
             ]
         self._admit(tasks, timeout, None)
+
+    def _plain_json(self, items: list[Any]) -> str | None:
+        """The JSON of *items* if it can travel, holds no raw buffers and fits in a frame."""
+        try:
+            text, bufs = _codec.encode(items)
+        except (TypeError, ValueError):
+            return None
+        return text if not bufs and len(text) + 64 <= self.max_frame_size else None
 
     def _admit(self, tasks: list[Task], timeout: float | None, put_timeout: float | None) -> None:
         dropped: list[Task] = []
