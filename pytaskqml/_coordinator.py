@@ -238,7 +238,9 @@ class Coordinator:
     before it is declared lost; ``heartbeat_interval``/``heartbeat_timeout`` liveness of idle
     connections; ``authkey`` the shared key for worker connections (default: the
     ``PYTASKQML_AUTHKEY`` environment variable); ``on_late`` receives results that arrive after
-    their deadline (otherwise they can be read with :meth:`late_results`).
+    their deadline (otherwise they can be read with :meth:`late_results`); ``shared_memory``
+    lets buffers of 64 KiB or more reach spawned workers through shared memory instead of the
+    socket where the platform allows it (see :mod:`pytaskqml._shm`).
     """
 
     def __init__(

@@ -64,7 +64,11 @@ class Worker:
         """Called once per worker, before its first task (load the model here)."""
 
     def process(self, payload: Any) -> Any:
-        """Compute the result of one task. An exception fails this task only."""
+        """Compute the result of one task. An exception fails this task only.
+
+        NumPy arrays in *payload* are yours: writable, and in a spawned worker often a view of
+        memory shared with the coordinator, which is not reused while you still refer to it.
+        """
         raise NotImplementedError(f"{type(self).__name__} must override process()")
 
     def process_batch(self, payloads: list[Any]) -> list[Any]:
