@@ -596,15 +596,20 @@ class Coordinator:
         outstanding = 0
         exhausted = False
         chunked = chunksize != 1 and timeout is None
+        # The automatic buffer starts at 256 and grows at most 8-fold per refill: the time per
+        # item measured so far may be another workload's (tiny words before video frames), and
+        # by the time the buffer is large, this map's own results have corrected it.
+        cap = 256
 
         def top_up() -> None:
             # Refill once a quarter of the buffer is free: called after every result handed
             # out, so the workers keep busy while the caller works through a batch of them.
-            nonlocal seq, outstanding, exhausted
-            buffersize = fixed_buffersize or self._auto_buffersize(chunked)
+            nonlocal seq, outstanding, exhausted, cap
+            buffersize = fixed_buffersize or min(cap, self._auto_buffersize(chunked))
             room = buffersize - outstanding
             if exhausted or room < max(1, buffersize // 4):
                 return
+            cap = min(8 * cap, MAX_MAP_BUFFER)
             items = list(itertools.islice(it, room))
             if len(items) < room:
                 exhausted = True

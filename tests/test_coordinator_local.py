@@ -462,3 +462,24 @@ def test_reorder_buffer_hands_out_a_run_of_results_whole() -> None:
         (3, RUN, ["d", "e", "f"]),
         (6, OK, "g"),
     ]
+
+
+def test_a_new_map_does_not_read_far_ahead_on_an_old_measurement() -> None:
+    """After tiny items the automatic buffer is tens of thousands of items; a new map() of
+    something else (video frames) must not pull that many from its iterator before its own
+    results have been measured."""
+    pulled = itertools.count()
+
+    def frames() -> Any:
+        for i in range(100_000):
+            next(pulled)
+            yield i
+
+    with Coordinator() as coord:
+        coord.add_local(Echo(), threads=2)
+        assert sum(coord.map(range(200_000))) == sum(range(200_000))
+        assert coord._auto_buffersize(True) > 10_000  # what the tiny items taught it
+        it = coord.map(frames())
+        assert next(it) == 0
+        assert next(pulled) <= 256 + 1
+        it.close()
