@@ -1171,7 +1171,8 @@ class Coordinator:
             assert self._spawn_listener is not None
             config["address"] = list(self._spawn_listener.address)
             config["authkey"] = self._spawn_key.hex()
-        fd = _shm.create_segment(f"pytaskqml-{slot.spawn_id}") if self.shared_memory else None
+        segment = _shm.create_segment(f"pytaskqml-{slot.spawn_id}") if self.shared_memory else None
+        fd, reserve = segment if segment is not None else (None, False)
         token = secrets.token_hex(8)
         if fd is not None:
             config["shm"] = [fd, token]
@@ -1195,7 +1196,7 @@ class Coordinator:
             if pair is not None:
                 pair[1].close()  # the child's end: ours is pair[0]
         if fd is not None:
-            slot.arena = _shm.Arena(fd, token=token)
+            slot.arena = _shm.Arena(fd, token=token, reserve=reserve)
         if pair is not None:
             threading.Thread(
                 target=self._admit_spawned,

@@ -54,35 +54,48 @@ SLOT_GRANULE = 1024 * 1024
 # Address space reserved per worker. Pages are only backed once written, and freed slots are
 # reused most-recent-first, so the memory actually used follows the number of frames in flight.
 ARENA_BYTES = 256 * 1024 * 1024
+# In /dev/shm (no memfd) the whole arena is reserved up front, so it is kept smaller.
+RESERVED_ARENA_BYTES = 64 * 1024 * 1024
 MAX_SLOTS = 128
 
 
-def create_segment(name: str) -> int | None:
-    """A new empty shared segment as a file descriptor (not inheritable), or ``None``."""
+def create_segment(name: str) -> tuple[int, bool] | None:
+    """A new empty shared segment: ``(file descriptor, reserve)``, or ``None``.
+
+    The descriptor is not inheritable. *reserve* is true for a file in ``/dev/shm``: that
+    tmpfs has a size limit (64 MiB in a default Docker container), and a write into a mapping
+    past it kills the process with SIGBUS instead of raising, so its pages must be allocated
+    before use. A memfd has no such limit of its own.
+    """
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is not None:
         with contextlib.suppress(OSError):
             fd: int = memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))
-            return fd
+            return fd, False
     shm_dir = "/dev/shm"  # noqa: S108 - mkstemp: O_EXCL, mode 0600, unlinked at once
-    if os.path.isdir(shm_dir):
+    if os.path.isdir(shm_dir) and hasattr(os, "posix_fallocate"):
         try:
             fd, path = tempfile.mkstemp(dir=shm_dir, prefix="pytaskqml-")
         except OSError:
             return None
         with contextlib.suppress(OSError):
             os.unlink(path)
-        return fd
+        return fd, True
     return None
 
 
 class Arena:
     """The coordinator's side of one worker's segment: fixed-size slots, copied into."""
 
-    def __init__(self, fd: int, *, token: str, limit: int = ARENA_BYTES) -> None:
+    def __init__(
+        self, fd: int, *, token: str, reserve: bool = False, limit: int | None = None
+    ) -> None:
         self.fd = fd
         self.token = token  # the process given this segment says it in its hello
-        self.limit = limit
+        self.reserve = reserve  # allocate the pages up front (see create_segment)
+        self.limit = (
+            limit if limit is not None else RESERVED_ARENA_BYTES if reserve else ARENA_BYTES
+        )
         self._lock = threading.Lock()
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
@@ -125,7 +138,10 @@ class Arena:
         total = size * count
         try:
             if total > self._size:
-                os.ftruncate(self.fd, total)
+                if self.reserve:
+                    os.posix_fallocate(self.fd, 0, total)  # ENOSPC here, not SIGBUS later
+                else:
+                    os.ftruncate(self.fd, total)
                 self._size = total
             if self._view is not None:
                 self._view.release()

@@ -18,9 +18,22 @@ from pytaskqml import Coordinator, ProtocolError, _codec, _shm
 
 T = 30.0
 
-pytestmark = pytest.mark.skipif(
-    _shm.create_segment("probe") is None, reason="no shared memory on this platform"
-)
+
+def _segment() -> int:
+    segment = _shm.create_segment("test")
+    assert segment is not None
+    return segment[0]
+
+
+def _probe() -> bool:
+    segment = _shm.create_segment("probe")
+    if segment is None:
+        return False
+    os.close(segment[0])
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _probe(), reason="no shared memory on this platform")
 
 
 def _frames(n: int, shape: tuple[int, ...] = (240, 320, 3), seed: int = 1) -> list[np.ndarray]:
@@ -42,8 +55,7 @@ def _open_fds() -> set[int]:
 
 
 def test_arena_places_copies_and_runs_out_of_slots() -> None:
-    fd = _shm.create_segment("test")
-    assert fd is not None
+    fd = _segment()
     arena = _shm.Arena(fd, token="t", limit=4 * _shm.SLOT_GRANULE)
     data = bytes(range(256)) * 1024  # 256 KiB
     offsets = [arena.place(memoryview(data)) for _ in range(5)]
@@ -64,8 +76,7 @@ def test_arena_places_copies_and_runs_out_of_slots() -> None:
 
 
 def test_arena_resizes_slots_only_when_none_is_taken() -> None:
-    fd = _shm.create_segment("test")
-    assert fd is not None
+    fd = _segment()
     arena = _shm.Arena(fd, token="t", limit=8 * _shm.SLOT_GRANULE)
     small = memoryview(bytes(100_000))
     big = memoryview(bytes(3 * _shm.SLOT_GRANULE))
@@ -80,8 +91,7 @@ def test_arena_resizes_slots_only_when_none_is_taken() -> None:
 
 
 def test_shared_view_checks_references_and_frees_slots_when_arrays_die() -> None:
-    fd = _shm.create_segment("test")
-    assert fd is not None
+    fd = _segment()
     arena = _shm.Arena(fd, token="t")
     view = _shm.SharedView(os.dup(fd), "t")
     try:
@@ -123,8 +133,7 @@ def test_shared_view_checks_references_and_frees_slots_when_arrays_die() -> None
 
 
 def test_small_buffers_stay_inline() -> None:
-    fd = _shm.create_segment("test")
-    assert fd is not None
+    fd = _segment()
     arena = _shm.Arena(fd, token="t")
     try:
         small = np.zeros(1000, dtype=np.float32)
@@ -225,3 +234,29 @@ def test_killed_worker_releases_its_segment_and_loses_nothing() -> None:
         (new,) = [w for w in coord.statistics().workers if w.pid not in pids]
         assert new.shared_buffers
     assert _open_fds() - fds_before == set()  # the dead worker's segment was closed too
+
+
+def test_a_size_limited_tmpfs_segment_is_reserved_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without memfd the segment is a file in /dev/shm, whose size limit would turn a write
+    past it into SIGBUS: its pages are allocated first, and a full tmpfs means the socket."""
+    if not (os.path.isdir("/dev/shm") and hasattr(os, "posix_fallocate")):
+        pytest.skip("no /dev/shm here")
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    segment = _shm.create_segment("test")
+    assert segment is not None and segment[1] is True
+    arena = _shm.Arena(segment[0], token="t", reserve=segment[1])
+    assert arena.limit == _shm.RESERVED_ARENA_BYTES
+    assert arena.place(memoryview(bytes(100_000))) == 0
+    assert os.fstat(arena.fd).st_blocks * 512 >= _shm.RESERVED_ARENA_BYTES  # allocated
+    arena.close()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    segment = _shm.create_segment("test")
+    assert segment is not None
+    arena = _shm.Arena(segment[0], token="t", reserve=segment[1])
+    assert arena.place(memoryview(bytes(100_000))) is None  # the caller sends it inline
+    assert arena.fallbacks == 1 and arena.place(memoryview(bytes(100_000))) is None
+    arena.close()
