@@ -119,7 +119,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "frames",
             "frame",
-            300,
+            1_000,
             "640x480x3 uint8 frame per task; grayscale + 5x5 Gaussian blur, mean returned",
             ("numpy", "cv2"),
         ),
