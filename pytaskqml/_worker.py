@@ -738,8 +738,9 @@ def tune_malloc() -> bool:
     A model over video frames allocates and frees the same few buffers of hundreds of KiB to
     MiBs per frame. With glibc's defaults those pages go back to the OS when freed (munmap,
     or a heap trim) and are faulted in again on the next frame: on a 640x480 blur that was
-    ~120 page faults and ~45% of the worker's CPU per frame, on 1080p ~1,000 faults and over
-    half (`python -m benchmark.frames`). Serving blocks below 32 MiB from the heap and keeping
+    ~120 page faults and ~45% of the worker's CPU per frame (`python -m benchmark --system
+    pytaskqml-map --workload frames`, with and without a ``MALLOC_*`` variable set), on 1080p
+    ~1,000 faults and over half. Serving blocks below 32 MiB from the heap and keeping
     16 MiB at its top removes them, for ~15 MB more resident memory. Only in worker processes
     (never in the caller's), only with glibc, and not when the environment already tunes
     malloc (any ``MALLOC_*`` variable). Returns whether it was applied.
