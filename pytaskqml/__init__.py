@@ -7,11 +7,12 @@ thread workers. Results come back in submission order. Standard library only.
 
 from ._connection import tls_client_context, tls_server_context
 from ._control import get_health, request_shutdown
-from ._coordinator import Coordinator, LateResult, Statistics, Stream, TaskTimeout, WorkerStats
+from ._coordinator import Coordinator
 from ._errors import (
     AuthenticationError,
     ClosedError,
     ConnectionLost,
+    NoWorkersError,
     ProtocolError,
     PyTaskQMLError,
     RemoteTraceback,
@@ -20,6 +21,9 @@ from ._errors import (
     WorkerStartError,
 )
 from ._handoff import load, spill
+from ._iterate import Stream
+from ._stats import Statistics, WorkerStats
+from ._tasks import LateResult, TaskTimeout
 from ._worker import Worker
 
 __version__ = "0.1.0"
@@ -30,6 +34,7 @@ __all__ = [
     "ConnectionLost",
     "Coordinator",
     "LateResult",
+    "NoWorkersError",
     "ProtocolError",
     "PyTaskQMLError",
     "RemoteTraceback",

@@ -13,34 +13,37 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from typing import Any
 
 from . import _connection
+from ._bootstrap import call_teardown, setup_logging, start_worker, tune_malloc
+from ._endpoints import dial_once
 from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
-from ._worker import (
-    WorkerServer,
-    call_setup,
-    call_teardown,
-    load_worker_class,
-    make_worker,
-    tune_malloc,
-)
+from ._serve import WorkerServer
 
 log = logging.getLogger("pytaskqml")
 
+# A spawned worker whose coordinator is gone leaves this many seconds later, even mid-task.
+EXIT_GRACE = 1.0
 
-def _report_failure(cfg: dict[str, Any], channel: Any, error: str) -> None:
-    """Tell the coordinator why we could not start, so spawn() can say it in one line."""
-    fields = {"spawn_id": cfg.get("spawn_id"), "error": error, "pid": os.getpid()}
+
+def _report_failure(
+    cfg: dict[str, Any], channel: _connection.Connection | bytes, error: WorkerStartError
+) -> None:
+    """Tell the coordinator why we could not start, so it can say so where it matters."""
+    fields = {
+        "spawn_id": cfg.get("spawn_id"),
+        "error": str(error),
+        "traceback": error.remote_traceback,
+        "pid": os.getpid(),
+    }
     try:
         if isinstance(channel, _connection.Connection):
             channel.send("failed", fields)
             return
-        sock = _connection.dial((str(cfg["address"][0]), int(cfg["address"][1])), timeout=5.0)
-        conn = _connection.Connection(sock)
-        _connection.client_handshake(conn, channel, timeout=5.0)
+        address = (str(cfg["address"][0]), int(cfg["address"][1]))
+        conn = dial_once(address, channel, max_frame_size=64 * 1024, timeout=5.0)
         conn.send("failed", fields)
         conn.abort()
     except (OSError, ConnectionLost, AuthenticationError, KeyError, ValueError, TypeError):
@@ -57,7 +60,7 @@ def main() -> int:
     try:
         cfg = json.loads(sys.stdin.readline())
         if cfg.get("sock") is not None:
-            sock = socket.socket(fileno=int(cfg["sock"]))
+            sock = _connection.from_fd(int(cfg["sock"]))
         else:
             key = bytes.fromhex(cfg["authkey"])
             address = (str(cfg["address"][0]), int(cfg["address"][1]))
@@ -69,23 +72,16 @@ def main() -> int:
     if address is None:
         conn = _connection.Connection(sock, max_frame_size=max_frame_size)
         conn.set_authenticated()
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s pytaskqml-worker[{os.getpid()}] %(levelname)s %(message)s")
-    )
-    log.addHandler(handler)
-    log.setLevel(int(cfg.get("log_level") or logging.WARNING))
+    setup_logging("pytaskqml-worker", int(cfg.get("log_level") or logging.WARNING))
     for entry in reversed(cfg.get("sys_path") or []):
         if isinstance(entry, str) and entry not in sys.path:
             sys.path.insert(0, entry)
     tune_malloc()
     try:
-        cls = load_worker_class(str(cfg["target"]), main_path=cfg.get("main_path"))
-        worker = make_worker(cls, cfg.get("kwargs"))
-        call_setup(worker)
+        worker = start_worker(str(cfg["target"]), cfg.get("kwargs"), main_path=cfg.get("main_path"))
     except WorkerStartError as exc:
         print(f"pytaskqml worker: {exc}", file=sys.stderr)
-        _report_failure(cfg, conn if conn is not None else key, str(exc))
+        _report_failure(cfg, conn if conn is not None else key, exc)
         return 3
     shm = cfg.get("shm")
     shared = (int(shm[0]), str(shm[1])) if isinstance(shm, list) and len(shm) == 2 else None
@@ -96,7 +92,7 @@ def main() -> int:
         heartbeat_interval=float(cfg.get("heartbeat_interval") or 0.5),
         heartbeat_timeout=float(cfg.get("heartbeat_timeout") or 5.0),
         max_frame_size=max_frame_size,
-        exit_grace=5.0,
+        exit_grace=EXIT_GRACE,
         shared=shared,
     )
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())

@@ -1,4 +1,5 @@
-"""The only module that touches a TCP socket.
+"""The only module that touches a worker connection's socket (the HTTP control endpoint, in
+:mod:`._control`, is served by the standard library's ``http.server``).
 
 :class:`Connection` wraps a connected socket: it frames outgoing messages (scatter/gather, so
 buffers are never copied into one string), decodes incoming bytes with a
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -81,6 +83,58 @@ def open_listener(address: Address, *, backlog: int = 128) -> socket.socket:
     host, port = address
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=backlog, reuse_port=False)
+
+
+def check_bind(
+    host: str, key: bytes | None, *, insecure: bool, what: str, fix: str, key_name: str = "a key"
+) -> None:
+    """The one rule for listening: nothing binds beyond loopback without a key, unless the
+    caller insists (*insecure*), and then with a warning. *what* names the listener ("listen",
+    "serve the control endpoint"), *fix* says how to provide a key."""
+    if is_loopback(host) or key:
+        return
+    if not insecure:
+        raise ValueError(f"refusing to {what} on non-loopback {host} without {key_name} ({fix})")
+    log.warning("%s on %s without a key: anyone who can reach it may connect", what, host)
+
+
+class Listener:
+    """A listening TCP socket: :meth:`accept` connections until :meth:`close`."""
+
+    def __init__(self, address: Address, *, backlog: int = 128) -> None:
+        self._sock = open_listener(address, backlog=backlog)
+        name = self._sock.getsockname()
+        self.address: Address = (str(name[0]), int(name[1]))
+        self.closed = False
+
+    def accept(self) -> tuple[socket.socket, str]:
+        """The next connection and its peer's address; ``OSError`` once closed."""
+        sock, peer = self._sock.accept()
+        return sock, format_address(peer[:2])
+
+    def close(self) -> None:
+        """Stop listening; an :meth:`accept` blocked in another thread returns with OSError."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of sockets (one end for a child process to inherit)."""
+    return socket.socketpair()
+
+
+def from_fd(fd: int) -> socket.socket:
+    """The socket behind an inherited file descriptor."""
+    return socket.socket(fileno=fd)
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket that never became a :class:`Connection`."""
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def dial(
@@ -168,6 +222,7 @@ class Connection:
         self._shared: _codec.SharedMemory | None = None
         self._send_lock = threading.Lock()
         self._closed = False
+        self._send_broken = False
         self._interrupted = False
         self._is_ssl = isinstance(sock, ssl.SSLSocket)
         self._can_sendmsg = hasattr(sock, "sendmsg") and not self._is_ssl
@@ -188,7 +243,7 @@ class Connection:
         """Send one frame's chunks; raise :class:`ConnectionLost` if the peer is gone."""
         try:
             with self._send_lock:
-                if self._closed:
+                if self._closed or self._send_broken:
                     raise ConnectionLost(f"connection to {self.peer} is closed")
                 if len(chunks) == 1:
                     self.sock.sendall(chunks[0])
@@ -203,8 +258,15 @@ class Connection:
                 self.bytes_out += n
                 self.last_send = time.monotonic()
         except (OSError, ValueError) as exc:
-            self.abort()
+            # The socket is not closed here: a reader may still have frames to take from it
+            # (a peer's "bye" sent just before it closed), and it sees the end right after them.
+            self._send_failed()
             raise ConnectionLost(f"lost connection to {self.peer}: {exc}") from None
+
+    def _send_failed(self) -> None:
+        self._send_broken = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_WR)
 
     def _sendmsg_all(self, chunks: Sequence[bytes | memoryview]) -> int:
         # Empty chunks are left out: sendmsg() of nothing returns 0 and would never finish.
@@ -269,6 +331,37 @@ class Connection:
             self.last_recv = time.monotonic()
             self._ready.extend(decoder.commit(n))
         return self._ready.popleft()
+
+    def recv_within(self, timeout: float | None, what: str = "message") -> _protocol.Message:
+        """:meth:`recv` one message within *timeout* seconds in all (a peer trickling bytes
+        cannot stretch it); on expiry the connection is closed and ConnectionLost raised,
+        saying the peer sent no *what* in time."""
+        if self._ready:
+            return self._ready.popleft()
+        self.sock.settimeout(timeout)
+        try:
+            with Deadline(self.abort, timeout) as deadline:
+                return self.recv()
+        except (TimeoutError, ConnectionLost) as exc:
+            if isinstance(exc, TimeoutError) or deadline.expired:
+                self.abort()
+                raise ConnectionLost(f"{self.peer} sent no {what} in time") from None
+            raise
+        finally:
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(None)
+
+    def peer_hung_up(self) -> bool:
+        """Has the peer closed its end, even with unread data still queued? (Linux: POLLRDHUP;
+        elsewhere POLLHUP, which only a full close raises.) False where poll is missing."""
+        try:
+            poller = select.poll()
+            mask = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+            poller.register(self.sock.fileno(), mask)
+            return any(ev & mask for _, ev in poller.poll(0))
+        except (AttributeError, OSError, ValueError):
+            return False
 
     def set_shared(self, shared: _codec.SharedMemory | None) -> None:
         """Let received frames refer to the shared segment *shared* (call before the first such

@@ -38,12 +38,12 @@ class _Server(ThreadingHTTPServer):
     max_connections = 16
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._capacity = threading.BoundedSemaphore(self.max_connections)
         self.rejected = 0
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._capacity.acquire(blocking=False):
             self.rejected += 1
             self.shutdown_request(request)
             return
@@ -53,7 +53,7 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._capacity.release()
 
 
 class ControlServer:
@@ -66,10 +66,13 @@ class ControlServer:
         authkey: bytes | None = None,
         insecure: bool = False,
     ) -> None:
-        if not _connection.is_loopback(address[0]) and not authkey and not insecure:
-            raise ValueError(
-                f"refusing to serve the control endpoint on non-loopback {address[0]} without a key"
-            )
+        _connection.check_bind(
+            address[0],
+            authkey,
+            insecure=insecure,
+            what="serve the control endpoint",
+            fix="set a key, or allow it explicitly",
+        )
         token = _protocol.control_token(authkey) if authkey else None
         owner = self
 

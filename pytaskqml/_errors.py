@@ -8,9 +8,16 @@
      ├── AuthenticationError      the handshake failed: wrong or missing key, replay, timeout
      ├── ConnectionLost           the peer broke the connection (EOF, reset, heartbeat silence)
      ├── ClosedError              *you* closed it: submit after shutdown, put after close
-     ├── WorkerStartError         a worker process could not start (import error, setup() raised)
+     ├── WorkerStartError         a worker could not start (import error, setup() raised, a
+     │                            process that kept failing to start: then also what tasks that
+     │                            nothing else could run fail with)
      ├── TaskFailed               process() raised; carries the remote type and traceback text
-     └── WorkerLostError          a task killed (or was in flight on) more workers than max_retries
+     └── WorkerLostError          the workers that could run a task were lost:
+          │                       raised as such for a *poison* task, one that killed more
+          │                       workers than max_retries while running
+          └── NoWorkersError      no worker is left and none can come back (no process to
+                                  restart, nothing listening or dialling): the coordinator cannot
+                                  run anything until a worker is added, as a broken executor
 
 Timeouts reuse the builtin :class:`TimeoutError`; cancellation reuses
 :class:`concurrent.futures.CancelledError`.
@@ -40,7 +47,13 @@ class ClosedError(PyTaskQMLError):
 
 
 class WorkerStartError(PyTaskQMLError):
-    """A worker process failed before it became ready."""
+    """A worker failed before it became ready.
+
+    ``remote_traceback`` holds the traceback of the exception that stopped it, as text, when
+    there was one (``setup()`` or the constructor raised), else ``""``.
+    """
+
+    remote_traceback: str = ""
 
 
 class TaskFailed(PyTaskQMLError):
@@ -71,7 +84,16 @@ class RemoteTraceback(Exception):
 
 
 class WorkerLostError(PyTaskQMLError):
-    """The task could not be completed because the workers running it died.
+    """The task could not be completed because the workers that could run it were lost.
 
-    Raised for a *poison* task: one whose attempts killed more than ``max_retries`` workers.
+    Raised as such for a *poison* task: one whose attempts killed more than ``max_retries``
+    workers.
+    """
+
+
+class NoWorkersError(WorkerLostError):
+    """No worker is left and none can come back, so the task cannot run.
+
+    Like ``concurrent.futures.BrokenExecutor``: queued and new work fails with it at once,
+    until a worker is added again (``add_local``, ``spawn``, ``connect``, ``listen``).
     """

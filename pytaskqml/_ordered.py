@@ -1,7 +1,7 @@
 """The bounded task queue with its overflow policies, and the reorder buffer.
 
-Neither class starts a thread or reads a clock; the coordinator drives both under its lock
-(:class:`TaskQueue`) or from its delivery path (:class:`ReorderBuffer`).
+Neither class starts a thread or reads a clock: the scheduler drives the queue under the
+coordinator's lock, and results reach the reorder buffer from whichever thread delivers them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Generic, Literal, TypeVar
+
+from ._tasks import RUN
 
 T = TypeVar("T")
 
@@ -66,21 +68,6 @@ class TaskQueue(Generic[T]):
         out = list(self.items)
         self.items.clear()
         return out
-
-
-# Outcome kinds. OK, ERROR, CHUNK and RUN are also the flags of result rows on the wire.
-OK = 0
-ERROR = 1
-CHUNK = 2  # the value is a list of (OK or ERROR, value) pairs, one per item of a chunk
-TIMEOUT = 3
-DROPPED = 4
-CANCELLED = 5
-RUN = 6  # the value is the list of results of a chunk whose items all succeeded
-
-
-def span(kind: int, value: Any) -> int:
-    """How many sequence numbers an outcome covers: a RUN covers one per result."""
-    return len(value) if kind == RUN else 1
 
 
 class ReorderBuffer:
@@ -149,3 +136,18 @@ class ReorderBuffer:
             if not self._arrived and not self._cv.wait_for(lambda: bool(self._arrived), timeout):
                 raise TimeoutError("no result within the timeout")
             return self._arrived.popleft()
+
+    def get_batch(self, timeout: float | None = None) -> list[tuple[int, int, Any]]:
+        """The next outcome plus any that are ready right behind it, in one lock hold."""
+        out = [self.get_next(timeout)]
+        with self._cv:
+            if self.ordered:
+                slots = self._slots
+                while self._next in slots:
+                    kind, value = slots.pop(self._next)
+                    out.append((self._next, kind, value))
+                    self._next += len(value) if kind == RUN else 1
+            else:
+                while self._arrived:
+                    out.append(self._arrived.popleft())
+        return out

@@ -64,6 +64,22 @@ LARGE_FRAME = 64 * 1024
 SCRATCH_SIZE = 256 * 1024
 
 
+# Messages after the handshake, coordinator -> worker: "run" (tasks), "stop", "ping";
+# worker -> coordinator: "hello" (or "failed" if it could not start), "done" (results), "free"
+# (shared-memory slots released), "ping", "bye" (it leaves; whatever it still holds never started).
+#
+# A "run" frame's header is {"op": "run", "t": [row, ...]} (plus "b": 1 when the worker batches):
+# a row is [task id, payload], or [task id, [item, ...], CHUNK_ROW] for a chunk of items that run
+# one after another as one task.
+CHUNK_ROW = 1
+# A "done" frame's header is {"op": "done", "r": [row, ...], "bt": busy seconds, "f": [offset,
+# ...]}: a row is [task id, flag, value] with one of these flags.
+RESULT_OK = 0  # value: the result
+RESULT_ERROR = 1  # value: [qualified type name, message, traceback text]
+RESULT_CHUNK = 2  # value: [[RESULT_OK, result] or [RESULT_ERROR, error], ...], one per item
+RESULT_RUN = 6  # value: [result, ...]: a chunk whose items all succeeded
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One decoded frame: its JSON header (buffers already swapped in) and its raw buffers."""

@@ -24,15 +24,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, _connection, _control
-from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
-from ._worker import (
-    WorkerServer,
+from ._bootstrap import (
     call_setup,
     call_teardown,
     load_worker_class,
     make_worker,
+    setup_logging,
     tune_malloc,
 )
+from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
+from ._serve import WorkerServer
 
 log = logging.getLogger("pytaskqml")
 
@@ -145,20 +146,15 @@ def _address(text: str, what: str) -> tuple[str, int]:
         raise _UserError(f"{what}: {exc}") from None
 
 
-def _setup_logging(verbosity: int) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s pytaskqml[{os.getpid()}] %(levelname)s %(message)s")
-    )
-    log.addHandler(handler)
-    log.setLevel(
-        logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    )
-    log.propagate = False
-
-
 def _cmd_worker(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
+    setup_logging(
+        "pytaskqml",
+        logging.WARNING
+        if args.verbose <= 0
+        else logging.INFO
+        if args.verbose == 1
+        else logging.DEBUG,
+    )
     key = _read_key(args.authkey_file)
     listen = _address(args.listen, "--listen") if args.listen else None
     connect = _address(args.connect, "--connect") if args.connect else None
@@ -169,13 +165,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         raise _UserError(f"--kwargs is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise _UserError("--kwargs must be a JSON object")
-    if listen and not _connection.is_loopback(listen[0]) and not key:
-        if not args.insecure:
-            raise _UserError(
-                f"refusing to listen on non-loopback {listen[0]} without a key "
-                "(set PYTASKQML_AUTHKEY or --authkey-file, or pass --insecure)"
+    if listen:
+        try:
+            _connection.check_bind(
+                listen[0],
+                key,
+                insecure=args.insecure,
+                what="listen",
+                fix="set PYTASKQML_AUTHKEY or --authkey-file, or pass --insecure",
             )
-        log.warning("listening on %s without a key: anyone who can reach it may connect", listen[0])
+        except ValueError as exc:
+            raise _UserError(str(exc)) from None
     ssl_context = _tls_context(args, server=bool(listen))
     try:
         cls = load_worker_class(args.target)
@@ -185,7 +185,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     listener = None
     if listen:
         try:
-            listener = _connection.open_listener(listen)
+            listener = _connection.Listener(listen)
         except OSError as exc:
             raise _UserError(
                 f"cannot listen on {_connection.format_address(listen)}: {exc.strerror or exc}",
@@ -233,7 +233,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: server.request_stop())
         where = (
-            f"listening on {_connection.format_address(listener.getsockname()[:2])}"
+            f"listening on {_connection.format_address(listener.address)}"
             if listener
             else f"dialling {_connection.format_address(connect)}"
             if connect

@@ -21,7 +21,8 @@ from pytaskqml import (
     Worker,
     WorkerStartError,
 )
-from pytaskqml._ordered import OK, RUN, ReorderBuffer
+from pytaskqml._ordered import ReorderBuffer
+from pytaskqml._tasks import OK, RUN
 
 T = 10  # seconds: the bound on every blocking call in these tests
 
@@ -420,7 +421,7 @@ def test_per_task_state_does_not_outlive_the_task() -> None:
         coord.add_local(Echo(), threads=2)
         list(coord.map(range(5000)))
         gc.collect()
-        from pytaskqml._handles import Task
+        from pytaskqml._tasks import Task
 
         alive = [o for o in gc.get_objects() if isinstance(o, Task)]
         assert alive == []
@@ -478,7 +479,7 @@ def test_a_new_map_does_not_read_far_ahead_on_an_old_measurement() -> None:
     with Coordinator() as coord:
         coord.add_local(Echo(), threads=2)
         assert sum(coord.map(range(200_000))) == sum(range(200_000))
-        assert coord._auto_buffersize(True) > 10_000  # what the tiny items taught it
+        assert coord._intake.auto_buffersize(True) > 10_000  # what the tiny items taught it
         it = coord.map(frames())
         assert next(it) == 0
         assert next(pulled) <= 256 + 1

@@ -416,7 +416,7 @@ def test_worker_processes_keep_freed_memory_for_the_next_task() -> None:
         faults = coord.submit(50).result(T)
     # Measured here: 0 with the tuning, ~600 without it (MALLOC_ARENA_MAX set, so skipped).
     assert faults < 150, faults
-    code = "from pytaskqml._worker import tune_malloc; print(tune_malloc())"
+    code = "from pytaskqml._bootstrap import tune_malloc; print(tune_malloc())"
     env = child_env()
     env.pop("MALLOC_ARENA_MAX", None)
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -435,9 +435,9 @@ def test_spawned_workers_reach_the_coordinator_either_way(socketpair: bool) -> N
     """POSIX: each child gets its end of a socketpair and nothing listens. The fallback (for
     platforms without fd passing): children dial a loopback listener with a key from stdin."""
     with Coordinator() as coord:
-        coord._spawn_socketpair = socketpair
+        coord._supervisor.use_socketpair = socketpair
         pids = coord.spawn(Pid, processes=2)
-        assert (coord._spawn_listener is None) == socketpair
+        assert (coord._supervisor.listener is None) == socketpair
         out = list(coord.map([[i, 0.001] for i in range(100)]))
         assert [o[0] for o in out] == list(range(100))
         os.kill(pids[0], signal.SIGKILL)  # a replacement connects the same way

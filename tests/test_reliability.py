@@ -29,7 +29,8 @@ from pytaskqml import (
     WorkerLostError,
     _connection,
 )
-from pytaskqml._handles import RemoteHandle, Task
+from pytaskqml._remote import RemoteHandle
+from pytaskqml._tasks import Task
 
 T = 20.0  # seconds: the bound on every blocking call here
 
@@ -271,7 +272,7 @@ def test_restart_limit_leaves_the_slot_down_and_fails_the_stranded_work() -> Non
     """A crash loop retires the slot after max_restarts; with no worker left and none that can
     come back, the queued work fails with WorkerLostError instead of waiting forever."""
     retired = _Seen("not restarting it again")
-    logger = logging.getLogger("pytaskqml._coordinator")
+    logger = logging.getLogger("pytaskqml._supervisor")
     logger.addHandler(retired)
     coord = Coordinator(max_restarts=2, max_retries=10)  # retries outlast the restarts
     try:
@@ -409,7 +410,7 @@ def test_a_restart_that_cannot_start_a_process_is_tried_again(
     tried again with backoff instead of taking the coordinator down."""
     with Coordinator() as coord:
         (pid,) = coord.spawn(Echo, processes=1)
-        real = coord._start_process
+        real = coord._supervisor._start
         calls: list[int] = []
 
         def flaky(slot: Any) -> None:
@@ -418,7 +419,7 @@ def test_a_restart_that_cannot_start_a_process_is_tried_again(
                 raise OSError(24, "Too many open files")
             real(slot)
 
-        coord._start_process = flaky  # type: ignore[method-assign]
+        coord._supervisor._start = flaky  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="pytaskqml"):
             os.kill(pid, signal.SIGKILL)
             wait_for(

@@ -53,7 +53,7 @@ from pytaskqml import (
     get_health,
     request_shutdown,
 )
-from pytaskqml._worker import WorkerServer
+from pytaskqml._serve import WorkerServer
 
 T = 20.0
 KEY = b"security-test-key-7c1f0e9a5b3d2468"
@@ -544,10 +544,10 @@ def _trickle(port: int, every: float, until: float) -> float | None:
 
 def test_worker_handshake_deadline_holds_against_a_trickle() -> None:
     server = WorkerServer(Echo(), authkey=KEY, handshake_timeout=0.5)
-    listener = _connection.open_listener((HOST, 0))
+    listener = _connection.Listener((HOST, 0))
     th = threading.Thread(target=server.run_listen, args=(listener,), daemon=True)
     th.start()
-    port = listener.getsockname()[1]
+    port = listener.address[1]
     try:
         # Silence is cut at the deadline...
         with socket.create_connection((HOST, port), timeout=T) as sock:
@@ -766,7 +766,7 @@ def test_an_empty_bytes_result_does_not_hang_the_worker(fresh_worker: LiveWorker
 def test_coordinator_releases_workers_that_left() -> None:
     """Authenticated workers that come and go (one vanishing mid-frame each time) leave
     nothing behind: no handle, no connection, no partial frame buffer."""
-    from pytaskqml._handles import RemoteHandle
+    from pytaskqml._remote import RemoteHandle
 
     def live_handles() -> int:
         gc.collect()
@@ -956,7 +956,7 @@ def test_spawned_children_never_see_a_key_on_the_command_line_or_in_the_environm
     user_key = b"user-key-d41d8cd98f00b204e980"
     with Coordinator(authkey=user_key) as coord:
         pids = coord.spawn(Echo, processes=1)
-        spawn_key = coord._spawn_key  # the per-coordinator key the children get on stdin
+        spawn_key = coord._supervisor.spawn_key  # the per-coordinator key the children get on stdin
         for pid in pids:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             environ = Path(f"/proc/{pid}/environ").read_bytes()

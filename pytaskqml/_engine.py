@@ -1,0 +1,488 @@
+"""The scheduler's threaded shell: one lock around the :class:`~._scheduler.Scheduler`, and
+everything done with the lock released.
+
+Callers (``submit``, ``map``, streams) admit tasks here; handles report here, through the
+:class:`~._handles.WorkerEvents` interface this class implements; a timer thread of its own
+expires deadlines. Each of them calls the scheduler under :attr:`Engine.lock`, then - after
+releasing it - wakes the workers that got tasks and delivers the outcomes. Delivery wakes
+waiting threads and never runs user code (a future's done-callbacks and ``on_late`` go to the
+coordinator's callback thread, see :mod:`._delivery`), so the timer and the readers keep time.
+
+Lock order: :attr:`Engine.lock`, then a handle's condition (``wake(inline=False)`` may be called
+with the lock held: it only notifies), then the supervisor's condition (asked whether a worker
+can still come). Nothing here is called with a handle's or the supervisor's lock held.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ._delivery import CallbackRunner, deliver, deliver_all
+from ._errors import ClosedError, WorkerLostError
+from ._handles import WorkerHandle
+from ._scheduler import FutureOutcomes, Groups, Scheduler, WorkerState
+from ._stats import Statistics, WorkerStats, percentile
+from ._tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
+
+log = logging.getLogger(__name__)
+
+LATE_KEPT = 10_000
+
+
+class Engine:
+    """Runs one coordinator's scheduler (see the module's docstring)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        max_queue: int,
+        overflow: str,
+        max_retries: int,
+        max_window: int,
+        runner: CallbackRunner,
+        on_late: Callable[[LateResult], None] | None,
+        reinforcements: Callable[[], bool],
+        strand_error: Callable[[], BaseException],
+    ) -> None:
+        self.name = name
+        self.core = Scheduler(max_queue=max_queue, overflow=overflow, max_retries=max_retries)
+        self.max_window = max_window  # what an adaptive window may grow to
+        self.clock = time.perf_counter  # the one clock of the scheduler
+        self.lock = threading.Lock()
+        self.not_full = threading.Condition(self.lock)  # a blocked admission may go on
+        self.changed = threading.Condition(self.lock)  # workers came or went, tasks finished
+        self._timer_cv = threading.Condition(self.lock)
+        self._runner = runner
+        self._on_late = on_late
+        self._late: deque[LateResult] = deque(maxlen=LATE_KEPT)
+        self._reinforcements = reinforcements  # could a worker still come?
+        self._strand_error = strand_error  # what work that nothing can run fails with
+        self._blocked = 0  # admissions waiting for room
+        self._events = threading.Condition(threading.Lock())  # for wait_until()
+        self._watchers = 0
+        self._generation = 0
+        self._next_deadline: float | None = None  # what the timer sleeps towards
+        self.closed = False  # no new work
+        self.stopping = False  # shutting down: losses are expected, nothing is restarted
+        self._stopped = False
+        self._timer = threading.Thread(
+            target=self._timer_loop, name=f"pytaskqml-deadlines-{name}", daemon=True
+        )
+        self._timer.start()
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(
+        self, tasks: list[Task], *, timed: bool = False, put_timeout: float | None = None
+    ) -> None:
+        """Admit *tasks* under the overflow policy and dispatch. *timed*: some carry a deadline
+        counted from submission. Raises :class:`ClosedError` after shutdown, ``queue.Full``
+        under ``reject`` (or ``block`` past *put_timeout*)."""
+        core = self.core
+        dropped: list[Task] = []
+        stranded: list[Task] = []
+        with self.lock:
+            if self.closed:
+                raise ClosedError("the coordinator is shut down")
+            i, dropped = core.admit(tasks, 0, timed=timed)
+            if i < len(tasks):
+                dropped = list(dropped)
+                self._admit_blocking(tasks, i, timed, put_timeout, dropped)
+            assigned = core.dispatch(self.clock())
+            if self._blocked:
+                self.not_full.notify_all()
+            if core.stranded:
+                stranded = self._strand_locked()
+            self._watch_deadlines()
+        for ws in assigned:
+            ws.handle.wake(True)
+        if dropped:
+            deliver_all(dropped, DROPPED, None)
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+
+    def _admit_blocking(
+        self,
+        tasks: list[Task],
+        i: int,
+        timed: bool,
+        put_timeout: float | None,
+        dropped: list[Task],
+    ) -> None:
+        """Lock held. Wait for room for ``tasks[i:]`` (the ``block`` policy)."""
+        core = self.core
+        deadline = None if put_timeout is None else time.monotonic() + put_timeout
+        while i < len(tasks):
+            # What this call admitted so far must be able to leave the queue meanwhile.
+            for ws in core.dispatch(self.clock()):
+                ws.handle.wake(False)
+            self._blocked += 1
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ok = self.not_full.wait_for(lambda: not core.full or self.closed, remaining)
+            finally:
+                self._blocked -= 1
+            if self.closed:
+                raise ClosedError("the coordinator is shut down")
+            if not ok:
+                raise queue.Full("the coordinator's queue stayed full")
+            i, more = core.admit(tasks, i, timed=timed)
+            dropped.extend(more)
+
+    def drop(self, task: Task) -> bool:
+        """Drop a queued task (a stream's drop-oldest); False if it already started or ended."""
+        with self.lock:
+            if task.finished or task.started:
+                return False
+            self.core.drop(task)
+            self.core.queue.remove(task)
+            if self._blocked:
+                self.not_full.notify_all()
+        deliver(task, DROPPED, None)
+        return True
+
+    def cancel_abandoned(self) -> None:
+        """A map() or stream was abandoned: its queued tasks are cancelled now."""
+        with self.lock:
+            self.core.cancel_abandoned()
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+
+    # ------------------------------------------------------------------ workers
+
+    def attach(self, handle: WorkerHandle) -> bool:
+        """Register *handle* and start it; False (and nothing started) when shutting down."""
+        window = handle.window
+        with self.lock:
+            if self.stopping:
+                return False
+            ws, assigned = self.core.add_worker(
+                handle.name,
+                window=window if window is not None else self.max_window,
+                adaptive=window is None,
+                batch_size=handle.batch_size,
+                concurrency=handle.concurrency,
+                handle=handle,
+                now=self.clock(),
+            )
+            handle.state = ws
+            handle.start()
+            self._watch_deadlines()
+            self.changed.notify_all()
+        for w in assigned:
+            w.handle.wake(False)
+        self.signal()
+        return True
+
+    # ------------------------------------------------------------------ WorkerEvents
+
+    def results(self, handle: WorkerHandle, entries: list[Any], busy: float | None) -> None:
+        ws = handle.state
+        assert ws is not None
+        with self.lock:
+            groups, futures, late, assigned = self.core.results(ws, entries, busy, self.clock())
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+            if assigned:
+                self._watch_deadlines()
+        for w in assigned:
+            w.handle.wake(False)
+        self._deliver(groups, futures, late)
+        if self._watchers:
+            self.signal()
+
+    def skipped(self, handle: WorkerHandle, tasks: list[Task]) -> None:
+        ws = handle.state
+        assert ws is not None
+        with self.lock:
+            assigned = self.core.skipped(ws, tasks, self.clock())
+            self._watch_deadlines()
+        for w in assigned:
+            w.handle.wake(False)
+
+    def lost(self, handle: WorkerHandle, error: BaseException | None, graceful: bool) -> None:
+        ws = handle.state
+        assert ws is not None
+        stranded: list[Task] = []
+        with self.lock:
+            removed = self.core.remove_worker(ws, graceful=graceful, now=self.clock())
+            if removed is None:
+                return
+            requeued, poison, assigned = removed
+            if not self.core.workers and not self.stopping:
+                stranded = self._strand_locked()
+            self._watch_deadlines()
+            if self._blocked:
+                self.not_full.notify_all()
+            self.changed.notify_all()
+        for w in assigned:
+            w.handle.wake(False)
+        handle.close()
+        if graceful:
+            log.info("worker %s left (%d tasks re-queued)", handle.name, requeued)
+        elif not self.stopping:
+            log.warning(
+                "lost worker %s (%s); %d tasks re-queued, %d failed as poison",
+                handle.name,
+                error,
+                requeued,
+                len(poison),
+            )
+        why = f"worker {handle.name} died while running this task ({error})"
+        for t in poison:
+            deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+        owner = handle.owner
+        if owner is not None:
+            owner.worker_left(handle, graceful, ws.completed > 0)
+        self.signal()
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, groups: Groups, futures: FutureOutcomes, late: list[LateResult]) -> None:
+        for sink, outcomes in groups:
+            sink.deliver_many(outcomes)
+        for t, kind, value in futures:
+            deliver(t, kind, value)
+        if late:
+            self._emit_late(late)
+
+    def _emit_late(self, items: list[LateResult]) -> None:
+        if self._on_late is None:
+            with self.lock:
+                self._late.extend(items)
+            return
+        for item in items:
+            self._runner.call(self._on_late, item)
+
+    def late_results(self) -> list[LateResult]:
+        with self.lock:
+            out = list(self._late)
+            self._late.clear()
+        return out
+
+    # ------------------------------------------------------------------ stranding
+
+    def check_stranded(self) -> None:
+        """A way for workers to come back has gone (a process seat retired, a dialer gave
+        up): if no worker is left, fail what nothing can run."""
+        with self.lock:
+            stranded = self._strand_locked() if not self.core.workers else []
+            self.changed.notify_all()
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+
+    def _strand_locked(self) -> list[Task]:
+        core = self.core
+        if core.workers or self.stopping or self._reinforcements():
+            core.stranded = False
+            return []
+        tasks = core.strand()
+        if tasks:
+            log.error("no workers left and none can come back; failing %d queued tasks", len(tasks))
+        self.changed.notify_all()
+        return tasks
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _watch_deadlines(self) -> None:
+        """Lock held: wake the timer if the earliest deadline is now earlier than what it
+        sleeps towards."""
+        nd = self.core.next_deadline()
+        if nd is not None and (self._next_deadline is None or nd < self._next_deadline):
+            self._timer_cv.notify()
+
+    def _timer_loop(self) -> None:
+        try:
+            while self._timer_once():
+                pass
+        except BaseException:
+            log.exception("deadline thread crashed; failing outstanding work")
+            self.fail_all(ClosedError("the coordinator's deadline thread crashed"))
+
+    def _timer_once(self) -> bool:
+        # One round per call, so no task stays referenced from this frame while it waits.
+        with self.lock:
+            if self._stopped:
+                return False
+            now = self.clock()
+            expired, assigned = self.core.expire(now)
+            if not expired:
+                nd = self.core.next_deadline()
+                self._next_deadline = nd
+                self._timer_cv.wait(None if nd is None else max(0.0, nd - now))
+                self._next_deadline = None
+                return True
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+        for ws in assigned:
+            ws.handle.wake(False)
+        deliver_all(expired, TIMEOUT, None)
+        self.signal()
+        return True
+
+    # ------------------------------------------------------------------ endings
+
+    def close(self) -> bool:
+        """No new work from now on; returns whether it was already closed."""
+        with self.lock:
+            already, self.closed = self.closed, True
+            self.not_full.notify_all()
+        return already
+
+    def cancel_queued(self) -> None:
+        with self.lock:
+            tasks = self.core.cancel_queued()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, None)
+
+    def abandon_inflight(self, error: BaseException) -> list[WorkerHandle]:
+        """Cancel every task in flight (with *error*); returns the handles that held one."""
+        with self.lock:
+            tasks, busy = self.core.abandon_inflight()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, error)
+        return [ws.handle for ws in busy]
+
+    def fail_all(self, error: BaseException) -> None:
+        with self.lock:
+            tasks = self.core.fail_all()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, error)
+
+    def drain(self, timeout: float | None, can_progress: Callable[[], bool]) -> bool:
+        """Wait until no task is left, or no worker can run them, or *timeout*; True if none
+        is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while self.core.live and can_progress():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.changed.wait(0.25 if remaining is None else min(remaining, 0.25))
+            return not self.core.live
+
+    def stop(self) -> None:
+        """Shutting down: worker losses are expected from here on."""
+        with self.lock:
+            self.stopping = True
+
+    def stop_timer(self) -> None:
+        with self.lock:
+            self._stopped = True
+            self._timer_cv.notify_all()
+            self.changed.notify_all()
+        if self._timer is not threading.current_thread():
+            self._timer.join(5.0)
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_for(self, predicate: Callable[[Scheduler], bool], timeout: float | None) -> bool:
+        """Block until *predicate(scheduler)* holds (checked whenever workers come or go or
+        tasks finish); False on timeout."""
+        with self.lock:
+            return self.changed.wait_for(lambda: predicate(self.core), timeout)
+
+    def signal(self) -> None:
+        """Something a :meth:`wait_until` predicate may depend on changed."""
+        if self._watchers:
+            with self._events:
+                self._generation += 1
+                self._events.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until *predicate()* holds, re-checked at every :meth:`signal`; False on
+        timeout. (A signal between a check and the wait is not lost: the generation it bumps
+        is read before the check.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._events:
+            self._watchers += 1
+        try:
+            while True:
+                with self._events:
+                    seen = self._generation
+                if predicate():
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                with self._events:
+                    if self._generation == seen:
+                        self._events.wait(remaining)
+        finally:
+            with self._events:
+                self._watchers -= 1
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(
+        self,
+        *,
+        restarts: int,
+        rejected_peers: int,
+        start_failures: int,
+        start_error: str | None,
+        uptime: float,
+    ) -> Statistics:
+        core = self.core
+        with self.lock:
+            lat = sorted(core.latencies)
+            return Statistics(
+                submitted=core.submitted,
+                completed=core.completed,
+                failed=core.failed,
+                cancelled=core.cancelled,
+                timed_out=core.timed_out,
+                late=core.late,
+                dropped=core.dropped,
+                rejected=core.rejected,
+                retried=core.retried,
+                poisoned=core.poisoned,
+                workers_lost=core.workers_lost,
+                restarts=restarts,
+                rejected_peers=rejected_peers,
+                queued=len(core.queue),
+                in_flight=core.in_flight,
+                workers=tuple(worker_stats(ws) for ws in core.workers),
+                latency_p50=percentile(lat, 0.50),
+                latency_p90=percentile(lat, 0.90),
+                latency_p99=percentile(lat, 0.99),
+                latency_max=lat[-1] if lat else None,
+                uptime=uptime,
+                start_failures=start_failures,
+                start_error=start_error,
+            )
+
+    def workers(self) -> tuple[WorkerStats, ...]:
+        with self.lock:
+            return tuple(worker_stats(ws) for ws in self.core.workers)
+
+
+def worker_stats(ws: WorkerState) -> WorkerStats:
+    h: WorkerHandle = ws.handle
+    shared = h.shared_memory()
+    return WorkerStats(
+        ws.name,
+        h.kind,
+        h.pid,
+        h.address,
+        ws.window,
+        len(ws.inflight),
+        ws.completed,
+        ws.failed,
+        *(shared if shared is not None else (None, None, None)),
+    )

@@ -1,0 +1,133 @@
+"""From a caller's payloads to admitted tasks: checking what can travel, chunking tiny items,
+sizing ``map()``'s buffer, and the two meanings of a timeout.
+
+Deadlines. A deadline counted from *submission* (``submit(timeout=)``, ``stream(timeout=)``)
+bounds how old an item may get - a live frame that waited too long is worth nothing. A deadline
+counted from the *start of its run* (``map(timeout=)``) bounds how long an item may run: its
+clock starts when a worker takes it up, so an item never times out for waiting behind others
+(the scheduler sends such a task only to a worker that can start it at once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _codec
+from ._engine import Engine
+from ._tasks import Task
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+# map()'s automatic buffer holds about this much work per worker, and at most MAX_MAP_BUFFER
+# items.
+MAP_BUFFER_TIME = 0.05
+MAX_MAP_BUFFER = 65_536
+# map() chunks aim at this much worker time per chunk, and hold at most MAX_CHUNK items.
+CHUNK_BUDGET = 0.002
+MAX_CHUNK = 4096
+
+
+class Intake:
+    """Builds and admits the tasks of one coordinator."""
+
+    def __init__(self, engine: Engine, *, max_frame_size: int) -> None:
+        self.engine = engine
+        self.max_frame_size = max_frame_size
+
+    def check_payload(self, payload: Any) -> int:
+        """Raise TypeError/ValueError here, in the caller, for a payload that cannot travel;
+        return the bytes of raw buffers it holds."""
+        if type(payload) in _SCALARS and (type(payload) is not str or len(payload) < 4096):
+            return 0  # always encodable, never holds a buffer
+        text, bufs = _codec.encode(payload)
+        nbytes = sum(b.nbytes for b in bufs) if bufs else 0
+        if nbytes + len(text) + 64 > self.max_frame_size:
+            raise ValueError(
+                f"payload of {nbytes + len(text)} bytes is larger than max_frame_size="
+                f"{self.max_frame_size}: send big items through a file with pytaskqml.spill() "
+                "(the worker reads them with pytaskqml.load()), or raise max_frame_size"
+            )
+        return nbytes
+
+    def plain_json(self, items: list[Any]) -> str | None:
+        """The JSON of *items* if it can travel, holds no raw buffers and fits in a frame."""
+        try:
+            text, bufs = _codec.encode(items)
+        except (TypeError, ValueError):
+            return None
+        return text if not bufs and len(text) + 64 <= self.max_frame_size else None
+
+    def one(
+        self,
+        payload: Any,
+        sink: Any,
+        seq: int,
+        timeout: float | None,
+        *,
+        put_timeout: float | None = None,
+    ) -> Task:
+        """Admit one task whose deadline (if any) counts from now."""
+        engine = self.engine
+        t = Task(
+            next(engine.core.ids), payload, self.check_payload(payload), sink, seq, engine.clock()
+        )
+        if timeout is not None:
+            t.deadline = t.t_submit + timeout
+        engine.admit([t], timed=timeout is not None, put_timeout=put_timeout)
+        return t
+
+    def many(
+        self, items: list[Any], sink: Any, seq: int, *, run_timeout: float | None, chunk: int
+    ) -> None:
+        """Admit the items of a map(), *chunk* at a time; a deadline counts from each task's
+        start."""
+        engine = self.engine
+        ids, now = engine.core.ids, engine.clock()
+        check = self.check_payload
+        if chunk > 1:
+            # Each chunk is encoded once, here: that checks it can travel, and the text is what
+            # the frame will carry. A chunk holding raw buffers, or one that fails, is looked at
+            # item by item.
+            tasks = []
+            for i in range(0, len(items), chunk):
+                part = items[i : i + chunk]
+                text = self.plain_json(part) if len(part) > 1 else None
+                if text is not None:
+                    tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
+                    continue
+                tasks.extend(
+                    Task(next(ids), p, check(p), sink, seq + i + j, now) for j, p in enumerate(part)
+                )
+        elif self.plain_json(items) is not None:
+            # Checking all items in one encoder call is several times cheaper than one call per
+            # item; only a batch that fails, or carries raw buffers, is looked at item by item.
+            tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
+        else:
+            tasks = [Task(next(ids), p, check(p), sink, seq + i, now) for i, p in enumerate(items)]
+        if run_timeout is not None:
+            for t in tasks:
+                t.run_timeout = run_timeout
+        engine.admit(tasks)
+
+    # ------------------------------------------------------------------ sizing
+
+    def auto_buffersize(self, chunked: bool) -> int:
+        """map()'s default buffer: about MAP_BUFFER_TIME of work per worker. Items that travel
+        one per task (a deadline, chunksize=1) cost a task object each, so fewer of them."""
+        core = self.engine.core
+        workers = max(1, len(core.workers))
+        floor = max(64, 16 * workers)
+        per = core.item_time
+        if per is None:
+            return max(256, floor)
+        want = int(workers * MAP_BUFFER_TIME / max(per, 1e-7))
+        return max(floor, min(MAX_MAP_BUFFER if chunked else MAX_MAP_BUFFER // 16, want))
+
+    def auto_chunksize(self, buffersize: int) -> int:
+        """Items per chunk: about CHUNK_BUDGET seconds of work, leaving every worker a share of
+        the buffer. 1 until a result has shown how long an item takes."""
+        core = self.engine.core
+        per = core.item_time
+        if per is None or per >= CHUNK_BUDGET:
+            return 1
+        share = buffersize // (4 * max(1, len(core.workers)))
+        return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))

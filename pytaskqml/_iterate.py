@@ -1,0 +1,261 @@
+"""``map()`` and :class:`Stream`: results handed to the caller in order, and what each outcome
+kind becomes for them (one definition: :func:`classify`)."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+from ._errors import ClosedError
+from ._intake import MAX_MAP_BUFFER, Intake
+from ._ordered import ReorderBuffer
+from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, span
+
+# What an outcome becomes for the caller.
+YIELD = 0  # the value itself: a result, a TaskTimeout marker, or an error with on_error="return"
+EACH = 1  # each of the values: a chunk's results
+SKIP = 2  # nothing: dropped by the overflow policy
+RAISE = 3  # raised: an error or cancellation with on_error="raise"
+
+# The value of the DROPPED outcome that fills the place of an item put() refused.
+REFUSED = object()
+
+
+def classify(kind: int, value: Any, raise_errors: bool) -> int:
+    if kind == RUN:
+        return EACH
+    if kind in (OK, TIMEOUT):
+        return YIELD
+    if kind == DROPPED:
+        return SKIP
+    if kind in (ERROR, CANCELLED) and raise_errors:
+        return RAISE
+    return YIELD
+
+
+def as_error(kind: int, value: Any) -> BaseException:
+    if isinstance(value, BaseException):
+        return value
+    return CancelledError() if kind == CANCELLED else ClosedError("task cancelled")
+
+
+class Collector(ReorderBuffer):
+    """The results side of one map() or stream: a reorder buffer that can be abandoned."""
+
+    def __init__(self, ordered: bool) -> None:
+        super().__init__(ordered=ordered)
+        self.abandoned = False
+
+
+def map_results(
+    intake: Intake,
+    it: Iterator[Any],
+    fixed_buffersize: int | None,
+    ordered: bool,
+    timeout: float | None,
+    on_error: str,
+    chunksize: int | None,
+) -> Iterator[Any]:
+    """The generator behind ``Coordinator.map()`` (arguments already checked)."""
+    collector = Collector(ordered)
+    raise_errors = on_error == "raise"
+    seq = 0
+    outstanding = 0
+    exhausted = False
+    # Items with a deadline go alone: a chunk would make neighbours of a slow item miss theirs.
+    chunked = chunksize != 1 and timeout is None
+    # The automatic buffer starts at 256 and grows at most 8-fold per refill: the time per item
+    # measured so far may be another workload's (tiny words before video frames), and by the
+    # time the buffer is large, this map's own results have corrected it.
+    cap = 256
+
+    def top_up() -> None:
+        # Refill once a quarter of the buffer is free: called after every result handed out,
+        # so the workers keep busy while the caller works through a batch of them.
+        nonlocal seq, outstanding, exhausted, cap
+        buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked))
+        room = buffersize - outstanding
+        if exhausted or room < max(1, buffersize // 4):
+            return
+        cap = min(8 * cap, MAX_MAP_BUFFER)
+        items = list(itertools.islice(it, room))
+        if len(items) < room:
+            exhausted = True
+        if items:
+            chunk = chunksize or (1 if not chunked else intake.auto_chunksize(buffersize))
+            intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk)
+            seq += len(items)
+            outstanding += len(items)
+
+    try:
+        while True:
+            top_up()
+            if outstanding == 0:
+                return
+            for _, kind, value in collector.get_batch():
+                what = classify(kind, value, raise_errors)
+                if what == EACH:
+                    outstanding -= len(value)
+                    yield from value
+                else:
+                    outstanding -= 1
+                    if what == YIELD:
+                        yield value
+                    elif what == RAISE:
+                        raise as_error(kind, value)
+                top_up()
+    finally:
+        collector.abandoned = True
+        if outstanding:
+            intake.engine.cancel_abandoned()
+
+
+class Stream:
+    """Put items in from a producer thread; iterate results from a consumer thread.
+
+    ``put()`` blocks while ``buffersize`` items are outstanding (put, and their results not yet
+    taken) under the ``block`` policy; under ``drop_oldest`` it never blocks: when more than
+    ``buffersize`` items wait for a worker, the oldest waiting one is dropped (counted in
+    :attr:`dropped`), so the newest frame wins; under ``reject`` it raises :class:`queue.Full`
+    (counted in :attr:`rejected`). ``put()`` raises :class:`ClosedError` after :meth:`close`,
+    once the consumer has stopped iterating, and once the coordinator shuts down - also a
+    ``put()`` that is blocked at that moment.
+
+    A ``timeout`` counts from ``put()``: a frame older than that when its result would come is
+    replaced by a :class:`TaskTimeout` marker (counted in :attr:`timed_out`).
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        buffersize: int,
+        ordered: bool,
+        timeout: float | None,
+        on_error: str,
+        overflow: str,
+    ) -> None:
+        self._intake = intake
+        self._buffersize = buffersize
+        self._timeout = timeout
+        self._raise = on_error == "raise"
+        self._overflow = overflow
+        self._collector = Collector(ordered)
+        self._space = threading.Condition(threading.Lock())
+        self._count = 0
+        self._consumed = 0
+        self._closed = False
+        self._ended: str | None = None  # why put() is refused although close() was not called
+        self._waiting: list[Any] = []  # our tasks that may still be queued (drop_oldest)
+        self.dropped = 0
+        self.rejected = 0
+        self.timed_out = 0
+
+    def put(self, item: Any, *, timeout: float | None = None) -> None:
+        """Submit one item (see the class docstring for when it blocks or raises)."""
+        with self._space:
+            self._check_open()
+            if self._overflow == "block" and not self._space.wait_for(
+                lambda: (
+                    self._count - self._consumed < self._buffersize
+                    or self._closed
+                    or self._ended is not None
+                ),
+                timeout,
+            ):
+                raise queue.Full("the stream stayed full")
+            self._check_open()
+            seq = self._count
+            self._count += 1
+        if self._overflow == "drop_oldest":
+            self._make_room()
+        try:
+            task = self._intake.one(item, self._collector, seq, self._timeout, put_timeout=timeout)
+        except BaseException as exc:
+            if isinstance(exc, queue.Full):
+                self.rejected += 1
+            self._collector.deliver(seq, DROPPED, REFUSED)  # fill its place for the consumer
+            raise
+        if self._overflow == "drop_oldest":
+            with self._space:
+                self._waiting.append(task)
+
+    def _make_room(self) -> None:
+        """drop_oldest: at most ``buffersize`` of our items wait for a worker; drop the oldest
+        waiting ones beyond that."""
+        with self._space:
+            waiting = [t for t in self._waiting if not (t.started or t.finished)]
+            excess = len(waiting) - self._buffersize + 1
+            drop, self._waiting = waiting[: max(0, excess)], waiting[max(0, excess) :]
+        engine = self._intake.engine
+        for t in drop:
+            engine.drop(t)  # counted in `dropped` when the consumer passes it
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, timeout=0)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("put() on a closed stream")
+        if self._ended is not None:
+            raise ClosedError(f"put() on a stream whose {self._ended}")
+
+    def close(self) -> None:
+        """No more items; iteration ends after the last outstanding result."""
+        with self._space:
+            if self._closed:
+                return
+            self._closed = True
+            end = self._count
+            self._space.notify_all()
+        self._collector.deliver(end, END, None)
+
+    def end(self, why: str) -> None:
+        """Refuse further put()s (and wake a blocked one) with ClosedError saying *why*: the
+        consumer stopped, or the coordinator shut down."""
+        with self._space:
+            if self._ended is None:
+                self._ended = why
+            self._space.notify_all()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        end_seen = False
+        try:
+            while True:
+                for _, kind, value in self._collector.get_batch():
+                    if kind == END:
+                        end_seen = True
+                        continue
+                    with self._space:
+                        self._consumed += span(kind, value)
+                        self._space.notify()
+                    what = classify(kind, value, self._raise)
+                    if what == EACH:
+                        yield from value
+                    elif what == SKIP:
+                        if value is not REFUSED:
+                            self.dropped += 1
+                    elif what == RAISE:
+                        raise as_error(kind, value)
+                    else:
+                        if kind == TIMEOUT:
+                            self.timed_out += 1
+                        yield value
+                if end_seen:
+                    with self._space:
+                        if self._consumed >= self._count:
+                            return
+        finally:
+            if not end_seen:
+                self._collector.abandoned = True
+                self.end("consumer stopped iterating")
+                self._intake.engine.cancel_abandoned()

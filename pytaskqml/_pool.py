@@ -1,0 +1,311 @@
+"""Where a coordinator's workers come from: threads of this process, processes it spawns,
+workers it dials, workers that dial in. :class:`WorkerPool` is the part of
+:class:`~._coordinator.Coordinator` that attaches them; every kind ends up as a handle
+registered with the engine, and nothing here looks at a handle's kind again.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+import time
+from typing import Any
+
+from . import _codec, _connection
+from ._bootstrap import call_setup, class_target
+from ._connection import Connection
+from ._endpoints import Acceptor, read_hello
+from ._engine import Engine
+from ._errors import ClosedError, ConnectionLost, NoWorkersError, RemoteTraceback, WorkerStartError
+from ._handles import LocalHandle, WorkerHandle, WorkerOwner
+from ._links import Dialer
+from ._remote import Heartbeats, RemoteHandle
+from ._stats import WorkerStats
+from ._supervisor import Seat, Supervisor
+from ._worker import Worker
+
+log = logging.getLogger("pytaskqml._coordinator")
+
+
+def check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None:
+        if not allow_none:
+            raise ValueError(f"{name} is required")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+class WorkerPool:
+    """Adding workers; mixed into :class:`~._coordinator.Coordinator`, which sets these up."""
+
+    name: str
+    authkey: bytes | None
+    window: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    max_frame_size: int
+    _closed: bool
+    _engine: Engine
+    _supervisor: Supervisor
+    _heartbeats: Heartbeats
+    _acceptors: list[Acceptor]
+    _dialers: list[Dialer]
+    _locals: list[LocalHandle]
+    _rejected_peers: int
+    _stats_lock: Any
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the coordinator is shut down")
+
+    def add_local(
+        self, worker: Worker, threads: int = 1, *, window: int | None = None
+    ) -> WorkerHandle:
+        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here)."""
+        if not isinstance(worker, Worker):
+            raise TypeError("add_local() takes a Worker instance")
+        check_positive("threads", threads, allow_none=False)
+        check_positive("window", window)
+        self._check_open()
+        call_setup(worker)
+        handle = LocalHandle(self._engine, worker, threads=threads, window=window)
+        if not self._engine.attach(handle):
+            raise ClosedError("the coordinator is shut down")
+        self._locals.append(handle)
+        return handle
+
+    def spawn(
+        self,
+        worker_cls: type[Worker],
+        processes: int = 1,
+        *,
+        kwargs: dict[str, Any] | None = None,
+        window: int | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> list[int]:
+        """Start ``processes`` child processes running *worker_cls*; supervise and restart them.
+
+        The class must be importable by the child (module level). ``kwargs`` (JSON) are passed
+        to its constructor. With ``wait`` (default) this returns once every child has run
+        ``setup()`` and connected, and raises :class:`WorkerStartError` if one fails. Without
+        it, a child that fails to start is started again with backoff; after
+        ``max_start_failures`` failures in a row its place is given up, and tasks nothing else
+        can run fail with that :class:`WorkerStartError`. Returns the children's process ids.
+        """
+        if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
+            raise TypeError("spawn() takes a Worker subclass")
+        check_positive("processes", processes, allow_none=False)
+        check_positive("window", window)
+        target, main_path = class_target(worker_cls)
+        kw = dict(kwargs or {})
+        _codec.encode_str(kw)  # the constructor arguments travel as JSON
+        self._check_open()
+        sup = self._supervisor
+        seats = sup.add(target, main_path, kw, window, processes, retry_first_start=not wait)
+        if wait:
+            ready, why = sup.wait_ready(seats, timeout)
+            if not ready:
+                for s in seats:
+                    sup.retire(s)
+                err = WorkerStartError(f"could not start {target}: {why}")
+                tb = next((s.error_traceback for s in seats if s.error_traceback), "")
+                err.remote_traceback = tb
+                if tb:
+                    err.__cause__ = RemoteTraceback(tb)
+                raise err
+        return [s.proc.pid for s in seats if s.proc]
+
+    def connect(
+        self,
+        address: tuple[str, int] | str,
+        *,
+        window: int | None = None,
+        wait: bool = True,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Connect to a worker listening at *address*; reconnect with backoff whenever it drops.
+
+        With ``wait`` (default) block until the first connection is up, or raise
+        :class:`ConnectionLost` (and stop trying) after ``timeout``. A worker that refuses our
+        key raises :class:`AuthenticationError` at once, and a TLS certificate that does not
+        verify :class:`ConnectionLost` at once: retrying could not help.
+        """
+        addr = _connection.parse_address(address) if isinstance(address, str) else address
+        check_positive("window", window)
+        self._check_open()
+        dialer = Dialer(
+            self._attach_dialled,
+            addr,
+            self.authkey or b"",
+            window=window,
+            ssl_context=ssl_context,
+            max_frame_size=self.max_frame_size,
+            on_gave_up=self._engine.check_stranded,
+        )
+        self._dialers.append(dialer)
+        dialer.start()
+        if not wait:
+            return
+        deadline = time.monotonic() + timeout
+        while not dialer.connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if dialer.fatal_error is not None:
+                raise dialer.fatal_error
+            if time.monotonic() >= deadline:
+                dialer.stop()
+                raise ConnectionLost(
+                    f"no worker reachable at {_connection.format_address(addr)} within "
+                    f"{timeout}s" + (f" ({dialer.last_error})" if dialer.last_error else "")
+                )
+
+    def listen(
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        window: int | None = None,
+        insecure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> tuple[str, int]:
+        """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
+        address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``).
+        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first."""
+        addr = _connection.parse_address(address) if isinstance(address, str) else address
+        check_positive("window", window)
+        self._check_open()
+        _connection.check_bind(
+            addr[0],
+            self.authkey,
+            insecure=insecure,
+            what="listen",
+            fix="set authkey= or PYTASKQML_AUTHKEY, or pass insecure=True",
+            key_name="an authkey",
+        )
+
+        def accepted(conn: Connection) -> None:
+            hello = read_hello(conn, _connection.DEFAULT_HANDSHAKE_TIMEOUT)
+            self._attach_remote(conn, hello, kind="dial-in", window=window)
+
+        acceptor = Acceptor(
+            _connection.Listener(addr),
+            self.authkey or b"",
+            on_connection=accepted,
+            on_refused=self._peer_rejected,
+            ssl_context=ssl_context,
+            max_frame_size=self.max_frame_size,
+            name=self.name,
+        )
+        self._acceptors.append(acceptor)
+        acceptor.start()
+        return acceptor.address
+
+    # ---------------------------------------------------------------- attaching
+
+    def _attach_remote(
+        self,
+        conn: Connection,
+        hello: dict[str, Any],
+        *,
+        kind: str,
+        window: int | None,
+        arena: Any = None,
+        owner: WorkerOwner | None = None,
+    ) -> RemoteHandle | None:
+        handle = RemoteHandle(
+            self._engine,
+            conn,
+            hello,
+            kind=kind,
+            window=window,
+            heartbeats=self._heartbeats,
+            arena=arena,
+        )
+        handle.owner = owner
+        if not self._engine.attach(handle):
+            conn.abort()
+            return None
+        log.info("worker %s attached (%s, pid %s)", handle.name, kind, handle.pid)
+        return handle
+
+    def _attach_dialled(
+        self, conn: Connection, hello: dict[str, Any], dialer: Dialer
+    ) -> RemoteHandle | None:
+        return self._attach_remote(conn, hello, kind="remote", window=dialer.window, owner=dialer)
+
+    def _peer_rejected(self, peer: str, why: object) -> None:
+        with self._stats_lock:
+            self._rejected_peers += 1
+        log.warning("rejected connection from %s: %s", peer, why)
+        self._engine.signal()
+
+    def _child_config(self) -> dict[str, Any]:
+        return {
+            "sys_path": [p for p in sys.path if isinstance(p, str)],
+            "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_timeout": self.heartbeat_timeout,
+            "max_frame_size": self.max_frame_size,
+            "log_level": logging.getLogger("pytaskqml").getEffectiveLevel(),
+        }
+
+    def _reinforcements(self) -> bool:
+        """Could a worker still come: a process seat not given up, a listener, a dialer?"""
+        return (
+            bool(self._acceptors)
+            or any(d.active for d in self._dialers)
+            or self._supervisor.active()
+        )
+
+    def _can_progress(self) -> bool:
+        return (
+            bool(self._engine.core.workers)
+            or self._supervisor.can_progress()
+            or any(d.active for d in self._dialers)
+        )
+
+    def _strand_error(self) -> BaseException:
+        error = self._supervisor.retired_error
+        if error is not None:
+            err = WorkerStartError(f"no worker can run this task: {error}")
+            err.remote_traceback = self._supervisor.retired_traceback
+            return err
+        return NoWorkersError("no workers left: every worker process died and was not restarted")
+
+    def wait_workers(self, n: int, timeout: float | None = None) -> bool:
+        """Block until at least *n* workers are attached; False on timeout."""
+        return self._engine.wait_for(
+            lambda core: len(core.workers) >= n or self._closed, timeout
+        ) and (len(self.workers) >= n)
+
+    @property
+    def workers(self) -> tuple[WorkerStats, ...]:
+        """The workers attached now."""
+        return self._engine.workers()
+
+
+class SpawnHost:
+    """The coordinator as its supervisor sees it."""
+
+    def __init__(self, coord: WorkerPool) -> None:
+        self._coord = coord
+
+    def attach_spawned(
+        self, seat: Seat, conn: Connection, hello: dict[str, Any]
+    ) -> WorkerHandle | None:
+        c = self._coord
+        return c._attach_remote(
+            conn,
+            hello,
+            kind="spawned",
+            window=seat.window,
+            arena=seat.arena,
+            owner=c._supervisor,
+        )
+
+    def seat_retired(self, seat: Seat) -> None:
+        self._coord._engine.check_stranded()
+        self._coord._engine.signal()
+
+    def changed(self) -> None:
+        self._coord._engine.signal()

@@ -1,0 +1,446 @@
+"""A worker process's serve loop: :class:`WorkerServer`.
+
+A worker process has three threads while it is connected:
+
+* the **main** thread receives frames and runs their tasks itself (no thread hand-off between a
+  frame's arrival and ``process()``), sends results, and finally runs ``teardown()``;
+* a **heartbeat** thread pings an idle connection and closes one that stayed silent too long;
+  while a task runs nobody reads the socket, so it watches for the coordinator hanging up
+  instead;
+* with ``--listen``, an **acceptor** (:mod:`._endpoints`) that authenticates connecting
+  coordinators, which are then served one at a time.
+
+Graceful stop (``/shutdown``, a ``stop`` message, SIGTERM): the task in hand finishes, its
+result and every earlier one is sent, then a ``bye`` frame. Whatever else the coordinator had
+sent never started, so it re-queues those tasks at no cost. The worker then waits (briefly) for
+the coordinator to close the connection, so its ``bye`` is read before the connection ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import _codec, _connection, _protocol, _shm
+from ._connection import Address, Connection
+from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
+from ._errors import AuthenticationError, ConnectionLost, ProtocolError
+from ._protocol import CHUNK_ROW, RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
+from ._worker import Worker, error_info, run_chunk, run_entries, worker_info
+
+log = logging.getLogger(__name__)
+
+# Results of quick tasks are sent together; once the oldest unsent result is this old it goes
+# out on its own, so a slow model's first result never waits for its neighbour.
+RESULT_FLUSH_AFTER = 0.0005
+# After its goodbye a worker waits this long for the coordinator to close the connection.
+GOODBYE_TIMEOUT = 2.0
+
+
+class WorkerServer:
+    """Serves one :class:`Worker` instance to coordinators (in a worker process)."""
+
+    max_pending_handshakes = 16
+
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        authkey: bytes = b"",
+        name: str = "",
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 5.0,
+        max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
+        handshake_timeout: float = _connection.DEFAULT_HANDSHAKE_TIMEOUT,
+        exit_grace: float | None = None,
+        control_address: str | None = None,
+        spawn_id: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        shared: tuple[int, str] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.authkey = authkey
+        self.name = name or f"{type(worker).__name__}-{os.getpid()}"
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_frame_size = max_frame_size
+        self.handshake_timeout = handshake_timeout
+        # A spawned worker must not outlive its coordinator: this many seconds after it hung up
+        # (even inside a task that never returns) the process exits. None: never.
+        self.exit_grace = exit_grace
+        self.control_address = control_address
+        self.spawn_id = spawn_id
+        self.ssl_context = ssl_context
+        # Shared memory with the coordinator that spawned us (see _shm): large task buffers
+        # arrive as views of it instead of through the socket.
+        self._shared = _shm.SharedView(*shared) if shared is not None else None
+        self.tasks_done = 0
+        self._stop = threading.Event()
+        self._conn: Connection | None = None
+        self._busy = False  # the main thread is running tasks, not reading
+        self._said_bye = False  # on the current connection
+        self._ready: queue.SimpleQueue[Connection | None] | None = None
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- control
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Finish the task in hand, send its result, say goodbye, and stop serving.
+
+        When no task is running the goodbye is sent from here: the main thread, blocked
+        receiving, sees the coordinator close the connection in answer. The decision is taken
+        under the lock the main thread also takes when it starts on a frame, so a frame is
+        either run to the end before the goodbye or not run at all.
+        """
+        with self._lock:
+            self._stop.set()
+            conn = self._conn
+            if conn is not None and not self._busy:
+                self._say_bye(conn)
+            if self._ready is not None:
+                self._ready.put(None)  # wakes run_listen() waiting for a coordinator
+
+    def _say_bye(self, conn: Connection) -> None:
+        """Lock held (or the main thread, between frames)."""
+        if self._said_bye:
+            return
+        self._said_bye = True
+        with contextlib.suppress(ConnectionLost):
+            conn.send("bye", {"done": self.tasks_done})
+
+    # --------------------------------------------------------------- endpoints
+
+    def run_dial(self, address: Address, *, reconnect: bool) -> str:
+        """Dial the coordinator and serve; with *reconnect*, dial again (with backoff) after a
+        lost connection. Returns ``"stopped"`` or ``"lost"``.
+
+        A first attempt refused for the key or a certificate raises at once (retrying cannot
+        help); so does any failure without *reconnect*.
+        """
+        backoff = Backoff(first=0.1, cap=5.0)
+        served = False
+        where = _connection.format_address(address)
+        while not self._stop.is_set():
+            try:
+                conn = dial_once(
+                    address,
+                    self.authkey,
+                    ssl_context=self.ssl_context,
+                    name=self.name,
+                    max_frame_size=self.max_frame_size,
+                    timeout=self.handshake_timeout,
+                )
+            except (OSError, ConnectionLost, AuthenticationError) as exc:
+                why = describe(exc, address)
+                if not reconnect or (not served and is_fatal(exc)):
+                    if isinstance(exc, AuthenticationError):
+                        raise AuthenticationError(f"coordinator at {where}: {why}") from None
+                    raise ConnectionLost(f"cannot reach coordinator at {where}: {why}") from None
+                delay = backoff.next()
+                log.info("coordinator %s unavailable (%s); retrying in %.1fs", where, why, delay)
+                self._stop.wait(delay)
+                continue
+            backoff.reset()
+            served = True
+            outcome = self.serve_connection(conn)
+            if outcome == "stopped" or not reconnect:
+                return outcome
+            log.warning("lost the coordinator; reconnecting")
+        return "stopped"
+
+    def run_listen(self, listener: _connection.Listener) -> str:
+        """Serve coordinators that connect to *listener*, one session at a time, until stopped.
+
+        Connections are authenticated by their own threads (at most
+        ``max_pending_handshakes`` at once); authenticated ones wait their turn in a queue.
+        """
+        ready: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        with self._lock:
+            self._ready = ready
+            if self._stop.is_set():
+                ready.put(None)
+        acceptor = Acceptor(
+            listener,
+            self.authkey,
+            on_connection=ready.put,
+            on_refused=lambda peer, why: log.warning("rejected connection from %s: %s", peer, why),
+            ssl_context=self.ssl_context,
+            max_pending=self.max_pending_handshakes,
+            max_frame_size=self.max_frame_size,
+            name=self.name,
+            handshake_timeout=self.handshake_timeout,
+        )
+        acceptor.start()
+        try:
+            while not self._stop.is_set():
+                conn = ready.get()
+                if conn is None:
+                    break
+                if self._stop.is_set():
+                    conn.abort()
+                    break
+                log.info("coordinator %s connected", conn.peer)
+                if self.serve_connection(conn) == "stopped":
+                    break
+        finally:
+            with self._lock:
+                self._ready = None
+            acceptor.stop()
+            while True:  # connections authenticated meanwhile are closed, not leaked
+                try:
+                    extra = ready.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is not None:
+                    extra.abort()
+        return "stopped"
+
+    # ------------------------------------------------------------ one session
+
+    def serve_connection(self, conn: Connection) -> str:
+        """Serve one authenticated connection; ``"stopped"`` or ``"lost"``."""
+        done = threading.Event()
+        with self._lock:
+            self._conn = conn
+            self._said_bye = False
+        try:
+            conn.send(
+                "hello",
+                {
+                    "name": self.name,
+                    "pid": os.getpid(),
+                    "spawn_id": self.spawn_id,
+                    "control": self.control_address,
+                    "shm": self._shared.token if self._shared is not None else None,
+                    **worker_info(self.worker),
+                },
+            )
+        except ConnectionLost:
+            return "lost"
+        if self._shared is not None:
+            conn.set_shared(self._shared)
+        beat = threading.Thread(
+            target=self._heartbeat_loop,
+            args=(conn, done),
+            name=f"pytaskqml-heartbeat-{conn.peer}",
+            daemon=True,
+        )
+        beat.start()
+        try:
+            return self._serve(conn)
+        finally:
+            self._busy = False
+            done.set()
+            with self._lock:
+                self._conn = None
+            conn.abort()
+            beat.join(timeout=5)
+
+    def _serve(self, conn: Connection) -> str:
+        while True:
+            if self._stop.is_set():
+                with self._lock:
+                    self._say_bye(conn)
+                self._await_close(conn)
+                return "stopped"
+            try:
+                msg = conn.recv()
+            except ConnectionLost as exc:
+                if self._stop.is_set():
+                    return "stopped"  # the coordinator closed after our goodbye
+                log.info("connection to %s ended: %s", conn.peer, exc)
+                return "lost"
+            except ProtocolError as exc:
+                log.error("protocol error from %s: %s", conn.peer, exc)
+                return "lost"
+            op = msg.op
+            if op == "run":
+                with self._lock:
+                    if self._said_bye:
+                        continue  # sent before our goodbye reached it: never started
+                    self._busy = True
+                try:
+                    self._run_frame(conn, msg)
+                    del msg  # its rows may still refer to shared memory
+                    self._report_freed(conn)
+                except ConnectionLost as exc:
+                    log.info("connection to %s lost while sending results: %s", conn.peer, exc)
+                    return "lost"
+                except ProtocolError as exc:
+                    log.error("protocol error from %s: %s", conn.peer, exc)
+                    return "lost"
+                finally:
+                    self._busy = False
+            elif op == "stop":
+                self._stop.set()
+            elif op == "ping":
+                self._report_freed(conn)
+            elif op != "config":
+                log.error("unexpected message %r from %s", op, conn.peer)
+                return "lost"
+
+    def _await_close(self, conn: Connection) -> None:
+        """After our goodbye: read (and drop) until the coordinator closes, at most
+        GOODBYE_TIMEOUT, so the goodbye is read before the connection goes."""
+        deadline = time.monotonic() + GOODBYE_TIMEOUT
+        with contextlib.suppress(ConnectionLost, ProtocolError):
+            while time.monotonic() < deadline:
+                conn.recv_within(max(0.0, deadline - time.monotonic()))
+
+    def _heartbeat_loop(self, conn: Connection, done: threading.Event) -> None:
+        interval = self.heartbeat_interval
+        try:
+            while not done.wait(interval / 2):
+                now = time.monotonic()
+                if self._busy:
+                    # A task is running: the socket is not being read, so silence means nothing;
+                    # a hang-up does (the coordinator died). A spawned worker then leaves.
+                    if self.exit_grace is not None and conn.peer_hung_up():
+                        self._exit_if_stuck(done)
+                        return
+                elif now - conn.last_recv > self.heartbeat_timeout and not self._said_bye:
+                    log.warning(
+                        "coordinator %s silent for %.1fs; dropping the connection",
+                        conn.peer,
+                        now - conn.last_recv,
+                    )
+                    conn.abort()
+                    return
+                if now - conn.last_send >= interval and not self._said_bye:
+                    conn.ping()
+        except ConnectionLost:
+            return
+        except BaseException:
+            log.exception("worker heartbeat thread crashed")
+            conn.abort()
+
+    def _exit_if_stuck(self, done: threading.Event) -> None:
+        assert self.exit_grace is not None
+        if not done.wait(self.exit_grace):
+            log.error(
+                "coordinator gone and the task still running after %.1fs; exiting", self.exit_grace
+            )
+            os._exit(3)
+
+    # ------------------------------------------------------------ running tasks
+
+    def _run_frame(self, conn: Connection, msg: _protocol.Message) -> None:
+        entries = msg.header.get("t")
+        if type(entries) is not list or not all(_valid_row(e) for e in entries):
+            raise ProtocolError("malformed run frame")
+        clock = time.perf_counter
+        if msg.header.get("b"):
+            t0 = clock()
+            rows = run_entries(self.worker, entries, batch=True)
+            self.tasks_done += len(entries)
+            for row in entries:
+                row[1] = None  # drop our reference to the payload: its memory may be freed
+            self._send_results(conn, rows, clock() - t0)
+            return
+        process = self.worker.process
+        pending: list[tuple[int, int, Any]] = []
+        start = clock()
+        for row in entries:
+            if self._stop.is_set():
+                break  # the rest never start: the coordinator re-queues them after "bye"
+            if len(row) == 2:
+                try:
+                    pending.append((row[0], RESULT_OK, process(row[1])))
+                except Exception as exc:
+                    pending.append((row[0], RESULT_ERROR, exc))
+            else:
+                pending.append(run_chunk(process, row[0], row[1]))
+            row[1] = None
+            self.tasks_done += 1
+            now = clock()
+            if now - start > RESULT_FLUSH_AFTER:
+                self._send_results(conn, pending, now - start)
+                pending = []
+                start = clock()
+        if pending:
+            self._send_results(conn, pending, clock() - start)
+
+    def _send_results(
+        self, conn: Connection, results: list[tuple[int, int, Any]], busy: float
+    ) -> None:
+        text, buffers = encode_results(results)
+        freed = self._shared.collect() if self._shared is not None else None
+        conn.send_json(
+            '{"op":"done","bt":'
+            + repr(round(busy, 7))
+            + (',"f":' + repr(freed) if freed else "")
+            + ',"r":'
+            + text
+            + "}",
+            buffers,
+        )
+
+    def _report_freed(self, conn: Connection) -> None:
+        """Tell the coordinator about shared-memory slots freed since the last results (e.g. a
+        result that was the input array itself, now sent; an array ``process()`` kept, now
+        dropped)."""
+        if self._shared is not None and self._shared.held:
+            freed = self._shared.collect()
+            if freed:
+                conn.send("free", {"f": freed})
+
+
+def _valid_row(e: Any) -> bool:
+    if type(e) is not list or not e or type(e[0]) is not int:
+        return False
+    return len(e) == 2 or (len(e) == 3 and e[2] == CHUNK_ROW and type(e[1]) is list)
+
+
+def _wire_value(flag: int, value: Any) -> Any:
+    """Exceptions travel as ``[type, message, traceback]`` text, never as objects."""
+    if flag == RESULT_ERROR:
+        return error_info(value)
+    if flag == RESULT_CHUNK:
+        return [[k, error_info(v) if k else v] for k, v in value]
+    return value  # a result, or (RESULT_RUN) a list of results
+
+
+def encode_results(results: Sequence[tuple[int, int, Any]]) -> tuple[str, list[memoryview]]:
+    """Encode result rows ``(task id, flag, value)`` (see :func:`~._worker.run_entries`) as one
+    JSON array plus buffers.
+
+    One encoder call does the whole list; only if that fails is each row (and each item of a
+    chunk) encoded alone, so a result that cannot be encoded fails its own task and no other.
+    """
+    rows = [[tid, flag, _wire_value(flag, v)] for tid, flag, v in results]
+    try:
+        return _codec.encode(rows)
+    except (TypeError, ValueError):
+        pass
+    parts: list[str] = []
+    buffers: list[memoryview] = []
+    for row in rows:
+        if row[1] == RESULT_RUN:
+            row = [row[0], RESULT_CHUNK, [[RESULT_OK, v] for v in row[2]]]
+        if row[1] == RESULT_CHUNK:
+            items = []
+            for item in row[2]:
+                try:
+                    _codec.encode(item)
+                    items.append(item)
+                except (TypeError, ValueError) as exc:
+                    items.append([RESULT_ERROR, error_info(exc)])
+            row = [row[0], RESULT_CHUNK, items]
+        try:
+            text, bufs = _codec.encode(row)
+        except (TypeError, ValueError) as exc:
+            text, bufs = _codec.encode([row[0], RESULT_ERROR, error_info(exc)])
+        parts.append(text)
+        buffers.extend(bufs)
+    return "[" + ",".join(parts) + "]", buffers
