@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help venv test lint typecheck unit demo bench bench-smoke clean
+.PHONY: help venv check test lint typecheck unit quick demo bench bench-smoke clean
 
 help:
 	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
-	@echo "make test   - lint, type-check and run the test suite"
+	@echo "make check  - lint, type-check and the fast tests (under a minute; while working)"
+	@echo "make test   - lint, type-check and run the whole test suite (what CI runs)"
 	@echo "make bench  - full benchmark against multiprocessing and Celery+Redis"
 	@echo "make clean  - remove the virtual environment and generated output"
 
@@ -38,6 +39,12 @@ typecheck: $(VENV)/.dev-installed
 # The demo's own test needs OpenCV and scikit-image, so the suite installs them too.
 unit: $(VENV)/.demo-installed
 	$(PY) -m pytest
+
+# The fast tier: everything not marked slow (heavy runs, deadlines that take seconds to expire).
+quick: $(VENV)/.demo-installed
+	$(PY) -m pytest -q -m "not slow"
+
+check: lint typecheck quick
 
 test: lint typecheck unit
 

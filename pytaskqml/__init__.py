@@ -5,7 +5,7 @@ worker processes (spawned here, or started elsewhere with ``pytaskqml worker``) 
 thread workers. Results come back in submission order. Standard library only.
 """
 
-from ._connection import tls_client_context, tls_server_context
+from ._auth import tls_client_context, tls_server_context
 from ._control import get_health, request_shutdown
 from ._coordinator import Coordinator
 from ._errors import (

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _codec, _protocol
-from ._errors import AuthenticationError, ConnectionLost, ProtocolError
+from ._errors import ConnectionLost, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -172,30 +172,32 @@ def tls_accept(
     return tls
 
 
-def tls_server_context(
-    certfile: str, keyfile: str | None = None, cafile: str | None = None
-) -> ssl.SSLContext:
-    """A TLS context for the listening side. With *cafile*, peers must show a certificate
-    signed by that CA (mutual TLS)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile, keyfile)
-    if cafile:
-        ctx.load_verify_locations(cafile)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+class Deadline:
+    """Abort a socket if the block inside does not finish within *timeout* seconds.
 
+    A socket timeout alone bounds each recv, not the whole exchange: a peer sending a byte
+    just before every timeout would be served forever (slow-loris). This bounds the total.
+    """
 
-def tls_client_context(
-    cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
-) -> ssl.SSLContext:
-    """A TLS context for the dialling side: verifies the server's certificate and host name
-    against *cafile* (or the system's CAs); *certfile*/*keyfile* present a client certificate."""
-    ctx = ssl.create_default_context(cafile=cafile)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if certfile:
-        ctx.load_cert_chain(certfile, keyfile)
-    return ctx
+    def __init__(self, abort: Callable[[], None], timeout: float | None) -> None:
+        self.expired = False
+        self._abort = abort
+        self._timer = None if timeout is None else threading.Timer(timeout, self._fire)
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.expired = True
+        self._abort()
+
+    def __enter__(self) -> Deadline:
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class Connection:
@@ -401,114 +403,3 @@ class Connection:
             self.sock.close()
 
     close = abort
-
-
-# --------------------------------------------------------------------------- handshake
-
-
-def _expect(conn: Connection, op: str) -> _protocol.Message:
-    msg = conn.recv()
-    if msg.op == "denied":
-        raise AuthenticationError(f"{conn.peer} refused the handshake: {msg.header.get('why')}")
-    if msg.op != op:
-        raise AuthenticationError(f"handshake: expected {op!r}, got {msg.op!r}")
-    return msg
-
-
-class Deadline:
-    """Abort a socket if the block inside does not finish within *timeout* seconds.
-
-    A socket timeout alone bounds each recv, not the whole exchange: a peer sending a byte
-    just before every timeout would be served forever (slow-loris). This bounds the total.
-    """
-
-    def __init__(self, abort: Callable[[], None], timeout: float | None) -> None:
-        self.expired = False
-        self._abort = abort
-        self._timer = None if timeout is None else threading.Timer(timeout, self._fire)
-        if self._timer is not None:
-            self._timer.daemon = True
-
-    def _fire(self) -> None:
-        self.expired = True
-        self._abort()
-
-    def __enter__(self) -> Deadline:
-        if self._timer is not None:
-            self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None]) -> None:
-    """Run handshake *steps* under a deadline; on any failure close the connection and raise
-    :class:`AuthenticationError` (or :class:`ConnectionLost` if the peer just went away)."""
-    try:
-        conn.sock.settimeout(timeout)
-        with Deadline(conn.abort, timeout) as deadline:
-            try:
-                steps()
-            except ConnectionLost:
-                if deadline.expired:
-                    raise TimeoutError from None
-                raise
-        conn.sock.settimeout(None)
-        conn.set_authenticated()
-    except TimeoutError:
-        conn.abort()
-        raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
-    except ProtocolError as exc:
-        conn.abort()
-        raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
-    except BaseException:
-        conn.abort()
-        raise
-
-
-def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
-    """Run the listening side of the mutual HMAC handshake; raise AuthenticationError."""
-
-    def steps() -> None:
-        nonce = _protocol.new_nonce()
-        conn.send("challenge", {"nonce": nonce.hex(), "v": _protocol.PROTOCOL_VERSION})
-        msg = _expect(conn, "auth")
-        if not _protocol.auth_verify(key, nonce, "client", msg.header.get("proof")):
-            with contextlib.suppress(ConnectionLost):
-                conn.send("denied", {"why": "authentication failed"})
-            raise AuthenticationError(f"{conn.peer} failed authentication (wrong or missing key)")
-        theirs = _nonce_from(msg.header.get("nonce"))
-        conn.send("welcome", {"proof": _protocol.auth_digest(key, theirs, "server").hex()})
-
-    _handshake(conn, timeout, steps)
-
-
-def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
-    """Run the dialling side of the mutual HMAC handshake; raise AuthenticationError."""
-
-    def steps() -> None:
-        msg = _expect(conn, "challenge")
-        if msg.header.get("v") != _protocol.PROTOCOL_VERSION:
-            raise AuthenticationError(f"peer speaks protocol version {msg.header.get('v')!r}")
-        theirs = _nonce_from(msg.header.get("nonce"))
-        mine = _protocol.new_nonce()
-        conn.send(
-            "auth",
-            {"proof": _protocol.auth_digest(key, theirs, "client").hex(), "nonce": mine.hex()},
-        )
-        reply = _expect(conn, "welcome")
-        if not _protocol.auth_verify(key, mine, "server", reply.header.get("proof")):
-            raise AuthenticationError(f"{conn.peer} could not prove it holds the key")
-
-    _handshake(conn, timeout, steps)
-
-
-def _nonce_from(value: object) -> bytes:
-    if isinstance(value, str) and len(value) == 2 * _protocol.NONCE_SIZE:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    raise AuthenticationError("handshake: malformed nonce")

@@ -220,7 +220,8 @@ class Coordinator(WorkerPool):
         oldest waiting task is cancelled to make room. ``timeout`` counts from now: past it the
         future fails with ``TimeoutError`` (a late result goes to the late channel).
         """
-        fut = TaskFuture(self._runner)
+        fut = TaskFuture()
+        fut._runner = self._runner
         check_positive("timeout", timeout)
         self._intake.one(payload, fut, 0, timeout if timeout is not None else self.timeout)
         return fut
@@ -362,6 +363,11 @@ class Coordinator(WorkerPool):
         )
         self._control.start()
         return self._control.address
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the coordinator has shut down (for instance through ``POST /shutdown``
+        on its control endpoint) and every worker is stopped; False on timeout."""
+        return self._stopped.wait(timeout)
 
     # ================================================================ shutdown
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _connection
+from . import _auth, _connection
 from ._connection import Address, Connection
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 
@@ -72,7 +72,7 @@ def dial_once(
     sock = _connection.dial(address, timeout=timeout, ssl_context=ssl_context)
     conn = Connection(sock, name=name, max_frame_size=max_frame_size)
     try:
-        _connection.client_handshake(conn, key, timeout=timeout)
+        _auth.client_handshake(conn, key, timeout=timeout)
     except BaseException:
         conn.abort()
         raise
@@ -177,7 +177,7 @@ class Acceptor:
             if self._ssl_context is not None:
                 sock = _connection.tls_accept(sock, self._ssl_context, timeout=timeout)
             conn = Connection(sock, name=self._name, max_frame_size=self._max_frame_size)
-            _connection.server_handshake(conn, self._key, timeout=timeout)
+            _auth.server_handshake(conn, self._key, timeout=timeout)
             self._on_connection(conn)
         except (AuthenticationError, ConnectionLost, ProtocolError, OSError) as exc:
             self._on_refused(conn.peer if conn is not None else peer, exc)

@@ -26,9 +26,10 @@ from typing import Any
 from ._delivery import CallbackRunner, deliver, deliver_all
 from ._errors import ClosedError, WorkerLostError
 from ._handles import WorkerHandle
-from ._scheduler import FutureOutcomes, Groups, Scheduler, WorkerState
+from ._scheduler import FutureOutcomes, Groups, Scheduler
 from ._stats import Statistics, WorkerStats, percentile
 from ._tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
+from ._workerstate import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,16 @@ class Engine:
                 self.not_full.notify_all()
             if core.stranded:
                 stranded = self._strand_locked()
-            self._watch_deadlines()
+            if core.deadlines:
+                self._watch_deadlines()
         for ws in assigned:
             ws.handle.wake(True)
         if dropped:
             deliver_all(dropped, DROPPED, None)
         if stranded:
             deliver_all(stranded, ERROR, self._strand_error())
+        if self._watchers:
+            self.signal()
 
     def _admit_blocking(
         self,
@@ -194,7 +198,7 @@ class Engine:
                 self.not_full.notify_all()
             if not self.core.live:
                 self.changed.notify_all()
-            if assigned:
+            if assigned and self.core.deadlines:
                 self._watch_deadlines()
         for w in assigned:
             w.handle.wake(False)

@@ -31,7 +31,7 @@ from ._tasks import CHUNK, ERROR, Task
 from ._worker import Worker, error_info, run_entries
 
 if TYPE_CHECKING:
-    from ._scheduler import WorkerState
+    from ._workerstate import WorkerState
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,10 @@ from ._delivery import TaskFuture
 from ._errors import TaskFailed
 from ._ordered import TaskQueue
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
+from ._workerstate import WorkerState
 
 log = logging.getLogger(__name__)
 
-# An adaptive window starts here and then holds about WINDOW_BUDGET seconds of work.
-INITIAL_WINDOW = 8
-WINDOW_BUDGET = 0.01
 # Latency samples kept for the percentiles of statistics().
 LATENCY_SAMPLES = 8192
 
@@ -60,83 +58,6 @@ Outcome = tuple[int, int, Any]
 # tasks whose sink is a future.
 Groups = list[tuple[Any, list[Outcome]]]
 FutureOutcomes = list[tuple[Task, int, Any]]
-
-
-class WorkerState:
-    """The core's record of one worker: its credit, what it holds, what it has done.
-
-    ``handle`` is whatever the front attached the worker with; the core never touches it.
-    """
-
-    __slots__ = (
-        "accepting",
-        "adaptive",
-        "batch_size",
-        "completed",
-        "concurrency",
-        "failed",
-        "handle",
-        "id",
-        "inflight",
-        "last_progress",
-        "max_window",
-        "name",
-        "outbox",
-        "task_time",
-        "window",
-    )
-
-    def __init__(
-        self,
-        wid: int,
-        name: str,
-        *,
-        window: int,
-        adaptive: bool,
-        batch_size: int,
-        concurrency: int,
-        handle: Any,
-        now: float,
-    ) -> None:
-        self.id = wid
-        self.name = name
-        self.batch_size = max(1, batch_size)  # tasks that run as one call
-        self.concurrency = max(1, concurrency)  # tasks it runs at the same time
-        # A batching worker needs room for a batch in hand and one filling behind it.
-        self.max_window = max(window, 2 * self.batch_size) if self.batch_size > 1 else window
-        self.adaptive = adaptive
-        self.window = min(self.max_window, INITIAL_WINDOW) if adaptive else self.max_window
-        self.task_time: float | None = None  # EWMA of seconds of work per task (or chunk)
-        self.inflight: dict[int, Task] = {}  # assigned, not answered, in dispatch order
-        self.outbox: deque[Task] = deque()  # assigned, not yet taken by the worker's sender
-        self.accepting = True
-        self.completed = 0
-        self.failed = 0
-        self.last_progress = now  # last result, or when it got work while holding none
-        self.handle = handle
-
-    def __repr__(self) -> str:
-        return f"<WorkerState {self.name} window={self.window} in_flight={len(self.inflight)}>"
-
-    @property
-    def free(self) -> int:
-        return self.window - len(self.inflight) if self.accepting else 0
-
-    def observe(self, busy: float, tasks: int) -> None:
-        """Learn how long a task takes here; size an adaptive window from it.
-
-        The window aims at about :data:`WINDOW_BUDGET` seconds of work queued at the worker: a
-        model taking 30 ms per frame gets a window of 2 (one in hand, one ready), so frames wait
-        in the coordinator's queue, where drop-oldest and deadlines can act, while tiny tasks
-        get a window large enough to hide the round trip.
-        """
-        if tasks <= 0 or busy < 0:
-            return
-        per = busy / tasks
-        self.task_time = per if self.task_time is None else 0.7 * self.task_time + 0.3 * per
-        if self.adaptive:
-            want = int(WINDOW_BUDGET / max(self.task_time, 1e-7)) + 1
-            self.window = max(2, min(self.max_window, want))
 
 
 class Scheduler:
@@ -164,27 +85,11 @@ class Scheduler:
     # ------------------------------------------------------------------ workers
 
     def add_worker(
-        self,
-        name: str,
-        *,
-        window: int,
-        adaptive: bool = False,
-        batch_size: int = 1,
-        concurrency: int = 1,
-        handle: Any = None,
-        now: float = 0.0,
+        self, name: str, *, window: int, now: float = 0.0, **options: Any
     ) -> tuple[WorkerState, list[WorkerState]]:
-        """Register a worker; returns its state and the workers that got tasks."""
-        ws = WorkerState(
-            next(self._worker_ids),
-            name,
-            window=window,
-            adaptive=adaptive,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            handle=handle,
-            now=now,
-        )
+        """Register a worker (*options*: those of :class:`WorkerState`); returns its state and
+        the workers that got tasks."""
+        ws = WorkerState(next(self._worker_ids), name, window=window, now=now, **options)
         self.workers.append(ws)
         self.stranded = False
         return ws, self.dispatch(now)
@@ -357,11 +262,24 @@ class Scheduler:
                     continue
                 if not t.started:
                     t.started = True
-                    if not self._still_wanted(t):
+                    s = t.sink  # is anyone still waiting for it? (inlined _still_wanted)
+                    if s.__class__ is TaskFuture:
+                        if not s.set_running_or_notify_cancel():
+                            self._finish_cancelled(t)
+                            continue
+                    elif s.abandoned:
+                        self._finish_cancelled(t)
                         continue
                 tasks.append(t)
             if tasks:
-                self._assign(best, tasks, now, assigned)
+                inflight = best.inflight
+                if not inflight:
+                    best.last_progress = now  # the hang clock starts with its first task
+                for t in tasks:
+                    inflight[t.id] = t
+                best.outbox.extend(tasks)
+                if best not in assigned:
+                    assigned.append(best)
         return assigned
 
     def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:

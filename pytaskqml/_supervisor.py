@@ -16,12 +16,10 @@ seconds (a worker that keeps crashing on its tasks).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +31,7 @@ from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._errors import ConnectionLost, ProtocolError
 from ._handles import WorkerHandle
+from ._launch import kill_process, launch, reap
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ class Supervisor:
             handle = seat.handle
         if handle is not None:
             handle.abort("retired")
-        _kill(seat.proc)
+        kill_process(seat.proc)
         if seat.arena is not None:
             seat.arena.close()
 
@@ -335,7 +334,7 @@ class Supervisor:
     def _restart(self, seat: Seat) -> None:
         old = seat.proc
         if old is not None and old.poll() is None:
-            _kill(old)  # lost its connection yet still running: wedged
+            kill_process(old)  # lost its connection yet still running: wedged
         with self._cv:
             if self._stopping or seat.retired:
                 return
@@ -375,6 +374,10 @@ class Supervisor:
     # ------------------------------------------------------------------ starting
 
     def _start(self, seat: Seat) -> None:
+        if seat.arena is not None:
+            seat.arena.close()  # the previous process's segment
+            seat.arena = None
+        seat.error = None
         config: dict[str, Any] = {
             **self._config(),
             "target": seat.target,
@@ -382,68 +385,27 @@ class Supervisor:
             "kwargs": seat.kwargs,
             "spawn_id": seat.spawn_id,
         }
-        env = dict(os.environ)
-        env.pop("PYTASKQML_AUTHKEY", None)  # the child gets its key on stdin, nothing else
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-        if seat.arena is not None:
-            seat.arena.close()  # the previous process's segment
-            seat.arena = None
-        seat.error = None
-        pair = _connection.socketpair() if self.use_socketpair else None
-        if pair is not None:
-            config["sock"] = pair[1].fileno()
-        else:
-            assert self.listener is not None
-            config["address"] = list(self.listener.address)
-            config["authkey"] = self.spawn_key.hex()
-        segment = _shm.create_segment(f"pytaskqml-{seat.spawn_id}") if self.shared_memory else None
-        fd, reserve = segment if segment is not None else (None, False)
-        token = secrets.token_hex(8)
-        if fd is not None:
-            config["shm"] = [fd, token]
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pytaskqml._child"],
-                stdin=subprocess.PIPE,
-                env=env,
-                close_fds=True,
-                pass_fds=tuple(
-                    f for f in (fd, pair[1].fileno() if pair else None) if f is not None
-                ),
-            )
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            if pair is not None:
-                pair[0].close()
-            raise
-        finally:
-            if pair is not None:
-                pair[1].close()  # the child's end: ours is pair[0]
-        if fd is not None:
-            seat.arena = _shm.Arena(fd, token=token, reserve=reserve)
+        child = launch(
+            config,
+            socketpair=self.use_socketpair,
+            dial_back=(self.listener.address, self.spawn_key) if self.listener else None,
+            shared_memory=self.shared_memory,
+            segment_name=f"pytaskqml-{seat.spawn_id}",
+        )
+        seat.arena = child.arena
         with self._cv:
-            seat.proc = proc
+            seat.proc = child.proc
             seat.started_at = time.monotonic()
             seat.restart_at = None
-        if pair is not None:
+        if child.sock is not None:
+            conn = Connection(child.sock, name=self.name, max_frame_size=self.max_frame_size)
             threading.Thread(
                 target=self._await_hello,
-                args=(
-                    seat,
-                    proc,
-                    Connection(pair[0], name=self.name, max_frame_size=self.max_frame_size),
-                ),
-                name=f"pytaskqml-spawn-{proc.pid}",
+                args=(seat, child.proc, conn),
+                name=f"pytaskqml-spawn-{child.proc.pid}",
                 daemon=True,
             ).start()
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(config).encode() + b"\n")
-            proc.stdin.close()
-        except OSError:
-            pass  # the child died at once; its hello thread or the poll notices
+        child.send_config()
 
     def _await_hello(self, seat: Seat, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         """Wait for a child's hello on its socketpair and attach it (a thread per child).
@@ -541,23 +503,7 @@ class Supervisor:
 
     def reap(self, seats: list[Seat], timeout: float) -> None:
         """Wait up to *timeout* for the processes to exit, kill the rest, free their memory."""
-        end = time.monotonic() + timeout
+        reap([s.proc for s in seats if s.proc is not None], timeout)
         for s in seats:
-            if s.proc is not None:
-                try:
-                    s.proc.wait(max(0.05, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.warning("worker process %d did not exit; killing it", s.proc.pid)
-                    _kill(s.proc)
             if s.arena is not None:
                 s.arena.close()
-
-
-def _kill(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(OSError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-        proc.wait(5.0)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _connection, _control
+from . import __version__, _auth, _connection, _control
 from ._bootstrap import (
     call_setup,
     call_teardown,
@@ -270,8 +270,8 @@ def _tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | 
         if server:
             if not args.tls_cert:
                 raise _UserError("--listen with TLS needs --tls-cert (and --tls-key)")
-            return _connection.tls_server_context(args.tls_cert, args.tls_key, args.tls_ca)
-        return _connection.tls_client_context(args.tls_ca, args.tls_cert, args.tls_key)
+            return _auth.tls_server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        return _auth.tls_client_context(args.tls_ca, args.tls_cert, args.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise _UserError(f"cannot load TLS files: {exc}") from None
 

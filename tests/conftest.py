@@ -126,3 +126,18 @@ def read_line_with(proc: subprocess.Popen[str], needle: str, timeout: float = 20
         if needle in line:
             return line
     raise AssertionError(f"no line with {needle!r}; the process said: {seen}")
+
+
+def join_threads(
+    *prefixes: str, timeout: float = 15.0, besides: set[threading.Thread] | None = None
+) -> None:
+    """Wait for this process's threads whose names start with one of *prefixes* to end (e.g.
+    the reader and writer of a worker that left: until they have, they refer to its handle),
+    except those in *besides* (threads that were there before, of other coordinators)."""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if besides is not None and t in besides:
+            continue
+        if t.name.startswith(prefixes) and t is not threading.current_thread():
+            t.join(max(0.0, deadline - time.monotonic()))
+            assert not t.is_alive(), f"thread {t.name} still running"

@@ -154,6 +154,7 @@ def test_frames_cli_help() -> None:
     assert "raw-socket" in proc.stdout and "--sizes" in proc.stdout
 
 
+@pytest.mark.slow
 def test_time_limit_fails_the_run_and_cleans_up() -> None:
     before = procstat.descendants(os.getpid())
     t0 = time.monotonic()
@@ -209,12 +210,14 @@ celery_needs_redis = pytest.mark.skipif(
 
 
 @celery_needs_redis
+@pytest.mark.slow
 @pytest.mark.parametrize("system", ["celery", "celery-seq"])
 def test_celery(system: str) -> None:
     assert_ok(run_case(system, "wordcount", 2, tiny(n=20)))
 
 
 @celery_needs_redis
+@pytest.mark.slow
 def test_celery_worker_death_fails_the_run() -> None:
     before = procstat.descendants(os.getpid())
     deadline = time.monotonic() + 30

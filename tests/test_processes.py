@@ -22,6 +22,7 @@ from pytaskqml import (
     Coordinator,
     WorkerLostError,
     WorkerStartError,
+    _auth,
     _connection,
     _protocol,
     get_health,
@@ -82,7 +83,7 @@ def test_killed_worker_loses_nothing_and_keeps_order() -> None:
         assert stats.completed == n + 0 and stats.workers_lost == 1
         # The dead slot is restarted; the coordinator keeps two workers.
         assert coord.wait_workers(2, T)
-        wait_for(lambda: coord.statistics().restarts >= 1, what="a restart")
+        assert coord.wait_until(lambda s: s.restarts >= 1, 15), "a restart"
 
 
 def test_poison_task_fails_alone_after_max_retries() -> None:
@@ -97,6 +98,7 @@ def test_poison_task_fails_alone_after_max_retries() -> None:
         assert stats.poisoned == 1 and stats.workers_lost == 3
 
 
+@pytest.mark.slow
 def test_hung_worker_is_declared_lost_and_its_task_runs_elsewhere() -> None:
     with Coordinator(hang_timeout=1.0) as coord:
         coord.spawn(Hang, processes=1)
@@ -129,6 +131,7 @@ def test_coordinator_killed_children_exit_on_their_own(procs: Procs) -> None:
         wait_for(lambda p=pid: not pid_alive(p), timeout=10, what=f"orphan {pid} to exit")
 
 
+@pytest.mark.slow
 def test_cli_listening_worker_connect_and_control_shutdown(procs: Procs, tmp_path) -> None:  # type: ignore[no-untyped-def]
     port, ctl = free_port(), free_port()
     marker = tmp_path / "teardown"
@@ -151,7 +154,7 @@ def test_cli_listening_worker_connect_and_control_shutdown(procs: Procs, tmp_pat
         assert list(coord.map(words)) == words
         # A shutdown request mid-task: the task in hand finishes and its result arrives.
         fut = coord.submit(0.5)
-        wait_for(lambda: coord.statistics().in_flight == 1, what="task in flight")
+        assert coord.wait_until(lambda s: s.in_flight == 1, 15), "task in flight"
         status, _body = request_shutdown(("127.0.0.1", ctl))
         assert status == 202
         assert fut.result(T) == 0.5
@@ -196,7 +199,7 @@ def test_coordinator_reconnects_to_a_restarted_listening_worker(procs: Procs) ->
         assert coord.submit(1).result(T) == 1
         first.send_signal(signal.SIGKILL)
         first.wait(T)
-        wait_for(lambda: not coord.workers, what="the loss to be noticed")
+        assert coord.wait_until(lambda s: not s.workers, 15), "the loss to be noticed"
         pending = coord.submit("after restart")
         second = procs.cli(*args)  # SO_REUSEADDR: rebinding the same port works at once
         read_line_with(second, "listening on")
@@ -314,7 +317,7 @@ def test_cli_help() -> None:
 def _raw_worker(port: int, key: bytes = b"") -> _connection.Connection:
     """A hand-driven peer that dials a coordinator's listen() port and says hello."""
     conn = _connection.Connection(_connection.dial(("127.0.0.1", port)))
-    _connection.client_handshake(conn, key, timeout=5)
+    _auth.client_handshake(conn, key, timeout=5)
     conn.send("hello", {"name": "raw", "pid": 1})
     return conn
 
@@ -357,7 +360,7 @@ def test_wrong_key_is_refused_and_runs_nothing() -> None:
         with pytest.raises((ConnectionLost, Exception)) as info:
             _raw_worker(port, key=b"wrong key")
         assert "refused" in str(info.value) or "closed" in str(info.value)
-        wait_for(lambda: coord.statistics().rejected_peers == 1, what="the rejection count")
+        assert coord.wait_until(lambda s: s.rejected_peers == 1, 15), "the rejection count"
         assert coord.workers == ()
         good = _raw_worker(port, key=b"right key")
         assert coord.wait_workers(1, T)
@@ -388,7 +391,7 @@ def test_coordinator_control_endpoint_health_and_shutdown() -> None:
     assert status == 200 and health["role"] == "coordinator" and health["workers"] == 1
     status, _ = request_shutdown(address)
     assert status == 202
-    wait_for(lambda: coord._stopped.is_set(), what="coordinator shutdown")
+    assert coord.wait_closed(15), "coordinator shutdown"
     coord.shutdown()
 
 

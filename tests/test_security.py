@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HERE, child_env, wait_for
+from conftest import HERE, child_env, join_threads, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sample_workers import Echo
@@ -47,6 +47,7 @@ from pytaskqml import (
     ConnectionLost,
     Coordinator,
     ProtocolError,
+    _auth,
     _codec,
     _connection,
     _protocol,
@@ -448,7 +449,7 @@ def record_good_auth_frame(port: int) -> bytes:
         def client() -> None:
             conn = _connection.Connection(_connection.dial(relay.getsockname()[:2], timeout=T))
             try:
-                _connection.client_handshake(conn, KEY, timeout=T)
+                _auth.client_handshake(conn, KEY, timeout=T)
             except BaseException as exc:
                 errors.append(exc)
             finally:
@@ -483,6 +484,7 @@ def test_listening_worker_refuses_a_replayed_handshake(keyed_worker: LiveWorker)
     run_real_tasks(w.port)
 
 
+@pytest.mark.slow
 def test_listening_worker_survives_a_connection_flood(fresh_worker: LiveWorker) -> None:
     """200 connections at once that never speak: the worker stays up, /health answers, and a
     real coordinator connects and runs tasks once they are gone."""
@@ -611,11 +613,11 @@ def test_coordinator_listener_refuses_a_replayed_handshake(
     before = env.coord.statistics().rejected_peers
     recorded = record_good_auth_frame(env.port)
     # The recorded session authenticated, then closed without a hello: that is one rejection.
-    wait_for(lambda: env.coord.statistics().rejected_peers == before + 1, T, "first count")
+    assert env.coord.wait_until(lambda s: s.rejected_peers == before + 1, T), "first count"
     out = Attack("replay", lambda n: recorded + TAIL, denied=True).run(env.port)
     assert out.closed and out.elapsed < REFUSED_WITHIN and "denied" in out.ops, out
     assert set(out.ops) <= {"challenge", "denied"}, out
-    wait_for(lambda: env.coord.statistics().rejected_peers == before + 2, T, "replay count")
+    assert env.coord.wait_until(lambda s: s.rejected_peers == before + 2, T), "replay count"
     assert names(env.coord) == ["real-worker"]
     assert env.coord.submit("still works").result(T) == "still works"
     # The count moves just before the log line is written: wait for the line too.
@@ -623,6 +625,7 @@ def test_coordinator_listener_refuses_a_replayed_handshake(
     assert rejections_logged(caplog) == 2  # logged once per peer
 
 
+@pytest.mark.slow
 def test_slow_loris_is_dropped_at_the_deadline(
     fresh_worker: LiveWorker, keyed_coordinator: CoordEnv, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -647,17 +650,17 @@ def test_slow_loris_is_dropped_at_the_deadline(
         t0 = time.monotonic()
         good = _connection.Connection(_connection.dial((HOST, env.port), timeout=T))
         try:
-            _connection.client_handshake(good, KEY, timeout=T)
+            _auth.client_handshake(good, KEY, timeout=T)
         finally:
             good.abort()  # closed before its hello: counted as one rejection
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 4.0  # well within the slow peer's 5 s deadline
         assert wait_closed(at_coord, start + 7.0), "the coordinator never dropped the peer"
         coord_elapsed = time.monotonic() - start
         assert wait_closed(at_worker, start + 7.0), "the worker never dropped the peer"
         worker_elapsed = time.monotonic() - start
     assert 4.0 <= coord_elapsed <= 7.0, coord_elapsed
     assert 4.0 <= worker_elapsed <= 7.0, worker_elapsed
-    wait_for(lambda: env.coord.statistics().rejected_peers == before + 2, T, "the count")
+    assert env.coord.wait_until(lambda s: s.rejected_peers == before + 2, T), "the count"
     assert names(env.coord) == ["real-worker"]
     # The count moves just before the log line is written: wait for the line too.
     wait_for(lambda: rejections_logged(caplog) >= 2, T, "the log line")
@@ -667,6 +670,7 @@ def test_slow_loris_is_dropped_at_the_deadline(
     run_real_tasks(w.port)
 
 
+@pytest.mark.slow
 def test_coordinator_survives_a_connection_flood(
     keyed_coordinator: CoordEnv,
     key_file: Path,
@@ -687,7 +691,7 @@ def test_coordinator_survives_a_connection_flood(
         start = time.monotonic()
         for _ in range(200):
             flood.append(socket.create_connection((HOST, env.port), timeout=T))
-        wait_for(lambda: coord.statistics().rejected_peers >= before + 200 - 64, T, "refusals")
+        assert coord.wait_until(lambda s: s.rejected_peers >= before + 200 - 64, T), "refusals"
         assert list(coord.map(range(200))) == list(range(200))
         assert get_health((HOST, env.ctl), timeout=T)[0] == 200
         for s in flood:
@@ -695,7 +699,7 @@ def test_coordinator_survives_a_connection_flood(
     finally:
         for s in flood:
             s.close()
-    wait_for(lambda: coord.statistics().rejected_peers == before + 200, T, "all 200 counted")
+    assert coord.wait_until(lambda s: s.rejected_peers == before + 200, T), "all 200 counted"
     # The count moves just before the log line is written: wait for the line too.
     wait_for(lambda: rejections_logged(caplog) >= 200, T, "the log line")
     assert rejections_logged(caplog) == 200  # logged once per peer
@@ -711,11 +715,15 @@ def test_coordinator_survives_a_connection_flood(
         "second-worker",
     )
     try:
-        wait_for(lambda: "second-worker" in names(coord), T, "a new worker to join")
+        assert coord.wait_until(lambda s: "second-worker" in names(coord), T), (
+            "a new worker to join"
+        )
         assert list(coord.map(range(50))) == list(range(50))
     finally:
         assert second.close(signal.SIGTERM) == 0
-    wait_for(lambda: names(coord) == ["real-worker"], T, "the second worker to leave")
+    assert coord.wait_until(lambda s: names(coord) == ["real-worker"], T), (
+        "the second worker to leave"
+    )
     assert coord.statistics().rejected_peers == before + 200
 
 
@@ -768,7 +776,10 @@ def test_coordinator_releases_workers_that_left() -> None:
     nothing behind: no handle, no connection, no partial frame buffer."""
     from pytaskqml._remote import RemoteHandle
 
+    earlier = set(threading.enumerate())
+
     def live_handles() -> int:
+        join_threads("pytaskqml-reader-", "pytaskqml-writer-", besides=earlier)
         gc.collect()
         return sum(isinstance(o, RemoteHandle) for o in gc.get_objects())
 
@@ -778,11 +789,11 @@ def test_coordinator_releases_workers_that_left() -> None:
         for i in range(10):
             with authenticated(port) as sock:
                 sock.sendall(msg("hello", name=f"transient-{i}", pid=1))
-                wait_for(lambda: len(coord.workers) == 1, T, "the worker to attach")
+                assert coord.wait_until(lambda s: len(s.workers) == 1, T), "the worker to attach"
                 # Vanish in the middle of a 1 MiB frame.
                 sock.sendall(PREFIX.pack(b"PQ", 1, 0, 13, 0, 1 << 20) + b'{"op":"ping"}')
                 sock.sendall(b"x" * ((1 << 20) - 1))
-            wait_for(lambda: not coord.workers, T, "the worker to be dropped")
+            assert coord.wait_until(lambda s: not s.workers, T), "the worker to be dropped"
         leaked = live_handles() - before
     assert leaked == 0, f"{leaked} handles of departed workers are still referenced"
 
@@ -797,11 +808,11 @@ def test_coordinator_logs_the_address_of_a_peer_refused_for_capacity(
         try:
             for _ in range(70):
                 idle.append(socket.create_connection((HOST, port), timeout=T))
-            wait_for(lambda: coord.statistics().rejected_peers >= 6, T, "capacity refusals")
+            assert coord.wait_until(lambda s: s.rejected_peers >= 6, T), "capacity refusals"
         finally:
             for s in idle:
                 s.close()
-        wait_for(lambda: coord.statistics().rejected_peers == 70, T, "all counted")
+        assert coord.wait_until(lambda s: s.rejected_peers == 70, T), "all counted"
     capacity = [r.getMessage() for r in caplog.records if "too many connections" in r.getMessage()]
     assert capacity
     assert all("127.0.0.1" in m for m in capacity), capacity[:2]
@@ -870,6 +881,7 @@ def check_control_refusals(port: int, alive: Callable[[], bool]) -> None:
     assert status == 200 and health["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_worker_control_endpoint_with_a_key(fresh_worker: LiveWorker, key_file: Path) -> None:
     w = fresh_worker
     check_control_refusals(w.ctl, lambda: w.alive)
@@ -919,15 +931,16 @@ def test_coordinator_control_endpoint_with_a_key() -> None:
     try:
         coord.add_local(Echo())
         _, port = coord.serve_control((HOST, 0))
-        check_control_refusals(port, lambda: not coord._stopped.is_set())
+        check_control_refusals(port, lambda: not coord.wait_closed(0))
         assert coord.submit("alive").result(T) == "alive"
         assert request_shutdown((HOST, port), authkey=b"wrong")[0] == 401
         assert request_shutdown((HOST, port), authkey=KEY)[0] == 202
-        wait_for(coord._stopped.is_set, T, "the coordinator to stop")
+        assert coord.wait_closed(T), "the coordinator to stop"
     finally:
         coord.shutdown()
 
 
+@pytest.mark.slow
 def test_control_endpoint_cuts_off_a_trickling_client() -> None:
     with Coordinator(authkey=KEY) as coord:
         _, port = coord.serve_control((HOST, 0))
@@ -1047,7 +1060,7 @@ def _handshake_on_pair(side: str, data: bytes) -> BaseException | None:
     try:
         theirs.sendall(data)
         theirs.shutdown(socket.SHUT_WR)
-        run = _connection.server_handshake if side == "server" else _connection.client_handshake
+        run = _auth.server_handshake if side == "server" else _auth.client_handshake
         try:
             run(conn, KEY, timeout=1.0)
         except BaseException as exc:
@@ -1091,7 +1104,7 @@ def test_server_handshake_succeeds_only_with_the_right_proof(
 
     def serve() -> None:
         try:
-            _connection.server_handshake(conn, KEY, timeout=2.0)
+            _auth.server_handshake(conn, KEY, timeout=2.0)
             result.append(None)
         except BaseException as exc:
             result.append(exc)

@@ -8,13 +8,14 @@ import mmap
 import os
 import signal
 
-import numpy as np
 import pytest
-from conftest import wait_for
-from sample_workers import Echo
-from shm_workers import BytesInfo, Describe, Keeper, Scribble, digest
 
-from pytaskqml import Coordinator, ProtocolError, _codec, _shm
+np = pytest.importorskip("numpy", reason="shared-memory arrays need NumPy")
+from conftest import wait_for  # noqa: E402
+from sample_workers import Echo  # noqa: E402
+from shm_workers import BytesInfo, Describe, Keeper, Scribble, digest  # noqa: E402
+
+from pytaskqml import Coordinator, ProtocolError, _codec, _shm  # noqa: E402
 
 T = 30.0
 
@@ -227,7 +228,7 @@ def test_killed_worker_releases_its_segment_and_loses_nothing() -> None:
             if i == 100:
                 os.kill(pids[0], signal.SIGKILL)
         assert [o[0] for o in out] == expected
-        wait_for(lambda: len(coord.statistics().workers) == 2, what="replacement attached")
+        assert coord.wait_until(lambda s: len(s.workers) == 2, 15), "replacement attached"
         # The replacement has a segment of its own, and uses it.
         more = _frames(200, (480, 640, 3), seed=9)
         assert [o[0] for o in coord.map(more, buffersize=64)] == [digest(f) for f in more]

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Procs, free_port, read_line_with, wait_for
+from conftest import Procs, free_port, read_line_with
 from sample_workers import Square
 
 from pytaskqml import ConnectionLost, Coordinator, tls_client_context, tls_server_context
@@ -128,7 +128,7 @@ def test_dial_in_worker_over_mutual_tls(pki: Path, procs: Procs) -> None:
             "--tls-key",
             str(pki / "intruder.key"),
         )
-        wait_for(lambda: coord.statistics().rejected_peers >= 1, what="the intruder's rejection")
+        assert coord.wait_until(lambda s: s.rejected_peers >= 1, 15), "the intruder's rejection"
         assert len(coord.workers) == 1
         intruder.kill()
 
@@ -159,6 +159,7 @@ def test_coordinator_connects_to_a_tls_listening_worker(pki: Path, procs: Procs)
         )
 
 
+@pytest.mark.slow
 def test_plain_peer_cannot_talk_to_a_tls_listener(pki: Path) -> None:
     server = tls_server_context(str(pki / "server.pem"), str(pki / "server.key"))
     with Coordinator() as coord:
@@ -170,5 +171,5 @@ def test_plain_peer_cannot_talk_to_a_tls_listener(pki: Path) -> None:
                 plain.connect(("127.0.0.1", port), timeout=2)
         finally:
             plain.shutdown()
-        wait_for(lambda: coord.statistics().rejected_peers >= 1, what="the plain peer's rejection")
+        assert coord.wait_until(lambda s: s.rejected_peers >= 1, 15), "the plain peer's rejection"
         assert coord.submit(3).result(T) == 9

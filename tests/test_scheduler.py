@@ -1,0 +1,308 @@
+"""The scheduling core on its own: fake workers, a fake clock, no threads.
+
+Orderings that are hard to force with processes - a result after its worker was declared
+lost, a duplicate after a retry, a deadline expiring between dispatch and result - are plain
+sequences of calls here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any
+
+import pytest
+
+from pytaskqml._delivery import CallbackRunner, TaskFuture
+from pytaskqml._errors import TaskFailed
+from pytaskqml._scheduler import Scheduler
+from pytaskqml._tasks import CHUNK, ERROR, OK, RUN, Task
+from pytaskqml._workerstate import WorkerState
+
+
+class Sink:
+    """A results collector as the core sees one."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+
+
+RUNNER = CallbackRunner("test")
+
+
+def make(core: Scheduler, sink: Any = None, *, seq: int = 0, count: int = 1) -> Task:
+    payload: Any = list(range(count)) if count > 1 else f"p{seq}"
+    return Task(next(core.ids), payload, 0, sink or Sink(), seq, 0.0, count)
+
+
+def fut() -> TaskFuture:
+    f = TaskFuture()
+    f._runner = RUNNER
+    return f
+
+
+def core_with(*windows: int, max_queue: int = 100, overflow: str = "block", **kw: Any) -> Any:
+    core = Scheduler(max_queue=max_queue, overflow=overflow, max_retries=kw.pop("retries", 2))
+    workers = [core.add_worker(f"w{i}", window=w, now=0.0, **kw)[0] for i, w in enumerate(windows)]
+    return core, workers
+
+
+def ids(ws: WorkerState) -> list[int]:
+    return list(ws.inflight)
+
+
+def test_admit_and_dispatch_fill_the_least_loaded_worker_up_to_its_window() -> None:
+    core, (a, b) = core_with(2, 3)
+    tasks = [make(core, seq=i) for i in range(10)]
+    assert core.admit(tasks, 0, timed=False) == (10, [])
+    assigned = core.dispatch(1.0)
+    assert set(assigned) == {a, b}
+    assert len(a.inflight) == 2 and len(b.inflight) == 3  # never more than the window
+    assert list(a.outbox) == list(a.inflight.values())  # outbox order is in-flight order
+    assert len(core.queue) == 5 and core.live == 10 and core.submitted == 10
+    assert core.dispatch(2.0) == []  # no credit left: nothing moves
+
+
+def test_window_one_alternates_strictly() -> None:
+    core, (a, b) = core_with(1, 1)
+    core.admit([make(core, seq=i) for i in range(4)], 0, timed=False)
+    core.dispatch(0.0)
+    first = {ids(a)[0], ids(b)[0]}
+    assert first == {1, 2}
+    assigned = core.results(a, [[ids(a)[0], OK, "r"]], None, 1.0)[3]
+    assert assigned == [a] and len(a.inflight) == 1 and ids(a) == [3]
+
+
+def test_a_result_is_delivered_once_and_unknown_or_duplicate_ids_are_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core, (a,) = core_with(4)
+    sink = Sink()
+    t = make(core, sink)
+    core.admit([t], 0, timed=False)
+    core.dispatch(0.0)
+    groups, futures, late, _ = core.results(a, [[t.id, OK, "x"]], 0.001, 0.5)
+    assert groups == [(sink, [(0, OK, "x")])] and not futures and not late
+    assert core.completed == 1 and core.live == 0 and core.latencies[-1] == 0.5
+    with caplog.at_level(logging.WARNING, logger="pytaskqml"):
+        again = core.results(a, [[t.id, OK, "x"], [999, OK, "y"]], None, 0.6)
+    assert again[:3] == ([], [], []) and core.completed == 1
+    assert "does not hold" in caplog.text
+
+
+def test_futures_get_their_outcome_apart_from_collectors() -> None:
+    core, (a,) = core_with(4)
+    f = fut()
+    t = make(core, f)
+    core.admit([t], 0, timed=False)
+    core.dispatch(0.0)
+    assert f.running()  # set_running_or_notify_cancel at first dispatch
+    _, futures, _, _ = core.results(a, [[t.id, ERROR, TaskFailed("E", "m")]], None, 1.0)
+    assert futures[0][0] is t and futures[0][1] == ERROR and core.failed == 1
+
+
+def test_a_future_cancelled_while_queued_is_finished_at_dispatch() -> None:
+    core, _ = core_with(4)
+    f = fut()
+    t = make(core, f)
+    core.admit([t], 0, timed=False)
+    assert f.cancel()
+    assert core.dispatch(0.0) == [] and t.finished and core.cancelled == 1 and core.live == 0
+
+
+def test_a_result_arriving_after_its_worker_was_declared_lost_is_ignored() -> None:
+    core, (a, b) = core_with(1, 1)
+    sink = Sink()
+    t = make(core, sink)
+    core.admit([t], 0, timed=False)
+    core.dispatch(0.0)
+    holder, other = (a, b) if t.id in a.inflight else (b, a)
+    requeued, poison, assigned = core.remove_worker(holder, graceful=False, now=1.0) or (0, [], [])
+    assert requeued == 1 and not poison and assigned == [other] and t.attempts == 1
+    assert core.workers_lost == 1 and core.retried == 1
+    # The lost worker's result comes in anyway (it was slow, not dead): not delivered.
+    assert core.results(holder, [[t.id, OK, "from the lost worker"]], None, 1.5)[:3] == ([], [], [])
+    groups, _, _, _ = core.results(other, [[t.id, OK, "retry"]], None, 2.0)
+    assert groups == [(sink, [(0, OK, "retry")])]
+    # A duplicate after the retry finished: not delivered a second time.
+    assert core.results(other, [[t.id, OK, "dup"]], None, 2.5)[:3] == ([], [], [])
+    assert core.completed == 1
+    assert core.remove_worker(holder, graceful=False, now=3.0) is None  # once only
+
+
+def test_only_the_running_batch_is_charged_and_a_poison_task_fails_alone() -> None:
+    core, (a,) = core_with(4, retries=1)
+    tasks = [make(core, seq=i) for i in range(3)]
+    core.admit(tasks, 0, timed=False)
+    core.dispatch(0.0)
+    requeued, poison, _ = core.remove_worker(a, graceful=False, now=1.0) or (0, [], [])
+    assert requeued == 3 and [t.attempts for t in tasks] == [1, 0, 0]
+    assert [t.id for t in core.queue.items] == [t.id for t in tasks]  # back at the front, in order
+    b, _ = core.add_worker("b", window=4, now=1.0)
+    requeued, poison, _ = core.remove_worker(b, graceful=False, now=2.0) or (0, [], [])
+    assert poison == [tasks[0]] and tasks[0].finished and core.poisoned == 1 and requeued == 2
+
+
+def test_a_graceful_departure_charges_nothing() -> None:
+    core, (a,) = core_with(4)
+    tasks = [make(core, seq=i) for i in range(3)]
+    core.admit(tasks, 0, timed=False)
+    core.dispatch(0.0)
+    core.remove_worker(a, graceful=True, now=1.0)
+    assert [t.attempts for t in tasks] == [0, 0, 0] and core.workers_lost == 0
+
+
+def test_a_running_chunk_of_a_lost_worker_is_split_into_single_items() -> None:
+    core, (a,) = core_with(4)
+    sink = Sink()
+    chunk = make(core, sink, seq=10, count=3)
+    core.admit([chunk], 0, timed=False)
+    core.dispatch(0.0)
+    core.remove_worker(a, graceful=False, now=1.0)
+    singles = list(core.queue.items)
+    assert chunk.finished and [t.seq for t in singles] == [10, 11, 12]
+    assert [t.payload for t in singles] == [0, 1, 2] and all(t.attempts == 1 for t in singles)
+    assert core.live == 3
+
+
+def test_chunk_results_in_one_run_and_with_mixed_outcomes() -> None:
+    core, (a,) = core_with(4)
+    sink = Sink()
+    c1, c2 = make(core, sink, seq=0, count=2), make(core, sink, seq=2, count=2)
+    core.admit([c1, c2], 0, timed=False)
+    core.dispatch(0.0)
+    err = TaskFailed("E", "m")
+    groups, _, _, _ = core.results(
+        a, [[c1.id, RUN, ["a", "b"]], [c2.id, CHUNK, [(OK, "c"), (ERROR, err)]]], 0.002, 1.0
+    )
+    assert groups == [(sink, [(0, RUN, ["a", "b"]), (2, OK, "c"), (3, ERROR, err)])]
+    assert core.completed == 3 and core.failed == 1 and core.item_time == pytest.approx(0.0005)
+
+
+def test_a_chunk_answered_with_the_wrong_number_of_results_fails() -> None:
+    core, (a,) = core_with(4)
+    sink = Sink()
+    c = make(core, sink, count=3)
+    core.admit([c], 0, timed=False)
+    core.dispatch(0.0)
+    groups, _, _, _ = core.results(a, [[c.id, RUN, ["only one"]]], None, 1.0)
+    kinds = [k for _, k, _ in groups[0][1]]
+    assert kinds == [ERROR] * 3 and "answered a chunk of 3" in str(groups[0][1][0][2])
+
+
+def test_a_deadline_expiring_between_dispatch_and_result_makes_the_result_late() -> None:
+    core, (a,) = core_with(4)
+    sink = Sink()
+    t = make(core, sink)
+    t.deadline = 5.0
+    core.admit([t], 0, timed=True)
+    core.dispatch(0.0)
+    assert core.next_deadline() == 5.0
+    assert core.expire(4.9) == ([], [])
+    expired, _ = core.expire(5.0)
+    assert expired == [t] and t.finished and core.timed_out == 1 and core.live == 0
+    groups, _, late, _ = core.results(a, [[t.id, OK, "too late"]], None, 6.0)
+    assert not groups and len(late) == 1 and late[0].value == "too late" and core.late == 1
+    assert not a.inflight  # its credit came back with the late result
+
+
+def test_a_queued_task_past_its_deadline_leaves_the_queue() -> None:
+    core, _ = core_with()
+    t = make(core)
+    t.deadline = 1.0
+    core.admit([t], 0, timed=True)
+    expired, _ = core.expire(2.0)
+    assert expired == [t] and len(core.queue) == 0
+
+
+def test_a_run_timeout_starts_at_dispatch_and_only_on_a_worker_that_can_start_it() -> None:
+    core, (a,) = core_with(4)  # runs one task at a time
+    tasks = [make(core, seq=i) for i in range(3)]
+    for t in tasks:
+        t.run_timeout = 1.0
+    core.admit(tasks, 0, timed=False)
+    core.dispatch(10.0)
+    assert ids(a) == [tasks[0].id] and tasks[0].deadline == 11.0 and tasks[1].deadline is None
+    core.results(a, [[tasks[0].id, OK, 0]], None, 10.5)
+    assert ids(a) == [tasks[1].id] and tasks[1].deadline == 11.5  # its clock starts now
+    assert core.expire(11.4)[0] == []
+
+
+def test_overflow_block_stops_at_the_bound() -> None:
+    core, _ = core_with(max_queue=3)
+    tasks = [make(core, seq=i) for i in range(5)]
+    assert core.admit(tasks, 0, timed=False) == (3, [])
+    assert core.full and core.live == 3
+
+
+def test_overflow_reject_raises_and_counts() -> None:
+    core, _ = core_with(max_queue=1, overflow="reject")
+    core.admit([make(core)], 0, timed=False)
+    with pytest.raises(queue.Full):
+        core.admit([make(core)], 0, timed=False)
+    assert core.rejected == 1 and core.live == 1
+
+
+def test_overflow_drop_oldest_drops_and_counts() -> None:
+    core, _ = core_with(max_queue=2, overflow="drop_oldest")
+    tasks = [make(core, seq=i) for i in range(4)]
+    n, dropped = core.admit(tasks, 0, timed=False)
+    assert n == 4 and dropped == tasks[:2] and core.dropped == 2
+    assert list(core.queue.items) == tasks[2:] and core.live == 2
+
+
+def test_skipped_tasks_give_their_credit_back() -> None:
+    core, (a,) = core_with(1)
+    t1, t2 = make(core), make(core)
+    core.admit([t1, t2], 0, timed=False)
+    core.dispatch(0.0)
+    t1.finished = True  # e.g. timed out while waiting in the outbox
+    assert core.skipped(a, [t1], 1.0) == [a] and ids(a) == [t2.id]
+
+
+def test_an_abandoned_collector_loses_its_queued_tasks() -> None:
+    core, _ = core_with()
+    gone, kept = Sink(), Sink()
+    core.admit([make(core, gone), make(core, kept), make(core, gone)], 0, timed=False)
+    gone.abandoned = True
+    core.cancel_abandoned()
+    assert [t.sink for t in core.queue.items] == [kept] and core.cancelled == 2
+
+
+def test_endings_cancel_queued_abandon_in_flight_and_strand() -> None:
+    core, (a,) = core_with(1)
+    tasks = [make(core, seq=i) for i in range(3)]
+    core.admit(tasks, 0, timed=False)
+    core.dispatch(0.0)
+    running, busy = core.abandon_inflight()
+    assert running == [tasks[0]] and busy == [a] and core.cancelled == 1
+    assert core.cancel_queued() == tasks[1:] and core.live == 0
+    core.remove_worker(a, graceful=True, now=1.0)
+    more = [make(core), make(core)]
+    core.admit(more, 0, timed=False)
+    assert core.strand() == more and core.stranded and core.failed == 2
+    core.add_worker("new", window=1, now=2.0)
+    assert not core.stranded
+
+
+def test_adaptive_window_follows_the_measured_task_time() -> None:
+    core = Scheduler(max_queue=10, overflow="block", max_retries=1)
+    ws, _ = core.add_worker("w", window=64, adaptive=True, now=0.0)
+    assert ws.window == 8
+    ws.observe(0.030, 1)  # 30 ms per task: one in hand, one ready
+    assert ws.window == 2
+    for _ in range(20):
+        ws.observe(0.00001, 100)  # tiny tasks: up to the cap
+    assert ws.window == 64
+
+
+def test_finished_tasks_do_not_pile_up_in_the_deadline_heap() -> None:
+    core, (a,) = core_with(10_000)
+    for _ in range(5):
+        tasks = [make(core, seq=i) for i in range(1000)]
+        for t in tasks:
+            t.deadline = 1e9
+        core.admit(tasks, 0, timed=True)
+        core.dispatch(0.0)
+        core.results(a, [[t.id, OK, 0] for t in tasks], None, 1.0)
+    assert core.live == 0 and len(core.deadlines) <= 2 * 1000 + 1024
