@@ -49,13 +49,18 @@ def tls_client_context(
 def _expect(conn: Connection, op: str) -> _protocol.Message:
     msg = conn.recv()
     if msg.op == "denied":
-        raise AuthenticationError(f"{conn.peer} refused the handshake: {msg.header.get('why')}")
+        why = msg.header.get("why")
+        if why == BUSY:
+            raise ConnectionLost(f"{conn.peer} is busy (too many connections in the handshake)")
+        raise AuthenticationError(f"{conn.peer} refused the handshake: {why}")
     if msg.op != op:
         raise AuthenticationError(f"handshake: expected {op!r}, got {msg.op!r}")
     return msg
 
 
-def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None]) -> None:
+def _handshake(
+    conn: Connection, timeout: float | None, steps: Callable[[], None], *, dialling: bool
+) -> None:
     """Run handshake *steps* under a deadline; on any failure close the connection and raise
     :class:`AuthenticationError` (or :class:`ConnectionLost` if the peer just went away)."""
     try:
@@ -63,9 +68,17 @@ def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None
         with Deadline(conn.abort, timeout) as deadline:
             try:
                 steps()
-            except ConnectionLost:
+            except ConnectionLost as exc:
                 if deadline.expired:
                     raise TimeoutError from None
+                if dialling and conn.bytes_in == 0 and not isinstance(exc, TLSExpected):
+                    # A pytaskqml peer greets at once; one that hangs up on our first bytes
+                    # without a word expects TLS (or is not pytaskqml at all).
+                    raise TLSExpected(
+                        f"{conn.peer} hung up without a greeting: it expects TLS (pass "
+                        "ssl_context=tls_client_context(...), or --tls-ca), or is not a "
+                        "pytaskqml peer"
+                    ) from None
                 raise
         conn.sock.settimeout(None)
         conn.set_authenticated()
@@ -74,6 +87,11 @@ def _handshake(conn: Connection, timeout: float | None, steps: Callable[[], None
         raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
     except ProtocolError as exc:
         conn.abort()
+        if dialling and str(exc) == _protocol.TLS_ANSWER:
+            raise TLSExpected(
+                f"{conn.peer} answered with TLS: it expects a TLS connection (pass "
+                "ssl_context=tls_client_context(...), or --tls-ca on the command line)"
+            ) from None
         raise AuthenticationError(f"{conn.peer} sent garbage during the handshake: {exc}") from None
     except BaseException:
         conn.abort()
@@ -86,7 +104,11 @@ def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
     def steps() -> None:
         nonce = _protocol.new_nonce()
         conn.send("challenge", {"nonce": nonce.hex(), "v": _protocol.PROTOCOL_VERSION})
-        msg = _expect(conn, "auth")
+        msg = conn.recv()
+        if msg.op == "hi":  # sent by the dialling side before it saw the challenge
+            msg = _expect(conn, "auth")
+        elif msg.op != "auth":
+            raise AuthenticationError(f"handshake: expected 'auth', got {msg.op!r}")
         if not _protocol.auth_verify(key, nonce, "client", msg.header.get("proof")):
             with contextlib.suppress(ConnectionLost):
                 conn.send("denied", {"why": "authentication failed"})
@@ -94,13 +116,27 @@ def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
         theirs = _nonce_from(msg.header.get("nonce"))
         conn.send("welcome", {"proof": _protocol.auth_digest(key, theirs, "server").hex()})
 
-    _handshake(conn, timeout, steps)
+    _handshake(conn, timeout, steps, dialling=False)
+
+
+# What a listener that is full says before it closes (the dialler retries later).
+BUSY = "busy"
+
+
+class TLSExpected(ConnectionLost):
+    """The peer answered our first bytes with TLS: it was started with TLS and we were not."""
 
 
 def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> None:
-    """Run the dialling side of the mutual HMAC handshake; raise AuthenticationError."""
+    """Run the dialling side of the mutual HMAC handshake; raise AuthenticationError (or
+    :class:`TLSExpected` when the peer turns out to speak TLS).
+
+    The dialling side speaks first (``hi``), without waiting for the challenge: a peer that
+    expects TLS refuses those bytes at once, instead of both sides waiting for the other until
+    the deadline."""
 
     def steps() -> None:
+        conn.send("hi", {"v": _protocol.PROTOCOL_VERSION})
         msg = _expect(conn, "challenge")
         if msg.header.get("v") != _protocol.PROTOCOL_VERSION:
             raise AuthenticationError(f"peer speaks protocol version {msg.header.get('v')!r}")
@@ -114,7 +150,7 @@ def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
         if not _protocol.auth_verify(key, mine, "server", reply.header.get("proof")):
             raise AuthenticationError(f"{conn.peer} could not prove it holds the key")
 
-    _handshake(conn, timeout, steps)
+    _handshake(conn, timeout, steps, dialling=True)
 
 
 def _nonce_from(value: object) -> bytes:

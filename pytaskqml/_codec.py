@@ -92,7 +92,8 @@ def _default(obj: Any) -> Any:
         if isinstance(obj, _np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
-            arr = _np.ascontiguousarray(obj)
+            # (ascontiguousarray would make a 0-d array 1-d: only copy what is not contiguous)
+            arr = obj if obj.flags.c_contiguous else _np.ascontiguousarray(obj)
             flat = memoryview(arr.reshape(-1).view(_np.uint8))
             if state.place is not None and flat.nbytes >= state.min_shared:
                 offset = state.place(flat)
@@ -142,6 +143,24 @@ def encode(
     if _MARKER_TEXT in text and text.count(_MARKER_TEXT) != len(bufs) + state.shared:
         raise ValueError(f"a payload dict may not use the reserved key {MARKER_KEY!r}")
     return text, bufs
+
+
+def as_sent(obj: Any) -> Any:
+    """What the other side of a connection would decode from *obj*: the one contract for what
+    a payload or a result becomes, whichever kind of worker it goes to or comes from.
+
+    Containers become JSON's (tuples lists, dict keys strings), NumPy scalars Python numbers,
+    ``bytearray``/``memoryview`` ``bytes``; arrays keep dtype and shape and are copies of their
+    own, writable. Nothing is shared with *obj*. ``TypeError``/``ValueError`` as
+    :func:`encode` for what cannot travel.
+    """
+    cls = type(obj)
+    if cls is str or cls is int or cls is float or cls is bool or obj is None or cls is bytes:
+        return obj  # immutable, and what the decoder would build anyway
+    text, bufs = encode(obj)
+    if not bufs:
+        return json.loads(text) if _MARKER_TEXT not in text else decode(text)
+    return decode(text, [memoryview(bytearray(b)) for b in bufs])
 
 
 def encode_str(obj: Any) -> str:

@@ -131,6 +131,14 @@ def from_fd(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+def refuse(sock: socket.socket, goodbye: bytes) -> None:
+    """Send *goodbye* if it fits in the socket's buffer right now (never wait), then close."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(goodbye)
+    close_socket(sock)
+
+
 def close_socket(sock: socket.socket) -> None:
     """Close a socket that never became a :class:`Connection`."""
     with contextlib.suppress(OSError):

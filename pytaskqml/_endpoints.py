@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import _auth, _connection
+from . import _auth, _connection, _protocol
+from ._auth import BUSY, TLSExpected
 from ._connection import Address, Connection
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 
@@ -37,7 +38,7 @@ def read_hello(conn: Connection, timeout: float | None) -> dict[str, Any]:
 def is_fatal(exc: BaseException) -> bool:
     """An error that retrying will not cure: the peer refused our key, or its certificate (or
     ours) does not verify."""
-    return isinstance(exc, AuthenticationError | ssl.SSLCertVerificationError) or (
+    return isinstance(exc, AuthenticationError | TLSExpected | ssl.SSLCertVerificationError) or (
         isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc).upper()
     )
 
@@ -160,7 +161,7 @@ class Acceptor:
                     continue
                 if not self._pending.acquire(blocking=False):
                     self._on_refused(peer, "too many connections waiting for the handshake")
-                    _connection.close_socket(sock)
+                    _connection.refuse(sock, _protocol.encode_message("denied", {"why": BUSY}))
                     continue
                 threading.Thread(
                     target=self._admit, args=(sock, peer), name="pytaskqml-handshake", daemon=True
@@ -180,7 +181,10 @@ class Acceptor:
             _auth.server_handshake(conn, self._key, timeout=timeout)
             self._on_connection(conn)
         except (AuthenticationError, ConnectionLost, ProtocolError, OSError) as exc:
-            self._on_refused(conn.peer if conn is not None else peer, exc)
+            why: object = exc
+            if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc).upper():
+                why = f"{exc} (a client without TLS?)"
+            self._on_refused(conn.peer if conn is not None else peer, why)
             _close(conn, sock)
         except BaseException:
             log.exception("handshake thread crashed")

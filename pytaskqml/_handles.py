@@ -21,13 +21,16 @@ coordinator's lock released.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._codec import as_sent
 from ._errors import TaskFailed
-from ._tasks import CHUNK, ERROR, Task
+from ._protocol import CHUNK_ROW
+from ._tasks import CHUNK, ERROR, OK, Task
 from ._worker import Worker, error_info, run_entries
 
 if TYPE_CHECKING:
@@ -171,7 +174,9 @@ class WorkerHandle:
 class LocalHandle(WorkerHandle):
     """Thread workers inside the coordinator's process, sharing one :class:`Worker` instance.
 
-    A GIL-releasing model (OpenCV, NumPy, PyTorch) runs at full speed in them.
+    A GIL-releasing model (OpenCV, NumPy, PyTorch) runs at full speed in them. Payloads and
+    results cross as they would cross a connection (copies, JSON's types), so a thread worker
+    and a process compute the same thing from the same item.
     """
 
     kind = "local"
@@ -223,22 +228,48 @@ class LocalHandle(WorkerHandle):
             return False
         if not live:
             return True
+        # A thread worker gets what a process would decode, and its results become what the
+        # caller would get from a process (see _codec.as_sent): the result never depends on
+        # where an item ran, and nothing is shared with the caller's objects.
+        rows: list[list[Any]] = []
+        failed: list[Any] = []
+        for t in live:
+            try:
+                payload = json.loads(t.text) if t.text is not None else as_sent(t.payload)
+            except (TypeError, ValueError) as exc:  # mutated after submit
+                failed.append((t.id, ERROR, TaskFailed(type(exc).__name__, str(exc))))
+                continue
+            rows.append([t.id, payload] if t.count == 1 else [t.id, payload, CHUNK_ROW])
         t0 = time.perf_counter()
-        rows = run_entries(
-            self.worker,
-            [[t.id, t.payload] if t.count == 1 else [t.id, t.payload, 1] for t in live],
-            self.batch_size > 1,
-        )
+        done = run_entries(self.worker, rows, self.batch_size > 1)
         busy = time.perf_counter() - t0
-        entries: list[Any] = []
-        for tid, flag, value in rows:
-            if flag == ERROR:
-                value = _local_error(value)
-            elif flag == CHUNK:
-                value = [(k, _local_error(v) if k else v) for k, v in value]
-            entries.append((tid, flag, value))
-        self.events.results(self, entries, busy)
+        del rows
+        entries = [_as_received(tid, flag, value) for tid, flag, value in done]
+        self.events.results(self, failed + entries if failed else entries, busy)
         return True
+
+
+def _as_received(tid: int, flag: int, value: Any) -> tuple[int, int, Any]:
+    """A thread worker's result row as the caller would receive it from a process."""
+    if flag == ERROR:
+        return tid, ERROR, _local_error(value)
+    if flag == CHUNK:
+        return tid, CHUNK, [_item_received(k, v) for k, v in value]
+    try:
+        return tid, flag, as_sent(value)  # a result, or a RUN's list of results
+    except (TypeError, ValueError) as exc:
+        if flag == OK:
+            return tid, ERROR, _local_error(exc)
+        return tid, CHUNK, [_item_received(OK, v) for v in value]
+
+
+def _item_received(kind: int, value: Any) -> tuple[int, Any]:
+    if kind == ERROR:
+        return ERROR, _local_error(value)
+    try:
+        return OK, as_sent(value)
+    except (TypeError, ValueError) as exc:
+        return ERROR, _local_error(exc)
 
 
 def _local_error(exc: BaseException) -> TaskFailed:

@@ -147,6 +147,18 @@ def json_depth_exceeds(text: str, max_depth: int) -> bool:
     return bool(skeleton) and _EMPTY_PAIRS.search(skeleton) is not None
 
 
+# The first byte of a TLS record (handshake or alert) and of its version (3): what a peer that
+# expects TLS answers to plain bytes.
+_TLS_RECORD_TYPES = frozenset({0x15, 0x16})
+TLS_ANSWER = "bad magic: the peer answered with TLS, not a pytaskqml frame"
+
+
+def _bad_magic(buf: bytearray) -> str:
+    if buf and buf[0] in _TLS_RECORD_TYPES and (len(buf) < 2 or buf[1] == 3):
+        return TLS_ANSWER
+    return "bad magic: not a pytaskqml frame"
+
+
 class FrameDecoder:
     """Feed bytes in, get :class:`Message` objects out.
 
@@ -202,13 +214,13 @@ class FrameDecoder:
             # Refuse garbage on its first bytes rather than waiting for a whole prefix.
             n = min(len(buf), 2)
             if bytes(buf[:n]) != MAGIC[:n]:
-                raise self._fail("bad magic: not a pytaskqml frame")
+                raise self._fail(_bad_magic(buf))
             if len(buf) >= 3 and buf[2] != PROTOCOL_VERSION:
                 raise self._fail(f"unsupported protocol version {buf[2]}")
             return 0
         magic, version, flags, hlen, nbuf, body = _PREFIX.unpack_from(buf)
         if magic != MAGIC:
-            raise self._fail("bad magic: not a pytaskqml frame")
+            raise self._fail(_bad_magic(buf))
         if version != PROTOCOL_VERSION:
             raise self._fail(f"unsupported protocol version {version}")
         if flags != 0:

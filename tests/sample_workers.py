@@ -148,3 +148,70 @@ class Churn(Worker):
             gray = frame.mean(axis=2, dtype=np.float32)
             float((gray[1:-1] + gray[2:] + gray[:-2]).mean())
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+class Sleepy(Worker):
+    """Sleeps the given seconds; with a marker directory, first writes a file named after the
+    process there, so a test in another process can see that the task started."""
+
+    def __init__(self, marker_dir: str = "") -> None:
+        self.marker_dir = marker_dir
+
+    def process(self, seconds: float) -> float:
+        if self.marker_dir:
+            with open(os.path.join(self.marker_dir, f"started-{os.getpid()}"), "w") as f:
+                f.write("1")
+        time.sleep(seconds)
+        return seconds
+
+
+class SetupFailsAfterFirst(Worker):
+    """setup() succeeds in the first process and fails in every later one (a model file that
+    went missing after the first start)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self) -> None:
+        if os.path.exists(self.marker):
+            raise RuntimeError("the model file went missing")
+        with open(self.marker, "w") as f:
+            f.write(str(os.getpid()))
+
+    def process(self, payload: Any) -> Any:
+        return payload
+
+
+def shape_of(value: Any) -> Any:
+    """A description of a value's types, all the way down."""
+    if isinstance(value, dict):
+        return ["dict", {str(k): [type(k).__name__, shape_of(v)] for k, v in value.items()}]
+    if isinstance(value, list | tuple):
+        return [type(value).__name__, [shape_of(v) for v in value]]
+    if type(value).__module__ == "numpy":
+        if hasattr(value, "shape") and hasattr(value, "flags"):
+            return ["ndarray", value.dtype.str, list(value.shape), bool(value.flags.writeable)]
+        return ["numpy-scalar", type(value).__name__]
+    return type(value).__name__
+
+
+class Inspect(Worker):
+    """Returns what arrived (its types, all the way down) and the payload itself, after
+    writing into the arrays and dicts it was given (they are the worker's own)."""
+
+    def process(self, payload: Any) -> list[Any]:
+        seen = shape_of(payload)
+        scribble(payload)
+        return [seen, payload]
+
+
+def scribble(value: Any) -> None:
+    if isinstance(value, dict):
+        value["scribbled"] = True
+        for v in list(value.values()):
+            scribble(v)
+    elif isinstance(value, list):
+        for v in value:
+            scribble(v)
+    elif type(value).__module__ == "numpy" and getattr(value, "ndim", 0) > 0:
+        value.flat[0] = 7

@@ -461,7 +461,10 @@ def record_good_auth_frame(port: int) -> bytes:
         try:
             with down, socket.create_connection((HOST, port), timeout=T) as up:
                 down.sendall(read_frame_bytes(up))  # challenge
-                recorded = read_frame_bytes(down)  # auth
+                recorded = read_frame_bytes(down)  # hi (the client speaks first), then auth
+                if _protocol.FrameDecoder().feed(recorded)[0].op == "hi":
+                    up.sendall(recorded)
+                    recorded = read_frame_bytes(down)
                 up.sendall(recorded)
                 down.sendall(read_frame_bytes(up))  # welcome
         finally:
