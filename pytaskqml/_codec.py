@@ -145,18 +145,53 @@ def encode(
     return text, bufs
 
 
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def as_sent(obj: Any) -> Any:
     """What the other side of a connection would decode from *obj*: the one contract for what
     a payload or a result becomes, whichever kind of worker it goes to or comes from.
 
     Containers become JSON's (tuples lists, dict keys strings), NumPy scalars Python numbers,
     ``bytearray``/``memoryview`` ``bytes``; arrays keep dtype and shape and are copies of their
-    own, writable. Nothing is shared with *obj*. ``TypeError``/``ValueError`` as
+    own, writable. Nothing mutable is shared with *obj*. ``TypeError``/``ValueError`` as
     :func:`encode` for what cannot travel.
+
+    The common shapes (lists, tuples and str-keyed dicts of numbers, strings, bytes and
+    arrays) are copied directly; anything else takes the way a frame does (encode, decode),
+    which is the definition.
     """
+    try:
+        return _copy(obj)
+    except RecursionError:
+        raise ValueError("payload is circular or nested too deeply") from None
+
+
+def _copy(obj: Any) -> Any:
     cls = type(obj)
-    if cls is str or cls is int or cls is float or cls is bool or obj is None or cls is bytes:
-        return obj  # immutable, and what the decoder would build anyway
+    if cls in _IMMUTABLE:
+        return obj
+    if cls is list or cls is tuple:
+        return [x if type(x) in _IMMUTABLE else _copy(x) for x in obj]
+    if cls is dict:
+        out = {}
+        for k, v in obj.items():
+            if type(k) is not str:
+                return _through_json(obj)  # key conversions: as JSON does them
+            out[k] = v if type(v) in _IMMUTABLE else _copy(v)
+        if MARKER_KEY in out and len(out) == 1:
+            raise ValueError(f"a payload dict may not use the reserved key {MARKER_KEY!r}")
+        return out
+    if _np is not None and cls is _np.ndarray:
+        if obj.dtype.hasobject or obj.dtype.fields is not None:
+            raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
+        return obj.copy(order="C")
+    if cls is bytearray or cls is memoryview:
+        return bytes(obj)
+    return _through_json(obj)
+
+
+def _through_json(obj: Any) -> Any:
     text, bufs = encode(obj)
     if not bufs:
         return json.loads(text) if _MARKER_TEXT not in text else decode(text)

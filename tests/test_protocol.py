@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -322,3 +323,43 @@ def test_large_frame_is_received_into_its_own_buffer() -> None:
     rest[:] = data[1000:]
     (msg,) = dec.commit(len(rest))
     assert msg.header["f"].shape == (480, 640, 3)
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+_keys = st.text(max_size=4) | st.integers() | st.booleans() | st.none() | st.floats(allow_nan=False)
+
+
+@given(
+    st.recursive(
+        _leaves,
+        lambda kids: (
+            st.lists(kids, max_size=4)
+            | st.tuples(kids, kids)
+            | st.dictionaries(_keys, kids, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
+def test_as_sent_is_what_the_other_side_decodes(value: Any) -> None:
+    """Thread workers get as_sent(payload); processes get decode(encode(payload)): the same."""
+    text, bufs = _codec.encode(value)
+    assert _codec.as_sent(value) == _codec.decode(text, bufs)
+
+
+@needs_numpy
+def test_as_sent_copies_arrays_with_their_shape() -> None:
+    for arr in (np.array(5), np.arange(12).reshape(3, 4)[:, ::2], np.zeros((2, 0))):
+        got = _codec.as_sent({"a": [arr]})["a"][0]
+        assert got.shape == arr.shape and got.dtype == arr.dtype and np.array_equal(got, arr)
+        assert got.flags.writeable and not np.shares_memory(got, arr)
+    with pytest.raises(TypeError):
+        _codec.as_sent(np.array([object()], dtype=object))
+    with pytest.raises(TypeError):
+        _codec.as_sent({"s": {1, 2}})
