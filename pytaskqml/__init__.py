@@ -6,12 +6,14 @@ thread workers. Results come back in submission order. Standard library only.
 """
 
 from ._auth import tls_client_context, tls_server_context
+from ._broadcast import Broadcast
 from ._control import get_health, request_shutdown
 from ._coordinator import Coordinator
 from ._errors import (
     AuthenticationError,
     ClosedError,
     ConnectionLost,
+    ModelLoadError,
     NoWorkersError,
     ProtocolError,
     PyTaskQMLError,
@@ -22,18 +24,25 @@ from ._errors import (
 )
 from ._handoff import load, spill
 from ._iterate import Stream
-from ._stats import Statistics, WorkerStats
-from ._tasks import LateResult, TaskTimeout
+from ._models import Model, ModelWorker
+from ._stats import ModelStats, Statistics, WorkerStats
+from ._tasks import LateResult, ModelResult, TaskTimeout
 from ._worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "Broadcast",
     "ClosedError",
     "ConnectionLost",
     "Coordinator",
     "LateResult",
+    "Model",
+    "ModelLoadError",
+    "ModelResult",
+    "ModelStats",
+    "ModelWorker",
     "NoWorkersError",
     "ProtocolError",
     "PyTaskQMLError",

@@ -50,7 +50,14 @@ def class_target(cls: type) -> tuple[str, str | None]:
 
 
 def load_worker_class(target: str, *, main_path: str | None = None) -> type[Worker]:
-    """Import ``module:Class`` (or ``module:Outer.Inner``); raise WorkerStartError clearly."""
+    """Import ``module:Class`` (or ``module:Outer.Inner``), a Worker subclass; raise
+    WorkerStartError clearly."""
+    cls: type[Worker] = load_class(target, Worker, main_path=main_path)
+    return cls
+
+
+def load_class(target: str, base: type[Any], *, main_path: str | None = None) -> Any:
+    """Import ``module:Class`` and check it subclasses *base*; WorkerStartError if not."""
     module_name, sep, qualname = target.partition(":")
     if not sep or not module_name or not qualname:
         raise WorkerStartError(
@@ -77,8 +84,8 @@ def load_worker_class(target: str, *, main_path: str | None = None) -> type[Work
             raise WorkerStartError(
                 f"module {module_name!r} has no attribute {qualname!r}"
             ) from None
-    if not (isinstance(obj, type) and issubclass(obj, Worker)):
-        raise WorkerStartError(f"{target!r} is not a subclass of pytaskqml.Worker")
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise WorkerStartError(f"{target!r} is not a subclass of pytaskqml.{base.__name__}")
     return obj
 
 

@@ -20,6 +20,7 @@ from . import _connection
 from ._bootstrap import call_teardown, setup_logging, start_worker, tune_malloc
 from ._endpoints import dial_once
 from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
+from ._models import ModelTable
 from ._serve import WorkerServer
 
 log = logging.getLogger("pytaskqml")
@@ -95,6 +96,9 @@ def main() -> int:
         exit_grace=EXIT_GRACE,
         shared=shared,
     )
+    # A spawned worker trusts its coordinator with the classes of models, as with the class
+    # of the worker itself: the channel between them is private.
+    server.models = ModelTable(None, server.report_model)
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     try:
         if conn is not None:
@@ -105,6 +109,7 @@ def main() -> int:
     except (ConnectionLost, AuthenticationError) as exc:
         log.warning("cannot reach the coordinator: %s", exc)
     finally:
+        server.models.close()
         call_teardown(worker)
     return 0
 

@@ -21,6 +21,7 @@ from ._cli_common import (
     read_key,
 )
 from ._errors import WorkerStartError
+from ._models import ModelTable, read_model_file
 from ._serve import WorkerServer
 
 
@@ -32,7 +33,19 @@ def register(sub: Any) -> None:
         "(--listen) or dialling in to one (--connect). Stops gracefully on SIGTERM, Ctrl-C or "
         "POST /shutdown to its control endpoint.",
     )
-    w.add_argument("target", metavar="MODULE:CLASS", help="the worker class, e.g. myapp:WordCount")
+    w.add_argument(
+        "target",
+        metavar="MODULE:CLASS",
+        nargs="?",
+        help="the worker class, e.g. myapp:WordCount (optional with --models: a worker that "
+        "serves only named models)",
+    )
+    w.add_argument(
+        "--models",
+        metavar="FILE",
+        help="model file (JSON, or TOML on Python 3.11+): the model classes this worker may "
+        "load when a coordinator asks, and models to load at start",
+    )
     mode = w.add_mutually_exclusive_group(required=True)
     mode.add_argument("--listen", metavar="HOST:PORT", help="wait for a coordinator to connect")
     mode.add_argument(
@@ -100,8 +113,18 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     ssl_context = tls_context(args, server=bool(listen))
+    if args.target is None and not args.models:
+        raise UserError("name a worker class (MODULE:CLASS), or give --models")
+    allowed: set[str] = set()
+    initial: dict[str, tuple[dict[str, Any], str]] = {}
+    if args.models:
+        try:
+            allowed, initial = read_model_file(args.models)
+        except ValueError as exc:
+            raise UserError(f"--models: {exc}") from None
+    target = args.target or "pytaskqml._models:ModelWorker"
     try:
-        cls = load_worker_class(args.target)
+        cls = load_worker_class(target)
     except WorkerStartError as exc:
         raise UserError(str(exc)) from None
 
@@ -128,6 +151,13 @@ def run(args: argparse.Namespace) -> int:
             name=args.name or "",
             heartbeat_timeout=args.heartbeat_timeout,
         )
+        # Only the classes of the --models file can be loaded: a peer names a model by data,
+        # never a module of its choosing.
+        server.models = ModelTable(allowed, server.report_model)
+        for name, (spec, version) in initial.items():
+            if not server.models.load_now(name, spec, version):
+                call_teardown(worker)
+                raise UserError(f"--models: model {name!r} failed to load", EXIT_FAILURE)
         ctl = None
         if control is not None:
             try:
@@ -137,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                         "status": "ok",
                         "role": "worker",
                         "pid": os.getpid(),
-                        "worker": args.target,
+                        "worker": target,
+                        "models": server.models.loaded() if server.models else {},
                         "tasks_done": server.tasks_done,
                         "stopping": server.stopping,
                     },
@@ -163,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"pytaskqml worker {args.target} (pid {os.getpid()}) {where}"
+            f"pytaskqml worker {target} (pid {os.getpid()}) {where}"
             + (f"; control at http://{server.control_address}" if ctl else ""),
             file=sys.stderr,
             flush=True,
@@ -175,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
                 assert connect is not None
                 server.run_dial(connect, reconnect=True)
         finally:
+            server.models.close()
             call_teardown(worker)
             if ctl is not None:
                 ctl.stop()

@@ -40,23 +40,26 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Any, Literal
 
-from . import _connection, _protocol
+from . import _protocol
 from ._bootstrap import call_teardown
+from ._broadcast import Broadcast, Broadcasts
 from ._control import ControlServer
+from ._coordctl import coordinator_control
 from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
 from ._errors import ClosedError
 from ._handles import LocalHandle
-from ._intake import Intake
+from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
 from ._links import Dialer
+from ._modelreg import Models
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
 from ._remote import Heartbeats
 from ._stats import Statistics
 from ._supervisor import Supervisor
-from ._tasks import LateResult
+from ._tasks import LateResult, Route
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,9 @@ class Coordinator(WorkerPool):
     ``hang_timeout`` how long a worker with work in hand may go without returning any result
     before it is declared lost; ``heartbeat_interval``/``heartbeat_timeout`` liveness of idle
     connections; ``max_restarts`` restarts of one spawned process within 60 s, and
-    ``max_start_failures`` failed starts in a row, before it is given up; ``cancel_grace``
+    ``max_start_failures`` failed starts in a row, before it is given up; ``max_models``
+    makes named models load on demand, at most that many per worker (least recently used
+    idle ones make room; default: every model on every worker); ``cancel_grace``
     how long ``shutdown(cancel_futures=True)`` (and leaving a ``with`` block on an exception,
     such as Ctrl-C) lets tasks already running finish before their workers are stopped;
     ``authkey`` the shared key for worker connections (default: the ``PYTASKQML_AUTHKEY``
@@ -104,6 +109,7 @@ class Coordinator(WorkerPool):
         max_restarts: int = 50,
         max_start_failures: int = 3,
         cancel_grace: float = 0.5,
+        max_models: int | None = None,
         authkey: bytes | str | None = None,
         max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
         on_late: Callable[[LateResult], None] | None = None,
@@ -163,6 +169,10 @@ class Coordinator(WorkerPool):
             strand_error=self._strand_error,
         )
         self._intake = Intake(self._engine, max_frame_size=max_frame_size)
+        self._engine.max_models = max_models
+        #: Named models on this coordinator's workers: load, update, unload, status.
+        self.models = Models(self._engine, on_demand=max_models is not None)
+        self._broadcasts = Broadcasts(self._intake, self._runner)
         self._heartbeats = Heartbeats(
             name,
             heartbeat_interval=heartbeat_interval,
@@ -212,19 +222,37 @@ class Coordinator(WorkerPool):
 
     # ================================================================ submitting
 
-    def submit(self, payload: Any, *, timeout: float | None = None) -> Future[Any]:
+    def submit(
+        self,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        model: str | None = None,
+        key: str | None = None,
+        with_meta: bool = False,
+    ) -> Future[Any]:
         """Queue one task; returns a :class:`concurrent.futures.Future`.
 
         A payload that is not JSON (plus bytes/arrays) raises ``TypeError`` here. With the
         ``reject`` policy a full queue raises :class:`queue.Full`; with ``drop_oldest`` the
         oldest waiting task is cancelled to make room. ``timeout`` counts from now: past it the
         future fails with ``TimeoutError`` (a late result goes to the late channel).
+
+        ``model`` sends it to the named model (see :attr:`models`); with ``with_meta`` the
+        result is a :class:`ModelResult` saying which version and worker computed it. Tasks
+        with the same ``key`` go to the same worker while it lives (per-key state).
         """
         fut = TaskFuture()
         fut._runner = self._runner
         check_positive("timeout", timeout)
-        self._intake.one(payload, fut, 0, timeout if timeout is not None else self.timeout)
+        route = self._route(model, key, with_meta)
+        self._intake.one(
+            payload, fut, 0, timeout if timeout is not None else self.timeout, route=route
+        )
         return fut
+
+    def _route(self, model: str | None, key: Any, with_meta: bool) -> Route | None:
+        return route_for(self.models.check, model, key, with_meta)
 
     def map(
         self,
@@ -235,6 +263,9 @@ class Coordinator(WorkerPool):
         timeout: float | None = None,
         on_error: Literal["raise", "return"] = "raise",
         chunksize: int | None = None,
+        model: str | Callable[[Any], str] | None = None,
+        key: Callable[[Any], str] | None = None,
+        with_meta: bool = False,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
@@ -256,6 +287,9 @@ class Coordinator(WorkerPool):
         time per item, so that tiny tasks share a task's overhead and slow ones go alone;
         items with a timeout always go alone). Items of a chunk that killed a worker are
         retried one by one, so a poison item fails alone.
+
+        ``model``, ``with_meta``: as for :meth:`submit` (``model`` may also be a function of
+        the item, to mix models in one map); ``key(item)`` gives each item's key.
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
@@ -263,6 +297,9 @@ class Coordinator(WorkerPool):
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
         self._check_open()
+        route, per_item = item_routes(self._route, model, key, with_meta)
+        if per_item:
+            chunksize = 1  # a model, a key or a version per item
         return map_results(
             self._intake,
             iter(iterable),
@@ -271,6 +308,7 @@ class Coordinator(WorkerPool):
             timeout if timeout is not None else self.timeout,
             on_error,
             chunksize,
+            route,
         )
 
     def stream(
@@ -281,6 +319,8 @@ class Coordinator(WorkerPool):
         timeout: float | None = None,
         on_error: Literal["raise", "return"] = "return",
         overflow: OverflowPolicy | None = None,
+        model: str | None = None,
+        with_meta: bool = False,
     ) -> Stream:
         """A :class:`Stream` for a live source: a producer thread ``put()``s items and
         ``close()``s, a consumer thread iterates results (in order by default).
@@ -290,7 +330,8 @@ class Coordinator(WorkerPool):
         ``"drop_oldest"`` keeps at most ``buffersize`` items (default: two per worker, at
         least 2) waiting for a worker and drops the oldest of them, so the newest frame wins;
         ``"reject"`` raises :class:`queue.Full`. ``timeout`` counts from ``put()``: a frame
-        older than that gets a :class:`TaskTimeout` marker in its place.
+        older than that gets a :class:`TaskTimeout` marker in its place. ``model`` and
+        ``with_meta`` as for :meth:`submit`; ``put(item, key=...)`` for per-key affinity.
         """
         policy = overflow if overflow is not None else self.overflow
         if policy not in OVERFLOW_POLICIES:
@@ -307,9 +348,34 @@ class Coordinator(WorkerPool):
             timeout if timeout is not None else self.timeout,
             on_error,
             policy,
+            model,
+            with_meta and model is not None,
         )
+        if model is not None:
+            self._route(model, None, False)  # is the model known?
         self._streams.add(stream)
         return stream
+
+    def broadcast(
+        self,
+        payload: Any,
+        *,
+        mode: Literal["all", "any"] = "all",
+        model: str | None = None,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> Broadcast:
+        """Run *payload* on every worker (``mode="all"``) or on one (``"any"``) and return
+        each worker's result by name (an exception in place of a failed one). A *retained*
+        broadcast is also run, in order, on every worker that joins or is restarted later,
+        before it takes any other task; :meth:`withdraw` its ``id`` to stop that."""
+        return self._broadcasts.broadcast(
+            payload, mode=mode, model=model, retain=retain, timeout=timeout
+        )
+
+    def withdraw(self, broadcast_id: int) -> bool:
+        """Stop replaying a retained broadcast to joining workers."""
+        return self._broadcasts.withdraw(broadcast_id)
 
     def late_results(self) -> list[LateResult]:
         """Drain and return results that arrived after their deadline (when no ``on_late``)."""
@@ -328,6 +394,7 @@ class Coordinator(WorkerPool):
             start_failures=sup.start_failures,
             start_error=sup.last_error,
             uptime=time.monotonic() - self._started,
+            models=self.models.statistics(self._engine.model_counts()),
         )
 
     # ================================================================ control endpoint
@@ -335,32 +402,11 @@ class Coordinator(WorkerPool):
     def serve_control(
         self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, insecure: bool = False
     ) -> tuple[str, int]:
-        """Start the HTTP control endpoint (``GET /health``, ``POST /shutdown``)."""
-        addr = _connection.parse_address(address) if isinstance(address, str) else address
+        """Start the HTTP control endpoint (``GET /health``, ``POST /shutdown``; see
+        :mod:`pytaskqml._control`); returns its address. Bound to 127.0.0.1 by default."""
         if self._control is not None:
             raise RuntimeError("the control endpoint is already running")
-
-        def health() -> dict[str, Any]:
-            s = self.statistics()
-            return {
-                "status": "ok",
-                "role": "coordinator",
-                "pid": os.getpid(),
-                "workers": len(s.workers),
-                "submitted": s.submitted,
-                "completed": s.completed,
-                "queued": s.queued,
-                "in_flight": s.in_flight,
-            }
-
-        def stop() -> None:
-            threading.Thread(
-                target=self.shutdown, name="pytaskqml-control-shutdown", daemon=True
-            ).start()
-
-        self._control = ControlServer(
-            addr, health=health, shutdown=stop, authkey=self.authkey, insecure=insecure
-        )
+        self._control = coordinator_control(self, address, insecure=insecure)
         self._control.start()
         return self._control.address
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError, _base
@@ -156,3 +157,42 @@ def deliver_all(tasks: Iterable[Task], kind: int, value: Any) -> None:
     """:func:`deliver` the same outcome to every task."""
     for t in tasks:
         deliver(t, kind, value)
+
+
+class Changes:
+    """Lets threads wait until a condition on the coordinator's state holds, re-checked at
+    every :meth:`signal` - cheap when nobody waits (one attribute test)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self.watchers = 0
+        self._generation = 0
+
+    def signal(self) -> None:
+        """Something a :meth:`wait_until` predicate may depend on changed."""
+        if self.watchers:
+            with self._cv:
+                self._generation += 1
+                self._cv.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until *predicate()* holds; False on timeout. (A signal between a check and
+        the wait is not lost: the generation it bumps is read before the check.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self.watchers += 1
+        try:
+            while True:
+                with self._cv:
+                    seen = self._generation
+                if predicate():
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                with self._cv:
+                    if self._generation == seen:
+                        self._cv.wait(remaining)
+        finally:
+            with self._cv:
+                self.watchers -= 1

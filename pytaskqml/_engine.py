@@ -23,11 +23,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._delivery import CallbackRunner, deliver, deliver_all
-from ._errors import ClosedError, WorkerLostError
+from ._delivery import CallbackRunner, Changes, deliver, deliver_all
+from ._errors import ClosedError, TaskFailed, WorkerLostError
 from ._handles import WorkerHandle
 from ._scheduler import FutureOutcomes, Groups, Scheduler
-from ._stats import Statistics, WorkerStats, percentile
+from ._stats import Statistics, WorkerStats, snapshot, worker_stats
 from ._tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
 from ._workerstate import WorkerState
 
@@ -55,6 +55,7 @@ class Engine:
         self.name = name
         self.core = Scheduler(max_queue=max_queue, overflow=overflow, max_retries=max_retries)
         self.max_window = max_window  # what an adaptive window may grow to
+        self.max_models: int | None = None  # per worker, when models load on demand
         self.clock = time.perf_counter  # the one clock of the scheduler
         self.lock = threading.Lock()
         self.not_full = threading.Condition(self.lock)  # a blocked admission may go on
@@ -66,9 +67,13 @@ class Engine:
         self._reinforcements = reinforcements  # could a worker still come?
         self._strand_error = strand_error  # what work that nothing can run fails with
         self._blocked = 0  # admissions waiting for room
-        self._events = threading.Condition(threading.Lock())  # for wait_until()
-        self._watchers = 0
-        self._generation = 0
+        # Set by the model registry: it sends the loads/unloads the core asks for, and hears
+        # what workers report.
+        self.on_model_request: Callable[[str, WorkerHandle, str], None] | None = None
+        self.on_model_status: Callable[[WorkerHandle, dict[str, Any]], None] | None = None
+        self.changes = Changes()  # for wait_until()
+        self.signal = self.changes.signal
+        self.wait_until = self.changes.wait_until
         self._next_deadline: float | None = None  # what the timer sleeps towards
         self.closed = False  # no new work
         self.stopping = False  # shutting down: losses are expected, nothing is restarted
@@ -81,7 +86,12 @@ class Engine:
     # ------------------------------------------------------------------ admission
 
     def admit(
-        self, tasks: list[Task], *, timed: bool = False, put_timeout: float | None = None
+        self,
+        tasks: list[Task],
+        *,
+        timed: bool = False,
+        routed: bool = False,
+        put_timeout: float | None = None,
     ) -> None:
         """Admit *tasks* under the overflow policy and dispatch. *timed*: some carry a deadline
         counted from submission. Raises :class:`ClosedError` after shutdown, ``queue.Full``
@@ -92,10 +102,10 @@ class Engine:
         with self.lock:
             if self.closed:
                 raise ClosedError("the coordinator is shut down")
-            i, dropped = core.admit(tasks, 0, timed=timed)
+            i, dropped = core.admit(tasks, 0, timed=timed, routed=routed)
             if i < len(tasks):
                 dropped = list(dropped)
-                self._admit_blocking(tasks, i, timed, put_timeout, dropped)
+                self._admit_blocking(tasks, i, timed, routed, put_timeout, dropped)
             assigned = core.dispatch(self.clock())
             if self._blocked:
                 self.not_full.notify_all()
@@ -103,13 +113,16 @@ class Engine:
                 stranded = self._strand_locked()
             if core.deadlines:
                 self._watch_deadlines()
+            requests = self._requests()
         for ws in assigned:
             ws.handle.wake(True)
+        if requests:
+            self._send_requests(requests)
         if dropped:
             deliver_all(dropped, DROPPED, None)
         if stranded:
             deliver_all(stranded, ERROR, self._strand_error())
-        if self._watchers:
+        if self.changes.watchers:
             self.signal()
 
     def _admit_blocking(
@@ -117,6 +130,7 @@ class Engine:
         tasks: list[Task],
         i: int,
         timed: bool,
+        routed: bool,
         put_timeout: float | None,
         dropped: list[Task],
     ) -> None:
@@ -137,7 +151,7 @@ class Engine:
                 raise ClosedError("the coordinator is shut down")
             if not ok:
                 raise queue.Full("the coordinator's queue stayed full")
-            i, more = core.admit(tasks, i, timed=timed)
+            i, more = core.admit(tasks, i, timed=timed, routed=routed)
             dropped.extend(more)
 
     def drop(self, task: Task) -> bool:
@@ -163,8 +177,9 @@ class Engine:
 
     # ------------------------------------------------------------------ workers
 
-    def attach(self, handle: WorkerHandle) -> bool:
-        """Register *handle* and start it; False (and nothing started) when shutting down."""
+    def attach(self, handle: WorkerHandle, preload: list[Task] | None = None) -> bool:
+        """Register *handle* and start it; False (and nothing started) when shutting down.
+        *preload* tasks run on it before anything else."""
         window = handle.window
         with self.lock:
             if self.stopping:
@@ -177,6 +192,9 @@ class Engine:
                 concurrency=handle.concurrency,
                 handle=handle,
                 now=self.clock(),
+                models=handle.initial_models,
+                max_models=self.max_models,
+                preload=preload or (),
             )
             handle.state = ws
             handle.start()
@@ -189,11 +207,20 @@ class Engine:
 
     # ------------------------------------------------------------------ WorkerEvents
 
-    def results(self, handle: WorkerHandle, entries: list[Any], busy: float | None) -> None:
+    def results(
+        self,
+        handle: WorkerHandle,
+        entries: list[Any],
+        busy: float | None,
+        versions: dict[int, str] | None = None,
+    ) -> None:
         ws = handle.state
         assert ws is not None
         with self.lock:
-            groups, futures, late, assigned = self.core.results(ws, entries, busy, self.clock())
+            groups, futures, late, assigned = self.core.results(
+                ws, entries, busy, self.clock(), versions
+            )
+            requests = self._requests()
             if self._blocked:
                 self.not_full.notify_all()
             if not self.core.live:
@@ -203,7 +230,9 @@ class Engine:
         for w in assigned:
             w.handle.wake(False)
         self._deliver(groups, futures, late)
-        if self._watchers:
+        if requests:
+            self._send_requests(requests)
+        if self.changes.watchers:
             self.signal()
 
     def skipped(self, handle: WorkerHandle, tasks: list[Task]) -> None:
@@ -223,7 +252,7 @@ class Engine:
             removed = self.core.remove_worker(ws, graceful=graceful, now=self.clock())
             if removed is None:
                 return
-            requeued, poison, assigned = removed
+            requeued, poison, pinned, assigned = removed
             if not self.core.workers and not self.stopping:
                 stranded = self._strand_locked()
             self._watch_deadlines()
@@ -246,12 +275,71 @@ class Engine:
         why = f"worker {handle.name} died while running this task ({error})"
         for t in poison:
             deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
+        if pinned:
+            gone = WorkerLostError(f"worker {handle.name} left before it ran this broadcast")
+            deliver_all(pinned, ERROR, gone)
         if stranded:
             deliver_all(stranded, ERROR, self._strand_error())
         owner = handle.owner
         if owner is not None:
             owner.worker_left(handle, graceful, ws.completed > 0)
         self.signal()
+
+    def model_status(self, handle: WorkerHandle, status: dict[str, Any]) -> None:
+        """A worker reports a model loaded, failed or unloaded (see _models.ModelTable)."""
+        ws = handle.state
+        name, state = status.get("name"), status.get("state")
+        if ws is None or not isinstance(name, str):
+            return
+        stuck: list[Task] = []
+        assigned: list[WorkerState] = []
+        with self.lock:
+            if state == "loaded":
+                assigned = self.core.model_ready(
+                    ws, name, str(status.get("version") or ""), self.clock()
+                )
+            elif state == "failed":
+                stuck = self.core.model_failed(ws, name)
+            elif state == "unloaded":
+                self.core.model_gone(ws, name)
+            requests = self._requests()
+            self.changed.notify_all()
+        for w in assigned:
+            w.handle.wake(False)
+        if stuck:
+            why = status.get("error") or "it failed to load"
+            err = TaskFailed("ModelLoadError", f"model {name!r} could not be loaded: {why}")
+            deliver_all(stuck, ERROR, err)
+        if requests:
+            self._send_requests(requests)
+        if self.on_model_status is not None:
+            self.on_model_status(handle, status)
+        self.signal()
+
+    def set_on_demand(self, model: str, on: bool) -> None:
+        """Let the core load *model* where it needs it (workers with max_models)."""
+        with self.lock:
+            (self.core.router.on_demand.add if on else self.core.router.on_demand.discard)(model)
+            assigned = self.core.dispatch(self.clock())
+            requests = self._requests()
+        for w in assigned:
+            w.handle.wake(False)
+        if requests:
+            self._send_requests(requests)
+
+    def _requests(self) -> list[tuple[str, WorkerState, str]]:
+        """Lock held: take the model loads/unloads the core asks for."""
+        router = self.core.router
+        if not router.requests:
+            return []
+        out, router.requests = router.requests, []
+        return out
+
+    def _send_requests(self, requests: list[tuple[str, WorkerState, str]]) -> None:
+        send = self.on_model_request
+        for action, ws, name in requests:
+            if send is not None:
+                send(action, ws.handle, name)
 
     # ------------------------------------------------------------------ delivery
 
@@ -401,92 +489,31 @@ class Engine:
         with self.lock:
             return self.changed.wait_for(lambda: predicate(self.core), timeout)
 
-    def signal(self) -> None:
-        """Something a :meth:`wait_until` predicate may depend on changed."""
-        if self._watchers:
-            with self._events:
-                self._generation += 1
-                self._events.notify_all()
-
-    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until *predicate()* holds, re-checked at every :meth:`signal`; False on
-        timeout. (A signal between a check and the wait is not lost: the generation it bumps
-        is read before the check.)"""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._events:
-            self._watchers += 1
-        try:
-            while True:
-                with self._events:
-                    seen = self._generation
-                if predicate():
-                    return True
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                with self._events:
-                    if self._generation == seen:
-                        self._events.wait(remaining)
-        finally:
-            with self._events:
-                self._watchers -= 1
-
     # ------------------------------------------------------------------ statistics
 
-    def statistics(
-        self,
-        *,
-        restarts: int,
-        rejected_peers: int,
-        start_failures: int,
-        start_error: str | None,
-        uptime: float,
-    ) -> Statistics:
-        core = self.core
+    def statistics(self, **front: Any) -> Statistics:
+        """A snapshot (see :func:`~._stats.snapshot`); *front* adds what the front counts."""
         with self.lock:
-            lat = sorted(core.latencies)
-            return Statistics(
-                submitted=core.submitted,
-                completed=core.completed,
-                failed=core.failed,
-                cancelled=core.cancelled,
-                timed_out=core.timed_out,
-                late=core.late,
-                dropped=core.dropped,
-                rejected=core.rejected,
-                retried=core.retried,
-                poisoned=core.poisoned,
-                workers_lost=core.workers_lost,
-                restarts=restarts,
-                rejected_peers=rejected_peers,
-                queued=len(core.queue),
-                in_flight=core.in_flight,
-                workers=tuple(worker_stats(ws) for ws in core.workers),
-                latency_p50=percentile(lat, 0.50),
-                latency_p90=percentile(lat, 0.90),
-                latency_p99=percentile(lat, 0.99),
-                latency_max=lat[-1] if lat else None,
-                uptime=uptime,
-                start_failures=start_failures,
-                start_error=start_error,
-            )
+            return snapshot(self.core, **front)
+
+    def model_counts(self) -> dict[tuple[str, str], int]:
+        with self.lock:
+            return dict(self.core.model_counts)
+
+    def handles(self) -> list[WorkerHandle]:
+        with self.lock:
+            return [ws.handle for ws in self.core.workers]
+
+    def model_loading(self, handle: WorkerHandle, name: str) -> None:
+        """A load of *name* was sent to the worker: its tasks wait for it rather than fail."""
+        with self.lock:
+            if handle.state is not None:
+                handle.state.loading.add(name)
+
+    def has_model(self, name: str) -> bool:
+        with self.lock:
+            return any(name in w.models or name in w.loading for w in self.core.workers)
 
     def workers(self) -> tuple[WorkerStats, ...]:
         with self.lock:
             return tuple(worker_stats(ws) for ws in self.core.workers)
-
-
-def worker_stats(ws: WorkerState) -> WorkerStats:
-    h: WorkerHandle = ws.handle
-    shared = h.shared_memory()
-    return WorkerStats(
-        ws.name,
-        h.kind,
-        h.pid,
-        h.address,
-        ws.window,
-        len(ws.inflight),
-        ws.completed,
-        ws.failed,
-        *(shared if shared is not None else (None, None, None)),
-    )

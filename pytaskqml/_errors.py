@@ -11,6 +11,7 @@
      ├── WorkerStartError         a worker could not start (import error, setup() raised, a
      │                            process that kept failing to start: then also what tasks that
      │                            nothing else could run fail with)
+     ├── ModelLoadError           no worker could load a named model (coord.models.load)
      ├── TaskFailed               process() raised; carries the remote type and traceback text
      └── WorkerLostError          the workers that could run a task were lost:
           │                       raised as such for a *poison* task, one that killed more
@@ -54,6 +55,11 @@ class WorkerStartError(PyTaskQMLError):
     """
 
     remote_traceback: str = ""
+
+
+class ModelLoadError(PyTaskQMLError):
+    """A named model could not be loaded on any worker (each worker's error is in the
+    message, and in ``coord.models.status()``)."""
 
 
 class TaskFailed(PyTaskQMLError):

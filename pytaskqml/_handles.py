@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ._codec import as_sent
 from ._errors import TaskFailed
+from ._models import ModelTable, run_rows
 from ._protocol import CHUNK_ROW
 from ._tasks import CHUNK, ERROR, OK, Task
-from ._worker import Worker, error_info, run_entries
+from ._worker import Worker, error_info
 
 if TYPE_CHECKING:
     from ._workerstate import WorkerState
@@ -39,14 +40,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _handle_ids = itertools.count(1)
+_local_ids = itertools.count(1)
 
 
 class WorkerEvents(Protocol):
     """What a handle reports, from its own threads (never holding its condition)."""
 
-    def results(self, handle: WorkerHandle, entries: list[Any], busy: float | None) -> None:
+    def results(
+        self,
+        handle: WorkerHandle,
+        entries: list[Any],
+        busy: float | None,
+        versions: dict[int, str] | None = None,
+    ) -> None:
         """Result rows ``(task id, kind, value)`` (``value`` already an exception for ERROR);
-        *busy* is the worker's compute time for them, when known."""
+        *busy* is the worker's compute time for them, when known; *versions* the model
+        version that ran each task addressed to a model."""
+
+    def model_status(self, handle: WorkerHandle, status: dict[str, Any]) -> None:
+        """A model loaded, failed to load, or was unloaded on the worker."""
 
     def skipped(self, handle: WorkerHandle, tasks: list[Task]) -> None:
         """Tasks taken from the outbox but not sent, because they had finished meanwhile."""
@@ -89,6 +101,7 @@ class WorkerHandle:
         self.address: str | None = None
         self.owner: WorkerOwner | None = None
         self.state: WorkerState | None = None
+        self.initial_models: dict[str, str] = {}  # models it came with: {name: version}
         self._cv = threading.Condition(threading.Lock())
         self._idle = 0  # threads waiting in _take()
         self._closing = False
@@ -159,6 +172,9 @@ class WorkerHandle:
     def request_stop(self) -> None:
         self.close()
 
+    def model_command(self, cmd: dict[str, Any]) -> None:
+        """Load or unload a model on the worker (see _models.ModelTable.command)."""
+
     def abort(self, reason: str) -> None:
         self.close()
 
@@ -187,13 +203,16 @@ class LocalHandle(WorkerHandle):
         batch = int(getattr(worker, "max_batch_size", 1) or 1)
         super().__init__(
             events,
-            name=f"local-{type(worker).__name__}",
+            name=f"local-{type(worker).__name__}-{next(_local_ids)}",
             window=window or 2 * threads,
             batch_size=batch,
             batch_delay=float(getattr(worker, "max_batch_delay", 0.0) or 0.0),
             concurrency=threads * batch,
         )
         self.worker = worker
+        # Thread workers trust their coordinator with the classes of models, as with the
+        # worker's own: it is the same program.
+        self.models = ModelTable(None, lambda status: self.events.model_status(self, status))
         self.threads = [
             threading.Thread(target=self._run, name=f"pytaskqml-local-{self.id}-{i}", daemon=True)
             for i in range(threads)
@@ -239,14 +258,24 @@ class LocalHandle(WorkerHandle):
             except (TypeError, ValueError) as exc:  # mutated after submit
                 failed.append((t.id, ERROR, TaskFailed(type(exc).__name__, str(exc))))
                 continue
-            rows.append([t.id, payload] if t.count == 1 else [t.id, payload, CHUNK_ROW])
+            if t.route is not None:
+                rows.append([t.id, payload, t.route.options(t.count > 1)])
+            else:
+                rows.append([t.id, payload] if t.count == 1 else [t.id, payload, CHUNK_ROW])
         t0 = time.perf_counter()
-        done = run_entries(self.worker, rows, self.batch_size > 1)
+        done, versions = run_rows(self.worker, self.models, rows, self.batch_size > 1)
         busy = time.perf_counter() - t0
         del rows
         entries = [_as_received(tid, flag, value) for tid, flag, value in done]
-        self.events.results(self, failed + entries if failed else entries, busy)
+        self.events.results(self, failed + entries if failed else entries, busy, versions or None)
         return True
+
+    def model_command(self, cmd: dict[str, Any]) -> None:
+        self.models.command(cmd)
+
+    def close(self) -> None:
+        super().close()
+        self.models.close()  # a version still running a task is unloaded when it is done
 
 
 def _as_received(tid: int, flag: int, value: Any) -> tuple[int, int, Any]:

@@ -10,11 +10,12 @@ clock starts when a worker takes it up, so an item never times out for waiting b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import _codec
 from ._engine import Engine
-from ._tasks import Task
+from ._tasks import Route, Task
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 # map()'s automatic buffer holds about this much work per worker, and at most MAX_MAP_BUFFER
@@ -64,22 +65,44 @@ class Intake:
         timeout: float | None,
         *,
         put_timeout: float | None = None,
+        route: Route | None = None,
     ) -> Task:
-        """Admit one task whose deadline (if any) counts from now."""
+        """Admit one task whose deadline (if any) counts from now; *route* says where it may
+        run (a model, a key, one worker)."""
         engine = self.engine
         t = Task(
             next(engine.core.ids), payload, self.check_payload(payload), sink, seq, engine.clock()
         )
         if timeout is not None:
             t.deadline = t.t_submit + timeout
-        engine.admit([t], timed=timeout is not None, put_timeout=put_timeout)
+        if route is not None:
+            t.route = route
+        engine.admit(
+            [t], timed=timeout is not None, routed=route is not None, put_timeout=put_timeout
+        )
+        return t
+
+    def task(self, payload: Any, sink: Any, route: Route) -> Task:
+        """A task not admitted yet (retained broadcasts for a joining worker)."""
+        engine = self.engine
+        t = Task(
+            next(engine.core.ids), payload, self.check_payload(payload), sink, 0, engine.clock()
+        )
+        t.route = route
         return t
 
     def many(
-        self, items: list[Any], sink: Any, seq: int, *, run_timeout: float | None, chunk: int
+        self,
+        items: list[Any],
+        sink: Any,
+        seq: int,
+        *,
+        run_timeout: float | None,
+        chunk: int,
+        route: Callable[[Any], Route] | None = None,
     ) -> None:
         """Admit the items of a map(), *chunk* at a time; a deadline counts from each task's
-        start."""
+        start; *route(item or chunk)* says where each task may run."""
         engine = self.engine
         ids, now = engine.core.ids, engine.clock()
         check = self.check_payload
@@ -106,7 +129,10 @@ class Intake:
         if run_timeout is not None:
             for t in tasks:
                 t.run_timeout = run_timeout
-        engine.admit(tasks)
+        if route is not None:
+            for t in tasks:
+                t.route = route(t.payload)
+        engine.admit(tasks, routed=route is not None)
 
     # ------------------------------------------------------------------ sizing
 
@@ -131,3 +157,49 @@ class Intake:
             return 1
         share = buffersize // (4 * max(1, len(core.workers)))
         return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))
+
+
+def route_for(
+    check: Callable[[str], None], model: str | None, key: Any, with_meta: bool
+) -> Route | None:
+    """The route of a task with these options (None: any worker); ValueError/TypeError for
+    options that cannot work (a model that cannot run, a key that is not a string)."""
+    if model is None and key is None:
+        if with_meta:
+            raise ValueError("with_meta=True needs a model=")
+        return None
+    if key is not None and not isinstance(key, str):
+        raise TypeError("key must be a str")
+    if model is not None:
+        check(model)
+    return Route(model=model, key=key, meta=with_meta and model is not None)
+
+
+def item_routes(
+    check: Callable[[str | None, Any, bool], Route | None],
+    model: str | Callable[[Any], str] | None,
+    key: Callable[[Any], str] | None,
+    with_meta: bool,
+) -> tuple[Callable[[Any], Route] | None, bool]:
+    """map()'s routes: a function of the item (or None), and whether it differs per item
+    (then items cannot share a chunk)."""
+    if callable(model):
+        pick = model
+
+        def route(item: Any) -> Route:
+            name = pick(item)
+            check(name, None, False)
+            return Route(model=name, key=key(item) if key is not None else None, meta=with_meta)
+
+        return route, True
+    if model is None and key is None:
+        check(None, None, with_meta)
+        return None, False
+    template = check(model, "" if key is not None else None, with_meta)
+    assert template is not None
+    m, meta = template.model, template.meta
+
+    def fixed(item: Any) -> Route:
+        return Route(model=m, key=key(item) if key is not None else None, meta=meta)
+
+    return fixed, key is not None or meta

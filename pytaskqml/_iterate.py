@@ -6,14 +6,14 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
 
 from ._errors import ClosedError
 from ._intake import MAX_MAP_BUFFER, Intake
 from ._ordered import ReorderBuffer
-from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, span
+from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, Route, span
 
 # What an outcome becomes for the caller.
 YIELD = 0  # the value itself: a result, a TaskTimeout marker, or an error with on_error="return"
@@ -59,8 +59,10 @@ def map_results(
     timeout: float | None,
     on_error: str,
     chunksize: int | None,
+    route: Callable[[Any], Route] | None = None,
 ) -> Iterator[Any]:
-    """The generator behind ``Coordinator.map()`` (arguments already checked)."""
+    """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
+    where each task may run (``chunksize`` must be 1 when it depends on the item)."""
     collector = Collector(ordered)
     raise_errors = on_error == "raise"
     seq = 0
@@ -87,7 +89,7 @@ def map_results(
             exhausted = True
         if items:
             chunk = chunksize or (1 if not chunked else intake.auto_chunksize(buffersize))
-            intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk)
+            intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
             seq += len(items)
             outstanding += len(items)
 
@@ -137,8 +139,12 @@ class Stream:
         timeout: float | None,
         on_error: str,
         overflow: str,
+        model: str | None = None,
+        with_meta: bool = False,
     ) -> None:
         self._intake = intake
+        self._model = model
+        self._meta = with_meta
         self._buffersize = buffersize
         self._timeout = timeout
         self._raise = on_error == "raise"
@@ -154,8 +160,11 @@ class Stream:
         self.rejected = 0
         self.timed_out = 0
 
-    def put(self, item: Any, *, timeout: float | None = None) -> None:
-        """Submit one item (see the class docstring for when it blocks or raises)."""
+    def put(self, item: Any, *, timeout: float | None = None, key: str | None = None) -> None:
+        """Submit one item (see the class docstring for when it blocks or raises). Items with
+        the same *key* go to the same worker while it lives."""
+        if key is not None and not isinstance(key, str):
+            raise TypeError("key must be a str")
         with self._space:
             self._check_open()
             if self._overflow == "block" and not self._space.wait_for(
@@ -173,7 +182,14 @@ class Stream:
         if self._overflow == "drop_oldest":
             self._make_room()
         try:
-            task = self._intake.one(item, self._collector, seq, self._timeout, put_timeout=timeout)
+            route = (
+                Route(model=self._model, key=key, meta=self._meta)
+                if self._model is not None or key is not None
+                else None
+            )
+            task = self._intake.one(
+                item, self._collector, seq, self._timeout, put_timeout=timeout, route=route
+            )
         except BaseException as exc:
             if isinstance(exc, queue.Full):
                 self.rejected += 1

@@ -14,12 +14,14 @@ from typing import Any
 
 from . import _codec, _connection
 from ._bootstrap import call_setup, class_target
+from ._broadcast import Broadcasts
 from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._engine import Engine
 from ._errors import ClosedError, ConnectionLost, NoWorkersError, RemoteTraceback, WorkerStartError
 from ._handles import LocalHandle, WorkerHandle, WorkerOwner
 from ._links import Dialer
+from ._modelreg import Models
 from ._remote import Heartbeats, RemoteHandle
 from ._stats import WorkerStats
 from ._supervisor import Seat, Supervisor
@@ -55,6 +57,8 @@ class WorkerPool:
     _locals: list[LocalHandle]
     _rejected_peers: int
     _stats_lock: Any
+    _broadcasts: Broadcasts
+    models: Models
 
     def _check_open(self) -> None:
         if self._closed:
@@ -71,10 +75,17 @@ class WorkerPool:
         self._check_open()
         call_setup(worker)
         handle = LocalHandle(self._engine, worker, threads=threads, window=window)
-        if not self._engine.attach(handle):
+        if not self._attach(handle):
             raise ClosedError("the coordinator is shut down")
         self._locals.append(handle)
         return handle
+
+    def _attach(self, handle: WorkerHandle) -> bool:
+        """Register a worker: retained broadcasts first, then every named model."""
+        if not self._engine.attach(handle, self._broadcasts.preload(handle)):
+            return False
+        self.models.worker_attached(handle)
+        return True
 
     def spawn(
         self,
@@ -223,7 +234,7 @@ class WorkerPool:
             arena=arena,
         )
         handle.owner = owner
-        if not self._engine.attach(handle):
+        if not self._attach(handle):
             conn.abort()
             return None
         log.info("worker %s attached (%s, pid %s)", handle.name, kind, handle.pid)

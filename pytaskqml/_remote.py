@@ -69,6 +69,10 @@ class RemoteHandle(WorkerHandle):
         # (The token tells that it is this process's segment, not a predecessor's.)
         self.arena = arena if arena is not None and hello.get("shm") == arena.token else None
         self.loss_reason: str | None = None  # why we dropped it, if we did
+        models = hello.get("models")
+        self.initial_models = (
+            {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else {}
+        )
         self._heartbeats = heartbeats
         self._limit = self.batch_size if self.batch_size > 1 else MAX_TASKS_PER_FRAME
         self._sending = threading.Lock()  # one sender at a time: the writer or an inline flush
@@ -91,6 +95,10 @@ class RemoteHandle(WorkerHandle):
     def request_stop(self) -> None:
         with contextlib.suppress(ConnectionLost):
             self.conn.send("stop")
+
+    def model_command(self, cmd: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionLost):
+            self.conn.send("models", cmd)
 
     def abort(self, reason: str) -> None:
         if self.loss_reason is None:
@@ -219,7 +227,7 @@ class RemoteHandle(WorkerHandle):
 
     def _send(self, tasks: list[Task]) -> None:
         flag = ',"b":1' if self.batch_size > 1 else ""
-        if all(t.text is not None for t in tasks):
+        if all(t.text is not None and t.route is None for t in tasks):
             # Encoded at admission (tiny items, chunks of them): only the rows are put around.
             rows = ",".join(
                 [
@@ -269,11 +277,14 @@ class RemoteHandle(WorkerHandle):
                         self,
                         parse_results(header.get("r")),
                         busy if type(busy) is float or type(busy) is int else None,
+                        _versions(header["mv"]) if "mv" in header else None,
                     )
                 elif op == "ping":
                     continue
                 elif op == "free":
                     self._free_slots(msg.header.get("f"))
+                elif op == "models":
+                    self.events.model_status(self, msg.header)
                 elif op == "bye":
                     graceful = True
                     return
@@ -310,7 +321,19 @@ class RemoteHandle(WorkerHandle):
 
 
 def _row(t: Task) -> list[Any]:
+    if t.route is not None:
+        return [t.id, t.payload, t.route.options(t.count > 1)]
     return [t.id, t.payload] if t.count == 1 else [t.id, t.payload, CHUNK_ROW]
+
+
+def _versions(raw: Any) -> dict[int, str]:
+    """The ``mv`` field of a done frame: the model version of each task that ran on one."""
+    if type(raw) is not dict or not all(type(v) is str for v in raw.values()):
+        raise ProtocolError("malformed model versions")
+    try:
+        return {int(k): v for k, v in raw.items()}
+    except ValueError:
+        raise ProtocolError("malformed model versions") from None
 
 
 def _remote_error(info: Any) -> TaskFailed:

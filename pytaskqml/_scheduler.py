@@ -32,7 +32,6 @@ runs at a time - so its clock never runs while it waits behind another task.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import queue
@@ -41,8 +40,10 @@ from collections import deque
 from typing import Any
 
 from ._delivery import TaskFuture
+from ._endings import Endings
 from ._errors import TaskFailed
 from ._ordered import TaskQueue
+from ._routing import ModelEvents, Router
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
 from ._workerstate import WorkerState
 
@@ -60,7 +61,7 @@ Groups = list[tuple[Any, list[Outcome]]]
 FutureOutcomes = list[tuple[Task, int, Any]]
 
 
-class Scheduler:
+class Scheduler(ModelEvents, Endings):
     """The task table and its transitions. Not thread-safe: the front holds a lock around
     every call. Times (``now``) are seconds on one monotonic clock, passed in."""
 
@@ -81,26 +82,42 @@ class Scheduler:
         self.retried = self.poisoned = self.workers_lost = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
+        self.router = Router()  # tasks for a model, a key, one worker (see _routing)
+        self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
 
     # ------------------------------------------------------------------ workers
 
     def add_worker(
-        self, name: str, *, window: int, now: float = 0.0, **options: Any
+        self,
+        name: str,
+        *,
+        window: int,
+        now: float = 0.0,
+        preload: list[Task] | tuple[Task, ...] = (),
+        **options: Any,
     ) -> tuple[WorkerState, list[WorkerState]]:
-        """Register a worker (*options*: those of :class:`WorkerState`); returns its state and
-        the workers that got tasks."""
+        """Register a worker (*options*: those of :class:`WorkerState`); *preload* tasks run
+        on it before anything else (retained broadcasts). Returns its state and the workers
+        that got tasks."""
         ws = WorkerState(next(self._worker_ids), name, window=window, now=now, **options)
         self.workers.append(ws)
+        for t in preload:
+            assert t.route is not None
+            t.route.pin = ws
+            self.router.add(t, self.workers)
+            self.live += 1
+            self.submitted += t.count
         self.stranded = False
+        self.router.worker_added()
         return ws, self.dispatch(now)
 
     def remove_worker(
         self, ws: WorkerState, *, graceful: bool, now: float
-    ) -> tuple[int, list[Task], list[WorkerState]] | None:
+    ) -> tuple[int, list[Task], list[Task], list[WorkerState]] | None:
         """The worker is gone (``graceful``: it said goodbye, so nothing it held was running).
 
-        Returns ``(tasks re-queued, poison tasks now failed, workers that got tasks)``, or
-        ``None`` if it had already been removed.
+        Returns ``(tasks re-queued, poison tasks now failed, tasks pinned to it that now fail,
+        workers that got tasks)``, or ``None`` if it had already been removed.
         """
         if ws not in self.workers:
             return None
@@ -127,11 +144,20 @@ class Scheduler:
                 poison.append(t)
             else:
                 requeue.append(t)
+        routed = [t for t in requeue if t.route is not None]
+        back, pinned = self.router.worker_removed(ws, routed)
+        if routed:
+            requeue = [t for t in requeue if t.route is None]
         self.queue.push_front(requeue)
-        self.retried += len(requeue)
+        self.router.put_back(back, self.workers)
+        for t in pinned:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        self.retried += len(requeue) + len(back)
         if not graceful:
             self.workers_lost += 1
-        return len(requeue), poison, self.dispatch(now)
+        return len(requeue) + len(back), poison, pinned, self.dispatch(now)
 
     def _split(self, chunk: Task) -> list[Task]:
         """Replace a chunk by one task per item, keeping its place, attempts and deadline."""
@@ -142,6 +168,7 @@ class Scheduler:
             t.attempts = chunk.attempts
             t.started = True
             t.run_timeout = chunk.run_timeout
+            t.route = chunk.route
             if chunk.deadline is not None and chunk.run_timeout is None:
                 t.deadline = chunk.deadline
                 self._push_deadline(t)
@@ -153,12 +180,19 @@ class Scheduler:
 
     @property
     def full(self) -> bool:
-        return self.queue.full
+        return len(self.queue.items) + self.router.waiting >= self.queue.maxsize
 
-    def admit(self, tasks: list[Task], start: int, *, timed: bool) -> tuple[int, list[Task]]:
+    @property
+    def queued(self) -> int:
+        return len(self.queue.items) + self.router.waiting
+
+    def admit(
+        self, tasks: list[Task], start: int, *, timed: bool, routed: bool = False
+    ) -> tuple[int, list[Task]]:
         """Admit ``tasks[start:]`` in order, applying the overflow policy.
 
-        *timed*: some task carries a deadline counted from submission (set in ``deadline``).
+        *timed*: some task carries a deadline counted from submission (set in ``deadline``);
+        *routed*: some task has a ``route`` (a model, a key, a worker).
         Returns ``(index of the first task not admitted, tasks dropped to make room)``: the
         index is ``len(tasks)`` unless the policy is ``block`` and the queue filled up. Under
         ``reject`` a task that finds the queue full raises :class:`queue.Full` (the ones before
@@ -166,7 +200,13 @@ class Scheduler:
         """
         q = self.queue
         items = q.items
-        if not timed and start == 0 and len(tasks) + len(items) <= q.maxsize:
+        waiting = self.router.waiting
+        if (
+            not timed
+            and not routed
+            and start == 0
+            and len(tasks) + len(items) + waiting <= q.maxsize
+        ):
             items.extend(tasks)  # the common case: room for all, no deadlines
             self.live += len(tasks)
             self.submitted += tasks[0].count if len(tasks) == 1 else sum(t.count for t in tasks)
@@ -174,7 +214,7 @@ class Scheduler:
         dropped: list[Task] = []
         for i in range(start, len(tasks)):
             task = tasks[i]
-            if len(items) >= q.maxsize:
+            if len(items) + self.router.waiting >= q.maxsize:
                 if self.overflow == "reject":
                     self.rejected += 1
                     raise queue.Full("the coordinator's queue is full")
@@ -183,7 +223,10 @@ class Scheduler:
                 self._drop_oldest(dropped)
             if task.deadline is not None:
                 self._push_deadline(task)
-            items.append(task)
+            if task.route is None:
+                items.append(task)
+            else:
+                self.router.add(task, self.workers)
             self.live += 1
             self.submitted += task.count
         return len(tasks), dropped
@@ -196,6 +239,10 @@ class Scheduler:
                 self.drop(old)
                 dropped.append(old)
                 return
+        routed = self.router.pop_oldest()
+        if routed is not None:
+            self.drop(routed)
+            dropped.append(routed)
 
     def drop(self, task: Task) -> None:
         """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
@@ -212,11 +259,10 @@ class Scheduler:
             else:
                 keep.append(t)
         self.queue.push_front(keep)
-
-    def _finish_cancelled(self, t: Task) -> None:
-        t.finished = True
-        self.live -= 1
-        self.cancelled += 1
+        if self.router.waiting:
+            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
+            for t in self.router.take(self.workers, gone):
+                self._finish_cancelled(t)
 
     # ---------------------------------------------------------------- dispatch
 
@@ -225,6 +271,8 @@ class Scheduler:
         workers that got tasks (each once)."""
         items = self.queue.items
         assigned: list[WorkerState] = []
+        if self.router.waiting:
+            self._dispatch_routed(now, assigned)
         if not items:
             return assigned
         workers = self.workers
@@ -306,6 +354,16 @@ class Scheduler:
         self._assign(best, [t], now, assigned)
         return True
 
+    def _dispatch_routed(self, now: float, assigned: list[WorkerState]) -> None:
+        def give(w: WorkerState, t: Task) -> None:
+            if not t.started:
+                t.started = True
+                if not self._still_wanted(t):
+                    return
+            self._assign(w, [t], now, assigned)
+
+        self.router.dispatch(now, self.workers, give)
+
     def _still_wanted(self, t: Task) -> bool:
         """At first dispatch: is anyone still waiting for it? (Finishes it if not.)"""
         s = t.sink
@@ -332,7 +390,12 @@ class Scheduler:
     # ---------------------------------------------------------------- results
 
     def results(
-        self, ws: WorkerState, entries: list[Any], busy: float | None, now: float
+        self,
+        ws: WorkerState,
+        entries: list[Any],
+        busy: float | None,
+        now: float,
+        versions: dict[int, str] | None = None,
     ) -> tuple[Groups, FutureOutcomes, list[LateResult], list[WorkerState]]:
         """Results from a worker: ``[task id, OK | ERROR | CHUNK | RUN, value]`` rows,
         validated; *busy* is the worker's own compute time for them, when it reports one.
@@ -367,6 +430,8 @@ class Scheduler:
                         f"with {len(value) if type(value) is list else 'no'} results",
                     ),
                 )
+            if t.route is not None and t.route.model is not None:
+                kind, value = self._model_result(t, kind, value, ws, versions)
             if t.finished:
                 late.extend(late_results(t, kind, value))
                 continue
@@ -429,81 +494,6 @@ class Scheduler:
             ws.inflight.pop(t.id, None)
         return self.dispatch(now)
 
-    # ---------------------------------------------------------------- deadlines
-
-    def _push_deadline(self, t: Task) -> None:
-        dl = self.deadlines
-        if len(dl) > 2 * self.live + 1024:
-            # Mostly entries of tasks that finished early: drop them (amortised: the heap at
-            # least halves each time).
-            dl[:] = [e for e in dl if _unfinished(e[2])]
-            heapq.heapify(dl)
-        assert t.deadline is not None
-        heapq.heappush(dl, (t.deadline, t.id, weakref.ref(t)))
-
-    def next_deadline(self) -> float | None:
-        return self.deadlines[0][0] if self.deadlines else None
-
-    def expire(self, now: float) -> tuple[list[Task], list[WorkerState]]:
-        """Finish the tasks whose deadline has passed; the caller delivers their markers.
-        Returns them and the workers that got tasks (a queue that lost tasks may dispatch)."""
-        expired: list[Task] = []
-        dl = self.deadlines
-        while dl and dl[0][0] <= now:
-            t = heapq.heappop(dl)[2]()
-            if t is None or t.finished:
-                continue
-            t.finished = True
-            self.live -= 1
-            self.timed_out += t.count
-            if not t.started:
-                self.queue.remove(t)
-            expired.append(t)
-        return expired, self.dispatch(now) if expired else []
-
-    # ---------------------------------------------------------------- endings
-
-    def cancel_queued(self) -> list[Task]:
-        """Finish every queued task as cancelled (the caller delivers CANCELLED)."""
-        tasks = [t for t in self.queue.clear() if not t.finished]
-        for t in tasks:
-            self._finish_cancelled(t)
-        return tasks
-
-    def abandon_inflight(self) -> tuple[list[Task], list[WorkerState]]:
-        """Finish every task in flight as cancelled; returns them and the workers that were
-        running one (to be stopped: their work is no longer wanted)."""
-        tasks: list[Task] = []
-        busy: list[WorkerState] = []
-        for w in self.workers:
-            held = [t for t in w.inflight.values() if not t.finished]
-            if held:
-                busy.append(w)
-                tasks.extend(held)
-        for t in tasks:
-            self._finish_cancelled(t)
-        return tasks, busy
-
-    def fail_all(self) -> list[Task]:
-        """Finish every unfinished task, queued or in flight, as cancelled."""
-        return self.cancel_queued() + self.abandon_inflight()[0]
-
-    def strand(self) -> list[Task]:
-        """No worker is left and none can come back: fail what is queued (the caller delivers
-        the error) and every later admission, until a worker is added."""
-        self.stranded = True
-        tasks = [t for t in self.queue.clear() if not t.finished]
-        for t in tasks:
-            t.finished = True
-            self.live -= 1
-            self.failed += t.count
-        return tasks
-
     @property
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
-
-
-def _unfinished(ref: weakref.ref[Task]) -> bool:
-    t = ref()
-    return t is not None and not t.finished

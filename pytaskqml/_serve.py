@@ -32,8 +32,9 @@ from . import _codec, _connection, _protocol, _shm
 from ._connection import Address, Connection
 from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
+from ._models import ModelTable, run_option_row, run_rows
 from ._protocol import CHUNK_ROW, RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
-from ._worker import Worker, error_info, run_chunk, run_entries, worker_info
+from ._worker import Worker, error_info, run_chunk, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,12 @@ class WorkerServer:
         spawn_id: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         shared: tuple[int, str] | None = None,
+        models: ModelTable | None = None,
     ) -> None:
         self.worker = worker
+        # Named models this worker hosts (see _models); their status changes are reported on
+        # the current connection.
+        self.models = models
         self.authkey = authkey
         self.name = name or f"{type(worker).__name__}-{os.getpid()}"
         self.heartbeat_interval = heartbeat_interval
@@ -110,6 +115,13 @@ class WorkerServer:
                 self._say_bye(conn)
             if self._ready is not None:
                 self._ready.put(None)  # wakes run_listen() waiting for a coordinator
+
+    def report_model(self, status: dict[str, Any]) -> None:
+        """Tell the coordinator about a model that loaded, failed or went (from any thread)."""
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(ConnectionLost, TypeError, ValueError):
+                conn.send("models", status)
 
     def _say_bye(self, conn: Connection) -> None:
         """Lock held (or the main thread, between frames)."""
@@ -223,6 +235,7 @@ class WorkerServer:
                     "spawn_id": self.spawn_id,
                     "control": self.control_address,
                     "shm": self._shared.token if self._shared is not None else None,
+                    "models": self.models.loaded() if self.models is not None else {},
                     **worker_info(self.worker),
                 },
             )
@@ -284,6 +297,12 @@ class WorkerServer:
                     self._busy = False
             elif op == "stop":
                 self._stop.set()
+            elif op == "models":
+                if self.models is None:
+                    self.report_model({"name": msg.header.get("name"), "state": "failed",
+                                       "error": "this worker hosts no models"})  # fmt: skip
+                else:
+                    self.models.command(msg.header)
             elif op == "ping":
                 self._report_freed(conn)
             elif op != "config":
@@ -342,14 +361,15 @@ class WorkerServer:
         clock = time.perf_counter
         if msg.header.get("b"):
             t0 = clock()
-            rows = run_entries(self.worker, entries, batch=True)
+            rows, versions = run_rows(self.worker, self.models, entries, batch=True)
             self.tasks_done += len(entries)
             for row in entries:
                 row[1] = None  # drop our reference to the payload: its memory may be freed
-            self._send_results(conn, rows, clock() - t0)
+            self._send_results(conn, rows, clock() - t0, versions)
             return
         process = self.worker.process
         pending: list[tuple[int, int, Any]] = []
+        versions = {}
         start = clock()
         for row in entries:
             if self._stop.is_set():
@@ -359,20 +379,30 @@ class WorkerServer:
                     pending.append((row[0], RESULT_OK, process(row[1])))
                 except Exception as exc:
                     pending.append((row[0], RESULT_ERROR, exc))
+            elif type(row[2]) is dict:  # a model, a key
+                result, version = run_option_row(self.worker, self.models, row)
+                pending.append(result)
+                if version is not None:
+                    versions[row[0]] = version
             else:
                 pending.append(run_chunk(process, row[0], row[1]))
             row[1] = None
             self.tasks_done += 1
             now = clock()
             if now - start > RESULT_FLUSH_AFTER:
-                self._send_results(conn, pending, now - start)
+                self._send_results(conn, pending, now - start, versions)
                 pending = []
+                versions = {}
                 start = clock()
         if pending:
-            self._send_results(conn, pending, clock() - start)
+            self._send_results(conn, pending, clock() - start, versions)
 
     def _send_results(
-        self, conn: Connection, results: list[tuple[int, int, Any]], busy: float
+        self,
+        conn: Connection,
+        results: list[tuple[int, int, Any]],
+        busy: float,
+        versions: dict[int, str] | None = None,
     ) -> None:
         text, buffers = encode_results(results)
         freed = self._shared.collect() if self._shared is not None else None
@@ -380,11 +410,13 @@ class WorkerServer:
             '{"op":"done","bt":'
             + repr(round(busy, 7))
             + (',"f":' + repr(freed) if freed else "")
+            + (',"mv":' + _codec.encode_str({str(k): v for k, v in versions.items()})
+               if versions else "")
             + ',"r":'
             + text
             + "}",
             buffers,
-        )
+        )  # fmt: skip
 
     def _report_freed(self, conn: Connection) -> None:
         """Tell the coordinator about shared-memory slots freed since the last results (e.g. a
@@ -399,7 +431,21 @@ class WorkerServer:
 def _valid_row(e: Any) -> bool:
     if type(e) is not list or not e or type(e[0]) is not int:
         return False
-    return len(e) == 2 or (len(e) == 3 and e[2] == CHUNK_ROW and type(e[1]) is list)
+    if len(e) == 2:
+        return True
+    if len(e) != 3:
+        return False
+    opts = e[2]
+    if opts == CHUNK_ROW and opts is not True:
+        return type(e[1]) is list
+    if type(opts) is not dict:
+        return False
+    name, key = opts.get("m"), opts.get("k")
+    return (
+        (name is None or type(name) is str)
+        and (key is None or type(key) is str)
+        and (not opts.get("c") or type(e[1]) is list)
+    )
 
 
 def _wire_value(flag: int, value: Any) -> Any:

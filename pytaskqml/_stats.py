@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler
+    from ._workerstate import WorkerState
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,24 @@ class Statistics:
     uptime: float
     start_failures: int = 0
     start_error: str | None = None
+    models: tuple[ModelStats, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """One named model: the ``version`` asked for (``None`` for a model only workers brought,
+    from their ``--models`` file), the workers holding it now with their version (``ready``),
+    those loading it, those whose last load failed with the error, results per version, and
+    how many loads and unloads were sent."""
+
+    name: str
+    version: str | None
+    ready: tuple[tuple[str, str], ...]
+    loading: tuple[str, ...]
+    failed: tuple[tuple[str, str], ...]
+    results: tuple[tuple[str, int], ...]
+    loads: int
+    unloads: int
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -86,3 +109,47 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[i]
+
+
+def worker_stats(ws: WorkerState) -> WorkerStats:
+    """One worker's snapshot (scheduler lock held)."""
+    h: Any = ws.handle
+    shared = h.shared_memory()
+    return WorkerStats(
+        ws.name,
+        h.kind,
+        h.pid,
+        h.address,
+        ws.window,
+        len(ws.inflight),
+        ws.completed,
+        ws.failed,
+        *(shared if shared is not None else (None, None, None)),
+    )
+
+
+def snapshot(core: Scheduler, **front: Any) -> Statistics:
+    """Statistics from the scheduler's counters (its lock held) and what the front counts
+    (*front*: restarts, rejected_peers, start_failures, start_error, uptime, models)."""
+    lat = sorted(core.latencies)
+    return Statistics(
+        submitted=core.submitted,
+        completed=core.completed,
+        failed=core.failed,
+        cancelled=core.cancelled,
+        timed_out=core.timed_out,
+        late=core.late,
+        dropped=core.dropped,
+        rejected=core.rejected,
+        retried=core.retried,
+        poisoned=core.poisoned,
+        workers_lost=core.workers_lost,
+        queued=core.queued,
+        in_flight=core.in_flight,
+        workers=tuple(worker_stats(ws) for ws in core.workers),
+        latency_p50=percentile(lat, 0.50),
+        latency_p90=percentile(lat, 0.90),
+        latency_p99=percentile(lat, 0.99),
+        latency_max=lat[-1] if lat else None,
+        **front,
+    )

@@ -66,6 +66,7 @@ class Task:
         "id",
         "nbytes",
         "payload",
+        "route",
         "run_timeout",
         "seq",
         "sink",
@@ -105,6 +106,8 @@ class Task:
         # The payload's JSON, when it was encoded at admission and holds no buffers: framed as
         # it is instead of being encoded a second time.
         self.text = text
+        # Where it may run, when that is not "any worker" (see _routing); None for most tasks.
+        self.route: Route | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} seq={self.seq} count={self.count}>"
@@ -115,6 +118,51 @@ class Task:
         if self.run_timeout is not None:
             return self.run_timeout
         return (self.deadline or self.t_submit) - self.t_submit
+
+
+class Route:
+    """Where a task may run: on workers holding *model*, on the worker that owns *key*, or on
+    *pin* alone (a broadcast). *meta*: its result comes back as a :class:`ModelResult`."""
+
+    __slots__ = ("key", "meta", "model", "moved", "pin")
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        key: str | None = None,
+        pin: Any = None,
+        meta: bool = False,
+    ) -> None:
+        self.model = model
+        self.key = key
+        self.pin = pin  # a WorkerState
+        self.meta = meta
+        self.moved = False  # the first task of its key on a new worker: the worker is told
+
+    def options(self, chunk: bool) -> dict[str, Any]:
+        """The task row's options on the wire (see _protocol: CHUNK_ROW)."""
+        opts: dict[str, Any] = {}
+        if chunk:
+            opts["c"] = 1
+        if self.model is not None:
+            opts["m"] = self.model
+        if self.key is not None:
+            opts["k"] = self.key
+        if self.moved:
+            opts["mv"] = 1
+        return opts
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """A result with where it came from: ``map(..., model=M, with_meta=True)`` yields these.
+    ``version`` is the version of the model that computed it, ``worker`` the worker's name."""
+
+    value: Any
+    model: str
+    version: str
+    worker: str
 
 
 def outcomes(t: Task, kind: int, value: Any) -> list[tuple[int, int, Any]]:

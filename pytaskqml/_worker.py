@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
 
@@ -53,6 +53,10 @@ class Worker:
     def teardown(self) -> None:
         """Called once when the worker stops, also after ``/shutdown``."""
 
+    def key_moved(self, key: str) -> None:
+        """Tasks submitted with ``key=`` *key* come to this worker from now on, because the
+        worker that had them died: rebuild the state kept for that key."""
+
 
 def error_info(exc: BaseException) -> list[str]:
     """``[qualified type, message, traceback text]``: how an exception travels."""
@@ -65,7 +69,15 @@ def error_info(exc: BaseException) -> list[str]:
     return [name, str(exc), "".join(traceback.format_exception(t, exc, exc.__traceback__))]
 
 
-def run_tasks(worker: Worker, payloads: Sequence[Any], batch: bool) -> list[tuple[bool, Any]]:
+class Runnable(Protocol):
+    """What runs tasks: a Worker, or a loaded model version (see _models)."""
+
+    def process(self, payload: Any) -> Any: ...
+
+    def process_batch(self, payloads: list[Any]) -> list[Any]: ...
+
+
+def run_tasks(worker: Runnable, payloads: Sequence[Any], batch: bool) -> list[tuple[bool, Any]]:
     """Run payloads through the worker: ``(True, result)`` or ``(False, exception)`` each."""
     if batch:
         try:
@@ -87,7 +99,9 @@ def run_tasks(worker: Worker, payloads: Sequence[Any], batch: bool) -> list[tupl
     return out
 
 
-def run_entries(worker: Worker, entries: Sequence[Any], batch: bool) -> list[tuple[int, int, Any]]:
+def run_entries(
+    worker: Runnable, entries: Sequence[Any], batch: bool
+) -> list[tuple[int, int, Any]]:
     """Run task rows ``[id, payload]`` and chunk rows ``[id, [items...], CHUNK_ROW]``.
 
     Returns ``(id, RESULT_OK, result)``, ``(id, RESULT_ERROR, exception)`` or, for a chunk,

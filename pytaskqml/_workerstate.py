@@ -29,9 +29,15 @@ class WorkerState:
         "id",
         "inflight",
         "last_progress",
+        "loading",
+        "max_models",
         "max_window",
+        "model_done",
+        "model_used",
+        "models",
         "name",
         "outbox",
+        "own",
         "task_time",
         "window",
     )
@@ -47,6 +53,8 @@ class WorkerState:
         concurrency: int = 1,
         handle: Any = None,
         now: float = 0.0,
+        models: dict[str, str] | None = None,
+        max_models: int | None = None,
     ) -> None:
         self.id = wid
         self.name = name
@@ -64,6 +72,15 @@ class WorkerState:
         self.failed = 0
         self.last_progress = now  # last result, or when it got work while holding none
         self.handle = handle
+        # Named models (see _routing): ready {name: version}, being loaded, when each was last
+        # given a task, and how many it has done.
+        self.models: dict[str, str] = dict(models or {})
+        self.loading: set[str] = set()
+        self.model_used: dict[str, float] = {}
+        self.model_done: dict[str, int] = {}
+        self.max_models = max_models  # None: as many as it is told to load
+        # Tasks for this worker only: its share of keyed tasks, and broadcasts pinned to it.
+        self.own: deque[Task] = deque()
 
     def __repr__(self) -> str:
         return f"<WorkerState {self.name} window={self.window} in_flight={len(self.inflight)}>"

@@ -21,11 +21,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _cmd_worker, _connection, _control
+from . import __version__, _cmd_models, _cmd_worker, _connection, _control
 from ._cli_common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
 from ._errors import AuthenticationError, ConnectionLost
 
-COMMANDS: list[Any] = [_cmd_worker]
+COMMANDS: list[Any] = [_cmd_worker, _cmd_models]
 
 
 def make_parser() -> argparse.ArgumentParser:

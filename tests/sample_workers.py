@@ -215,3 +215,14 @@ def scribble(value: Any) -> None:
             scribble(v)
     elif type(value).__module__ == "numpy" and getattr(value, "ndim", 0) > 0:
         value.flat[0] = 7
+
+
+class History(Worker):
+    """Returns every payload this worker has seen, in the order it saw them."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def process(self, payload: Any) -> list[Any]:
+        self.seen.append(payload)
+        return list(self.seen)

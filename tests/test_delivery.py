@@ -8,7 +8,7 @@ from concurrent import futures
 from concurrent.futures import Future
 
 import pytest
-from sample_workers import Echo
+from sample_workers import Echo, Sleepy
 
 from pytaskqml import Coordinator
 from pytaskqml._delivery import CallbackRunner, TaskFuture
@@ -51,15 +51,15 @@ def test_done_callbacks_run_on_the_callback_thread_not_on_a_reader() -> None:
     ran: list[str] = []
     done = threading.Event()
     with Coordinator() as coord:
-        coord.spawn(Echo, processes=1)
-        fut = coord.submit("x")
+        coord.spawn(Sleepy, processes=1)
+        fut = coord.submit(0.5)  # still running when the callback is added
 
         def cb(f: Future[object]) -> None:
             ran.append(threading.current_thread().name)
             done.set()
 
         fut.add_done_callback(cb)
-        assert fut.result(T) == "x" and done.wait(T)
+        assert fut.result(T) == 0.5 and done.wait(T)
         assert ran[0].startswith("pytaskqml-callbacks"), ran
         # On a finished future the callback runs at once, in the caller's thread.
         fut.add_done_callback(cb)

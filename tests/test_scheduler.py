@@ -117,7 +117,12 @@ def test_a_result_arriving_after_its_worker_was_declared_lost_is_ignored() -> No
     core.admit([t], 0, timed=False)
     core.dispatch(0.0)
     holder, other = (a, b) if t.id in a.inflight else (b, a)
-    requeued, poison, assigned = core.remove_worker(holder, graceful=False, now=1.0) or (0, [], [])
+    requeued, poison, _, assigned = core.remove_worker(holder, graceful=False, now=1.0) or (
+        0,
+        [],
+        [],
+        [],
+    )
     assert requeued == 1 and not poison and assigned == [other] and t.attempts == 1
     assert core.workers_lost == 1 and core.retried == 1
     # The lost worker's result comes in anyway (it was slow, not dead): not delivered.
@@ -135,11 +140,11 @@ def test_only_the_running_batch_is_charged_and_a_poison_task_fails_alone() -> No
     tasks = [make(core, seq=i) for i in range(3)]
     core.admit(tasks, 0, timed=False)
     core.dispatch(0.0)
-    requeued, poison, _ = core.remove_worker(a, graceful=False, now=1.0) or (0, [], [])
+    requeued, poison, _, _ = core.remove_worker(a, graceful=False, now=1.0) or (0, [], [], [])
     assert requeued == 3 and [t.attempts for t in tasks] == [1, 0, 0]
     assert [t.id for t in core.queue.items] == [t.id for t in tasks]  # back at the front, in order
     b, _ = core.add_worker("b", window=4, now=1.0)
-    requeued, poison, _ = core.remove_worker(b, graceful=False, now=2.0) or (0, [], [])
+    requeued, poison, _, _ = core.remove_worker(b, graceful=False, now=2.0) or (0, [], [], [])
     assert poison == [tasks[0]] and tasks[0].finished and core.poisoned == 1 and requeued == 2
 
 

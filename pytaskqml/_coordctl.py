@@ -1,0 +1,98 @@
+"""A coordinator's control endpoint: its routes.
+
+``GET /health`` (open), ``POST /shutdown``; the models of :attr:`Coordinator.models`:
+``GET /models`` (their status per worker), ``POST /models/load`` with a JSON body
+``{"name", "spec": {"class": "module:Class", "config": {...}}, "version"?}`` and ``POST
+/models/unload`` with ``{"name"}``. Every route that changes something needs the token when
+the coordinator has a key (see :mod:`._control`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import _connection
+from ._control import ControlServer, Reply, Request
+from ._errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ._coordinator import Coordinator
+
+MAX_MODEL_BODY = 64 * 1024
+
+
+def coordinator_control(
+    coord: Coordinator, address: tuple[str, int] | str, *, insecure: bool
+) -> ControlServer:
+    addr = _connection.parse_address(address) if isinstance(address, str) else address
+
+    def health() -> dict[str, Any]:
+        s = coord.statistics()
+        return {
+            "status": "ok",
+            "role": "coordinator",
+            "pid": os.getpid(),
+            "workers": len(s.workers),
+            "submitted": s.submitted,
+            "completed": s.completed,
+            "queued": s.queued,
+            "in_flight": s.in_flight,
+        }
+
+    def stop() -> None:
+        threading.Thread(
+            target=coord.shutdown, name="pytaskqml-control-shutdown", daemon=True
+        ).start()
+
+    server = ControlServer(
+        addr, health=health, shutdown=stop, authkey=coord.authkey, insecure=insecure
+    )
+    server.add_route("GET", "/models", lambda r: Reply(200, _models(coord)), auth=True)
+    server.add_route(
+        "POST", "/models/load", lambda r: _load(coord, r), auth=True, max_body=MAX_MODEL_BODY
+    )
+    server.add_route("POST", "/models/unload", lambda r: _unload(coord, r), auth=True)
+    return server
+
+
+def _models(coord: Coordinator) -> dict[str, Any]:
+    return {"models": coord.models.list(), "status": coord.models.status()}
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise ValueError("the body is not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        raise ValueError('the body is a JSON object with a "name"')
+    return body
+
+
+def _load(coord: Coordinator, request: Request) -> Reply:
+    try:
+        body = _body(request)
+        version = body.get("version")
+        result = coord.models.load(
+            body["name"],
+            body.get("spec"),
+            version=str(version) if version is not None else None,
+            timeout=float(body.get("timeout", 60.0)),
+        )
+    except (ValueError, TypeError) as exc:
+        return Reply(400, {"error": str(exc)})
+    except (ModelLoadError, TimeoutError) as exc:
+        return Reply(409, {"error": str(exc)})
+    return Reply(200, {"loaded": result})
+
+
+def _unload(coord: Coordinator, request: Request) -> Reply:
+    try:
+        body = _body(request)
+    except ValueError as exc:
+        return Reply(400, {"error": str(exc)})
+    coord.models.unload(body["name"])
+    return Reply(200, {"unloaded": body["name"]})

@@ -1,0 +1,256 @@
+"""``coord.models``: named models on a coordinator's workers - load, update, unload, status.
+
+The registry keeps the spec and version of every model loaded by name, and what each worker
+reported about it. A model is loaded on every worker (and on every worker that joins later,
+before any task for it reaches that worker: tasks go only to workers that report the model
+ready), unless the coordinator has ``max_models``: then models load on demand, where the core
+needs them, and a worker at its limit gives up its least recently used idle model.
+
+Updating is loading a new version under the same name: every worker keeps serving the old
+version until the new one is ready there, swaps in one step, and reports; a load that fails
+leaves the old version serving, and the error shows in :meth:`Models.status`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from . import _codec
+from ._bootstrap import class_target
+from ._engine import Engine
+from ._errors import ModelLoadError
+from ._handles import WorkerHandle
+from ._models import Model, read_model_file
+from ._stats import ModelStats
+
+Spec = dict[str, Any]
+
+
+class Models:
+    """The models of one coordinator (``coord.models``)."""
+
+    def __init__(self, engine: Engine, *, on_demand: bool) -> None:
+        self._engine = engine
+        self._on_demand = on_demand
+        self._cv = threading.Condition(threading.Lock())
+        self._specs: dict[str, tuple[Spec, str]] = {}
+        # name -> worker name -> {"state", "version", "error"?}
+        self._status: dict[str, dict[str, dict[str, Any]]] = {}
+        self._loads: Counter[str] = Counter()
+        self._unloads: Counter[str] = Counter()
+        self._versions = itertools.count(1)
+        engine.on_model_request = self._requested
+        engine.on_model_status = self._reported
+
+    # ------------------------------------------------------------------ the API
+
+    def load(
+        self,
+        name: str,
+        spec: Any,
+        *,
+        version: str | None = None,
+        config: dict[str, Any] | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> dict[str, str]:
+        """Load *spec* as model *name* on every worker (see the module's docstring).
+
+        *spec* is a :class:`~pytaskqml.Model` subclass, its ``"module:Class"`` name, or a
+        dict ``{"class": "module:Class", "config": {...}}``; *config* (JSON) is passed to the
+        model's ``load()``. *version* defaults to a number counting loads. With *wait*, returns
+        once every worker attached now has answered: ``{worker: "loaded" | "failed: ..."}``;
+        :class:`ModelLoadError` if none could load it. Loading again under the same name is an
+        update.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("a model needs a name")
+        spec = _normalise(spec, config)
+        version = str(version) if version is not None else str(next(self._versions))
+        with self._cv:
+            self._specs[name] = (spec, version)
+        if self._on_demand:
+            self._engine.set_on_demand(name, True)
+            return {}
+        handles = self._engine.handles()
+        for h in handles:
+            self._send_load(h, name)
+        if not wait or not handles:
+            return {}
+        return self._wait(name, version, [h.name for h in handles], timeout)
+
+    def update(self, name: str, spec: Any, **options: Any) -> dict[str, str]:
+        """Load a new version of a model already loaded (see :meth:`load`)."""
+        with self._cv:
+            if name not in self._specs:
+                raise KeyError(f"no model named {name!r} to update")
+        return self.load(name, spec, **options)
+
+    def unload(self, name: str) -> None:
+        """Unload *name* everywhere; tasks for it that still wait will fail."""
+        with self._cv:
+            self._specs.pop(name, None)
+        self._engine.set_on_demand(name, False)
+        for h in self._engine.handles():
+            h.model_command({"action": "unload", "name": name})
+            self._unloads[name] += 1
+
+    def load_file(self, path: str, **options: Any) -> dict[str, dict[str, str]]:
+        """Load every model of a model file (JSON, or TOML on Python 3.11+; the format of
+        ``pytaskqml worker --models``)."""
+        _, models = read_model_file(path)
+        return {
+            name: self.load(name, spec, version=version or None, **options)
+            for name, (spec, version) in models.items()
+        }
+
+    def list(self) -> dict[str, str]:
+        """``{name: version}`` of the models loaded by name."""
+        with self._cv:
+            return {n: v for n, (_, v) in self._specs.items()}
+
+    def status(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per model, per worker: ``{"state": "loaded" | "loading" | "failed" | "unloaded",
+        "version": ..., "error": ...}``."""
+        with self._cv:
+            return {n: {w: dict(s) for w, s in per.items()} for n, per in self._status.items()}
+
+    def check(self, name: str) -> None:
+        """ValueError with the reason when a task for *name* cannot run: no such model, or
+        no worker could load it (and none will load it on demand)."""
+        if self._engine.has_model(name):
+            return  # ready or loading somewhere (also a model a worker brought)
+        with self._cv:
+            if name not in self._specs:
+                raise ValueError(f"no model named {name!r}: load it first (coord.models.load)")
+            if self._on_demand:
+                return
+            errors = [s.get("error") for s in self._status.get(name, {}).values()]
+        if errors:
+            raise ValueError(f"model {name!r} is not loaded on any worker: {errors[-1]}")
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_attached(self, handle: WorkerHandle) -> None:
+        """A worker joined (or a spawned one was restarted): give it every model."""
+        if self._on_demand:
+            return
+        with self._cv:
+            names = list(self._specs)
+        for name in names:
+            self._send_load(handle, name)
+
+    def _send_load(self, handle: WorkerHandle, name: str) -> None:
+        with self._cv:
+            entry = self._specs.get(name)
+            if entry is None:
+                return
+            spec, version = entry
+            self._status.setdefault(name, {})[handle.name] = {
+                "state": "loading",
+                "version": version,
+            }
+            self._loads[name] += 1
+        self._engine.model_loading(handle, name)
+        handle.model_command({"action": "load", "name": name, "spec": spec, "version": version})
+
+    def _requested(self, action: str, handle: WorkerHandle, name: str) -> None:
+        """The core asks for a load or an unload (models on demand)."""
+        if action == "load":
+            self._send_load(handle, name)
+        else:
+            handle.model_command({"action": "unload", "name": name})
+            self._unloads[name] += 1
+
+    def _reported(self, handle: WorkerHandle, status: dict[str, Any]) -> None:
+        name = status.get("name")
+        if not isinstance(name, str):
+            return
+        with self._cv:
+            entry: dict[str, Any] = {
+                k: status[k] for k in ("state", "version", "error") if k in status
+            }
+            self._status.setdefault(name, {})[handle.name] = entry
+            self._cv.notify_all()
+
+    def _wait(
+        self, name: str, version: str, workers: builtins.list[str], timeout: float
+    ) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                per = self._status.get(name, {})
+                answers = {
+                    w: per[w] for w in workers if w in per and per[w].get("version") == version
+                }
+                done = {w: s for w, s in answers.items() if s.get("state") != "loading"}
+                if len(done) == len(workers):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"model {name!r} not loaded within {timeout}s")
+                self._cv.wait(remaining)
+        out = {
+            w: "loaded" if s["state"] == "loaded" else f"failed: {s.get('error', '')}"
+            for w, s in done.items()
+        }
+        if all(v != "loaded" for v in out.values()):
+            raise ModelLoadError(f"model {name!r} version {version!r} failed to load: {out}")
+        return out
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self, counts: dict[tuple[str, str], int]) -> tuple[ModelStats, ...]:
+        with self._cv:
+            names = set(self._specs) | set(self._status) | {m for m, _ in counts}
+            out = []
+            for name in sorted(names):
+                per = self._status.get(name, {})
+                out.append(
+                    ModelStats(
+                        name=name,
+                        version=self._specs[name][1] if name in self._specs else None,
+                        ready=tuple(
+                            (w, str(s.get("version", "")))
+                            for w, s in sorted(per.items())
+                            if s.get("state") == "loaded"
+                        ),
+                        loading=tuple(
+                            w for w, s in sorted(per.items()) if s.get("state") == "loading"
+                        ),
+                        failed=tuple(
+                            (w, str(s.get("error", "")))
+                            for w, s in sorted(per.items())
+                            if s.get("state") == "failed"
+                        ),
+                        results=tuple((v, n) for (m, v), n in sorted(counts.items()) if m == name),
+                        loads=self._loads[name],
+                        unloads=self._unloads[name],
+                    )
+                )
+        return tuple(out)
+
+
+def _normalise(spec: Any, config: dict[str, Any] | None) -> Spec:
+    if isinstance(spec, type):
+        if not issubclass(spec, Model):
+            raise TypeError(f"{spec.__qualname__} is not a subclass of pytaskqml.Model")
+        target, _ = class_target(spec)
+        if target.startswith(("__main__:", "__mp_main__:")):
+            raise ValueError(
+                f"{spec.__qualname__} lives in the main script; put models in an importable "
+                "module so workers can import them by name"
+            )
+        spec = {"class": target}
+    elif isinstance(spec, str):
+        spec = {"class": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+        raise TypeError('a model spec is a Model subclass, "module:Class" or {"class": ...}')
+    out = {"class": spec["class"], "config": dict(config or spec.get("config") or {})}
+    _codec.encode_str(out)  # it travels as JSON
+    return out
