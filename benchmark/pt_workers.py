@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmark import workloads
-from pytaskqml import Worker
+from pytaskqml import Model, Worker
 
 
 class WordCountWorker(Worker):
@@ -41,6 +41,25 @@ class TouchWorker(Worker):
 
     def process(self, buf: Any) -> int:
         return int(buf[0])
+
+
+class TaskModel(Model):
+    """The workload's task as a named model: `pytaskqml-map-model` routes every item to it,
+    to measure what routing by model costs next to a plain map()."""
+
+    def load(self, config: dict[str, Any]) -> None:
+        self.kind = config["kind"]
+        if self.kind == "frame":
+            workloads.cv2_module()
+
+    def predict(self, item: Any) -> Any:
+        if self.kind == "wordcount":
+            return workloads.task_wordcount(item)
+        if self.kind == "frame":
+            return workloads.task_frame(item)
+        if self.kind == "sleep":
+            return workloads.task_sleep(item, workloads.SLEEP_S)
+        return workloads.task_echo(item)
 
 
 WORKERS: dict[str, tuple[type[Worker], dict[str, Any]]] = {

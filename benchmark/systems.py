@@ -119,20 +119,26 @@ class PytaskqmlSession(Session):
             "worker_class": cls.__name__,
             "shared_memory": shared_memory,
         }
-        if mode == "map":
+        if mode in ("map", "model"):
             self.params["buffersize"] = self.BUFFERSIZE or "auto (map() default)"
+        if mode == "model":
+            from benchmark.pt_workers import TaskModel
+
+            self.coord.models.load("task", TaskModel, config={"kind": kind})
 
     def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
         if self.mode == "submit":
             futures = [self.coord.submit(item) for item in items]
             return [f.result(timeout=remaining(deadline)) for f in futures]
         # map (processes or threads): the harness watchdog bounds the iteration.
+        if self.mode == "model":
+            return list(self.coord.map(items, buffersize=self.BUFFERSIZE, model="task"))
         return list(self.coord.map(items, buffersize=self.BUFFERSIZE))
 
     def run_one(self, item: Any, deadline: float) -> Any:
         if self.mode == "submit":
             return self.coord.submit(item).result(timeout=remaining(deadline))
-        (result,) = self.coord.map([item])
+        (result,) = self.coord.map([item], model="task" if self.mode == "model" else None)
         return result
 
     def worker_pids(self) -> set[int]:
@@ -771,6 +777,12 @@ SYSTEMS: dict[str, SystemSpec] = {
             lambda kind, n, deadline, opts: PytaskqmlSession(
                 "map", kind, n, deadline, shared_memory=False
             ),
+        ),
+        SystemSpec(
+            "pytaskqml-map-model",
+            "pytaskqml, spawned processes, ordered map() routed to a named model",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: PytaskqmlSession("model", kind, n, deadline),
         ),
         SystemSpec(
             "pytaskqml-submit",

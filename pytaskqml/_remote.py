@@ -227,11 +227,15 @@ class RemoteHandle(WorkerHandle):
 
     def _send(self, tasks: list[Task]) -> None:
         flag = ',"b":1' if self.batch_size > 1 else ""
-        if all(t.text is not None and t.route is None for t in tasks):
+        if all(t.text is not None for t in tasks):
             # Encoded at admission (tiny items, chunks of them): only the rows are put around.
             rows = ",".join(
                 [
-                    f"[{t.id},{t.text},{CHUNK_ROW}]" if t.count > 1 else f"[{t.id},{t.text}]"
+                    f"[{t.id},{t.text},{_codec.encode_str(t.route.options(t.count > 1))}]"
+                    if t.route is not None
+                    else f"[{t.id},{t.text},{CHUNK_ROW}]"
+                    if t.count > 1
+                    else f"[{t.id},{t.text}]"
                     for t in tasks
                 ]
             )
