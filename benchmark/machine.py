@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import subprocess
 from importlib import metadata
 from typing import Any
 
@@ -56,6 +57,28 @@ def redis_server_version(url: str) -> str | None:
         return None
 
 
+def project_commit() -> dict[str, Any]:
+    """The commit of the checkout under test and whether its tree had changes, so that two
+    result lines can be told apart ({"commit": None} outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 @functools.cache
 def describe(redis_url: str) -> dict[str, Any]:
     """A JSON-ready description of this machine and the software under test."""
@@ -69,4 +92,5 @@ def describe(redis_url: str) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "versions": versions,
+        **project_commit(),
     }

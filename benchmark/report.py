@@ -62,6 +62,8 @@ def markdown(doc: dict[str, Any], plots: dict[str, str | None]) -> str:
         f"- CPU: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable)",
         f"- Python {m['python']} ({m['implementation']}), {m['platform']}",
         f"- Versions: {versions}",
+        f"- pytaskqml commit: {m.get('commit') or 'unknown'}"
+        + (" (with uncommitted changes)" if m.get("dirty") else ""),
         "",
         "## Method",
         "",

@@ -357,6 +357,79 @@ def _raw_socket_worker(sock: socket.socket, inherited: list[socket.socket], nbyt
         sock.close()
 
 
+_LEN = struct.Struct("!I")
+
+
+def _echo_worker(sock: socket.socket, inherited: list[socket.socket]) -> None:
+    """Child of EchoSession: length-prefixed bytes in, the same bytes back, until EOF."""
+    for other in inherited:
+        other.close()
+    head = bytearray(_LEN.size)
+    try:
+        sock.sendall(b"R")
+        while _recv_exactly(sock, memoryview(head)):
+            (n,) = _LEN.unpack(head)
+            body = bytearray(n)
+            if not _recv_exactly(sock, memoryview(body)):
+                break
+            sock.sendall(bytes(head) + body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+
+
+class EchoSession(Session):
+    """The round-trip limit: one forked process echoing raw length-prefixed bytes, over a
+    socketpair (what pytaskqml uses with the workers it spawns) or TCP loopback (what it uses
+    with workers elsewhere). No protocol, no queue, no JSON: the item's UTF-8 bytes go out
+    and come back."""
+
+    def __init__(self, kind: str, transport: str) -> None:
+        super().__init__()
+        if kind != "echo":
+            raise RunFailed(f"echo baselines run the latency workload only, not {kind!r}")
+        if transport == "socketpair":
+            mine, theirs = socket.socketpair()
+        else:
+            listener = socket.create_server(("127.0.0.1", 0))
+            mine = socket.create_connection(listener.getsockname()[:2])
+            theirs, _ = listener.accept()
+            listener.close()
+            for s in (mine, theirs):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx = multiprocessing.get_context("fork")
+        self.proc = ctx.Process(target=_echo_worker, args=(theirs, [mine]), daemon=True)
+        self.proc.start()
+        theirs.close()
+        self.sock = mine
+        ready = bytearray(1)
+        if not _recv_exactly(self.sock, memoryview(ready)):
+            raise RunFailed("the echo process closed its socket")
+        self.params = {"transport": transport, "start_method": "fork", "framing": "4-byte length"}
+
+    def run_one(self, item: Any, deadline: float) -> Any:
+        data = str(item).encode()
+        self.sock.sendall(_LEN.pack(len(data)) + data)
+        back = bytearray(_LEN.size + len(data))
+        if not _recv_exactly(self.sock, memoryview(back)):
+            raise RunFailed("the echo process closed its socket")
+        return back[_LEN.size :].decode()
+
+    def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
+        return [self.run_one(i, deadline) for i in items]
+
+    def worker_pids(self) -> set[int]:
+        return {self.proc.pid} if self.proc.pid else set()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.proc.join(5.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 class RawSocketSession(Session):
     """The bare socket loop the issue quotes as the baseline: no protocol, no queue.
 
@@ -821,6 +894,20 @@ SYSTEMS: dict[str, SystemSpec] = {
             ("numpy", "cv2"),
             lambda kind, n, deadline, opts: RawSocketSession(kind, n, deadline),
             workloads=("frames",),
+        ),
+        SystemSpec(
+            "echo-socketpair",
+            "limit: raw bytes echoed by one forked process over a socketpair",
+            (),
+            lambda kind, n, deadline, opts: EchoSession(kind, "socketpair"),
+            workloads=("latency",),
+        ),
+        SystemSpec(
+            "echo-tcp",
+            "limit: raw bytes echoed by one forked process over TCP loopback",
+            (),
+            lambda kind, n, deadline, opts: EchoSession(kind, "tcp"),
+            workloads=("latency",),
         ),
         SystemSpec(
             "celery",

@@ -41,6 +41,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, Literal
 
 from . import _protocol
+from ._autoscale import Autoscaler
 from ._bootstrap import call_teardown
 from ._broadcast import Broadcast, Broadcasts
 from ._control import ControlServer
@@ -192,6 +193,7 @@ class Coordinator(WorkerPool):
         self._acceptors: list[Acceptor] = []
         self._dialers: list[Dialer] = []
         self._locals: list[LocalHandle] = []  # torn down at shutdown
+        self._autoscalers: list[Autoscaler] = []
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._control: ControlServer | None = None
 
@@ -395,6 +397,8 @@ class Coordinator(WorkerPool):
             start_error=sup.last_error,
             uptime=time.monotonic() - self._started,
             models=self.models.statistics(self._engine.model_counts()),
+            scale_ups=sum(a.ups for a in self._autoscalers),
+            scale_downs=sum(a.downs for a in self._autoscalers),
         )
 
     # ================================================================ control endpoint
@@ -470,6 +474,8 @@ class Coordinator(WorkerPool):
         engine.stop()
         busy = engine.abandon_inflight(CancelledError("abandoned at shutdown")) if cancel else []
         engine.fail_all(ClosedError("the coordinator shut down before this task ran"))
+        for scaler in self._autoscalers:
+            scaler.stop()
         seats = self._supervisor.stop()
         for d in self._dialers:
             d.stop()

@@ -24,19 +24,19 @@ from collections.abc import Callable
 from typing import Any
 
 from ._delivery import CallbackRunner, Changes, deliver, deliver_all
-from ._errors import ClosedError, TaskFailed, WorkerLostError
+from ._errors import ClosedError, WorkerLostError
 from ._handles import WorkerHandle
 from ._scheduler import FutureOutcomes, Groups, Scheduler
 from ._stats import Statistics, WorkerStats, snapshot, worker_stats
 from ._tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
-from ._workerstate import WorkerState
+from ._workerops import WorkerOps
 
 log = logging.getLogger(__name__)
 
 LATE_KEPT = 10_000
 
 
-class Engine:
+class Engine(WorkerOps):
     """Runs one coordinator's scheduler (see the module's docstring)."""
 
     def __init__(
@@ -285,62 +285,6 @@ class Engine:
             owner.worker_left(handle, graceful, ws.completed > 0)
         self.signal()
 
-    def model_status(self, handle: WorkerHandle, status: dict[str, Any]) -> None:
-        """A worker reports a model loaded, failed or unloaded (see _models.ModelTable)."""
-        ws = handle.state
-        name, state = status.get("name"), status.get("state")
-        if ws is None or not isinstance(name, str):
-            return
-        stuck: list[Task] = []
-        assigned: list[WorkerState] = []
-        with self.lock:
-            if state == "loaded":
-                assigned = self.core.model_ready(
-                    ws, name, str(status.get("version") or ""), self.clock()
-                )
-            elif state == "failed":
-                stuck = self.core.model_failed(ws, name)
-            elif state == "unloaded":
-                self.core.model_gone(ws, name)
-            requests = self._requests()
-            self.changed.notify_all()
-        for w in assigned:
-            w.handle.wake(False)
-        if stuck:
-            why = status.get("error") or "it failed to load"
-            err = TaskFailed("ModelLoadError", f"model {name!r} could not be loaded: {why}")
-            deliver_all(stuck, ERROR, err)
-        if requests:
-            self._send_requests(requests)
-        if self.on_model_status is not None:
-            self.on_model_status(handle, status)
-        self.signal()
-
-    def set_on_demand(self, model: str, on: bool) -> None:
-        """Let the core load *model* where it needs it (workers with max_models)."""
-        with self.lock:
-            (self.core.router.on_demand.add if on else self.core.router.on_demand.discard)(model)
-            assigned = self.core.dispatch(self.clock())
-            requests = self._requests()
-        for w in assigned:
-            w.handle.wake(False)
-        if requests:
-            self._send_requests(requests)
-
-    def _requests(self) -> list[tuple[str, WorkerState, str]]:
-        """Lock held: take the model loads/unloads the core asks for."""
-        router = self.core.router
-        if not router.requests:
-            return []
-        out, router.requests = router.requests, []
-        return out
-
-    def _send_requests(self, requests: list[tuple[str, WorkerState, str]]) -> None:
-        send = self.on_model_request
-        for action, ws, name in requests:
-            if send is not None:
-                send(action, ws.handle, name)
-
     # ------------------------------------------------------------------ delivery
 
     def _deliver(self, groups: Groups, futures: FutureOutcomes, late: list[LateResult]) -> None:
@@ -495,24 +439,6 @@ class Engine:
         """A snapshot (see :func:`~._stats.snapshot`); *front* adds what the front counts."""
         with self.lock:
             return snapshot(self.core, **front)
-
-    def model_counts(self) -> dict[tuple[str, str], int]:
-        with self.lock:
-            return dict(self.core.model_counts)
-
-    def handles(self) -> list[WorkerHandle]:
-        with self.lock:
-            return [ws.handle for ws in self.core.workers]
-
-    def model_loading(self, handle: WorkerHandle, name: str) -> None:
-        """A load of *name* was sent to the worker: its tasks wait for it rather than fail."""
-        with self.lock:
-            if handle.state is not None:
-                handle.state.loading.add(name)
-
-    def has_model(self, name: str) -> bool:
-        with self.lock:
-            return any(name in w.models or name in w.loading for w in self.core.workers)
 
     def workers(self) -> tuple[WorkerStats, ...]:
         with self.lock:

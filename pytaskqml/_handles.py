@@ -105,6 +105,7 @@ class WorkerHandle:
         self._cv = threading.Condition(threading.Lock())
         self._idle = 0  # threads waiting in _take()
         self._closing = False
+        self._leaving = 0  # threads asked to end (a thread pool shrinking)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -136,13 +137,19 @@ class WorkerHandle:
         assert state is not None
         out = state.outbox
         with self._cv:
+            if self._leaving:
+                self._leaving -= 1
+                return None  # this thread is the one to go
             self._idle += 1
             try:
-                while not out and not self._closing:
+                while not out and not self._closing and not self._leaving:
                     self._cv.wait()
             finally:
                 self._idle -= 1
             if self._closing:
+                return None
+            if self._leaving and not out:
+                self._leaving -= 1
                 return None
             if self.batch_size > 1 and self.batch_delay > 0 and len(out) < self.batch_size:
                 self._cv.wait_for(
@@ -213,16 +220,35 @@ class LocalHandle(WorkerHandle):
         # Thread workers trust their coordinator with the classes of models, as with the
         # worker's own: it is the same program.
         self.models = ModelTable(None, lambda status: self.events.model_status(self, status))
-        self.threads = [
-            threading.Thread(target=self._run, name=f"pytaskqml-local-{self.id}-{i}", daemon=True)
-            for i in range(threads)
-        ]
+        self.threads = [self._thread(i) for i in range(threads)]
+        self.size = threads
+        self.fixed_window = window is not None
         self._lost = False
         self._lost_lock = threading.Lock()
+
+    def _thread(self, i: int) -> threading.Thread:
+        return threading.Thread(
+            target=self._run, name=f"pytaskqml-local-{self.id}-{i}", daemon=True
+        )
 
     def start(self) -> None:
         for t in self.threads:
             t.start()
+
+    def add_threads(self, n: int) -> None:
+        """n more threads (the pool grows)."""
+        new = [self._thread(len(self.threads) + i) for i in range(n)]
+        self.threads.extend(new)
+        self.size += n
+        for t in new:
+            t.start()
+
+    def remove_thread(self) -> None:
+        """One thread ends once its task in hand, if any, is done (the pool shrinks)."""
+        with self._cv:
+            self.size -= 1
+            self._leaving += 1
+            self._cv.notify_all()
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

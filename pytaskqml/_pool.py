@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from . import _codec, _connection
+from ._autoscale import Autoscaler, bounds
 from ._bootstrap import call_setup, class_target
 from ._broadcast import Broadcasts
 from ._connection import Connection
@@ -23,8 +24,9 @@ from ._handles import LocalHandle, WorkerHandle, WorkerOwner
 from ._links import Dialer
 from ._modelreg import Models
 from ._remote import Heartbeats, RemoteHandle
+from ._seats import Seat
 from ._stats import WorkerStats
-from ._supervisor import Seat, Supervisor
+from ._supervisor import Supervisor
 from ._worker import Worker
 
 log = logging.getLogger("pytaskqml._coordinator")
@@ -58,6 +60,7 @@ class WorkerPool:
     _rejected_peers: int
     _stats_lock: Any
     _broadcasts: Broadcasts
+    _autoscalers: list[Autoscaler]
     models: Models
 
     def _check_open(self) -> None:
@@ -65,20 +68,59 @@ class WorkerPool:
             raise ClosedError("the coordinator is shut down")
 
     def add_local(
-        self, worker: Worker, threads: int = 1, *, window: int | None = None
+        self,
+        worker: Worker,
+        threads: int | tuple[int, int] = 1,
+        *,
+        window: int | None = None,
+        scale_up_wait: float = 0.25,
+        scale_down_idle: float = 10.0,
     ) -> WorkerHandle:
-        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here)."""
+        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here).
+
+        ``threads=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml._autoscale`):
+        a thread more while work waits longer than ``scale_up_wait`` seconds, one less after
+        ``scale_down_idle`` seconds with nothing to do.
+        """
         if not isinstance(worker, Worker):
             raise TypeError("add_local() takes a Worker instance")
-        check_positive("threads", threads, allow_none=False)
+        lo, hi = bounds(threads, "threads")
         check_positive("window", window)
         self._check_open()
         call_setup(worker)
-        handle = LocalHandle(self._engine, worker, threads=threads, window=window)
+        handle = LocalHandle(self._engine, worker, threads=max(1, lo), window=window)
         if not self._attach(handle):
             raise ClosedError("the coordinator is shut down")
         self._locals.append(handle)
+        if lo != hi:
+            self._autoscale_threads(handle, lo, hi, scale_up_wait, scale_down_idle)
         return handle
+
+    def _autoscale_threads(
+        self, handle: LocalHandle, lo: int, hi: int, up: float, idle: float
+    ) -> None:
+        def resize(by: int) -> None:
+            if by > 0:
+                handle.add_threads(by)
+            else:
+                handle.remove_thread()
+            window = handle.window if handle.fixed_window and handle.window else 2 * handle.size
+            self._engine.resize(handle, handle.size * handle.batch_size, window)
+
+        scaler = Autoscaler(
+            self._engine,
+            name=handle.name,
+            lo=max(1, lo),
+            hi=hi,
+            members=lambda: [handle] * handle.size,
+            starting=lambda: 0,
+            grow=resize,
+            shrink=lambda h: resize(-1),
+            scale_up_wait=up,
+            scale_down_idle=idle,
+        )
+        self._autoscalers.append(scaler)
+        scaler.start()
 
     def _attach(self, handle: WorkerHandle) -> bool:
         """Register a worker: retained broadcasts first, then every named model."""
@@ -90,12 +132,14 @@ class WorkerPool:
     def spawn(
         self,
         worker_cls: type[Worker],
-        processes: int = 1,
+        processes: int | tuple[int, int] = 1,
         *,
         kwargs: dict[str, Any] | None = None,
         window: int | None = None,
         wait: bool = True,
         timeout: float = 60.0,
+        scale_up_wait: float = 0.25,
+        scale_down_idle: float = 10.0,
     ) -> list[int]:
         """Start ``processes`` child processes running *worker_cls*; supervise and restart them.
 
@@ -105,17 +149,48 @@ class WorkerPool:
         it, a child that fails to start is started again with backoff; after
         ``max_start_failures`` failures in a row its place is given up, and tasks nothing else
         can run fail with that :class:`WorkerStartError`. Returns the children's process ids.
+
+        ``processes=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml._autoscale`):
+        it starts with ``min`` and grows while work waits longer than ``scale_up_wait``
+        seconds; a worker with nothing to do for ``scale_down_idle`` seconds finishes what it
+        holds and leaves, never below ``min``.
         """
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
             raise TypeError("spawn() takes a Worker subclass")
-        check_positive("processes", processes, allow_none=False)
+        lo, hi = bounds(processes, "processes")
         check_positive("window", window)
         target, main_path = class_target(worker_cls)
         kw = dict(kwargs or {})
         _codec.encode_str(kw)  # the constructor arguments travel as JSON
         self._check_open()
         sup = self._supervisor
-        seats = sup.add(target, main_path, kw, window, processes, retry_first_start=not wait)
+        seats = sup.add(target, main_path, kw, window, lo, retry_first_start=not wait)
+        if lo != hi:
+            group = list(seats)
+
+            def grow(n: int) -> None:
+                group.extend(sup.add(target, main_path, kw, window, n))
+
+            def shrink(handle: WorkerHandle) -> None:
+                seat = next((s for s in group if s.handle is handle), None)
+                if seat is not None:
+                    self._engine.dismiss(handle)
+                    sup.dismiss(seat)
+
+            scaler = Autoscaler(
+                self._engine,
+                name=target,
+                lo=lo,
+                hi=hi,
+                members=lambda: [s.handle for s in group if s.handle and not s.retired],
+                starting=lambda: sum(1 for s in group if s.handle is None and not s.retired),
+                grow=grow,
+                shrink=shrink,
+                scale_up_wait=scale_up_wait,
+                scale_down_idle=scale_down_idle,
+            )
+            self._autoscalers.append(scaler)
+            scaler.start()
         if wait:
             ready, why = sup.wait_ready(seats, timeout)
             if not ready:

@@ -52,7 +52,8 @@ class Statistics:
     that went away without saying goodbye, ``restarts`` spawned processes started again,
     ``start_failures`` spawned processes that failed before they were ready (``start_error``
     holds the last such error), ``rejected_peers`` connections refused (wrong key, garbage,
-    too many at once).
+    too many at once). ``scale_ups`` and ``scale_downs`` count the workers self-sizing pools
+    (``spawn(..., processes=(min, max))``) added and let go.
 
     ``queued`` and ``in_flight`` are tasks waiting for a worker and held by workers now (a
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
@@ -84,6 +85,8 @@ class Statistics:
     start_failures: int = 0
     start_error: str | None = None
     models: tuple[ModelStats, ...] = ()
+    scale_ups: int = 0
+    scale_downs: int = 0
 
 
 @dataclass(frozen=True)

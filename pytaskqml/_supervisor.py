@@ -22,77 +22,25 @@ import secrets
 import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from . import _connection, _shm
+from . import _connection
 from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._errors import ConnectionLost, ProtocolError
 from ._handles import WorkerHandle
 from ._launch import kill_process, launch, reap
+from ._seats import FIRST_BACKOFF, Seat, SupervisorHost
 
 log = logging.getLogger(__name__)
 
 RESTART_WINDOW = 60.0
-FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 5.0
 # A seat whose process lived this long before dying starts its backoff over.
 HEALTHY_AFTER = 10.0
 # How often the supervisor looks at processes nothing else watches (one starting up).
 POLL_INTERVAL = 0.25
-
-
-class Seat:
-    """One supervised place in a spawned pool (see the module's docstring)."""
-
-    def __init__(
-        self,
-        spawn_id: int,
-        target: str,
-        main_path: str | None,
-        kwargs: dict[str, Any],
-        window: int | None,
-    ) -> None:
-        self.spawn_id = spawn_id
-        self.target = target
-        self.main_path = main_path
-        self.kwargs = kwargs
-        self.window = window
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.handle: WorkerHandle | None = None
-        self.arena: _shm.Arena | None = None  # shared memory with the current process
-        self.error: str | None = None  # why its last start failed
-        self.error_traceback = ""
-        self.start_failures = 0  # failed starts in a row
-        self.restarts = 0
-        self.backoff = FIRST_BACKOFF
-        self.started_at = 0.0
-        self.restart_at: float | None = None
-        self.retired = False
-        self.ready_once = False
-        # Restart after a failed first start? Not for spawn(wait=True), which reports it.
-        self.retry_first_start = True
-        self.restart_times: deque[float] = deque()
-
-    def __repr__(self) -> str:
-        return f"<Seat {self.spawn_id} {self.target} pid={self.proc.pid if self.proc else None}>"
-
-
-class SupervisorHost(Protocol):
-    """What the supervisor needs of the coordinator."""
-
-    def attach_spawned(
-        self, seat: Seat, conn: Connection, hello: dict[str, Any]
-    ) -> WorkerHandle | None:
-        """Register a ready process's connection; None if it is not wanted (shutting down)."""
-
-    def seat_retired(self, seat: Seat) -> None:
-        """The seat will not be restarted (work nothing else can run must fail now)."""
-
-    def changed(self) -> None:
-        """Something statistics() shows changed (a restart, a failed start)."""
 
 
 class Supervisor:
@@ -210,6 +158,17 @@ class Supervisor:
         if seat.arena is not None:
             seat.arena.close()
 
+    def dismiss(self, seat: Seat) -> None:
+        """Let the seat's worker go for good (a pool shrinking): no restart; its process
+        finishes what it holds, says goodbye and exits; it is reaped by the thread."""
+        with self._cv:
+            seat.retired = True
+            handle = seat.handle
+        if handle is not None:
+            handle.request_stop()
+        else:
+            kill_process(seat.proc)
+
     def kill(self, seat: Seat) -> None:
         """End the seat's process now (its work is no longer wanted); it is restarted as after
         any other death unless the supervisor is stopping."""
@@ -326,6 +285,7 @@ class Supervisor:
         for seat in due:
             self._restart(seat)
         self._poll_starting()
+        self._reap_dismissed()
         with self._cv:
             if not self._stopping and not due:
                 self._cv.wait(wait)
@@ -351,6 +311,15 @@ class Supervisor:
                 if not self._stopping and not seat.retired:
                     self._schedule_restart(seat)
         self.host.changed()
+
+    def _reap_dismissed(self) -> None:
+        """Collect the exit status of processes let go (so none stays a zombie)."""
+        with self._cv:
+            gone = [s for s in self.seats if s.retired and s.proc is not None]
+        for s in gone:
+            assert s.proc is not None
+            if s.proc.poll() is not None and s.arena is not None:
+                s.arena.close()
 
     def _poll_starting(self) -> None:
         """A process that exited before it was ready, with nothing else to notice it (the
