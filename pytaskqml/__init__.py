@@ -22,7 +22,9 @@ from ._errors import (
 )
 from ._handoff import load, spill
 from ._iterate import Stream
-from ._stats import Statistics, WorkerStats
+from ._redisclient import ProducerStats, RedisClient
+from ._redisqueue import RedisQueue
+from ._stats import QueueStats, Statistics, WorkerStats
 from ._tasks import LateResult, TaskTimeout
 from ._worker import Worker
 
@@ -35,8 +37,12 @@ __all__ = [
     "Coordinator",
     "LateResult",
     "NoWorkersError",
+    "ProducerStats",
     "ProtocolError",
     "PyTaskQMLError",
+    "QueueStats",
+    "RedisClient",
+    "RedisQueue",
     "RemoteTraceback",
     "Statistics",
     "Stream",

@@ -31,6 +31,7 @@ runs users' done-callbacks and ``on_late``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -38,7 +39,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from . import _connection, _protocol
 from ._bootstrap import call_teardown
@@ -54,11 +55,25 @@ from ._links import Dialer
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
 from ._remote import Heartbeats
-from ._stats import Statistics
+from ._stats import QueueStats, Statistics
 from ._supervisor import Supervisor
 from ._tasks import LateResult
 
 log = logging.getLogger(__name__)
+
+
+class QueueFeed(Protocol):
+    """A running feed from a shared queue into a coordinator (see :mod:`._redisbridge`)."""
+
+    def statistics(self) -> QueueStats: ...
+    def stop_reading(self) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+class SharedQueue(Protocol):
+    """What ``Coordinator(queue=...)`` takes: a :class:`~._redisqueue.RedisQueue`."""
+
+    def serve(self, coordinator: Coordinator) -> QueueFeed: ...
 
 
 def _resolve_key(authkey: bytes | str | None) -> bytes | None:
@@ -87,7 +102,9 @@ class Coordinator(WorkerPool):
     environment variable); ``on_late`` receives results that arrive after their deadline
     (otherwise they can be read with :meth:`late_results`); ``shared_memory`` lets buffers of
     64 KiB or more reach spawned workers through shared memory instead of the socket where the
-    platform allows it (see :mod:`pytaskqml._shm`).
+    platform allows it (see :mod:`pytaskqml._shm`); ``queue`` a shared queue to take work from
+    besides ``submit``/``map``/``stream`` (a :class:`~pytaskqml.RedisQueue`: its entries run
+    on this coordinator's workers and their results go back to their producers).
     """
 
     def __init__(
@@ -109,6 +126,7 @@ class Coordinator(WorkerPool):
         on_late: Callable[[LateResult], None] | None = None,
         shared_memory: bool = True,
         name: str = "coordinator",
+        queue: SharedQueue | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(
@@ -184,6 +202,8 @@ class Coordinator(WorkerPool):
         self._locals: list[LocalHandle] = []  # torn down at shutdown
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._control: ControlServer | None = None
+        # Last: the feed starts taking entries as soon as workers are attached.
+        self._feed = queue.serve(self) if queue is not None else None
 
     # ================================================================ context
 
@@ -322,13 +342,16 @@ class Coordinator(WorkerPool):
         sup = self._supervisor
         with self._stats_lock:
             rejected = self._rejected_peers
-        return self._engine.statistics(
+        stats = self._engine.statistics(
             restarts=sup.restarts,
             rejected_peers=rejected,
             start_failures=sup.start_failures,
             start_error=sup.last_error,
             uptime=time.monotonic() - self._started,
         )
+        if self._feed is not None:
+            stats = dataclasses.replace(stats, queue=self._feed.statistics())
+        return stats
 
     # ================================================================ control endpoint
 
@@ -351,6 +374,7 @@ class Coordinator(WorkerPool):
                 "completed": s.completed,
                 "queued": s.queued,
                 "in_flight": s.in_flight,
+                "queue": None if s.queue is None else dataclasses.asdict(s.queue),
             }
 
         def stop() -> None:
@@ -379,6 +403,8 @@ class Coordinator(WorkerPool):
         seconds before stopping its worker - then stop and reap every worker process and
         thread. Every future is resolved when this returns (with ``wait``): result,
         exception or cancelled. ``timeout`` bounds the wait for unfinished work."""
+        if self._feed is not None:
+            self._feed.stop_reading()  # no new entries; what it holds finishes or is released
         already = self._engine.close()
         self._closed = True
         for stream in list(self._streams):
@@ -446,6 +472,8 @@ class Coordinator(WorkerPool):
             call_teardown(local.worker)
         for h in handles:
             h.join(2.0)
+        if self._feed is not None:
+            self._feed.close()  # results written, the rest released for other coordinators
         if self._control is not None:
             self._control.stop()
         self._heartbeats.stop()

@@ -35,6 +35,39 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class QueueStats:
+    """A coordinator's view of the shared queue it is fed from (``Coordinator(queue=...)``).
+
+    This coordinator's own counts of entries: ``read`` (new ones, from the consumer group),
+    ``claimed`` (taken over after they sat idle at another consumer: a dead coordinator's, or
+    released ones), ``completed`` (result written, entry acknowledged), ``released`` (given
+    back unfinished: shutdown, no worker), ``dead_lettered`` (moved to the dead-letter stream:
+    malformed, or delivered too often), ``holding`` (read or claimed, not yet acknowledged),
+    ``errors`` (failed calls to the backend, retried). What the backend says, as of ``age``
+    seconds ago (``None`` before the first reading): ``pending`` (entries delivered to some
+    coordinator and not acknowledged, all consumers), ``lag`` (entries no coordinator has read
+    yet), ``length`` (the task stream's length), ``dead_length`` (the dead-letter stream's).
+    """
+
+    backend: str
+    stream: str
+    group: str
+    consumer: str
+    read: int
+    claimed: int
+    completed: int
+    released: int
+    dead_lettered: int
+    holding: int
+    pending: int | None
+    lag: int | None
+    length: int | None
+    dead_length: int | None
+    errors: int
+    age: float | None
+
+
+@dataclass(frozen=True)
 class Statistics:
     """A snapshot of a coordinator's counters since it started.
 
@@ -52,7 +85,8 @@ class Statistics:
     ``queued`` and ``in_flight`` are tasks waiting for a worker and held by workers now (a
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
     results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
-    since the coordinator was created.
+    since the coordinator was created. ``queue`` is the shared queue it is fed from, if any
+    (see :class:`QueueStats`).
     """
 
     submitted: int
@@ -78,6 +112,7 @@ class Statistics:
     uptime: float
     start_failures: int = 0
     start_error: str | None = None
+    queue: QueueStats | None = None
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
