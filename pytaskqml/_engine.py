@@ -489,4 +489,5 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
         ws.completed,
         ws.failed,
         *(shared if shared is not None else (None, None, None)),
+        round_trip=ws.round_trip,
     )

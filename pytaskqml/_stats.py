@@ -19,6 +19,9 @@ class WorkerStats:
     ``shared_buffers`` counts buffers of 64 KiB or more sent through it, ``shared_fallbacks``
     those sent over the socket instead because no slot was free, ``shared_in_use`` the slots
     the worker holds now (all three ``None`` for a worker without shared memory).
+    ``round_trip`` is the time, in seconds, a task spends on its way to the worker and its
+    result on the way back (measured when an idle worker gets work; adaptive windows cover
+    it), ``None`` until measured.
     """
 
     name: str
@@ -32,6 +35,7 @@ class WorkerStats:
     shared_buffers: int | None = None
     shared_fallbacks: int | None = None
     shared_in_use: int | None = None
+    round_trip: float | None = None
 
 
 @dataclass(frozen=True)
