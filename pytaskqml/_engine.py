@@ -15,6 +15,7 @@ can still come). Nothing here is called with a handle's or the supervisor's lock
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -479,7 +480,7 @@ class Engine:
 def worker_stats(ws: WorkerState) -> WorkerStats:
     h: WorkerHandle = ws.handle
     shared = h.shared_memory()
-    return WorkerStats(
+    stats = WorkerStats(
         ws.name,
         h.kind,
         h.pid,
@@ -489,5 +490,7 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
         ws.completed,
         ws.failed,
         *(shared if shared is not None else (None, None, None)),
-        round_trip=ws.round_trip,
     )
+    if ws.round_trip is not None:
+        stats = dataclasses.replace(stats, round_trip=ws.round_trip)
+    return stats
