@@ -26,29 +26,25 @@ from __future__ import annotations
 
 import bisect
 import logging
-import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ._endpoints import Backoff
-from ._errors import ClosedError, NoWorkersError, WorkerStartError
+from ._errors import ClosedError
 from ._redisformat import (
-    FLAG_ERROR,
-    FLAG_OK,
-    FLAG_TIMEOUT,
     BadEntry,
     Fields,
     TaskEntry,
-    error_value,
     parse_task,
     parse_task_header,
     result_fields,
     stream_entries,
 )
 from ._redisqueue import RedisQueue, require_redis
+from ._rediswriter import HeldEntry, Op, ResultWriter, result_of
 from ._stats import QueueStats
-from ._tasks import CANCELLED, DROPPED, ERROR, OK, RUN, TIMEOUT, Task
+from ._tasks import ERROR, OK, RUN, Task
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
@@ -59,65 +55,7 @@ READ_BATCH = 64  # entries per XREADGROUP
 BLOCK_MS = 250  # how long one XREADGROUP waits for new entries
 HOLD_BYTES = 64 * 1024 * 1024  # entries held (read, not acknowledged) at most this big together
 HOLD_TIME = 0.1  # ... and at most about this much work for the workers
-WRITE_BATCH = 512
 STATS_EVERY = 1.0
-# Errors that mean "not here, not now" rather than "this task fails": the entry is released.
-_NOT_HERE = (ClosedError, NoWorkersError, WorkerStartError)
-
-
-class _Entry:
-    """One stream entry this coordinator holds: where its items' outcomes are gathered."""
-
-    __slots__ = ("base", "count", "got", "id", "nbytes", "outcomes", "producer", "seq")
-
-    def __init__(self, eid: bytes, t: TaskEntry, base: int) -> None:
-        self.id = eid
-        self.producer = t.producer
-        self.seq = t.seq
-        self.count = t.count
-        self.nbytes = t.nbytes
-        self.base = base  # its first item's number in this feed's own numbering
-        self.got = 0
-        self.outcomes: list[tuple[int, Any] | None] | None = None
-
-    def add(self, offset: int, kind: int, value: Any) -> bool:
-        """Record outcome(s) from *offset*; True once every item has one."""
-        if self.outcomes is None:
-            self.outcomes = [None] * self.count
-        slots = self.outcomes
-        pairs = [(OK, v) for v in value] if kind == RUN else [(kind, value)]
-        for i, pair in enumerate(pairs, offset):
-            if 0 <= i < self.count and slots[i] is None:
-                slots[i] = pair
-                self.got += 1
-        return self.got >= self.count
-
-
-def _result(e: _Entry, kind: int, value: Any) -> tuple[str, Any] | None:
-    """The result entry's kind and value for a finished entry, or None: release it."""
-    if e.count == 1:
-        pairs = [(kind, value)]
-    else:
-        assert e.outcomes is not None
-        pairs = [p for p in e.outcomes if p is not None]
-    if any(
-        k in (CANCELLED, DROPPED) or (k == ERROR and isinstance(v, _NOT_HERE)) for k, v in pairs
-    ):
-        return None  # not done here: another coordinator (or this one, later) runs it
-    if all(k == OK for k, _ in pairs):
-        return ("ok", pairs[0][1]) if e.count == 1 else ("run", [v for _, v in pairs])
-    if e.count == 1:
-        k, v = pairs[0]
-        return ("timeout", v.timeout) if k == TIMEOUT else ("error", error_value(v))
-    items: list[list[Any]] = []
-    for k, v in pairs:
-        if k == OK:
-            items.append([FLAG_OK, v])
-        elif k == TIMEOUT:
-            items.append([FLAG_TIMEOUT, v.timeout])
-        else:
-            items.append([FLAG_ERROR, error_value(v)])
-    return "chunk", items
 
 
 class QueueFeed:
@@ -137,15 +75,13 @@ class QueueFeed:
         self._intake = coord._intake
         self._redis = require_redis()
         self._lock = threading.Condition(threading.Lock())
-        self._entries: dict[int, _Entry] = {}  # by base number
+        self._entries: dict[int, HeldEntry] = {}  # by base number
         self._bases: list[int] = []  # ascending; may hold bases of finished entries
         self._next_base = 0
-        self._held: dict[bytes, _Entry] = {}  # read (or claimed), not yet acknowledged
+        self._held: dict[bytes, HeldEntry] = {}  # read (or claimed), not yet acknowledged
         self._held_items = 0
         self._held_bytes = 0
-        self._ops: queue.SimpleQueue[tuple[str, _Entry, Any] | None] = queue.SimpleQueue()
         self._stop_reading = threading.Event()
-        self._closing = threading.Event()
         self.read = self.claimed = self.completed = self.released = 0
         self.dead_lettered = self.errors = 0
         self._remote: dict[str, int | None] = {"pending": None, "lag": None}
@@ -155,9 +91,7 @@ class QueueFeed:
         self._reader = threading.Thread(
             target=self._read_loop, name=f"pytaskqml-redis-reader-{q.stream}", daemon=True
         )
-        self._writer = threading.Thread(
-            target=self._write_loop, name=f"pytaskqml-redis-writer-{q.stream}", daemon=True
-        )
+        self._writer = ResultWriter(q, consumer, self._forget, self._count_error)
 
     def start(self) -> None:
         self._reader.start()
@@ -206,17 +140,14 @@ class QueueFeed:
             for e in rest:
                 self._entries.pop(e.base, None)
         for e in rest:
-            self._ops.put(("release", e, None))
-        self._closing.set()
-        self._ops.put(None)
-        if self._writer is not threading.current_thread():
-            self._writer.join(timeout)
+            self._writer.put(("release", e, None))
+        self._writer.close(timeout)
 
     # ------------------------------------------------------------------ the sink
 
     def deliver_many(self, outcomes: list[tuple[int, int, Any]]) -> None:
         """Outcomes of our tasks, from whichever thread learnt them (never blocks on Redis)."""
-        done: list[tuple[str, _Entry, Any]] = []
+        done: list[tuple[str, HeldEntry, Any]] = []
         with self._lock:
             entries = self._entries
             for seq, kind, value in outcomes:
@@ -232,15 +163,15 @@ class QueueFeed:
                     finished = e.add(seq - e.base, kind, value)
                 if finished:
                     del entries[e.base]
-                    res = _result(e, kind, value)
+                    res = result_of(e, kind, value)
                     done.append(("release", e, None) if res is None else ("result", e, res))
         for op in done:
-            self._ops.put(op)
+            self._writer.put(op)
 
     def deliver(self, seq: int, kind: int, value: Any) -> None:
         self.deliver_many([(seq, kind, value)])
 
-    def _find(self, seq: int) -> _Entry | None:
+    def _find(self, seq: int) -> HeldEntry | None:
         i = bisect.bisect_right(self._bases, seq) - 1
         if i < 0:
             return None
@@ -325,9 +256,9 @@ class QueueFeed:
     def _take(self, r: Any, entries: list[tuple[bytes, Fields]]) -> None:
         """Turn entries into tasks and admit them; bad ones go to the dead-letter stream."""
         engine, intake = self._engine, self._intake
-        taken: list[_Entry] = []
+        taken: list[HeldEntry] = []
         singles: list[Task] = []
-        chunks: list[tuple[_Entry, TaskEntry]] = []
+        chunks: list[tuple[HeldEntry, TaskEntry]] = []
         timed = False
         now = engine.clock()
         for eid, fields in entries:
@@ -340,7 +271,7 @@ class QueueFeed:
                 self._dead_letter(r, eid, fields, str(exc))
                 continue
             with self._lock:
-                e = _Entry(eid, t, self._next_base)
+                e = HeldEntry(eid, t, self._next_base)
                 self._next_base += t.count
                 self._entries[e.base] = e
                 self._bases.append(e.base)
@@ -471,93 +402,11 @@ class QueueFeed:
                 keep.append((eid, fields))
         return keep
 
-    # ------------------------------------------------------------------ writing
+    def _count_error(self) -> None:
+        with self._lock:
+            self.errors += 1
 
-    def _write_loop(self) -> None:
-        r: Any = None
-        backoff = Backoff(first=0.05, cap=2.0)
-        batch: list[tuple[str, _Entry, Any]] = []
-        ended = False
-        while not (ended and not batch):
-            try:
-                if not batch:
-                    ended = self._gather(batch)
-                    if not batch:
-                        continue
-                if r is None:
-                    r = self.queue.connect()
-                self._write(r, batch)
-                batch = []
-                backoff.reset()
-            except self._redis.RedisError as exc:
-                with self._lock:
-                    self.errors += 1
-                log.warning("Redis error writing results of %s, retrying: %s", self.consumer, exc)
-                if self._closing.is_set() and backoff.delay >= backoff.cap:
-                    log.error("giving up on %d results: their entries stay pending", len(batch))
-                    self._forget(batch)
-                    return
-                time.sleep(backoff.next())
-            except Exception:
-                log.exception("Redis writer of %s failed; its entries stay pending", self.consumer)
-                self._forget(batch)
-                batch = []
-        if r is not None:
-            r.close()
-
-    def _gather(self, batch: list[tuple[str, _Entry, Any]]) -> bool:
-        """Wait for operations; True once the end marker came."""
-        try:
-            op = self._ops.get(timeout=0.5)
-        except queue.Empty:
-            return False
-        size = 0
-        while True:
-            if op is None:
-                return True
-            batch.append(op)
-            size += op[1].nbytes
-            if len(batch) >= WRITE_BATCH or size >= HOLD_BYTES // 4:
-                return False
-            try:
-                op = self._ops.get_nowait()
-            except queue.Empty:
-                return False
-
-    def _write(self, r: Any, batch: list[tuple[str, _Entry, Any]]) -> None:
-        q = self.queue
-        pipe = r.pipeline(transaction=False)
-        done: list[bytes] = []
-        released: list[bytes] = []
-        keys: set[str] = set()
-        for op, e, res in batch:
-            if op == "release":
-                released.append(e.id)
-                continue
-            kind, value = res
-            try:
-                fields = result_fields(e.seq, e.count, kind, value)
-            except (TypeError, ValueError) as exc:
-                info = ["TypeError", f"the result cannot be stored: {exc}", ""]
-                fields = result_fields(e.seq, e.count, "error", info)
-            key = q.results_key(e.producer)
-            pipe.xadd(key, fields, maxlen=q.max_results, approximate=True)
-            keys.add(key)
-            done.append(e.id)
-        for key in keys:
-            pipe.expire(key, int(q.result_ttl))
-        if done:  # after the results: an entry is acknowledged only once its result is stored
-            pipe.xack(q.stream, q.group, *done)
-            pipe.xdel(q.stream, *done)
-        if released:  # idle at once: the next coordinator that looks claims them
-            idle = int(q.claim_idle * 1000) + 1
-            pipe.xclaim(q.stream, q.group, self.consumer, 0, released, idle=idle, justid=True)
-        pipe.execute()
-        self._forget(batch, completed=len(done), released=len(released))
-
-    def _forget(
-        self, batch: list[tuple[str, _Entry, Any]], *, completed: int = 0, released: int = 0
-    ) -> None:
+    def _forget(self, batch: list[Op], completed: int, released: int) -> None:
         """These entries are no longer ours: stop renewing them (an entry whose result could
         not be written is claimed by another coordinator once idle)."""
         with self._lock:

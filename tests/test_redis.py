@@ -44,6 +44,7 @@ def test_map_and_submit_through_redis_in_order(redis_url: str, stream: str) -> N
     assert left["result_streams"] == {stats.name: 0}  # taken results are deleted
 
 
+@pytest.mark.slow
 def test_errors_and_timeouts_come_back_in_their_place(redis_url: str, stream: str) -> None:  # noqa: F811
     q = _queue(redis_url, stream)
     with Coordinator(queue=q) as coord:
@@ -100,6 +101,7 @@ def test_a_malformed_entry_goes_to_the_dead_letter_stream(redis_url: str, stream
     assert all(b"DeadLetter" in f[b"d"] for _, f in told)
 
 
+@pytest.mark.slow
 def test_a_producer_restarted_under_its_name_resumes(redis_url: str, stream: str) -> None:  # noqa: F811
     q = _queue(redis_url, stream)
     with Coordinator(queue=q) as coord:
@@ -124,6 +126,7 @@ def test_a_producer_restarted_under_its_name_resumes(redis_url: str, stream: str
             third.close()
 
 
+@pytest.mark.slow
 def test_shutdown_releases_held_entries_to_another_coordinator(redis_url: str, stream: str) -> None:  # noqa: F811
     q = _queue(redis_url, stream, claim_idle=30.0)
     with q.client() as producer:
@@ -359,6 +362,7 @@ def _pings(url: str, ca: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_statistics_and_status_show_the_queue(redis_url: str, stream: str) -> None:  # noqa: F811
     q = _queue(redis_url, stream)
     with q.client() as producer:
@@ -378,6 +382,7 @@ def test_statistics_and_status_show_the_queue(redis_url: str, stream: str) -> No
     assert health is not None and health.stream == stream and health.backend == "redis"
 
 
+@pytest.mark.slow
 def test_import_needs_no_redis() -> None:
     code = "import sys; sys.modules['redis'] = None; import pytaskqml; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -389,3 +394,25 @@ def test_import_needs_no_redis() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'pytaskqml[redis]'" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_redis_demo_and_the_queue_commands(redis_url: str, stream: str) -> None:  # noqa: F811
+    """make redis-demo (smaller), and pytaskqml queue status on what is left of a queue."""
+    from conftest import ROOT
+
+    demo = subprocess.run(
+        [sys.executable, "-m", "demo.redisqueue", "--n", "4000", "--url", redis_url],
+        cwd=str(ROOT), env=child_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "in submission order, each once" in demo.stdout and "claimed" in demo.stdout
+    q = _queue(redis_url, stream)
+    with q.client() as producer:
+        producer.submit(1)
+        out = subprocess.run(
+            [sys.executable, "-m", "pytaskqml", "queue", "status", redis_url, "--stream", stream],
+            env=child_env(), capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    status = json.loads(out.stdout)
+    assert status["length"] == 1 and status["group"]["pending"] == 0 and status["dead_letters"] == 0
