@@ -104,8 +104,10 @@ def serve(url: str, stream: str, kind: str, workers: int) -> None:
 
     from benchmark.pt_workers import WORKERS
     from pytaskqml import Coordinator, RedisQueue
+    from pytaskqml._bootstrap import tune_malloc
 
     logging.basicConfig(level=logging.WARNING)
+    tune_malloc()  # as `pytaskqml queue serve` does: a process that moves frames all day
     cls, kwargs = WORKERS[kind]
     with Coordinator(queue=RedisQueue(url, stream=stream)) as coord:
         coord.spawn(cls, processes=workers, kwargs=kwargs)
