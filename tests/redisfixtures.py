@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -70,7 +71,7 @@ def redis_missing() -> str | None:
                 why = _answers()
                 if why is None:
                     break
-                subprocess.run(["sleep", "0.1"], check=False)
+                time.sleep(0.1)
         _why.append(why)
     return _why[0]
 
