@@ -5,12 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help venv check test lint typecheck unit quick demo bench bench-smoke clean
+.PHONY: help venv check test lint typecheck unit quick demo redis-demo bench bench-smoke clean
 
 help:
 	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
 	@echo "make check  - lint, type-check and the fast tests (under a minute; while working)"
 	@echo "make test   - lint, type-check and run the whole test suite (what CI runs)"
+	@echo "make redis-demo - two coordinators share a Redis queue; one is killed mid-run"
 	@echo "make bench  - full benchmark against multiprocessing and Celery+Redis"
 	@echo "make clean  - remove the virtual environment and generated output"
 
@@ -50,6 +51,10 @@ test: lint typecheck unit
 
 demo: $(VENV)/.demo-installed
 	$(PY) -m demo
+
+# Needs a Redis at 127.0.0.1:6379 (redis-server --daemonize yes --save "" --appendonly no).
+redis-demo: $(VENV)/.dev-installed
+	$(PY) -m demo.redisqueue
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m benchmark --all

@@ -937,3 +937,14 @@ SYSTEMS: dict[str, SystemSpec] = {
         ),
     )
 }
+
+# The Redis-backed queue lives in a module of its own (it builds on Session, defined above).
+from benchmark.redisqueue import RedisQueueSession  # noqa: E402
+
+SYSTEMS["pytaskqml-redis"] = SystemSpec(
+    "pytaskqml-redis",
+    "pytaskqml Redis Streams queue: RedisClient.map() -> Redis -> a coordinator process",
+    ("pytaskqml", "redis"),
+    lambda kind, n, deadline, opts: RedisQueueSession(kind, n, deadline, opts),
+    uses_redis=True,
+)

@@ -25,7 +25,9 @@ from ._errors import (
 from ._handoff import load, spill
 from ._iterate import Stream
 from ._models import Model, ModelWorker
-from ._stats import ModelStats, Statistics, WorkerStats
+from ._redisclient import ProducerStats, RedisClient
+from ._redisqueue import RedisQueue
+from ._stats import ModelStats, QueueStats, Statistics, WorkerStats
 from ._tasks import LateResult, ModelResult, TaskTimeout
 from ._worker import Worker
 
@@ -44,8 +46,12 @@ __all__ = [
     "ModelStats",
     "ModelWorker",
     "NoWorkersError",
+    "ProducerStats",
     "ProtocolError",
     "PyTaskQMLError",
+    "QueueStats",
+    "RedisClient",
+    "RedisQueue",
     "RemoteTraceback",
     "Statistics",
     "Stream",

@@ -9,6 +9,7 @@ the coordinator has a key (see :mod:`._control`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -40,6 +41,7 @@ def coordinator_control(
             "completed": s.completed,
             "queued": s.queued,
             "in_flight": s.in_flight,
+            "queue": None if s.queue is None else dataclasses.asdict(s.queue),
         }
 
     def stop() -> None:

@@ -31,25 +31,24 @@ runs users' done-callbacks and ``on_late``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Future
-from typing import Any, Literal
+from concurrent.futures import Future
+from typing import Any, Literal, Protocol
 
 from . import _protocol
 from ._autoscale import Autoscaler
-from ._bootstrap import call_teardown
 from ._broadcast import Broadcast, Broadcasts
 from ._control import ControlServer
 from ._coordctl import coordinator_control
 from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
-from ._errors import ClosedError
 from ._handles import LocalHandle
 from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
@@ -58,11 +57,26 @@ from ._modelreg import Models
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
 from ._remote import Heartbeats
-from ._stats import Statistics
+from ._shutdown import finish_shutdown
+from ._stats import QueueStats, Statistics
 from ._supervisor import Supervisor
 from ._tasks import LateResult, Route
 
 log = logging.getLogger(__name__)
+
+
+class QueueFeed(Protocol):
+    """A running feed from a shared queue into a coordinator (see :mod:`._redisbridge`)."""
+
+    def statistics(self) -> QueueStats: ...
+    def stop_reading(self) -> None: ...
+    def close(self, timeout: float = 10.0) -> None: ...
+
+
+class SharedQueue(Protocol):
+    """What ``Coordinator(queue=...)`` takes: a :class:`~._redisqueue.RedisQueue`."""
+
+    def serve(self, coordinator: Coordinator) -> QueueFeed: ...
 
 
 def _resolve_key(authkey: bytes | str | None) -> bytes | None:
@@ -93,7 +107,9 @@ class Coordinator(WorkerPool):
     environment variable); ``on_late`` receives results that arrive after their deadline
     (otherwise they can be read with :meth:`late_results`); ``shared_memory`` lets buffers of
     64 KiB or more reach spawned workers through shared memory instead of the socket where the
-    platform allows it (see :mod:`pytaskqml._shm`).
+    platform allows it (see :mod:`pytaskqml._shm`); ``queue`` a shared queue to take work from
+    besides ``submit``/``map``/``stream`` (a :class:`~pytaskqml.RedisQueue`: its entries run
+    on this coordinator's workers and their results go back to their producers).
     """
 
     def __init__(
@@ -116,6 +132,7 @@ class Coordinator(WorkerPool):
         on_late: Callable[[LateResult], None] | None = None,
         shared_memory: bool = True,
         name: str = "coordinator",
+        queue: SharedQueue | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(
@@ -196,6 +213,8 @@ class Coordinator(WorkerPool):
         self._autoscalers: list[Autoscaler] = []
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._control: ControlServer | None = None
+        # Last: the feed starts taking entries as soon as workers are attached.
+        self._feed = queue.serve(self) if queue is not None else None
 
     # ================================================================ context
 
@@ -390,7 +409,7 @@ class Coordinator(WorkerPool):
         sup = self._supervisor
         with self._stats_lock:
             rejected = self._rejected_peers
-        return self._engine.statistics(
+        stats = self._engine.statistics(
             restarts=sup.restarts,
             rejected_peers=rejected,
             start_failures=sup.start_failures,
@@ -400,6 +419,9 @@ class Coordinator(WorkerPool):
             scale_ups=sum(a.ups for a in self._autoscalers),
             scale_downs=sum(a.downs for a in self._autoscalers),
         )
+        if self._feed is not None:
+            stats = dataclasses.replace(stats, queue=self._feed.statistics())
+        return stats
 
     # ================================================================ control endpoint
 
@@ -429,6 +451,8 @@ class Coordinator(WorkerPool):
         seconds before stopping its worker - then stop and reap every worker process and
         thread. Every future is resolved when this returns (with ``wait``): result,
         exception or cancelled. ``timeout`` bounds the wait for unfinished work."""
+        if self._feed is not None:
+            self._feed.stop_reading()  # no new entries; what it holds finishes or is released
         already = self._engine.close()
         self._closed = True
         for stream in list(self._streams):
@@ -447,60 +471,10 @@ class Coordinator(WorkerPool):
                 daemon=False,
             ).start()
             return
-        self._finish_shutdown(timeout, cancel_futures)
+        finish_shutdown(self, timeout, cancel_futures)
 
     def _finish_shutdown_logged(self, timeout: float | None, cancel: bool) -> None:
         try:
-            self._finish_shutdown(timeout, cancel)
+            finish_shutdown(self, timeout, cancel)
         except BaseException:
             log.exception("background shutdown crashed")
-
-    def _finish_shutdown(self, timeout: float | None, cancel: bool) -> None:
-        engine = self._engine
-        try:
-            if cancel:
-                grace = self.cancel_grace if timeout is None else min(timeout, self.cancel_grace)
-                engine.drain(grace, self._can_progress)
-            else:
-                engine.drain(timeout, self._can_progress)
-        except KeyboardInterrupt:
-            cancel = True  # a second Ctrl-C: stop now
-            self._teardown(cancel=True)
-            raise
-        self._teardown(cancel=cancel)
-
-    def _teardown(self, *, cancel: bool) -> None:
-        engine = self._engine
-        engine.stop()
-        busy = engine.abandon_inflight(CancelledError("abandoned at shutdown")) if cancel else []
-        engine.fail_all(ClosedError("the coordinator shut down before this task ran"))
-        for scaler in self._autoscalers:
-            scaler.stop()
-        seats = self._supervisor.stop()
-        for d in self._dialers:
-            d.stop()
-        for a in self._acceptors:
-            a.stop()
-        handles = [ws.handle for ws in list(engine.core.workers)]
-        if cancel:
-            for s in seats:
-                self._supervisor.kill(s)  # whatever they run is no longer wanted
-        else:
-            for s in seats:
-                if s.handle is not None:
-                    s.handle.request_stop()  # spawned workers leave; standalone ones stay up
-        self._supervisor.reap(seats, 0.5 if cancel else 5.0)
-        for h in handles:
-            h.close()
-        for local in self._locals:
-            local.close()
-            local.join(0.5 if cancel or local in busy else 5.0)
-            call_teardown(local.worker)
-        for h in handles:
-            h.join(2.0)
-        if self._control is not None:
-            self._control.stop()
-        self._heartbeats.stop()
-        engine.stop_timer()
-        self._runner.close()
-        self._stopped.set()

@@ -323,6 +323,7 @@ class Scheduler(ModelEvents, Endings):
                 inflight = best.inflight
                 if not inflight:
                     best.last_progress = now  # the hang clock starts with its first task
+                    best.probe = now  # ... and a round-trip measurement
                 for t in tasks:
                     inflight[t.id] = t
                 best.outbox.extend(tasks)
@@ -381,6 +382,7 @@ class Scheduler(ModelEvents, Endings):
         inflight = w.inflight
         if not inflight:
             w.last_progress = now  # the hang clock starts with its first task in hand
+            w.probe = now
         for t in tasks:
             inflight[t.id] = t
         w.outbox.extend(tasks)
@@ -479,11 +481,13 @@ class Scheduler(ModelEvents, Endings):
         self.failed += failed
         self.late += len(late)
         if busy is not None and entries:
-            ws.observe(busy, len(entries))
+            ws.observe(busy, len(entries), now)
             per_item = busy / max(1, items)
             self.item_time = (
                 per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
             )
+        else:
+            ws.probe = None  # no compute time to subtract: no round-trip sample
         ws.last_progress = now
         return groups, futures, late, self.dispatch(now)
 

@@ -24,6 +24,9 @@ class WorkerStats:
     ``shared_buffers`` counts buffers of 64 KiB or more sent through it, ``shared_fallbacks``
     those sent over the socket instead because no slot was free, ``shared_in_use`` the slots
     the worker holds now (all three ``None`` for a worker without shared memory).
+    ``round_trip`` is the time, in seconds, a task spends on its way to the worker and its
+    result on the way back (measured when an idle worker gets work; adaptive windows cover
+    it), ``None`` until measured.
     """
 
     name: str
@@ -37,6 +40,40 @@ class WorkerStats:
     shared_buffers: int | None = None
     shared_fallbacks: int | None = None
     shared_in_use: int | None = None
+    round_trip: float | None = None
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A coordinator's view of the shared queue it is fed from (``Coordinator(queue=...)``).
+
+    This coordinator's own counts of entries: ``read`` (new ones, from the consumer group),
+    ``claimed`` (taken over after they sat idle at another consumer: a dead coordinator's, or
+    released ones), ``completed`` (result written, entry acknowledged), ``released`` (given
+    back unfinished: shutdown, no worker), ``dead_lettered`` (moved to the dead-letter stream:
+    malformed, or delivered too often), ``holding`` (read or claimed, not yet acknowledged),
+    ``errors`` (failed calls to the backend, retried). What the backend says, as of ``age``
+    seconds ago (``None`` before the first reading): ``pending`` (entries delivered to some
+    coordinator and not acknowledged, all consumers), ``lag`` (entries no coordinator has read
+    yet), ``length`` (the task stream's length), ``dead_length`` (the dead-letter stream's).
+    """
+
+    backend: str
+    stream: str
+    group: str
+    consumer: str
+    read: int
+    claimed: int
+    completed: int
+    released: int
+    dead_lettered: int
+    holding: int
+    pending: int | None
+    lag: int | None
+    length: int | None
+    dead_length: int | None
+    errors: int
+    age: float | None
 
 
 @dataclass(frozen=True)
@@ -58,7 +95,8 @@ class Statistics:
     ``queued`` and ``in_flight`` are tasks waiting for a worker and held by workers now (a
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
     results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
-    since the coordinator was created.
+    since the coordinator was created. ``queue`` is the shared queue it is fed from, if any
+    (see :class:`QueueStats`).
     """
 
     submitted: int
@@ -87,6 +125,7 @@ class Statistics:
     models: tuple[ModelStats, ...] = ()
     scale_ups: int = 0
     scale_downs: int = 0
+    queue: QueueStats | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +156,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 def worker_stats(ws: WorkerState) -> WorkerStats:
     """One worker's snapshot (scheduler lock held)."""
     h: Any = ws.handle
-    shared = h.shared_memory()
+    placed, fallbacks, in_use = h.shared_memory() or (None, None, None)
     return WorkerStats(
         ws.name,
         h.kind,
@@ -127,7 +166,10 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
         len(ws.inflight),
         ws.completed,
         ws.failed,
-        *(shared if shared is not None else (None, None, None)),
+        shared_buffers=placed,
+        shared_fallbacks=fallbacks,
+        shared_in_use=in_use,
+        round_trip=ws.round_trip,
     )
 
 

@@ -7,9 +7,11 @@ from typing import Any
 
 from ._tasks import Task
 
-# An adaptive window starts here and then holds about WINDOW_BUDGET seconds of work.
+# An adaptive window starts here and then holds about WINDOW_BUDGET seconds of work beyond
+# what the worker's round trip takes.
 INITIAL_WINDOW = 8
 WINDOW_BUDGET = 0.01
+MAX_ROUND_TRIP = 1.0  # a longer sample is a stall, not the network
 
 
 class WorkerState:
@@ -38,6 +40,8 @@ class WorkerState:
         "name",
         "outbox",
         "own",
+        "probe",
+        "round_trip",
         "task_time",
         "window",
     )
@@ -71,6 +75,10 @@ class WorkerState:
         self.completed = 0
         self.failed = 0
         self.last_progress = now  # last result, or when it got work while holding none
+        # When it last got work while holding none (the scheduler sets it), and what the
+        # first result after that showed of the time a task spends on its way there and back.
+        self.probe: float | None = None
+        self.round_trip: float | None = None
         self.handle = handle
         # Named models (see _routing): ready {name: version}, being loaded, when each was last
         # given a task, and how many it has done.
@@ -89,18 +97,33 @@ class WorkerState:
     def free(self) -> int:
         return self.window - len(self.inflight) if self.accepting else 0
 
-    def observe(self, busy: float, tasks: int) -> None:
-        """Learn how long a task takes here; size an adaptive window from it.
+    def observe(self, busy: float, tasks: int, now: float | None = None) -> None:
+        """Learn how long a task takes here (and, with *now*, its round trip); size an
+        adaptive window from it.
 
-        The window aims at about :data:`WINDOW_BUDGET` seconds of work queued at the worker: a
-        model taking 30 ms per frame gets a window of 2 (one in hand, one ready), so frames wait
-        in the coordinator's queue, where drop-oldest and deadlines can act, while tiny tasks
-        get a window large enough to hide the round trip.
+        The window aims at about :data:`WINDOW_BUDGET` seconds of work queued at the worker
+        beyond what covers its round trip: a model taking 30 ms per frame on this host gets a
+        window of 2 (one in hand, one ready), so frames wait in the coordinator's queue, where
+        drop-oldest and deadlines can act, while tiny tasks get a window large enough to hide
+        the round trip. A worker 50 ms away gets 50 ms of work more - otherwise it would sit
+        idle for most of each round trip, and get a fraction of the share its speed earns.
+
+        The round trip is measured when a worker that held nothing gets work: the time until
+        its first result, less the compute time it reports for it. A worker kept busy is not
+        measured again, and does not need to be: should its link get slower, its window runs
+        dry, it idles, and the next sample corrects it.
         """
         if tasks <= 0 or busy < 0:
             return
+        if now is not None and self.probe is not None:
+            sample = now - self.probe - busy
+            self.probe = None
+            if 0 <= sample <= MAX_ROUND_TRIP:
+                rt = self.round_trip
+                self.round_trip = sample if rt is None else 0.5 * rt + 0.5 * sample
         per = busy / tasks
         self.task_time = per if self.task_time is None else 0.7 * self.task_time + 0.3 * per
         if self.adaptive:
-            want = int(WINDOW_BUDGET / max(self.task_time, 1e-7)) + 1
+            budget = WINDOW_BUDGET + (self.round_trip or 0.0)
+            want = int(budget / max(self.task_time, 1e-7)) + 1
             self.window = max(2, min(self.max_window, want))

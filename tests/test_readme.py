@@ -19,6 +19,12 @@ def test_the_readme_has_python_blocks() -> None:
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_a_readme_block_runs(index: int, tmp_path: Path) -> None:
+    if "RedisQueue" in BLOCKS[index]:
+        from redisfixtures import redis_missing
+
+        why = redis_missing()
+        if why is not None:
+            pytest.skip(f"this block needs a Redis: {why}")
     script = tmp_path / f"block{index}.py"
     script.write_text(BLOCKS[index])
     done = subprocess.run(

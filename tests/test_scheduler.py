@@ -311,3 +311,20 @@ def test_finished_tasks_do_not_pile_up_in_the_deadline_heap() -> None:
         core.dispatch(0.0)
         core.results(a, [[t.id, OK, 0] for t in tasks], None, 1.0)
     assert core.live == 0 and len(core.deadlines) <= 2 * 1000 + 1024
+
+
+def test_an_adaptive_window_covers_the_measured_round_trip() -> None:
+    """A worker 50 ms away, 3 ms per task: the window holds the round trip's worth of tasks
+    on top of the usual 10 ms, so the worker does not sit idle waiting for its next task."""
+    core, (near, far) = core_with(64, 64, adaptive=True)
+    core.admit([make(core, seq=i) for i in range(200)], 0, timed=False)
+    core.dispatch(0.0)  # both idle: each gets work, and a round-trip probe
+    t_near, t_far = ids(near)[0], ids(far)[0]
+    core.results(near, [[t_near, OK, 0]], 0.003, 0.0035)  # answered 0.5 ms after it was sent
+    core.results(far, [[t_far, OK, 0]], 0.003, 0.053)  # 53 ms: 50 of them on the way
+    assert near.round_trip == pytest.approx(0.0005) and far.round_trip == pytest.approx(0.050)
+    assert near.window == int(0.0105 / 0.003) + 1 == 4
+    assert far.window == int(0.060 / 0.003) + 1 == 21
+    # Busy workers are not probed again: a later result does not change the estimate.
+    core.results(far, [[ids(far)[0], OK, 0]], 0.003, 0.5)
+    assert far.round_trip == pytest.approx(0.050)

@@ -1,0 +1,487 @@
+"""A producer on a :class:`~._redisqueue.RedisQueue`: :class:`RedisClient`.
+
+It mirrors the coordinator's ``submit()`` and ``map()``: the tasks go to the shared stream
+instead of a coordinator's memory, and whichever coordinator runs them, the results come back
+through this producer's own result stream, in submission order, once each.
+
+Exactly once, in order. The producer numbers its items; a result entry names the numbers it
+answers. A number that already has its result (an entry that ran twice, because the
+coordinator running it died after writing the result and before acknowledging the entry) is
+dropped, and its entry deleted. Results are handed over by number: ``map()`` through a reorder
+buffer, ``submit()`` by its future.
+
+Restarts. The producer's *cursor* - the next number, and the numbers whose results were handed
+over ("taken") - lives in Redis. Every ``commit_interval`` seconds, and at :meth:`close`, the
+producer writes the numbers taken since, and in the same transaction deletes their result
+entries. A producer started again under the same ``name`` reads its cursor: every number below
+its next one that was not taken is *expected*, and :meth:`RedisClient.resume` yields those
+results in order, whether they were already in the result stream or are still being computed.
+After a :meth:`close` nothing is repeated; after a crash (``kill -9``) the results handed over
+in the last ``commit_interval`` are handed over again - at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from . import _codec
+from ._delivery import CallbackRunner, TaskFuture, deliver
+from ._endpoints import Backoff
+from ._errors import ClosedError
+from ._iterate import EACH, RAISE, YIELD, as_error, classify
+from ._redisformat import (
+    BadEntry,
+    Body,
+    SeqSet,
+    check_name,
+    encode_body,
+    parse_result,
+    stream_entries,
+    task_fields,
+)
+from ._redisqueue import RedisQueue, require_redis
+from ._redisresults import MapSink, ResumeBuffer, outcomes
+from ._tasks import ERROR, OK, TIMEOUT, Task
+
+log = logging.getLogger(__name__)
+
+ENTRY_TIME = 0.005  # automatic chunks: about this much of the measured throughput per entry
+MAX_CHUNK = 4096
+CHUNK_BYTES = 1 << 20  # ... and at most this much data per entry
+BUFFER_TIME = 0.2  # map()'s automatic buffer: about this much of the measured throughput
+MAX_BUFFER = 65_536
+
+
+@dataclass(frozen=True)
+class ProducerStats:
+    """A producer's counters: items ``submitted`` and ``taken`` (results handed over) in this
+    run, ``duplicates`` (second results dropped), ``outstanding`` (submitted here, no result
+    yet), ``expected`` (items of an earlier run under this name still to be resumed),
+    ``rate`` (items answered per second, recent)."""
+
+    name: str
+    submitted: int
+    taken: int
+    duplicates: int
+    outstanding: int
+    expected: int
+    rate: float
+
+
+class RedisClient:
+    """Submit tasks to a shared :class:`RedisQueue`; get results in order, once each.
+
+    ``name`` identifies the producer: its result stream and cursor are kept under it, so a
+    producer started again under the same name resumes (:meth:`resume`); without one a random
+    name is used. One process per name at a time. ``max_outstanding`` items (and
+    ``max_outstanding_bytes`` of their data) may wait for results at once; ``submit()`` and
+    ``map()`` block beyond that, and while the queue's stream is longer than its
+    ``max_length``.
+    """
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        name: str | None = None,
+        *,
+        max_outstanding: int = 65_536,
+        max_outstanding_bytes: int = 64 * 1024 * 1024,
+        commit_interval: float = 0.1,
+    ) -> None:
+        self.queue = queue
+        self.name = check_name(name) if name is not None else f"p-{uuid.uuid4().hex[:16]}"
+        self.max_outstanding = max_outstanding
+        self.max_outstanding_bytes = max_outstanding_bytes
+        self.commit_interval = commit_interval
+        self._redis = require_redis()
+        self._results_key = queue.results_key(self.name)
+        self._cursor_key = queue.producer_key(self.name)
+        self._r = queue.connect()
+        self._submitting = threading.Lock()
+        self._cv = threading.Condition(threading.Lock())
+        queue.ensure_group(self._r)
+        cursor = self._r.hgetall(self._cursor_key)
+        self._next = int(cursor.get(b"next", 0))
+        try:
+            runs = json.loads(cursor.get(b"taken", b"[]"))
+        except ValueError:
+            runs = []
+        self._taken = SeqSet(runs if isinstance(runs, list) else [])
+        expected = SeqSet([[0, self._next]] if self._next else [])
+        for s, e in self._taken.runs():
+            expected.remove(s, e)
+        self._resume = ResumeBuffer(expected)
+        self._maps: weakref.WeakSet[MapSink] = weakref.WeakSet()  # live map()s
+        # first number -> (sink, count, bytes, offset: the map position minus the number)
+        self._sinks: dict[int, tuple[Any, int, int, int]] = {}
+        self._delivered: dict[int, tuple[int, bytes]] = {}  # first number -> (count, result id)
+        self._deletable: list[bytes] = []  # result entries to delete (duplicates)
+        self._dirty = False
+        self._outstanding = self._outstanding_bytes = 0
+        self._stream_length = 0
+        self.submitted = self.taken_count = self.duplicates = 0
+        self._answered = 0
+        self._rate = 0.0
+        self._closed = False
+        self._stop = threading.Event()
+        self._runner = CallbackRunner(f"redis-{self.name}")
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"pytaskqml-redis-results-{self.name}", daemon=True
+        )
+        self._reader.start()
+
+    def __enter__(self) -> RedisClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RedisClient {self.name!r} on {self.queue!r}>"
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, payload: Any, *, timeout: float | None = None) -> Future[Any]:
+        """Queue one task; returns a :class:`concurrent.futures.Future`. ``timeout`` counts
+        from now (by the wall clock, as the coordinator that runs it sees it): past it the
+        future fails with ``TimeoutError``. ``TypeError`` here for a payload that cannot
+        travel."""
+        fut = TaskFuture()
+        fut._runner = self._runner
+        deadline = None if timeout is None else time.time() + timeout
+        self._send([encode_body(1, payload, deadline=deadline)], fut, 0)
+        return fut
+
+    def map(
+        self,
+        iterable: Iterable[Any],
+        *,
+        buffersize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        on_error: Literal["raise", "return"] = "raise",
+        chunksize: int | None = None,
+    ) -> Iterator[Any]:
+        """Yield results for *iterable* in submission order (or as completed), as
+        ``Coordinator.map()`` does: lazily, at most ``buffersize`` items outstanding,
+        ``timeout`` bounding each item's run, errors raised at their position (or returned).
+        Tiny items travel ``chunksize`` to an entry (``None``: about 5 ms of the measured
+        throughput, at most 1 MiB of data; items with a ``timeout`` go alone)."""
+        if on_error not in ("raise", "return"):
+            raise ValueError("on_error must be 'raise' or 'return'")
+        self._check_open()
+        return self._map(iter(iterable), buffersize, ordered, timeout, on_error, chunksize)
+
+    def _map(
+        self,
+        it: Iterator[Any],
+        fixed_buffer: int | None,
+        ordered: bool,
+        timeout: float | None,
+        on_error: str,
+        fixed_chunk: int | None,
+    ) -> Iterator[Any]:
+        sink = MapSink(ordered)
+        self._maps.add(sink)
+        raise_errors = on_error == "raise"
+        pos = outstanding = 0
+        exhausted = False
+        cap, chunk_cap = 256, 1
+
+        def top_up() -> None:
+            nonlocal pos, outstanding, exhausted, cap, chunk_cap
+            want = fixed_buffer or min(cap, max(256, int(self._rate * BUFFER_TIME)), MAX_BUFFER)
+            room = want - outstanding
+            if exhausted or room < max(1, want // 4):
+                return
+            cap = min(8 * cap, MAX_BUFFER)
+            items = list(itertools.islice(it, room))
+            exhausted = len(items) < room
+            if not items:
+                return
+            chunk = fixed_chunk or 1
+            if fixed_chunk is None and timeout is None:
+                chunk = min(max(1, int(self._rate * ENTRY_TIME)), chunk_cap, MAX_CHUNK)
+                chunk_cap = min(8 * chunk_cap, MAX_CHUNK)
+                if chunk > 1:
+                    text, bufs = _codec.encode(items[0])
+                    size = len(text) + sum(b.nbytes for b in bufs) + 16
+                    chunk = max(1, min(chunk, CHUNK_BYTES // size))
+            bodies = []
+            for i in range(0, len(items), chunk):
+                part = items[i : i + chunk]
+                payload = part if len(part) > 1 else part[0]
+                bodies.append(encode_body(len(part), payload, run_timeout=timeout))
+            self._send(bodies, sink, pos)
+            pos += len(items)
+            outstanding += len(items)
+
+        try:
+            while True:
+                top_up()
+                if outstanding == 0:
+                    return
+                for i, kind, value in sink.get_batch():
+                    what = classify(kind, value, raise_errors)
+                    seq = sink.origin.pop(i)
+                    if what == EACH:
+                        outstanding -= len(value)
+                        for k, v in enumerate(value, 1):
+                            sink.partial = (seq, k)  # handed out, should the caller stop here
+                            yield v
+                    else:
+                        outstanding -= 1
+                        if what == RAISE:
+                            self._took(seq, 1)
+                            raise as_error(kind, value)
+                        if what == YIELD:
+                            sink.partial = (seq, 1)
+                            yield value
+                    sink.partial = None
+                    self._took(seq, len(value) if what == EACH else 1)
+                    top_up()
+        finally:
+            if sink.partial is not None:
+                self._took(*sink.partial)
+                sink.partial = None
+            sink.abandoned = True  # what still comes for it is taken by the reader
+
+    def _send(self, bodies: list[Body], sink: Any, pos: int) -> None:
+        """Number the entries (*pos*: the map position of the first item), register *sink*
+        for them and append them in one transaction, so the cursor's next number and the
+        entries are stored together or not at all."""
+        self._check_open()
+        total = sum(b.count for b in bodies)
+        nbytes = sum(b.nbytes for b in bodies)
+        with self._submitting:
+            self._wait_for_room(total, nbytes)
+            base = self._next
+            fields = []
+            with self._cv:
+                seq = base
+                for b in bodies:
+                    fields.append(task_fields(self.name, seq, b))
+                    self._sinks[seq] = (sink, b.count, b.nbytes, pos - base)
+                    seq += b.count
+                self._outstanding += total
+                self._outstanding_bytes += nbytes
+                self._next = base + total
+            seqs = list(itertools.accumulate([b.count for b in bodies], initial=base))[:-1]
+            q = self.queue
+            pipe = self._r.pipeline(transaction=True)
+            for f in fields:
+                pipe.xadd(q.stream, f)
+            pipe.hset(self._cursor_key, "next", self._next)
+            pipe.expire(self._cursor_key, int(q.result_ttl))
+            pipe.xlen(q.stream)
+            try:
+                self._stream_length = pipe.execute()[-1]
+            except BaseException:
+                # Not stored (or not known to be): these numbers are never expected again.
+                with self._cv:
+                    for seq in seqs:
+                        self._forget(seq)
+                    self._taken.add(base, base + total)
+                    self._dirty = True
+                raise
+            self.submitted += total
+
+    def _wait_for_room(self, total: int, nbytes: int) -> None:
+        with self._cv:
+            self._cv.wait_for(
+                lambda: (
+                    self._closed
+                    or self._outstanding == 0
+                    or (
+                        self._outstanding + total <= self.max_outstanding
+                        and self._outstanding_bytes + nbytes <= self.max_outstanding_bytes
+                    )
+                )
+            )
+        self._check_open()
+        backoff = Backoff(first=0.01, cap=0.25)
+        while self._stream_length > self.queue.max_length and not self._closed:
+            time.sleep(backoff.next())  # the stream is full: wait for coordinators to catch up
+            self._stream_length = self._r.xlen(self.queue.stream)
+
+    def _forget(self, seq: int) -> None:
+        """Lock held: the entry at *seq* has its result (or never will)."""
+        entry = self._sinks.pop(seq, None)
+        if entry is not None:
+            self._outstanding -= entry[1]
+            self._outstanding_bytes -= entry[2]
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ resuming
+
+    def resume(
+        self, *, timeout: float | None = None, on_error: Literal["raise", "return"] = "return"
+    ) -> Iterator[Any]:
+        """Yield, in order, the results of the items an earlier run under this name submitted
+        and did not take (see the module's docstring). ``timeout`` bounds the wait for each
+        (``TimeoutError``)."""
+        self._check_open()
+        for _, value in self._resume.iterate(self._took, timeout, on_error == "raise"):
+            yield value
+
+    @property
+    def expected(self) -> int:
+        """How many items :meth:`resume` has still to yield."""
+        return len(self._resume)
+
+    def _took(self, seq: int, count: int) -> None:
+        with self._cv:
+            self._taken.add(seq, seq + count)
+            self.taken_count += count
+            self._dirty = True
+
+    # ------------------------------------------------------------------ results
+
+    def _read_loop(self) -> None:
+        backoff = Backoff(first=0.05, cap=2.0)
+        r: Any = None
+        last = b"0-0"  # from the start: what is there was either taken (dropped) or is wanted
+        next_commit = time.monotonic() + self.commit_interval
+        rate_at, rate_count = time.monotonic(), 0
+        while not self._stop.is_set():
+            try:
+                if r is None:
+                    r = self.queue.connect()
+                reply = r.xread({self._results_key: last}, count=1000, block=100)
+                for eid, fields in stream_entries(reply):
+                    last = eid
+                    self._on_result(eid, fields)
+                now = time.monotonic()
+                if now - rate_at >= 0.1:
+                    answered = self._answered
+                    fresh = (answered - rate_count) / (now - rate_at)
+                    self._rate = fresh if self._rate == 0 else 0.5 * self._rate + 0.5 * fresh
+                    rate_at, rate_count = now, answered
+                if now >= next_commit:
+                    self._commit(r)
+                    next_commit = now + self.commit_interval
+                backoff.reset()
+            except self._redis.RedisError as exc:
+                log.warning("Redis error reading results of %s, retrying: %s", self.name, exc)
+                self._stop.wait(backoff.next())
+            except Exception:
+                log.exception("the result reader of %s failed; retrying", self.name)
+                self._stop.wait(backoff.next())
+        if r is not None:
+            r.close()
+
+    def _on_result(self, eid: bytes, fields: Any) -> None:
+        try:
+            seq, count, kind, value = parse_result(fields)
+        except BadEntry as exc:
+            log.warning("dropping malformed result entry %r of %s: %s", eid, self.name, exc)
+            with self._cv:
+                self._deletable.append(eid)
+            return
+        outs = outcomes(seq, count, kind, value)
+        with self._cv:
+            entry = self._sinks.get(seq)
+            offset = 0
+            if entry is not None and entry[1] == count:
+                self._forget(seq)
+                sink, offset = entry[0], entry[3]
+            elif self._resume.take_over(outs):
+                sink = self._resume  # (lock order: ours, then the resume buffer's)
+            else:
+                self.duplicates += 1
+                self._deletable.append(eid)
+                return
+            self._delivered[seq] = (count, eid)
+            self._answered += count
+        if sink is self._resume:
+            pass
+        elif isinstance(sink, TaskFuture):
+            kind0, value0 = outs[0][1], outs[0][2]
+            if kind0 == TIMEOUT:
+                value0 = TimeoutError(f"task {seq} missed its deadline")
+            deliver(Task(seq, None, 0, sink, seq, 0.0), OK if kind0 == OK else ERROR, value0)
+            self._took(seq, 1)
+        elif sink.abandoned:
+            self._took(seq, count)  # nobody waits for it any more: it counts as taken
+        else:
+            sink.deliver_at(offset, outs)
+
+    def _commit(self, r: Any) -> None:
+        """Store the taken numbers and, in the same transaction, delete their result entries."""
+        with self._cv:
+            if not self._dirty and not self._deletable:
+                return
+            taken = self._taken
+            done = [s for s, (n, _) in self._delivered.items() if taken.covers(s, s + n)]
+            ids = [self._delivered.pop(s)[1] for s in done] + self._deletable
+            self._deletable = []
+            stored = SeqSet(taken.runs())
+            for sink in list(self._maps):
+                partial = sink.partial  # items of an entry handed out so far
+                if partial is not None:
+                    stored.add(partial[0], partial[0] + partial[1])
+            runs = json.dumps(stored.runs())
+            self._dirty = bool(self._maps)
+        pipe = r.pipeline(transaction=True)
+        pipe.hset(self._cursor_key, "taken", runs)
+        pipe.expire(self._cursor_key, int(self.queue.result_ttl))
+        if ids:
+            pipe.xdel(self._results_key, *ids)
+        try:
+            pipe.execute()
+        except BaseException:
+            with self._cv:
+                self._deletable.extend(ids)
+                self._dirty = True
+            raise
+
+    # ------------------------------------------------------------------ the rest
+
+    def statistics(self) -> ProducerStats:
+        with self._cv:
+            return ProducerStats(
+                self.name,
+                self.submitted,
+                self.taken_count,
+                self.duplicates,
+                self._outstanding,
+                len(self._resume.expected),
+                self._rate,
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the producer is closed")
+
+    def close(self) -> None:
+        """Store the cursor and stop. Items without a result stay queued and are computed;
+        a producer started again under the same name gets them from :meth:`resume`."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._stop.set()
+        self._reader.join(10.0)
+        try:
+            self._commit(self._r)
+        except self._redis.RedisError as exc:
+            log.warning("could not store the cursor of %s at close: %s", self.name, exc)
+        self._resume.close()
+        with self._cv:
+            pending = [entry[0] for entry in self._sinks.values()]
+        for sink in pending:
+            if isinstance(sink, TaskFuture) and not sink.done():
+                sink.set_exception(ClosedError("the producer was closed before the result came"))
+        self._r.close()
+        self._runner.close()
