@@ -10,6 +10,7 @@ import logging
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _codec, _connection
@@ -19,6 +20,7 @@ from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._engine import Engine
 from ._errors import ClosedError, ConnectionLost, NoWorkersError, RemoteTraceback, WorkerStartError
+from ._functions import FunctionWorker, function_target, is_function
 from ._handles import LocalHandle, WorkerHandle, WorkerOwner
 from ._links import Dialer
 from ._modelreg import Models
@@ -65,11 +67,18 @@ class WorkerPool:
             raise ClosedError("the coordinator is shut down")
 
     def add_local(
-        self, worker: Worker, threads: int = 1, *, window: int | None = None
+        self,
+        worker: Worker | Callable[[Any], Any],
+        threads: int = 1,
+        *,
+        window: int | None = None,
     ) -> WorkerHandle:
-        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here)."""
+        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here).
+        A plain function is run as ``function(payload)`` for each task."""
         if not isinstance(worker, Worker):
-            raise TypeError("add_local() takes a Worker instance")
+            if not is_function(worker):
+                raise TypeError("add_local() takes a Worker instance or a function")
+            worker = FunctionWorker(worker)
         check_positive("threads", threads, allow_none=False)
         check_positive("window", window)
         self._check_open()
@@ -89,7 +98,7 @@ class WorkerPool:
 
     def spawn(
         self,
-        worker_cls: type[Worker],
+        worker_cls: type[Worker] | Callable[[Any], Any],
         processes: int = 1,
         *,
         kwargs: dict[str, Any] | None = None,
@@ -105,9 +114,18 @@ class WorkerPool:
         it, a child that fails to start is started again with backoff; after
         ``max_start_failures`` failures in a row its place is given up, and tasks nothing else
         can run fail with that :class:`WorkerStartError`. Returns the children's process ids.
+
+        A plain module-level function instead of a class is run as ``function(payload)`` for
+        each task (by import path, in a :class:`FunctionWorker`; ``TypeError`` for a lambda,
+        a nested function or a bound method).
         """
+        if is_function(worker_cls):
+            if kwargs:
+                raise ValueError("kwargs= is for a Worker class; a function gets the payload")
+            target, main_path = function_target(worker_cls)
+            worker_cls, kwargs = FunctionWorker, {"function": target, "main_path": main_path}
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
-            raise TypeError("spawn() takes a Worker subclass")
+            raise TypeError("spawn() takes a Worker subclass or a module-level function")
         check_positive("processes", processes, allow_none=False)
         check_positive("window", window)
         target, main_path = class_target(worker_cls)
