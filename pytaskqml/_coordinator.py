@@ -252,6 +252,8 @@ class Coordinator(WorkerPool):
         return fut
 
     def _route(self, model: str | None, key: Any, with_meta: bool) -> Route | None:
+        if model is not None:
+            self._check_open()  # ClosedError, not "no such model", once shut down
         return route_for(self.models.check, model, key, with_meta)
 
     def map(

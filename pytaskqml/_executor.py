@@ -1,11 +1,13 @@
 """:class:`Executor`: ``concurrent.futures.Executor`` on a coordinator of its own.
 
-A call ``submit(fn, *args, **kwargs)`` becomes the task ``["module:qualname", args, kwargs]``
-for the :class:`~._functions.FunctionWorker` processes the executor spawns (they may run any
-function: their coordinator is this program, see :mod:`._functions`). ``map()`` is the
-coordinator's ``map()`` over such tasks: bounded, ordered, chunked. What comes back as a
-:class:`TaskFailed` naming a builtin exception type is raised as that type again
-(:func:`caller_error`).
+Each function the executor is given becomes a named model on its workers (a
+:class:`~._functions.FunctionModel`, loaded the first time the function is used; the workers
+are :class:`~._functions.FunctionWorker` processes, whose model table trusts this coordinator,
+see :mod:`._functions`). A call is a task for that model, whose payload is the argument list
+(``[args, kwargs]`` for calls with keyword arguments): a ``map()`` names its function once per
+task, not once per call, and is the coordinator's ``map()`` - bounded, ordered, chunked. What
+comes back as a :class:`TaskFailed` naming a builtin exception type is raised as that type
+again (:func:`caller_error`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ import ast
 import atexit
 import builtins
 import concurrent.futures
-import contextlib
 import os
 import re
-import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 from ._coordinator import Coordinator
 from ._delivery import TaskFuture
 from ._errors import ClosedError, TaskFailed
-from ._functions import FunctionWorker, function_target
+from ._functions import FunctionModel, FunctionWorker, function_target
 
 __all__ = ["Executor", "caller_error"]
 
@@ -87,9 +88,13 @@ class Executor(concurrent.futures.Executor):
       ends on ``KeyboardInterrupt`` (or another exception that is not an ``Exception``): then
       queued calls are cancelled and running ones get ``cancel_grace`` (0.5 s), so Ctrl-C
       ends the program at once.
+    - A function a worker cannot import (its module is not on the worker's path) fails each
+      of its calls with that ``ImportError``.
     - Not supported: ``mp_context``, ``max_tasks_per_child``. ``max_workers=0`` spawns
-      nothing: attach workers to :attr:`coordinator` yourself (e.g. ``pytaskqml worker
-      pytaskqml:FunctionWorker --kwargs '{"allow": ["myapp:f"]}'``).
+      nothing, for workers of your own: ``ex.coordinator.add_local(FunctionWorker(),
+      threads=4)`` makes it a thread pool. The calls go only to workers that trust this
+      coordinator (spawned or thread workers): a ``pytaskqml worker`` never runs a function
+      a peer names.
     """
 
     def __init__(
@@ -103,15 +108,12 @@ class Executor(concurrent.futures.Executor):
             max_workers = os.cpu_count() or 1
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 0:
             raise ValueError(f"max_workers must be a whole number, got {max_workers!r}")
-        kwargs: dict[str, Any] = {"trust_coordinator": True}
-        main = sys.modules.get("__main__")
-        main_file = getattr(main, "__file__", None)
-        if isinstance(main_file, str) and os.path.isfile(main_file):
-            kwargs["main_path"] = os.path.abspath(main_file)
+        kwargs: dict[str, Any] = {}
         if initializer is not None:
-            kwargs["initializer"], _ = function_target(initializer)
+            kwargs["initializer"], kwargs["main_path"] = function_target(initializer)
             kwargs["initargs"] = list(initargs)
-        self._targets: dict[Any, str] = {}
+        self._models: dict[tuple[Any, str], str] = {}
+        self._lock = threading.Lock()
         self._coord = Coordinator(**options)
         try:
             if max_workers:
@@ -128,30 +130,36 @@ class Executor(concurrent.futures.Executor):
         """The :class:`Coordinator` the calls go through (statistics, more workers)."""
         return self._coord
 
-    def _target(self, fn: Callable[..., object]) -> str:
+    def _model(self, fn: Callable[..., object], call: str) -> str:
+        """The name of the model that runs *fn* with items of kind *call* (see
+        :class:`FunctionModel`), loaded on the workers the first time."""
         try:
-            return self._targets[fn]
+            return self._models[fn, call]
         except (KeyError, TypeError):  # not seen yet, or unhashable
             pass
-        target, _ = function_target(fn)
-        with contextlib.suppress(TypeError):
-            self._targets[fn] = target
-        return target
+        target, main_path = function_target(fn)
+        name = f"call:{call}:{target}"
+        with self._lock:
+            if (fn, call) not in self._models:
+                config = {"function": target, "main_path": main_path, "call": call}
+                self._coord.models.load(name, FunctionModel, config=config, wait=False)
+                self._models[fn, call] = name
+        return name
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Run ``fn(*args, **kwargs)`` in a worker process; returns a Future.
 
         ``TypeError`` here for a function that has no import path, or arguments that cannot
         travel; ``RuntimeError`` after :meth:`shutdown`."""
-        target = self._target(fn)
+        model = self._model(fn, "kwargs" if kwargs else "args")
         try:
-            inner = self._coord.submit([target, args, kwargs] if kwargs else [target, args])
+            inner = self._coord.submit([args, kwargs] if kwargs else args, model=model)
         except ClosedError:
             raise RuntimeError(_SHUT) from None
         except TypeError as exc:
             raise TypeError(
-                f"the arguments of {target} cannot be sent to a worker (JSON, bytes and NumPy "
-                f"arrays only, never pickle): {exc}"
+                f"the arguments of {model.split(':', 2)[2]} cannot be sent to a worker "
+                f"(JSON, bytes and NumPy arrays only, never pickle): {exc}"
             ) from exc
         assert isinstance(inner, TaskFuture)
         return CallFuture(inner)
@@ -168,13 +176,16 @@ class Executor(concurrent.futures.Executor):
         order; lazy and bounded (see the class docstring). ``timeout`` counts from this call:
         a result not ready by then raises ``TimeoutError``. ``chunksize`` calls travel and run
         as one task (default: chosen from the measured time per call)."""
-        target = self._target(fn)
         if chunksize is not None and (isinstance(chunksize, bool) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
-        calls = ([target, args] for args in zip(*iterables, strict=False))  # the shortest ends it
+        # One iterable: its items are the arguments themselves, nothing to pack or unpack.
+        # Several: zip's tuples, the shortest input ending it as in the standard library.
+        one = len(iterables) == 1
+        model = self._model(fn, "one" if one else "args")
         try:
             results = self._coord.map(
-                calls,
+                iterables[0] if one else zip(*iterables, strict=False),
+                model=model,
                 chunksize=chunksize,
                 buffersize=buffersize,
                 total_timeout=None if timeout is None else max(0.0, timeout),

@@ -1,23 +1,28 @@
-"""Plain functions as workers: naming one by import path, and :class:`FunctionWorker`.
+"""Plain functions as workers: naming one by import path, :class:`FunctionWorker` and
+:class:`FunctionModel`.
 
 A function never travels as code or pickle. The caller names it as ``module:qualname``
 (:func:`function_target`, which refuses what a worker could not import: lambdas, nested
 functions, bound methods, a ``__main__`` that is not a file), and the worker imports it.
 
-Who chooses what a worker imports. Importing a module a task payload names is exactly what a
-peer must never be able to make a worker do. So a :class:`FunctionWorker` is told at start -
-by whoever starts it, never by a task - which functions it runs:
+Who chooses what a worker imports. Importing a module a task names is exactly what a peer must
+never be able to make a worker do. So what a worker may import is decided where it starts, by
+whoever starts it:
 
 * ``FunctionWorker("myapp:f")`` (what ``Coordinator.spawn(f)`` and ``add_local(f)`` build):
   one function; each task's payload is its one argument.
 * ``FunctionWorker(allow=["myapp:f", "myapp:g"])`` (``pytaskqml worker
   pytaskqml:FunctionWorker --kwargs '{"allow": [...]}'``): tasks ``["module:function",
   [args...], {kwargs}]`` naming one of those; any other name is refused with
-  ``PermissionError`` before anything is imported.
-* ``FunctionWorker(trust_coordinator=True)``: any importable function. Only the processes an
-  :class:`~pytaskqml.Executor` spawns run this way: their channel to the coordinator is a
-  socketpair nobody else holds, and that coordinator is the program that chose the functions.
-  ``pytaskqml worker`` refuses it (see :meth:`FunctionWorker.standalone_problem`).
+  ``PermissionError`` before anything is imported. ``pytaskqml worker`` runs a FunctionWorker
+  only with such a list (see :meth:`FunctionWorker.standalone_problem`).
+* ``FunctionWorker()``, what an :class:`~pytaskqml.Executor` spawns, runs the functions its
+  coordinator loads on it as named models (:class:`FunctionModel`, one per function: the
+  function is named once per task, not per call, and the model table loads it again on a
+  restarted worker). A FunctionModel imports whatever function its config names, so only a
+  model table that trusts its coordinator loads it - a spawned process's (its channel is a
+  socketpair nobody else holds) or a thread worker's; a ``pytaskqml worker`` refuses it even
+  when its ``--models`` file lists it.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._bootstrap import load_main
+from ._models import Model
 from ._worker import Worker
 
-__all__ = ["FunctionWorker", "function_target", "is_function", "resolve"]
+__all__ = ["FunctionModel", "FunctionWorker", "function_target", "is_function", "resolve"]
 
 
 def is_function(obj: object) -> bool:
@@ -131,9 +137,10 @@ class FunctionWorker(Worker):
 
     ``function`` is the one function (``"module:function"``, or the function itself for a
     thread worker); ``allow`` the ``"module:function"`` names a worker that takes calls may
-    run; ``trust_coordinator`` lets it run any (for the processes an Executor spawns).
-    ``main_path`` is the caller's script, for functions of its ``__main__``. ``initializer``
-    (``"module:function"``) is called with ``initargs`` in :meth:`setup`, once per worker.
+    run; with neither, the worker runs only the functions loaded on it as named models (an
+    Executor's workers). ``main_path`` is the caller's script, for functions of its
+    ``__main__``. ``initializer`` (``"module:function"``) is called with ``initargs`` in
+    :meth:`setup`, once per worker process.
     """
 
     def __init__(
@@ -141,16 +148,14 @@ class FunctionWorker(Worker):
         function: str | Callable[..., Any] | None = None,
         *,
         allow: Sequence[str] | None = None,
-        trust_coordinator: bool = False,
         main_path: str | None = None,
         initializer: str | None = None,
         initargs: Sequence[Any] = (),
     ) -> None:
-        if (function is not None) + (allow is not None) + bool(trust_coordinator) != 1:
-            raise ValueError(
-                "FunctionWorker takes one of: function (the one function it runs), allow (the "
-                "functions it may run) or trust_coordinator=True"
-            )
+        if function is not None and allow is not None:
+            raise ValueError("FunctionWorker takes a function or an allow-list, not both")
+        if function is not None and not (isinstance(function, str) or callable(function)):
+            raise TypeError('function must be a "module:function" name or a function')
         if allow is not None and (
             isinstance(allow, str) or not all(isinstance(a, str) for a in allow)
         ):
@@ -159,22 +164,16 @@ class FunctionWorker(Worker):
             raise TypeError('initializer must be a "module:function" name')
         self.function = function
         self.allow = None if allow is None else frozenset(allow)
-        self.trust_coordinator = bool(trust_coordinator)
         self.main_path = main_path
         self.initializer = initializer
         self.initargs = list(initargs)
         self._single: Callable[[Any], Any] | None = function if callable(function) else None
-        self._cache: dict[str, Callable[..., Any]] = {}
+        self._allowed: dict[str, Callable[..., Any]] = {}
 
     @classmethod
     def standalone_problem(cls, kwargs: dict[str, Any]) -> str | None:
         """Why ``pytaskqml worker`` must not run a FunctionWorker with *kwargs*, or None: a
         worker that peers reach over the network runs only the functions its operator named."""
-        if kwargs.get("trust_coordinator"):
-            return (
-                "trust_coordinator is for the processes an Executor spawns; name the functions "
-                'this worker may run: --kwargs \'{"allow": ["myapp:f", ...]}\''
-            )
         if not kwargs.get("allow") and not kwargs.get("function"):
             return (
                 "name the functions this worker may run: "
@@ -187,7 +186,7 @@ class FunctionWorker(Worker):
             self._single = resolve(self.function, self.main_path)
         if self.allow is not None:
             # Import what is allowed now: a typo fails the start, not the first task.
-            self._cache = {name: resolve(name) for name in sorted(self.allow)}
+            self._allowed = {name: resolve(name) for name in sorted(self.allow)}
         if self.initializer is not None:
             resolve(self.initializer, self.main_path)(*self.initargs)
 
@@ -195,6 +194,8 @@ class FunctionWorker(Worker):
         single = self._single
         if single is not None:
             return single(payload)
+        if self.allow is None:
+            raise ValueError("this worker runs the functions loaded on it as named models only")
         if (
             type(payload) is not list
             or not 2 <= len(payload) <= 3
@@ -206,15 +207,55 @@ class FunctionWorker(Worker):
                 'a call for a FunctionWorker is ["module:function", [args...], {kwargs}], got '
                 f"{type(payload).__name__}"
             )
-        name = payload[0]
-        fn = self._cache.get(name)
+        fn = self._allowed.get(payload[0])
         if fn is None:
-            if not self.trust_coordinator:
-                raise PermissionError(
-                    f"function {name!r} is not on this worker's allow-list "
-                    f"({', '.join(sorted(self.allow or ()))})"
-                )
-            fn = self._cache[name] = resolve(name, self.main_path)
+            raise PermissionError(
+                f"function {payload[0]!r} is not on this worker's allow-list "
+                f"({', '.join(sorted(self.allow))})"
+            )
         if len(payload) == 3:
             return fn(*payload[1], **payload[2])
         return fn(*payload[1])
+
+
+class FunctionModel(Model):
+    """One function as a named model: what an Executor loads on its workers per function.
+
+    Config: ``{"function": "module:qualname", "main_path": ..., "call": kind}``, where *kind*
+    says what an item is: ``"args"`` the call's argument list, ``"one"`` its one argument (a
+    ``map()`` over one iterable: nothing to unpack), ``"kwargs"`` ``[args, kwargs]``. A
+    function that cannot be imported there fails each call with its import error (the load
+    itself succeeds), as a call fails in ``ProcessPoolExecutor`` when its worker cannot
+    unpickle the function.
+    """
+
+    # Imports any function its config names: only for a model table that trusts its
+    # coordinator (see _models.ModelTable).
+    trusted_only = True
+
+    def load(self, config: dict[str, Any]) -> None:
+        name = str(config.get("function"))
+        main_path = config.get("main_path")
+        kind = config.get("call", "args")
+        if kind not in CALL_KINDS:
+            raise ValueError(f"call must be one of {', '.join(CALL_KINDS)}, got {kind!r}")
+        try:
+            fn = resolve(name, main_path if isinstance(main_path, str) else None)
+        except Exception as exc:
+            error, tb = exc, exc.__traceback__
+
+            def fail(item: Any) -> Any:
+                raise error.with_traceback(tb)
+
+            self.predict = fail  # type: ignore[method-assign]
+            return
+        if kind == "one":
+            self.predict = fn  # type: ignore[method-assign]
+        elif kind == "kwargs":
+            self.predict = lambda item: fn(*item[0], **item[1])  # type: ignore[method-assign]
+        else:
+            self.predict = lambda item: fn(*item)  # type: ignore[method-assign]
+
+
+# What the items of a FunctionModel are (see its docstring).
+CALL_KINDS = ("args", "one", "kwargs")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +27,7 @@ from pytaskqml import (
     Coordinator,
     Executor,
     FunctionWorker,
+    ModelLoadError,
     RemoteTraceback,
     TaskFailed,
     WorkerLostError,
@@ -301,6 +303,29 @@ def test_what_has_no_import_path_or_cannot_travel_is_refused_at_submit(ours: Exe
     assert ours.submit(len, b"abcd").result(T) == 4
 
 
+def test_a_function_a_worker_cannot_import_fails_each_call_with_the_import_error(
+    ours: Executor,
+) -> None:
+    ghost = types.ModuleType("ghost_module_only_here")  # importable here, nowhere else
+
+    def haunt(x: int) -> int:
+        return x
+
+    haunt.__module__, haunt.__qualname__ = ghost.__name__, "haunt"
+    ghost.haunt = haunt  # type: ignore[attr-defined]
+    sys.modules[ghost.__name__] = ghost
+    try:
+        for _ in range(2):
+            exc = ours.submit(haunt, 1).exception(T)
+            assert type(exc) is ModuleNotFoundError, exc
+            assert "ghost_module_only_here" in str(exc)
+        with pytest.raises(ModuleNotFoundError):
+            list(ours.map(haunt, range(5)))
+        assert ours.submit(f.square, 3).result(T) == 9  # the others are not affected
+    finally:
+        del sys.modules[ghost.__name__]
+
+
 def test_function_targets_name_what_a_worker_can_import() -> None:
     assert function_target(f.square) == ("executor_funcs:square", None)
     assert function_target(Holder.static)[0] == "test_executor:Holder.static"
@@ -423,6 +448,10 @@ def test_spawn_and_add_local_take_plain_functions() -> None:
     with Coordinator() as local:
         local.add_local(lambda x: x + 1, threads=2)  # in-process: anything callable
         assert local.submit(1).result(T) == 2
+    with Executor(max_workers=0) as threads:  # an Executor on thread workers
+        threads.coordinator.add_local(FunctionWorker(), threads=2)
+        assert list(threads.map(f.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+        assert threads.submit(f.add, 1, b=2).result(T) == 3
 
 
 @pytest.mark.slow
@@ -467,26 +496,33 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
     procs: Procs, tmp_path: Path
 ) -> None:
     mark = tmp_path / "imported"
+    models = tmp_path / "models.json"  # an operator who lists FunctionModel still gets no
+    models.write_text(json.dumps({"allow": ["pytaskqml._functions:FunctionModel"]}))  # peer
     port = free_port()
     allow = json.dumps({"allow": ["executor_funcs:square", "executor_funcs:add"]})
     worker = procs.cli(
-        "worker", "pytaskqml:FunctionWorker", "--kwargs", allow,
+        "worker", "pytaskqml:FunctionWorker", "--kwargs", allow, "--models", str(models),
         "--listen", f"127.0.0.1:{port}", "--no-control",
         env=child_env(PYTASKQML_TEST_IMPORT_MARK=str(mark)),
     )  # fmt: skip
     read_line_with(worker, "listening on")
-    with Executor(max_workers=0) as ex:
-        ex.coordinator.connect(("127.0.0.1", port), timeout=T)
-        assert ex.submit(f.square, 4).result(T) == 16
-        assert list(ex.map(f.add, [1, 2], [10, 20])) == [11, 22]
-        with pytest.raises(PermissionError, match="allow-list"):
-            ex.submit(f.describe, 1).result(T)
-        # What a peer could send by hand is refused the same way, before any import.
+    with Coordinator() as coord:
+        coord.connect(("127.0.0.1", port), timeout=T)
+        assert coord.submit(["executor_funcs:square", [4]]).result(T) == 16
+        assert coord.submit(["executor_funcs:add", [1], {"b": 2, "scale": 3}]).result(T) == 9
+        assert list(coord.map([["executor_funcs:add", [i, 10]] for i in range(3)])) == [10, 11, 12]
         with pytest.raises(TaskFailed) as info:
-            ex.coordinator.submit(["import_marker:Marked", []]).result(T)
+            coord.submit(["executor_funcs:describe", [1]]).result(T)
+        assert info.value.remote_type == "PermissionError"
+        assert "allow-list" in info.value.message
+        with pytest.raises(TaskFailed) as info:
+            coord.submit(["import_marker:Marked", []]).result(T)
         assert info.value.remote_type == "PermissionError"
         with pytest.raises(TaskFailed, match="TypeError"):
-            ex.coordinator.submit("not a call").result(T)
+            coord.submit("not a call").result(T)
+        config = {"function": "import_marker:Marked"}
+        with pytest.raises(ModelLoadError, match="PermissionError"):
+            coord.models.load("sneaky", "pytaskqml._functions:FunctionModel", config=config)
     assert not mark.exists(), "the worker imported a module it was not allowed to"
 
 
@@ -494,7 +530,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
     ("kwargs", "says"),
     [
         ({}, "name the functions"),
-        ({"trust_coordinator": True}, "trust_coordinator is for"),
+        ({"allow": []}, "name the functions"),
         ({"allow": ["executor_funcs:no_such_function"]}, "no attribute"),
     ],
 )
