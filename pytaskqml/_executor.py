@@ -139,6 +139,10 @@ class Executor(concurrent.futures.Executor):
             pass
         target, main_path = function_target(fn)
         name = f"call:{call}:{target}"
+        try:
+            hash(fn)
+        except TypeError:
+            raise TypeError(f"{fn!r} is not a function: pass a module-level function") from None
         with self._lock:
             if (fn, call) not in self._models:
                 config = {"function": target, "main_path": main_path, "call": call}

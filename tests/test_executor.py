@@ -31,6 +31,7 @@ from pytaskqml import (
     RemoteTraceback,
     TaskFailed,
     WorkerLostError,
+    WorkerStartError,
 )
 from pytaskqml._executor import caller_error
 from pytaskqml._functions import function_target
@@ -383,6 +384,19 @@ def test_a_call_whose_worker_dies_runs_again_where_process_pool_breaks(tmp_path:
             ours.submit(f.exit_worker).result(T)  # kills max_retries + 1 workers
         assert ours.submit(f.square, 2).result(T) == 4  # and the executor goes on
         assert ours.coordinator.statistics().restarts >= 4
+
+
+@pytest.mark.slow
+def test_an_initializer_that_raises_fails_the_calls_where_process_pool_breaks() -> None:
+    init = {"initializer": f.fail_with, "initargs": ("value", "init broke")}
+    with make_theirs(1, **init) as theirs, pytest.raises(BrokenProcessPool):
+        theirs.submit(f.square, 2).result(T)
+    with Executor(max_workers=1, **init) as ours:
+        with pytest.raises(WorkerStartError, match="init broke") as info:
+            ours.submit(f.square, 2).result(T)
+        assert "raise cls(message)" in info.value.remote_traceback
+        with pytest.raises(WorkerStartError):
+            list(ours.map(f.square, [1, 2]))
 
 
 def test_map_is_lazy_and_bounded_so_an_endless_input_works(ours: Executor) -> None:
