@@ -424,6 +424,7 @@ def test_a_failing_call_in_a_chunk_fails_alone(ours: Executor) -> None:
     assert got == [0, 1, 2, 3, 4, 5]  # ProcessPoolExecutor loses the chunk's 4 and 5
 
 
+@pytest.mark.slow
 def test_shutdown_cancel_futures_and_an_interrupted_with_block(tmp_path: Path) -> None:
     gate = str(tmp_path / "never")
     ex = Executor(max_workers=1)
@@ -540,6 +541,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
     assert not mark.exists(), "the worker imported a module it was not allowed to"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kwargs", "says"),
     [
