@@ -217,6 +217,70 @@ class MultiprocessingSession(Session):
         self.pool.join()
 
 
+# --- the two drop-in executors -------------------------------------------------------------
+
+
+class ExecutorSession(Session):
+    """``executor.map(task, items, chunksize=...)`` on ``pytaskqml.Executor`` or on
+    ``concurrent.futures.ProcessPoolExecutor``, with the same module-level task function.
+
+    ``chunksize``: ``"pool"`` computes it as ``Pool.map`` does (items / (4 x workers)), an int
+    fixes it, ``None`` leaves each executor's default (pytaskqml: automatic, from the measured
+    time per call; ProcessPoolExecutor: 1).
+    """
+
+    def __init__(
+        self, which: str, kind: str, workers: int, chunksize: str | int | None, deadline: float
+    ) -> None:
+        super().__init__()
+        import concurrent.futures
+
+        self.fn = workloads.TASKS[kind]
+        self.workers = workers
+        self.fixed_chunksize = chunksize
+        self.ex: Any
+        if which == "pytaskqml":
+            from pytaskqml import Executor
+
+            self.ex = Executor(max_workers=workers)
+            if not self.ex.coordinator.wait_workers(workers, timeout=remaining(deadline)):
+                self.close()
+                raise RunFailed("the executor's workers did not start")
+        else:
+            self.ex = concurrent.futures.ProcessPoolExecutor(max_workers=workers)
+        self.which = which
+        self.params = {
+            "executor": which,
+            "chunksize": chunksize if chunksize is not None else "the executor's default",
+        }
+        if which != "pytaskqml":
+            self.params["start_method"] = multiprocessing.get_start_method()
+
+    def chunksize(self, n: int) -> int | None:
+        if self.fixed_chunksize == "pool":
+            chunksize, extra = divmod(n, self.workers * 4)
+            return max(1, chunksize + (1 if extra else 0))
+        return self.fixed_chunksize if isinstance(self.fixed_chunksize, int) else None
+
+    def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
+        chunksize = self.chunksize(len(items))
+        timeout = remaining(deadline)
+        if chunksize is None:
+            return list(self.ex.map(self.fn, items, timeout=timeout))
+        return list(self.ex.map(self.fn, items, timeout=timeout, chunksize=chunksize))
+
+    def run_one(self, item: Any, deadline: float) -> Any:
+        return self.ex.submit(self.fn, item).result(timeout=remaining(deadline))
+
+    def worker_pids(self) -> set[int]:
+        if self.which == "pytaskqml":
+            return {w.pid for w in self.ex.coordinator.workers if w.pid is not None}
+        return set(getattr(self.ex, "_processes", None) or {})
+
+    def close(self) -> None:
+        self.ex.shutdown(wait=True, cancel_futures=True)
+
+
 # --- baselines without a task queue: the ceilings the frames numbers are read against ---------
 
 
@@ -880,6 +944,30 @@ SYSTEMS: dict[str, SystemSpec] = {
             "multiprocessing.Pool.imap, chunksize=1",
             (),
             lambda kind, n, deadline, opts: MultiprocessingSession(kind, n, 1),
+        ),
+        SystemSpec(
+            "executor-map",
+            "pytaskqml.Executor.map, automatic chunks (its default)",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: ExecutorSession("pytaskqml", kind, n, None, deadline),
+        ),
+        SystemSpec(
+            "executor-map-pool-chunks",
+            "pytaskqml.Executor.map, chunksize computed like Pool.map",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: ExecutorSession("pytaskqml", kind, n, "pool", deadline),
+        ),
+        SystemSpec(
+            "ppe-map",
+            "concurrent.futures.ProcessPoolExecutor.map, chunksize computed like Pool.map",
+            (),
+            lambda kind, n, deadline, opts: ExecutorSession("ppe", kind, n, "pool", deadline),
+        ),
+        SystemSpec(
+            "ppe-map-1",
+            "concurrent.futures.ProcessPoolExecutor.map, chunksize=1 (its default)",
+            (),
+            lambda kind, n, deadline, opts: ExecutorSession("ppe", kind, n, None, deadline),
         ),
         SystemSpec(
             "compute-only",

@@ -22,6 +22,8 @@ from ._errors import (
     WorkerLostError,
     WorkerStartError,
 )
+from ._executor import Executor
+from ._functions import FunctionWorker
 from ._handoff import load, spill
 from ._iterate import Stream
 from ._models import Model, ModelWorker
@@ -39,6 +41,8 @@ __all__ = [
     "ClosedError",
     "ConnectionLost",
     "Coordinator",
+    "Executor",
+    "FunctionWorker",
     "LateResult",
     "Model",
     "ModelLoadError",

@@ -65,7 +65,7 @@ def load_class(target: str, base: type[Any], *, main_path: str | None = None) ->
         )
     try:
         if module_name in ("__main__", "__mp_main__") and main_path:
-            module = _load_main(main_path)
+            module = load_main(main_path)
         else:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
@@ -89,7 +89,7 @@ def load_class(target: str, base: type[Any], *, main_path: str | None = None) ->
     return obj
 
 
-def _load_main(path: str) -> Any:
+def load_main(path: str) -> Any:
     # The parent's main script is imported under another name, as multiprocessing does, so its
     # `if __name__ == "__main__":` block does not run again in the child.
     existing = sys.modules.get("__mp_main__")

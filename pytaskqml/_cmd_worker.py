@@ -21,6 +21,7 @@ from ._cli_common import (
     read_key,
 )
 from ._errors import WorkerStartError
+from ._functions import FunctionWorker
 from ._models import ModelTable, read_model_file
 from ._serve import WorkerServer
 
@@ -127,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         cls = load_worker_class(target)
     except WorkerStartError as exc:
         raise UserError(str(exc)) from None
+    # A peer names the function a task calls: only the operator's list may be imported.
+    problem = FunctionWorker.standalone_problem(kwargs) if issubclass(cls, FunctionWorker) else None
+    if problem:
+        raise UserError(f"{target}: {problem}")
 
     listener = None
     if listen:

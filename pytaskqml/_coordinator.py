@@ -273,6 +273,8 @@ class Coordinator(WorkerPool):
         return fut
 
     def _route(self, model: str | None, key: Any, with_meta: bool) -> Route | None:
+        if model is not None:
+            self._check_open()  # ClosedError, not "no such model", once shut down
         return route_for(self.models.check, model, key, with_meta)
 
     def map(
@@ -287,6 +289,7 @@ class Coordinator(WorkerPool):
         model: str | Callable[[Any], str] | None = None,
         key: Callable[[Any], str] | None = None,
         with_meta: bool = False,
+        total_timeout: float | None = None,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
@@ -311,12 +314,19 @@ class Coordinator(WorkerPool):
 
         ``model``, ``with_meta``: as for :meth:`submit` (``model`` may also be a function of
         the item, to mix models in one map); ``key(item)`` gives each item's key.
+
+        ``total_timeout`` counts from this call, as ``concurrent.futures.Executor.map``'s
+        timeout does: a result not ready by then raises ``TimeoutError`` from the iteration
+        (and what is outstanding is cancelled).
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
         check_positive("chunksize", chunksize)
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
+        if total_timeout is not None and not total_timeout >= 0:
+            raise ValueError(f"total_timeout must be 0 or more, got {total_timeout!r}")
+        deadline = None if total_timeout is None else time.monotonic() + total_timeout
         self._check_open()
         route, per_item = item_routes(self._route, model, key, with_meta)
         if per_item:
@@ -330,6 +340,7 @@ class Coordinator(WorkerPool):
             on_error,
             chunksize,
             route,
+            deadline,
         )
 
     def stream(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
@@ -60,9 +61,11 @@ def map_results(
     on_error: str,
     chunksize: int | None,
     route: Callable[[Any], Route] | None = None,
+    deadline: float | None = None,
 ) -> Iterator[Any]:
     """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
-    where each task may run (``chunksize`` must be 1 when it depends on the item)."""
+    where each task may run (``chunksize`` must be 1 when it depends on the item). Past
+    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError``."""
     collector = Collector(ordered)
     raise_errors = on_error == "raise"
     seq = 0
@@ -98,7 +101,8 @@ def map_results(
             top_up()
             if outstanding == 0:
                 return
-            for _, kind, value in collector.get_batch():
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            for _, kind, value in collector.get_batch(wait):
                 what = classify(kind, value, raise_errors)
                 if what == EACH:
                     outstanding -= len(value)

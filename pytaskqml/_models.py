@@ -169,6 +169,11 @@ class ModelTable:
         if not isinstance(config, dict):
             raise ValueError("a model's config must be a JSON object")
         cls = load_class(cls_name, Model)
+        if self.allowed is not None and getattr(cls, "trusted_only", False):
+            raise PermissionError(
+                f"{cls_name} imports what its config names: only workers a coordinator "
+                "spawned (or its thread workers) load it"
+            )
         model = cls()
         model.load(config)
         return _Target(name, version, model)

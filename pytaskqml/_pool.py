@@ -10,6 +10,7 @@ import logging
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import _codec, _connection
@@ -20,6 +21,7 @@ from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._engine import Engine
 from ._errors import ClosedError, ConnectionLost, NoWorkersError, RemoteTraceback, WorkerStartError
+from ._functions import FunctionWorker, function_target, is_function
 from ._handles import LocalHandle, WorkerHandle, WorkerOwner
 from ._links import Dialer
 from ._modelreg import Models
@@ -69,7 +71,7 @@ class WorkerPool:
 
     def add_local(
         self,
-        worker: Worker,
+        worker: Worker | Callable[[Any], Any],
         threads: int | tuple[int, int] = 1,
         *,
         window: int | None = None,
@@ -77,13 +79,16 @@ class WorkerPool:
         scale_down_idle: float = 10.0,
     ) -> WorkerHandle:
         """Run *worker* in ``threads`` threads of this process (``setup()`` is called here).
+        A plain function is run as ``function(payload)`` for each task.
 
         ``threads=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml._autoscale`):
         a thread more while work waits longer than ``scale_up_wait`` seconds, one less after
         ``scale_down_idle`` seconds with nothing to do.
         """
         if not isinstance(worker, Worker):
-            raise TypeError("add_local() takes a Worker instance")
+            if not is_function(worker):
+                raise TypeError("add_local() takes a Worker instance or a function")
+            worker = FunctionWorker(worker)
         lo, hi = bounds(threads, "threads")
         check_positive("window", window)
         self._check_open()
@@ -131,7 +136,7 @@ class WorkerPool:
 
     def spawn(
         self,
-        worker_cls: type[Worker],
+        worker_cls: type[Worker] | Callable[[Any], Any],
         processes: int | tuple[int, int] = 1,
         *,
         kwargs: dict[str, Any] | None = None,
@@ -154,9 +159,18 @@ class WorkerPool:
         it starts with ``min`` and grows while work waits longer than ``scale_up_wait``
         seconds; a worker with nothing to do for ``scale_down_idle`` seconds finishes what it
         holds and leaves, never below ``min``.
+
+        A plain module-level function instead of a class is run as ``function(payload)`` for
+        each task (by import path, in a :class:`FunctionWorker`; ``TypeError`` for a lambda,
+        a nested function or a bound method).
         """
+        if is_function(worker_cls):
+            if kwargs:
+                raise ValueError("kwargs= is for a Worker class; a function gets the payload")
+            target, main_path = function_target(worker_cls)
+            worker_cls, kwargs = FunctionWorker, {"function": target, "main_path": main_path}
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, Worker)):
-            raise TypeError("spawn() takes a Worker subclass")
+            raise TypeError("spawn() takes a Worker subclass or a module-level function")
         lo, hi = bounds(processes, "processes")
         check_positive("window", window)
         target, main_path = class_target(worker_cls)

@@ -82,6 +82,15 @@ def test_pytaskqml(system: str) -> None:
     assert latency["latency_us"]["samples"] == 2 * latency["n"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["executor-map", "executor-map-pool-chunks", "ppe-map"])
+def test_the_executors(system: str) -> None:
+    assert_ok(run_case(system, "wordcount", 2, tiny()))
+    latency = run_case(system, "latency", 2, tiny())
+    assert_ok(latency)
+    assert latency["latency_us"]["samples"] == 2 * latency["n"]
+
+
 def test_sleep_scaling_fields() -> None:
     result = run_case("pytaskqml-threads", "sleep", 4, tiny())
     assert_ok(result)
