@@ -57,7 +57,7 @@ from ._modelreg import Models
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
 from ._remote import Heartbeats
-from ._shutdown import finish_shutdown
+from ._shutdown import finish_shutdown, teardown
 from ._stats import QueueStats, Statistics
 from ._supervisor import Supervisor
 from ._tasks import LateResult, Route
@@ -174,6 +174,7 @@ class Coordinator(WorkerPool):
         self._stopped = threading.Event()
         self._rejected_peers = 0
         self._stats_lock = threading.Lock()
+        self._torn_down = False
         self._runner = CallbackRunner(name)
         self._engine = Engine(
             name=name,
@@ -461,7 +462,15 @@ class Coordinator(WorkerPool):
         ``cancel_futures``, cancel what is queued and give what is running ``cancel_grace``
         seconds before stopping its worker - then stop and reap every worker process and
         thread. Every future is resolved when this returns (with ``wait``): result,
-        exception or cancelled. ``timeout`` bounds the wait for unfinished work."""
+        exception or cancelled. ``timeout`` bounds the wait for unfinished work. A
+        KeyboardInterrupt (a second Ctrl-C) while it waits stops everything at once."""
+        try:
+            self._shutdown(wait, cancel_futures, timeout)
+        except KeyboardInterrupt:
+            teardown(self, cancel=True)  # once only: returns at once if it already ran
+            raise
+
+    def _shutdown(self, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
         if self._feed is not None:
             self._feed.stop_reading()  # no new entries; what it holds finishes or is released
         already = self._engine.close()

@@ -14,24 +14,25 @@ if TYPE_CHECKING:
 
 
 def finish_shutdown(self: Coordinator, timeout: float | None, cancel: bool) -> None:
-    """Drain (or, with *cancel*, give running work its grace), then stop everything; a
-    second Ctrl-C while draining stops at once."""
+    """Drain (or, with *cancel*, give running work its grace), then stop everything. (A
+    KeyboardInterrupt while draining goes to the caller, which stops at once.)"""
     engine = self._engine
-    try:
-        if cancel:
-            grace = self.cancel_grace if timeout is None else min(timeout, self.cancel_grace)
-            engine.drain(grace, self._can_progress)
-        else:
-            engine.drain(timeout, self._can_progress)
-    except KeyboardInterrupt:
-        # a second Ctrl-C: stop now
-        teardown(self, cancel=True)
-        raise
+    if cancel:
+        grace = self.cancel_grace if timeout is None else min(timeout, self.cancel_grace)
+        engine.drain(grace, self._can_progress)
+    else:
+        engine.drain(timeout, self._can_progress)
     teardown(self, cancel=cancel)
 
 
 def teardown(self: Coordinator, *, cancel: bool) -> None:
-    """Stop every worker, thread and endpoint of the coordinator; resolve what is left."""
+    """Stop every worker, thread and endpoint of the coordinator; resolve what is left. Runs
+    once (a later call returns at once); a KeyboardInterrupt while it waits for worker
+    processes kills them instead, and is raised again at the end."""
+    with self._stats_lock:
+        if self._torn_down:
+            return
+        self._torn_down = True
     engine = self._engine
     engine.stop()
     busy = engine.abandon_inflight(CancelledError("abandoned at shutdown")) if cancel else []
@@ -51,7 +52,14 @@ def teardown(self: Coordinator, *, cancel: bool) -> None:
         for s in seats:
             if s.handle is not None:
                 s.handle.request_stop()  # spawned workers leave; standalone ones stay up
-    self._supervisor.reap(seats, 0.5 if cancel else 5.0)
+    interrupted = False
+    try:
+        self._supervisor.reap(seats, 0.5 if cancel else 5.0)
+    except KeyboardInterrupt:
+        interrupted = cancel = True
+        for s in seats:
+            self._supervisor.kill(s)
+        self._supervisor.reap(seats, 0.5)
     for h in handles:
         h.close()
     for local in self._locals:
@@ -68,3 +76,5 @@ def teardown(self: Coordinator, *, cancel: bool) -> None:
     engine.stop_timer()
     self._runner.close()
     self._stopped.set()
+    if interrupted:
+        raise KeyboardInterrupt
