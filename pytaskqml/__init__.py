@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._handoff import load, spill
 from ._iterate import Stream
+from ._progress import Progress
 from ._stats import Statistics, WorkerStats
 from ._tasks import LateResult, TaskTimeout
 from ._worker import Worker
@@ -35,6 +36,7 @@ __all__ = [
     "Coordinator",
     "LateResult",
     "NoWorkersError",
+    "Progress",
     "ProtocolError",
     "PyTaskQMLError",
     "RemoteTraceback",

@@ -36,13 +36,14 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import CancelledError, Future
 from typing import Any, Literal
 
 from . import _connection, _protocol
 from ._bootstrap import call_teardown
 from ._control import ControlServer
+from ._dashboard import install_coordinator as install_status
 from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
@@ -53,6 +54,7 @@ from ._iterate import Stream, map_results
 from ._links import Dialer
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
+from ._progress import Progress
 from ._remote import Heartbeats
 from ._stats import Statistics
 from ._supervisor import Supervisor
@@ -235,6 +237,7 @@ class Coordinator(WorkerPool):
         timeout: float | None = None,
         on_error: Literal["raise", "return"] = "raise",
         chunksize: int | None = None,
+        progress: bool | Progress = False,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
@@ -256,12 +259,19 @@ class Coordinator(WorkerPool):
         time per item, so that tiny tasks share a task's overhead and slow ones go alone;
         items with a timeout always go alone). Items of a chunk that killed a worker are
         retried one by one, so a poison item fails alone.
+
+        ``progress=True`` shows a progress bar on stderr while the results are taken (``tqdm``
+        when it is importable, otherwise a line of its own; only on a terminal); a
+        :class:`Progress` gives it a label, a total for an input without ``len()``, or shows
+        it also off a terminal.
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
         check_positive("chunksize", chunksize)
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
+        if not isinstance(progress, bool | Progress):
+            raise TypeError("progress must be True, False or a pytaskqml.Progress")
         self._check_open()
         return map_results(
             self._intake,
@@ -271,6 +281,8 @@ class Coordinator(WorkerPool):
             timeout if timeout is not None else self.timeout,
             on_error,
             chunksize,
+            progress,
+            len(iterable) if progress and isinstance(iterable, Sized) else None,
         )
 
     def stream(
@@ -333,9 +345,18 @@ class Coordinator(WorkerPool):
     # ================================================================ control endpoint
 
     def serve_control(
-        self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, insecure: bool = False
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        insecure: bool = False,
+        open_metrics: bool = False,
     ) -> tuple[str, int]:
-        """Start the HTTP control endpoint (``GET /health``, ``POST /shutdown``)."""
+        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
+        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus).
+
+        With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
+        ``open_metrics`` lets anyone who can reach *address* read them (see
+        :mod:`pytaskqml._dashboard`)."""
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         if self._control is not None:
             raise RuntimeError("the control endpoint is already running")
@@ -361,6 +382,7 @@ class Coordinator(WorkerPool):
         self._control = ControlServer(
             addr, health=health, shutdown=stop, authkey=self.authkey, insecure=insecure
         )
+        install_status(self._control, self.statistics, name=self.name, open_metrics=open_metrics)
         self._control.start()
         return self._control.address
 

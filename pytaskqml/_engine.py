@@ -15,6 +15,7 @@ can still come). Nothing here is called with a handle's or the supervisor's lock
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -444,8 +445,8 @@ class Engine:
     ) -> Statistics:
         core = self.core
         with self.lock:
-            lat = sorted(core.latencies)
-            return Statistics(
+            lat = list(core.latencies)  # sorted below, with the lock released
+            snapshot = Statistics(
                 submitted=core.submitted,
                 completed=core.completed,
                 failed=core.failed,
@@ -462,14 +463,24 @@ class Engine:
                 queued=len(core.queue),
                 in_flight=core.in_flight,
                 workers=tuple(worker_stats(ws) for ws in core.workers),
-                latency_p50=percentile(lat, 0.50),
-                latency_p90=percentile(lat, 0.90),
-                latency_p99=percentile(lat, 0.99),
-                latency_max=lat[-1] if lat else None,
+                latency_p50=None,
+                latency_p90=None,
+                latency_p99=None,
+                latency_max=None,
                 uptime=uptime,
                 start_failures=start_failures,
                 start_error=start_error,
+                queue_wait=core.queue_wait.snapshot(),
+                latency=core.latency.snapshot(),
             )
+        lat.sort()
+        return dataclasses.replace(
+            snapshot,
+            latency_p50=percentile(lat, 0.50),
+            latency_p90=percentile(lat, 0.90),
+            latency_p99=percentile(lat, 0.99),
+            latency_max=lat[-1] if lat else None,
+        )
 
     def workers(self) -> tuple[WorkerStats, ...]:
         with self.lock:
@@ -478,7 +489,8 @@ class Engine:
 
 def worker_stats(ws: WorkerState) -> WorkerStats:
     h: WorkerHandle = ws.handle
-    shared = h.shared_memory()
+    placed, fallbacks, slots = h.shared_memory() or (None, None, None)
+    sent, received, through_shm = h.traffic() or (None, None, None)
     return WorkerStats(
         ws.name,
         h.kind,
@@ -488,5 +500,13 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
         len(ws.inflight),
         ws.completed,
         ws.failed,
-        *(shared if shared is not None else (None, None, None)),
+        placed,
+        fallbacks,
+        slots,
+        state="leaving" if not ws.accepting else "busy" if ws.inflight else "idle",
+        restarts=h.restarts,
+        busy_seconds=ws.busy,
+        bytes_sent=sent,
+        bytes_received=received,
+        shared_bytes=through_shm,
     )

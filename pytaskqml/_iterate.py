@@ -13,6 +13,7 @@ from typing import Any
 from ._errors import ClosedError
 from ._intake import MAX_MAP_BUFFER, Intake
 from ._ordered import ReorderBuffer
+from ._progress import Progress, open_bar
 from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, span
 
 # What an outcome becomes for the caller.
@@ -59,8 +60,11 @@ def map_results(
     timeout: float | None,
     on_error: str,
     chunksize: int | None,
+    progress: bool | Progress | None = None,
+    total: int | None = None,
 ) -> Iterator[Any]:
-    """The generator behind ``Coordinator.map()`` (arguments already checked)."""
+    """The generator behind ``Coordinator.map()`` (arguments already checked; *total*: the
+    input's length, if it has one, for the progress bar)."""
     collector = Collector(ordered)
     raise_errors = on_error == "raise"
     seq = 0
@@ -91,11 +95,14 @@ def map_results(
             seq += len(items)
             outstanding += len(items)
 
+    bar = open_bar(progress, total)
     try:
         while True:
             top_up()
             if outstanding == 0:
                 return
+            if bar is not None:
+                bar.update_to(seq - outstanding)  # items handed out so far
             for _, kind, value in collector.get_batch():
                 what = classify(kind, value, raise_errors)
                 if what == EACH:
@@ -110,6 +117,9 @@ def map_results(
                 top_up()
     finally:
         collector.abandoned = True
+        if bar is not None:
+            bar.update_to(seq - outstanding)
+            bar.close()
         if outstanding:
             intake.engine.cancel_abandoned()
 

@@ -212,6 +212,7 @@ class WorkerPool:
         window: int | None,
         arena: Any = None,
         owner: WorkerOwner | None = None,
+        restarts: int = 0,
     ) -> RemoteHandle | None:
         handle = RemoteHandle(
             self._engine,
@@ -223,6 +224,7 @@ class WorkerPool:
             arena=arena,
         )
         handle.owner = owner
+        handle.restarts = restarts
         if not self._engine.attach(handle):
             conn.abort()
             return None
@@ -301,6 +303,7 @@ class SpawnHost:
             window=seat.window,
             arena=seat.arena,
             owner=c._supervisor,
+            restarts=seat.restarts,
         )
 
     def seat_retired(self, seat: Seat) -> None:

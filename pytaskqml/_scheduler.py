@@ -42,6 +42,7 @@ from typing import Any
 
 from ._delivery import TaskFuture
 from ._errors import TaskFailed
+from ._histogram import Histogram, bucket
 from ._ordered import TaskQueue
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
 from ._workerstate import WorkerState
@@ -80,6 +81,7 @@ class Scheduler:
         self.timed_out = self.late = self.dropped = self.rejected = 0
         self.retried = self.poisoned = self.workers_lost = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
 
     # ------------------------------------------------------------------ workers
@@ -229,6 +231,7 @@ class Scheduler:
             return assigned
         workers = self.workers
         pop = items.popleft
+        waits, waited = self.queue_wait.counts, 0.0  # since submission, at first dispatch
         while items:
             if items[0].run_timeout is not None:
                 if not self._dispatch_timed(now, assigned):
@@ -262,6 +265,8 @@ class Scheduler:
                     continue
                 if not t.started:
                     t.started = True
+                    waits[bucket(now - t.t_submit)] += t.count
+                    waited += (now - t.t_submit) * t.count
                     s = t.sink  # is anyone still waiting for it? (inlined _still_wanted)
                     if s.__class__ is TaskFuture:
                         if not s.set_running_or_notify_cancel():
@@ -280,6 +285,7 @@ class Scheduler:
                 best.outbox.extend(tasks)
                 if best not in assigned:
                     assigned.append(best)
+        self.queue_wait.sum += waited
         return assigned
 
     def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:
@@ -298,6 +304,7 @@ class Scheduler:
             return True
         if not t.started:
             t.started = True
+            self.queue_wait.observe(now - t.t_submit, t.count)
             if not self._still_wanted(t):
                 return True
         assert t.run_timeout is not None
@@ -347,6 +354,7 @@ class Scheduler:
         group_sink: Any = None
         pop = ws.inflight.pop
         record = self.latencies.append
+        lat_counts, lat_sum = self.latency.counts, 0.0
         ok = failed = items = 0
         for tid, kind, value in entries:
             t = pop(tid, None)
@@ -373,6 +381,8 @@ class Scheduler:
             t.finished = True
             self.live -= 1
             latency = now - t.t_submit
+            lat_counts[bucket(latency)] += t.count
+            lat_sum += latency * t.count
             sink = t.sink
             is_future = sink.__class__ is TaskFuture
             if kind == RUN:
@@ -410,6 +420,7 @@ class Scheduler:
                 groups.append((sink, group))
         ws.completed += ok
         ws.failed += failed
+        self.latency.sum += lat_sum
         self.completed += ok
         self.failed += failed
         self.late += len(late)

@@ -33,6 +33,7 @@ from ._connection import Address, Connection
 from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 from ._protocol import CHUNK_ROW, RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
+from ._stats import ServeStats
 from ._worker import Worker, error_info, run_chunk, run_entries, worker_info
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ class WorkerServer:
         # arrive as views of it instead of through the socket.
         self._shared = _shm.SharedView(*shared) if shared is not None else None
         self.tasks_done = 0
+        self.errors = 0
+        self.busy_seconds = 0.0
+        self.connections = 0
+        self._bytes = [0, 0]  # sent, received over connections that have ended
         self._stop = threading.Event()
         self._conn: Connection | None = None
         self._busy = False  # the main thread is running tasks, not reading
@@ -94,6 +99,24 @@ class WorkerServer:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def statistics(self) -> ServeStats:
+        with self._lock:
+            conn = self._conn
+            sent, received = self._bytes
+        if conn is not None:
+            sent, received = sent + conn.bytes_out, received + conn.bytes_in
+        return ServeStats(
+            self.name,
+            self.tasks_done,
+            self.errors,
+            self.busy_seconds,
+            conn is not None,
+            self.connections,
+            sent,
+            received,
+            self.stopping,
+        )
 
     def request_stop(self) -> None:
         """Finish the task in hand, send its result, say goodbye, and stop serving.
@@ -214,6 +237,7 @@ class WorkerServer:
         with self._lock:
             self._conn = conn
             self._said_bye = False
+            self.connections += 1
         try:
             conn.send(
                 "hello",
@@ -244,6 +268,8 @@ class WorkerServer:
             done.set()
             with self._lock:
                 self._conn = None
+                self._bytes[0] += conn.bytes_out
+                self._bytes[1] += conn.bytes_in
             conn.abort()
             beat.join(timeout=5)
 
@@ -344,6 +370,7 @@ class WorkerServer:
             t0 = clock()
             rows = run_entries(self.worker, entries, batch=True)
             self.tasks_done += len(entries)
+            self.errors += _count_errors(rows)
             for row in entries:
                 row[1] = None  # drop our reference to the payload: its memory may be freed
             self._send_results(conn, rows, clock() - t0)
@@ -359,8 +386,11 @@ class WorkerServer:
                     pending.append((row[0], RESULT_OK, process(row[1])))
                 except Exception as exc:
                     pending.append((row[0], RESULT_ERROR, exc))
+                    self.errors += 1
             else:
                 pending.append(run_chunk(process, row[0], row[1]))
+                if pending[-1][1] == RESULT_CHUNK:
+                    self.errors += _count_errors(pending[-1:])
             row[1] = None
             self.tasks_done += 1
             now = clock()
@@ -374,6 +404,7 @@ class WorkerServer:
     def _send_results(
         self, conn: Connection, results: list[tuple[int, int, Any]], busy: float
     ) -> None:
+        self.busy_seconds += busy
         text, buffers = encode_results(results)
         freed = self._shared.collect() if self._shared is not None else None
         conn.send_json(
@@ -394,6 +425,17 @@ class WorkerServer:
             freed = self._shared.collect()
             if freed:
                 conn.send("free", {"f": freed})
+
+
+def _count_errors(rows: Sequence[tuple[int, int, Any]]) -> int:
+    """Items that raised among result rows (see :func:`~._worker.run_entries`)."""
+    n = 0
+    for _, flag, value in rows:
+        if flag == RESULT_ERROR:
+            n += 1
+        elif flag == RESULT_CHUNK:
+            n += sum(1 for k, _ in value if k == RESULT_ERROR)
+    return n
 
 
 def _valid_row(e: Any) -> bool:

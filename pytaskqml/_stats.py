@@ -1,8 +1,10 @@
-"""The snapshots :meth:`Coordinator.statistics` returns."""
+"""The snapshots :meth:`Coordinator.statistics` returns, and a worker process's own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ._histogram import HistogramSnapshot
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,12 @@ class WorkerStats:
     ``shared_buffers`` counts buffers of 64 KiB or more sent through it, ``shared_fallbacks``
     those sent over the socket instead because no slot was free, ``shared_in_use`` the slots
     the worker holds now (all three ``None`` for a worker without shared memory).
+
+    ``state`` is ``"busy"`` (it holds tasks), ``"idle"`` or ``"leaving"`` (it takes no more
+    work); ``restarts`` how often its process was started again (spawned workers), ``busy_seconds``
+    the time it reported spending on tasks. Over a connection, ``bytes_sent`` and
+    ``bytes_received`` count what went through the socket and ``shared_bytes`` what went through
+    shared memory instead (``None`` where there is no such path).
     """
 
     name: str
@@ -32,6 +40,12 @@ class WorkerStats:
     shared_buffers: int | None = None
     shared_fallbacks: int | None = None
     shared_in_use: int | None = None
+    state: str = "idle"
+    restarts: int = 0
+    busy_seconds: float = 0.0
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    shared_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,10 @@ class Statistics:
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
     results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
     since the coordinator was created.
+
+    ``queue_wait`` and ``latency`` are histograms (fixed buckets from 100 us to 10 s) of every
+    item's wait from submission to its first dispatch and from submission to its result, since
+    the coordinator was created (each item counts; the items of a chunk with the chunk's times).
     """
 
     submitted: int
@@ -78,6 +96,25 @@ class Statistics:
     uptime: float
     start_failures: int = 0
     start_error: str | None = None
+    queue_wait: HistogramSnapshot | None = None
+    latency: HistogramSnapshot | None = None
+
+
+@dataclass(frozen=True)
+class ServeStats:
+    """A worker process's counters since it started: ``tasks_done`` (a chunk counts once),
+    ``errors`` (items that raised), ``busy_seconds`` (running tasks), ``connections`` (served
+    so far), and the bytes through the sockets of all of them."""
+
+    name: str
+    tasks_done: int
+    errors: int
+    busy_seconds: float
+    connected: bool
+    connections: int
+    bytes_sent: int
+    bytes_received: int
+    stopping: bool
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:

@@ -22,6 +22,7 @@ class WorkerState:
         "accepting",
         "adaptive",
         "batch_size",
+        "busy",
         "completed",
         "concurrency",
         "failed",
@@ -62,6 +63,7 @@ class WorkerState:
         self.accepting = True
         self.completed = 0
         self.failed = 0
+        self.busy = 0.0  # seconds of work it reported, summed
         self.last_progress = now  # last result, or when it got work while holding none
         self.handle = handle
 
@@ -82,6 +84,7 @@ class WorkerState:
         """
         if tasks <= 0 or busy < 0:
             return
+        self.busy += busy
         per = busy / tasks
         self.task_time = per if self.task_time is None else 0.7 * self.task_time + 0.3 * per
         if self.adaptive:

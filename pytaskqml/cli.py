@@ -6,6 +6,8 @@
     pytaskqml worker myapp:WordCount --connect 127.0.0.1:7000
     pytaskqml shutdown 127.0.0.1:7101
     pytaskqml health 127.0.0.1:7101
+    pytaskqml status 127.0.0.1:7100 --watch
+    pytaskqml token --url 127.0.0.1:7100
 
 Each command lives in a module of its own (``_cmd_*``) with ``register(subparsers)``, which
 sets ``run`` as the parser's default. Errors a user can cause (a bad ``module:Class``, a port
@@ -21,11 +23,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _cmd_worker, _connection, _control
+from . import __version__, _cmd_status, _cmd_token, _cmd_worker, _connection, _control
 from ._cli_common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
 from ._errors import AuthenticationError, ConnectionLost
 
-COMMANDS: list[Any] = [_cmd_worker]
+COMMANDS: list[Any] = [_cmd_worker, _cmd_status, _cmd_token]
 
 
 def make_parser() -> argparse.ArgumentParser:
