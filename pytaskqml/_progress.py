@@ -10,6 +10,7 @@ costs a fast map nothing measurable.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import IO, Any, Protocol
 
@@ -52,6 +53,13 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+def _columns(stream: Any) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def open_bar(spec: bool | Progress | None, total: int | None) -> Bar | None:
     """The bar *spec* asks for (``None`` when it is off); *total* is the input's length when
     it has one."""
@@ -80,14 +88,18 @@ class _TqdmBar:
     def __init__(
         self, factory: Any, stream: IO[str], label: str, total: int | None, *, tty: bool
     ) -> None:
+        # A terminal that reports no width (a bare pseudo-terminal) would get an empty bar.
+        width = _columns(stream) if tty else 0
         self._bar = factory(
             total=total,
             desc=label or None,
             unit="item",
-            unit_scale=True,
+            unit_scale=False,
             file=stream,
             disable=False,
-            dynamic_ncols=tty,
+            dynamic_ncols=width > 0,
+            ncols=None if width > 0 or not tty else 80,
+            nrows=None if width > 0 or not tty else 24,
             mininterval=0.1 if tty else 2.0,
             leave=True,
         )
