@@ -21,6 +21,7 @@ from ._errors import (
     WorkerStartError,
 )
 from ._handoff import load, spill
+from ._histogram import HistogramSnapshot
 from ._iterate import Stream
 from ._progress import Progress
 from ._stats import Statistics, WorkerStats
@@ -34,6 +35,7 @@ __all__ = [
     "ClosedError",
     "ConnectionLost",
     "Coordinator",
+    "HistogramSnapshot",
     "LateResult",
     "NoWorkersError",
     "Progress",

@@ -118,6 +118,7 @@ class ControlServer:
         self._routes: dict[tuple[str, str], _Route] = {}
         self._requested = False
         self.stopped = threading.Event()  # set by stop(): what serves alongside it ends too
+        self.companions: list[threading.Thread] = []  # such threads, joined by stop()
 
         def stop(request: Request) -> Reply:
             log.info("shutdown requested through the control endpoint")
@@ -176,6 +177,9 @@ class ControlServer:
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+        for t in self.companions:
+            if t is not threading.current_thread():
+                t.join(5.0)
 
 
 def _make_handler(owner: ControlServer) -> type[BaseHTTPRequestHandler]:

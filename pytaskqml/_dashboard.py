@@ -282,6 +282,7 @@ def install_coordinator(
     )
     control.add_route("GET", "/status", status, auth=not open_metrics)
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
+    control.companions.append(sampler.thread)
     sampler.thread.start()
     return history
 

@@ -231,7 +231,8 @@ class Scheduler:
             return assigned
         workers = self.workers
         pop = items.popleft
-        waits, waited = self.queue_wait.counts, 0.0  # since submission, at first dispatch
+        # Queue waits, counted at first dispatch; an admission's tasks share one submission time.
+        waits, waited, since, b = self.queue_wait.counts, 0.0, None, 0
         while items:
             if items[0].run_timeout is not None:
                 if not self._dispatch_timed(now, assigned):
@@ -265,8 +266,10 @@ class Scheduler:
                     continue
                 if not t.started:
                     t.started = True
-                    waits[bucket(now - t.t_submit)] += t.count
-                    waited += (now - t.t_submit) * t.count
+                    if t.t_submit is not since:
+                        since, b = t.t_submit, bucket(now - t.t_submit)
+                    waits[b] += t.count
+                    waited += (now - since) * t.count
                     s = t.sink  # is anyone still waiting for it? (inlined _still_wanted)
                     if s.__class__ is TaskFuture:
                         if not s.set_running_or_notify_cancel():
@@ -354,7 +357,7 @@ class Scheduler:
         group_sink: Any = None
         pop = ws.inflight.pop
         record = self.latencies.append
-        lat_counts, lat_sum = self.latency.counts, 0.0
+        lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
         ok = failed = items = 0
         for tid, kind, value in entries:
             t = pop(tid, None)
@@ -381,7 +384,9 @@ class Scheduler:
             t.finished = True
             self.live -= 1
             latency = now - t.t_submit
-            lat_counts[bucket(latency)] += t.count
+            if t.t_submit is not since:  # (one bisect per admission, as in dispatch)
+                since, b = t.t_submit, bucket(latency)
+            lat_counts[b] += t.count
             lat_sum += latency * t.count
             sink = t.sink
             is_future = sink.__class__ is TaskFuture
@@ -447,7 +452,7 @@ class Scheduler:
         if len(dl) > 2 * self.live + 1024:
             # Mostly entries of tasks that finished early: drop them (amortised: the heap at
             # least halves each time).
-            dl[:] = [e for e in dl if _unfinished(e[2])]
+            dl[:] = [e for e in dl if (u := e[2]()) is not None and not u.finished]
             heapq.heapify(dl)
         assert t.deadline is not None
         heapq.heappush(dl, (t.deadline, t.id, weakref.ref(t)))
@@ -513,8 +518,3 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
-
-
-def _unfinished(ref: weakref.ref[Task]) -> bool:
-    t = ref()
-    return t is not None and not t.finished
