@@ -150,7 +150,10 @@ def test_metrics_match_statistics_after_a_known_workload() -> None:
         )
         assert (
             value(
-                fams, "pytaskqml_worker_tasks_failed", "pytaskqml_worker_tasks_failed_total", **labels
+                fams,
+                "pytaskqml_worker_tasks_failed",
+                "pytaskqml_worker_tasks_failed_total",
+                **labels,
             )
             == w.failed
         )
@@ -228,6 +231,7 @@ def test_the_page_forbids_everything_but_its_own_script() -> None:
     assert "connect-src 'self'" in policy and "unsafe-eval" not in policy
 
 
+@pytest.mark.slow
 def test_a_cli_worker_serves_its_own_metrics(procs: Procs) -> None:
     port, ctl = free_port(), free_port()
     worker = procs.cli(

@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 from conftest import HERE, Procs, child_env, free_port, read_line_with
 from sample_workers import Echo, Pid
 
@@ -92,6 +93,7 @@ def test_status_watch_refreshes_until_ctrl_c() -> None:
     assert later[-1] == first + 1
 
 
+@pytest.mark.slow
 def test_status_with_a_key_needs_it_and_token_prints_it(tmp_path: Path) -> None:
     key = b"a-key-for-the-status-test-000000"
     key_file = tmp_path / "key"
@@ -114,6 +116,7 @@ def test_status_with_a_key_needs_it_and_token_prints_it(tmp_path: Path) -> None:
     assert none.returncode == 2 and "no key" in none.stderr
 
 
+@pytest.mark.slow
 def test_status_of_a_cli_worker_and_of_nothing(procs: Procs) -> None:
     port, ctl = free_port(), free_port()
     worker = procs.cli(
