@@ -266,3 +266,22 @@ def test_a_cli_worker_serves_its_own_metrics(procs: Procs) -> None:
         code, body = request(("127.0.0.1", ctl), "GET", "/status")
         assert code == 200 and body["role"] == "worker" and body["tasks_done"] == 40
         assert json.loads(json.dumps(body))["errors"] == 10
+
+
+@pytest.mark.slow
+def test_a_cli_worker_with_a_key_opens_metrics_only_when_told(procs: Procs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"w" * 32)
+    ports = {}
+    for flag in ("", "--open-metrics"):
+        ctl = free_port()
+        args = ["worker", "sample_workers:Echo", "--listen", f"127.0.0.1:{free_port()}"]
+        args += ["--control", f"127.0.0.1:{ctl}", "--authkey-file", str(key_file)]
+        read_line_with(procs.cli(*args, *([flag] if flag else [])), "listening on")
+        ports[flag] = ("127.0.0.1", ctl)
+    token = control_token(b"w" * 32)
+    closed, opened = ports[""], ports["--open-metrics"]
+    assert get(closed, "/metrics")[0] == 401 and get(closed, "/status")[0] == 401
+    assert get(closed, "/metrics", token)[0] == 200
+    assert get(opened, "/metrics")[0] == 200 and get(opened, "/status")[0] == 200
+    assert request(opened, "POST", "/shutdown")[0] == 401  # still needs the token
