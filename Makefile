@@ -5,13 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help venv check test lint typecheck unit quick demo redis-demo bench bench-smoke clean
+.PHONY: help venv check test lint typecheck unit quick browser screenshot demo redis-demo bench bench-smoke clean
 
 help:
 	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
 	@echo "make check  - lint, type-check and the fast tests (under a minute; while working)"
 	@echo "make test   - lint, type-check and run the whole test suite (what CI runs)"
 	@echo "make redis-demo - two coordinators share a Redis queue; one is killed mid-run"
+	@echo "make screenshot - retake docs/status-page.png (the status page, in headless Chromium)"
 	@echo "make bench  - full benchmark against multiprocessing and Celery+Redis"
 	@echo "make clean  - remove the virtual environment and generated output"
 
@@ -47,7 +48,20 @@ quick: $(VENV)/.demo-installed
 
 check: lint typecheck quick
 
-test: lint typecheck unit
+test: lint typecheck browser unit
+
+# The status page's test drives a headless Chromium; install it where we may (root with
+# apt-get), else that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	echo "note: no Chromium here; the status page's browser test will be skipped"
+
+# The README's picture of the status page, taken by its browser test.
+screenshot: $(VENV)/.dev-installed browser
+	PYTASKQML_SCREENSHOT=docs/status-page.png $(PY) -m pytest -q tests/test_status_page.py -k numbers
 
 demo: $(VENV)/.demo-installed
 	$(PY) -m demo

@@ -100,6 +100,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="run all cases in this process instead of one child per case",
     )
+    parser.add_argument(
+        "--scrape",
+        action="store_true",
+        help="pytaskqml systems: serve the control endpoint and read /metrics and /status "
+        "once a second during each run",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="less progress output")
     return parser.parse_args(argv)
 
@@ -157,6 +163,8 @@ def child_command(args: argparse.Namespace, system: str, name: str, workers: int
         cmd.append("--quick")
     if args.quiet:
         cmd.append("--quiet")
+    if args.scrape:
+        cmd.append("--scrape")
     return cmd
 
 
@@ -220,6 +228,7 @@ def harness_options(args: argparse.Namespace) -> HarnessOptions:
         seed=args.seed,
         n=args.n,
         quick=args.quick,
+        scrape=args.scrape,
     )
 
 

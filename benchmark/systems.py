@@ -56,6 +56,9 @@ class Options:
 
     redis_url: str = DEFAULT_REDIS_URL
     celery_queue: str = field(default_factory=lambda: f"pytaskqml-bench-{os.getpid()}")
+    # pytaskqml: serve the control endpoint and read /metrics and /status once a second while
+    # the case runs (what being watched by Prometheus and a status page costs).
+    scrape: bool = False
 
 
 class Session:
@@ -96,14 +99,24 @@ class PytaskqmlSession(Session):
     BUFFERSIZE: int | None = None
 
     def __init__(
-        self, mode: str, kind: str, workers: int, deadline: float, shared_memory: bool = True
+        self,
+        mode: str,
+        kind: str,
+        workers: int,
+        deadline: float,
+        shared_memory: bool = True,
+        scrape: bool = False,
     ) -> None:
         super().__init__()
         from benchmark.pt_workers import WORKERS
-        from pytaskqml import Coordinator
+        from pytaskqml import Coordinator, Progress
 
         cls, kwargs = WORKERS[kind]
         self.mode = mode
+        # map()'s progress bar on a terminal (not with --quiet): a repeat can take a while.
+        self.progress = (
+            Progress(f"pytaskqml-{mode} {kind}") if log.isEnabledFor(logging.INFO) else False
+        )
         self.coord = Coordinator(shared_memory=shared_memory)
         try:
             if mode == "threads":
@@ -125,15 +138,20 @@ class PytaskqmlSession(Session):
             from benchmark.pt_workers import TaskModel
 
             self.coord.models.load("task", TaskModel, config={"kind": kind})
+        self._scraper: Scraper | None = None
+        if scrape:
+            self._scraper = Scraper(self.coord.serve_control())
+            self.params["scraped"] = True
 
     def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
         if self.mode == "submit":
             futures = [self.coord.submit(item) for item in items]
             return [f.result(timeout=remaining(deadline)) for f in futures]
         # map (processes or threads): the harness watchdog bounds the iteration.
-        if self.mode == "model":
-            return list(self.coord.map(items, buffersize=self.BUFFERSIZE, model="task"))
-        return list(self.coord.map(items, buffersize=self.BUFFERSIZE))
+        model = "task" if self.mode == "model" else None
+        return list(
+            self.coord.map(items, buffersize=self.BUFFERSIZE, model=model, progress=self.progress)
+        )
 
     def run_one(self, item: Any, deadline: float) -> Any:
         if self.mode == "submit":
@@ -174,7 +192,39 @@ class PytaskqmlSession(Session):
         # Read the counters before shutdown drops the workers (not in run_batch: that is timed).
         with contextlib.suppress(Exception):
             self.record_shared(self.coord.statistics().workers)
+        if self._scraper is not None:
+            self.params["scrapes"] = self._scraper.stop()
         self.coord.shutdown(wait=True, cancel_futures=True, timeout=10.0)
+
+
+class Scraper:
+    """GET /metrics and /status of a control endpoint once a second, on a thread of its own."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-scraper", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import http.client
+
+        while not self._stop.wait(1.0):
+            for path in ("/metrics", "/status"):
+                try:
+                    conn = http.client.HTTPConnection(*self.address, timeout=5)
+                    conn.request("GET", path)
+                    conn.getresponse().read()
+                    conn.close()
+                    self.count += 1
+                except OSError as exc:
+                    log.warning("scraping %s failed: %s", path, exc)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        return self.count
 
 
 # --- multiprocessing ----------------------------------------------------------------------------
@@ -905,14 +955,16 @@ SYSTEMS: dict[str, SystemSpec] = {
             "pytaskqml-map",
             "pytaskqml, spawned processes, ordered map()",
             ("pytaskqml",),
-            lambda kind, n, deadline, opts: PytaskqmlSession("map", kind, n, deadline),
+            lambda kind, n, deadline, opts: PytaskqmlSession(
+                "map", kind, n, deadline, scrape=opts.scrape
+            ),
         ),
         SystemSpec(
             "pytaskqml-map-socket",
             "pytaskqml, spawned processes, ordered map(), shared memory off (all over the socket)",
             ("pytaskqml",),
             lambda kind, n, deadline, opts: PytaskqmlSession(
-                "map", kind, n, deadline, shared_memory=False
+                "map", kind, n, deadline, shared_memory=False, scrape=opts.scrape
             ),
         ),
         SystemSpec(
@@ -925,13 +977,17 @@ SYSTEMS: dict[str, SystemSpec] = {
             "pytaskqml-submit",
             "pytaskqml, spawned processes, one submit() Future per task",
             ("pytaskqml",),
-            lambda kind, n, deadline, opts: PytaskqmlSession("submit", kind, n, deadline),
+            lambda kind, n, deadline, opts: PytaskqmlSession(
+                "submit", kind, n, deadline, scrape=opts.scrape
+            ),
         ),
         SystemSpec(
             "pytaskqml-threads",
             "pytaskqml, local thread workers, ordered map()",
             ("pytaskqml",),
-            lambda kind, n, deadline, opts: PytaskqmlSession("threads", kind, n, deadline),
+            lambda kind, n, deadline, opts: PytaskqmlSession(
+                "threads", kind, n, deadline, scrape=opts.scrape
+            ),
         ),
         SystemSpec(
             "mp-imap",

@@ -31,6 +31,7 @@ from demo.detector import FaceDetector
 from demo.source import Box, stamp_index
 from demo.vision import DetectParams, draw_boxes, matches
 from pytaskqml import Coordinator
+from pytaskqml import Progress as MapProgress
 
 Sink = Callable[[int, np.ndarray], None]
 
@@ -101,7 +102,8 @@ class RunReport:
 
 
 class Progress:
-    """Progress on stderr: a self-updating line on a terminal, a line every few s otherwise."""
+    """Progress of a live run on stderr (frames, fps, drops): a self-updating line on a
+    terminal, a line every few s otherwise. (Batch runs use ``map(progress=...)``.)"""
 
     def __init__(self, label: str, total: int | None, enabled: bool = True) -> None:
         self.label = label
@@ -263,7 +265,8 @@ def run_batch(
     """Every frame through ``coord.map``; frames must already be stamped with their index."""
     report = RunReport(spec, live=False)
     tracker = _Tracker(spec, params, truth, sink, report)
-    meter = Progress(spec.label, len(frames), progress)
+    # map()'s own bar (tqdm when installed); lines every few seconds off a terminal.
+    bar = MapProgress(f"  [{spec.label}]", total=len(frames), always=True)
     load = OtherLoad()
 
     def tasks() -> Iterable[dict[str, Any]]:
@@ -272,12 +275,12 @@ def run_batch(
 
     with Coordinator(max_queue=spec.max_queue) as coord:
         _start(coord, spec)
-        meter.start = start = time.perf_counter()
-        for result in coord.map(tasks(), buffersize=spec.buffersize):
+        start = time.perf_counter()
+        for result in coord.map(
+            tasks(), buffersize=spec.buffersize, progress=bar if progress else False
+        ):
             tracker.receive(result)
-            meter.update(report.delivered)
         report.elapsed = time.perf_counter() - start
-        meter.update(report.delivered, final=True)
         _finish(coord, report)
     report.other_load = load.stop()  # after shutdown: the workers are reaped and counted
     return report

@@ -25,8 +25,10 @@ from ._errors import (
 from ._executor import Executor
 from ._functions import FunctionWorker
 from ._handoff import load, spill
+from ._histogram import HistogramSnapshot
 from ._iterate import Stream
 from ._models import Model, ModelWorker
+from ._progress import Progress
 from ._redisclient import ProducerStats, RedisClient
 from ._redisqueue import RedisQueue
 from ._stats import ModelStats, QueueStats, Statistics, WorkerStats
@@ -43,6 +45,7 @@ __all__ = [
     "Coordinator",
     "Executor",
     "FunctionWorker",
+    "HistogramSnapshot",
     "LateResult",
     "Model",
     "ModelLoadError",
@@ -51,6 +54,7 @@ __all__ = [
     "ModelWorker",
     "NoWorkersError",
     "ProducerStats",
+    "Progress",
     "ProtocolError",
     "PyTaskQMLError",
     "QueueStats",

@@ -12,12 +12,22 @@ hostile peer costs a thread for at most that long. The pure parts (digests, nonc
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 from collections.abc import Callable
 
 from . import _protocol
 from ._connection import Connection, Deadline
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
+
+
+def resolve_authkey(authkey: bytes | str | None) -> bytes | None:
+    """The shared key as bytes: *authkey*, else the ``PYTASKQML_AUTHKEY`` environment
+    variable, else ``None`` (no key)."""
+    if authkey is None:
+        env = os.environ.get("PYTASKQML_AUTHKEY")
+        return env.encode() if env else None
+    return authkey.encode() if isinstance(authkey, str) else bytes(authkey)
 
 
 def tls_server_context(

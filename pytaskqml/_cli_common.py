@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from . import _connection
+from ._auth import resolve_authkey
 from ._bootstrap import setup_logging
 
 EXIT_USAGE = 2
@@ -40,8 +40,7 @@ def read_key(path: str | None) -> bytes | None:
         if not key:
             raise UserError(f"--authkey-file {path} is empty")
         return key
-    env = os.environ.get("PYTASKQML_AUTHKEY")
-    return env.encode() if env else None
+    return resolve_authkey(None)
 
 
 def address(text: str, what: str) -> tuple[str, int]:

@@ -20,6 +20,7 @@ from ._cli_common import (
     log_verbosity,
     read_key,
 )
+from ._dashboard import install_worker
 from ._errors import WorkerStartError
 from ._functions import FunctionWorker
 from ._models import ModelTable, read_model_file
@@ -56,9 +57,16 @@ def register(sub: Any) -> None:
         "--control",
         metavar="HOST:PORT",
         default="127.0.0.1:0",
-        help="HTTP control endpoint (/health, /shutdown); default 127.0.0.1 on a free port",
+        help="HTTP control endpoint (/health, /shutdown, /status, /metrics); default 127.0.0.1 "
+        "on a free port",
     )
     w.add_argument("--no-control", action="store_true", help="do not start the control endpoint")
+    w.add_argument(
+        "--open-metrics",
+        action="store_true",
+        help="serve /metrics and /status without the token (for a scraper that can reach "
+        "--control); /shutdown still needs it",
+    )
     w.add_argument(
         "--kwargs", metavar="JSON", default="{}", help="constructor arguments as a JSON object"
     )
@@ -187,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(
                     f"cannot serve --control on {args.control}: {msg}", EXIT_FAILURE
                 ) from None
+            install_worker(
+                ctl, server.statistics, target=args.target, open_metrics=args.open_metrics
+            )
             ctl.start()
             server.control_address = _connection.format_address(ctl.address)
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -117,6 +117,8 @@ class ControlServer:
         self.token = _protocol.control_token(authkey) if authkey else None
         self._routes: dict[tuple[str, str], _Route] = {}
         self._requested = False
+        self.stopped = threading.Event()  # set by stop(): what serves alongside it ends too
+        self.companions: list[threading.Thread] = []  # such threads, joined by stop()
 
         def stop(request: Request) -> Reply:
             log.info("shutdown requested through the control endpoint")
@@ -171,9 +173,13 @@ class ControlServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self.stopped.set()
         if self._thread.is_alive():
             self._server.shutdown()
         self._server.server_close()
+        for t in self.companions:
+            if t is not threading.current_thread():
+                t.join(5.0)
 
 
 def _make_handler(owner: ControlServer) -> type[BaseHTTPRequestHandler]:

@@ -33,19 +33,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from typing import Any, Literal, Protocol
 
 from . import _protocol
+from ._auth import resolve_authkey
 from ._autoscale import Autoscaler
 from ._broadcast import Broadcast, Broadcasts
 from ._control import ControlServer
 from ._coordctl import coordinator_control
+from ._dashboard import install_coordinator as install_status
 from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
@@ -56,6 +57,7 @@ from ._links import Dialer
 from ._modelreg import Models
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import SpawnHost, WorkerPool, check_positive
+from ._progress import Progress
 from ._remote import Heartbeats
 from ._shutdown import finish_shutdown, teardown
 from ._stats import QueueStats, Statistics
@@ -77,13 +79,6 @@ class SharedQueue(Protocol):
     """What ``Coordinator(queue=...)`` takes: a :class:`~._redisqueue.RedisQueue`."""
 
     def serve(self, coordinator: Coordinator) -> QueueFeed: ...
-
-
-def _resolve_key(authkey: bytes | str | None) -> bytes | None:
-    if authkey is None:
-        env = os.environ.get("PYTASKQML_AUTHKEY")
-        return env.encode() if env else None
-    return authkey.encode() if isinstance(authkey, str) else bytes(authkey)
 
 
 class Coordinator(WorkerPool):
@@ -168,7 +163,7 @@ class Coordinator(WorkerPool):
         self.cancel_grace = cancel_grace
         self.max_frame_size = max_frame_size
         self.shared_memory = bool(shared_memory)
-        self.authkey = _resolve_key(authkey)
+        self.authkey = resolve_authkey(authkey)
         self._started = time.monotonic()
         self._closed = False
         self._stopped = threading.Event()
@@ -291,6 +286,7 @@ class Coordinator(WorkerPool):
         key: Callable[[Any], str] | None = None,
         with_meta: bool = False,
         total_timeout: float | None = None,
+        progress: bool | Progress = False,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
@@ -319,6 +315,11 @@ class Coordinator(WorkerPool):
         ``total_timeout`` counts from this call, as ``concurrent.futures.Executor.map``'s
         timeout does: a result not ready by then raises ``TimeoutError`` from the iteration
         (and what is outstanding is cancelled).
+
+        ``progress=True`` shows a progress bar on stderr while the results are taken (``tqdm``
+        when it is importable, otherwise a line of its own; only on a terminal); a
+        :class:`Progress` gives it a label, a total for an input without ``len()``, or shows
+        it also off a terminal.
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
@@ -328,6 +329,8 @@ class Coordinator(WorkerPool):
         if total_timeout is not None and not total_timeout >= 0:
             raise ValueError(f"total_timeout must be 0 or more, got {total_timeout!r}")
         deadline = None if total_timeout is None else time.monotonic() + total_timeout
+        if not isinstance(progress, bool | Progress):
+            raise TypeError("progress must be True, False or a pytaskqml.Progress")
         self._check_open()
         route, per_item = item_routes(self._route, model, key, with_meta)
         if per_item:
@@ -342,6 +345,8 @@ class Coordinator(WorkerPool):
             chunksize,
             route,
             deadline,
+            progress,
+            len(iterable) if progress and isinstance(iterable, Sized) else None,
         )
 
     def stream(
@@ -438,13 +443,22 @@ class Coordinator(WorkerPool):
     # ================================================================ control endpoint
 
     def serve_control(
-        self, address: tuple[str, int] | str = ("127.0.0.1", 0), *, insecure: bool = False
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        insecure: bool = False,
+        open_metrics: bool = False,
     ) -> tuple[str, int]:
-        """Start the HTTP control endpoint (``GET /health``, ``POST /shutdown``; see
-        :mod:`pytaskqml._control`); returns its address. Bound to 127.0.0.1 by default."""
+        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
+        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus).
+
+        With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
+        ``open_metrics`` lets anyone who can reach *address* read them (see
+        :mod:`pytaskqml._dashboard`)."""
         if self._control is not None:
             raise RuntimeError("the control endpoint is already running")
         self._control = coordinator_control(self, address, insecure=insecure)
+        install_status(self._control, self.statistics, name=self.name, open_metrics=open_metrics)
         self._control.start()
         return self._control.address
 

@@ -15,6 +15,7 @@ can still come). Nothing here is called with a handle's or the supervisor's lock
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,7 +28,7 @@ from ._delivery import CallbackRunner, Changes, deliver, deliver_all
 from ._errors import ClosedError, WorkerLostError
 from ._handles import WorkerHandle
 from ._scheduler import FutureOutcomes, Groups, Scheduler
-from ._stats import Statistics, WorkerStats, snapshot, worker_stats
+from ._stats import Statistics, WorkerStats, percentile, snapshot, worker_stats
 from ._tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
 from ._workerops import WorkerOps
 
@@ -438,7 +439,16 @@ class Engine(WorkerOps):
     def statistics(self, **front: Any) -> Statistics:
         """A snapshot (see :func:`~._stats.snapshot`); *front* adds what the front counts."""
         with self.lock:
-            return snapshot(self.core, **front)
+            lat = list(self.core.latencies)  # sorted below, with the lock released
+            snap = snapshot(self.core, **front)
+        lat.sort()
+        return dataclasses.replace(
+            snap,
+            latency_p50=percentile(lat, 0.50),
+            latency_p90=percentile(lat, 0.90),
+            latency_p99=percentile(lat, 0.99),
+            latency_max=lat[-1] if lat else None,
+        )
 
     def workers(self) -> tuple[WorkerStats, ...]:
         with self.lock:

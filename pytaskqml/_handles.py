@@ -11,7 +11,8 @@ through a :class:`WorkerEvents` object. The coordinator sees only this interface
 * ``owner`` - whoever keeps it alive (a process seat, a dialer), told when it leaves;
 * ``start()``; ``wake(inline)`` after tasks were added to its outbox; ``request_stop()`` (leave
   gracefully: finish what is running, hand back the rest); ``abort(reason)`` (drop it now);
-  ``close()``; ``join(timeout)``; ``shared_memory()`` (counters, or ``None``).
+  ``close()``; ``join(timeout)``; ``shared_memory()`` (counters, or ``None``); ``traffic()``
+  (bytes through the socket and shared memory, or ``None``); ``restarts`` (of its process).
 
 Lock order: the coordinator's lock, then a handle's condition. A handle never calls its
 :class:`WorkerEvents` while holding its own condition, and ``wake`` is called with the
@@ -102,6 +103,7 @@ class WorkerHandle:
         self.owner: WorkerOwner | None = None
         self.state: WorkerState | None = None
         self.initial_models: dict[str, str] = {}  # models it came with: {name: version}
+        self.restarts = 0  # how often its seat's process was started again before this one
         self._cv = threading.Condition(threading.Lock())
         self._idle = 0  # threads waiting in _take()
         self._closing = False
@@ -115,6 +117,11 @@ class WorkerHandle:
 
     def shared_memory(self) -> tuple[int, int, int] | None:
         """(buffers placed, fallbacks to the socket, slots in use), or None without it."""
+        return None
+
+    def traffic(self) -> tuple[int, int, int | None] | None:
+        """(bytes sent and received through the socket, bytes sent through shared memory or
+        None without it), or None for a worker in this process."""
         return None
 
     def wake(self, inline: bool = False) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from ._errors import ClosedError
 from ._intake import MAX_MAP_BUFFER, Intake
 from ._ordered import ReorderBuffer
+from ._progress import Progress, open_bar
 from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, Route, span
 
 # What an outcome becomes for the caller.
@@ -62,10 +63,13 @@ def map_results(
     chunksize: int | None,
     route: Callable[[Any], Route] | None = None,
     deadline: float | None = None,
+    progress: bool | Progress | None = None,
+    total: int | None = None,
 ) -> Iterator[Any]:
     """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
     where each task may run (``chunksize`` must be 1 when it depends on the item). Past
-    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError``."""
+    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError``.
+    *total*: the input's length, if it has one, for the progress bar."""
     collector = Collector(ordered)
     raise_errors = on_error == "raise"
     seq = 0
@@ -96,11 +100,14 @@ def map_results(
             seq += len(items)
             outstanding += len(items)
 
+    bar = open_bar(progress, total)
     try:
         while True:
             top_up()
             if outstanding == 0:
                 return
+            if bar is not None:
+                bar.update_to(seq - outstanding)  # items handed out so far
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             for _, kind, value in collector.get_batch(wait):
                 what = classify(kind, value, raise_errors)
@@ -116,6 +123,9 @@ def map_results(
                 top_up()
     finally:
         collector.abandoned = True
+        if bar is not None:
+            bar.update_to(seq - outstanding)
+            bar.close()
         if outstanding:
             intake.engine.cancel_abandoned()
 

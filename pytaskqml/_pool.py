@@ -312,6 +312,7 @@ class WorkerPool:
         window: int | None,
         arena: Any = None,
         owner: WorkerOwner | None = None,
+        restarts: int = 0,
     ) -> RemoteHandle | None:
         handle = RemoteHandle(
             self._engine,
@@ -323,6 +324,7 @@ class WorkerPool:
             arena=arena,
         )
         handle.owner = owner
+        handle.restarts = restarts
         if not self._attach(handle):
             conn.abort()
             return None
@@ -401,6 +403,7 @@ class SpawnHost:
             window=seat.window,
             arena=seat.arena,
             owner=c._supervisor,
+            restarts=seat.restarts,
         )
 
     def seat_retired(self, seat: Seat) -> None:

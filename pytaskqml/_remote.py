@@ -92,6 +92,10 @@ class RemoteHandle(WorkerHandle):
         a = self.arena
         return None if a is None else (a.placed, a.fallbacks, a.in_use)
 
+    def traffic(self) -> tuple[int, int, int | None] | None:
+        a = self.arena
+        return self.conn.bytes_out, self.conn.bytes_in, None if a is None else a.placed_bytes
+
     def request_stop(self) -> None:
         with contextlib.suppress(ConnectionLost):
             self.conn.send("stop")

@@ -42,6 +42,7 @@ from typing import Any
 from ._delivery import TaskFuture
 from ._endings import Endings
 from ._errors import TaskFailed
+from ._histogram import Histogram, bucket
 from ._ordered import TaskQueue
 from ._routing import ModelEvents, Router
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
@@ -81,6 +82,7 @@ class Scheduler(ModelEvents, Endings):
         self.timed_out = self.late = self.dropped = self.rejected = 0
         self.retried = self.poisoned = self.workers_lost = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
         self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
@@ -277,6 +279,8 @@ class Scheduler(ModelEvents, Endings):
             return assigned
         workers = self.workers
         pop = items.popleft
+        # Queue waits, counted at first dispatch; an admission's tasks share one submission time.
+        waits, waited, since, b = self.queue_wait.counts, 0.0, None, 0
         while items:
             if items[0].run_timeout is not None:
                 if not self._dispatch_timed(now, assigned):
@@ -310,6 +314,10 @@ class Scheduler(ModelEvents, Endings):
                     continue
                 if not t.started:
                     t.started = True
+                    if t.t_submit is not since:
+                        since, b = t.t_submit, bucket(now - t.t_submit)
+                    waits[b] += t.count
+                    waited += (now - since) * t.count
                     s = t.sink  # is anyone still waiting for it? (inlined _still_wanted)
                     if s.__class__ is TaskFuture:
                         if not s.set_running_or_notify_cancel():
@@ -329,6 +337,7 @@ class Scheduler(ModelEvents, Endings):
                 best.outbox.extend(tasks)
                 if best not in assigned:
                     assigned.append(best)
+        self.queue_wait.sum += waited
         return assigned
 
     def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:
@@ -347,6 +356,7 @@ class Scheduler(ModelEvents, Endings):
             return True
         if not t.started:
             t.started = True
+            self.queue_wait.observe(now - t.t_submit, t.count)
             if not self._still_wanted(t):
                 return True
         assert t.run_timeout is not None
@@ -359,6 +369,7 @@ class Scheduler(ModelEvents, Endings):
         def give(w: WorkerState, t: Task) -> None:
             if not t.started:
                 t.started = True
+                self.queue_wait.observe(now - t.t_submit, t.count)
                 if not self._still_wanted(t):
                     return
             self._assign(w, [t], now, assigned)
@@ -412,6 +423,7 @@ class Scheduler(ModelEvents, Endings):
         group_sink: Any = None
         pop = ws.inflight.pop
         record = self.latencies.append
+        lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
         ok = failed = items = 0
         for tid, kind, value in entries:
             t = pop(tid, None)
@@ -440,6 +452,10 @@ class Scheduler(ModelEvents, Endings):
             t.finished = True
             self.live -= 1
             latency = now - t.t_submit
+            if t.t_submit is not since:  # (one bisect per admission, as in dispatch)
+                since, b = t.t_submit, bucket(latency)
+            lat_counts[b] += t.count
+            lat_sum += latency * t.count
             sink = t.sink
             is_future = sink.__class__ is TaskFuture
             if kind == RUN:
@@ -477,6 +493,7 @@ class Scheduler(ModelEvents, Endings):
                 groups.append((sink, group))
         ws.completed += ok
         ws.failed += failed
+        self.latency.sum += lat_sum
         self.completed += ok
         self.failed += failed
         self.late += len(late)

@@ -25,7 +25,6 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from . import _codec, _connection, _protocol, _shm
@@ -33,8 +32,10 @@ from ._connection import Address, Connection
 from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 from ._models import ModelTable, run_option_row, run_rows
-from ._protocol import CHUNK_ROW, RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
-from ._worker import Worker, error_info, run_chunk, worker_info
+from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK
+from ._results import count_errors, encode_results, valid_row
+from ._stats import ServeStats
+from ._worker import Worker, run_chunk, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class WorkerServer:
         # arrive as views of it instead of through the socket.
         self._shared = _shm.SharedView(*shared) if shared is not None else None
         self.tasks_done = 0
+        self.errors = 0
+        self.busy_seconds = 0.0
+        self.connections = 0
+        self._bytes = [0, 0]  # sent, received over connections that have ended
         self._stop = threading.Event()
         self._conn: Connection | None = None
         self._busy = False  # the main thread is running tasks, not reading
@@ -99,6 +104,24 @@ class WorkerServer:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def statistics(self) -> ServeStats:
+        with self._lock:
+            conn = self._conn
+            sent, received = self._bytes
+        if conn is not None:
+            sent, received = sent + conn.bytes_out, received + conn.bytes_in
+        return ServeStats(
+            self.name,
+            self.tasks_done,
+            self.errors,
+            self.busy_seconds,
+            conn is not None,
+            self.connections,
+            sent,
+            received,
+            self.stopping,
+        )
 
     def request_stop(self) -> None:
         """Finish the task in hand, send its result, say goodbye, and stop serving.
@@ -226,6 +249,7 @@ class WorkerServer:
         with self._lock:
             self._conn = conn
             self._said_bye = False
+            self.connections += 1
         try:
             conn.send(
                 "hello",
@@ -257,6 +281,8 @@ class WorkerServer:
             done.set()
             with self._lock:
                 self._conn = None
+                self._bytes[0] += conn.bytes_out
+                self._bytes[1] += conn.bytes_in
             conn.abort()
             beat.join(timeout=5)
 
@@ -356,13 +382,14 @@ class WorkerServer:
 
     def _run_frame(self, conn: Connection, msg: _protocol.Message) -> None:
         entries = msg.header.get("t")
-        if type(entries) is not list or not all(_valid_row(e) for e in entries):
+        if type(entries) is not list or not all(valid_row(e) for e in entries):
             raise ProtocolError("malformed run frame")
         clock = time.perf_counter
         if msg.header.get("b"):
             t0 = clock()
             rows, versions = run_rows(self.worker, self.models, entries, batch=True)
             self.tasks_done += len(entries)
+            self.errors += count_errors(rows)
             for row in entries:
                 row[1] = None  # drop our reference to the payload: its memory may be freed
             self._send_results(conn, rows, clock() - t0, versions)
@@ -379,13 +406,17 @@ class WorkerServer:
                     pending.append((row[0], RESULT_OK, process(row[1])))
                 except Exception as exc:
                     pending.append((row[0], RESULT_ERROR, exc))
+                    self.errors += 1
             elif type(row[2]) is dict:  # a model, a key
                 result, version = run_option_row(self.worker, self.models, row)
                 pending.append(result)
+                self.errors += count_errors(pending[-1:])
                 if version is not None:
                     versions[row[0]] = version
             else:
                 pending.append(run_chunk(process, row[0], row[1]))
+                if pending[-1][1] == RESULT_CHUNK:
+                    self.errors += count_errors(pending[-1:])
             row[1] = None
             self.tasks_done += 1
             now = clock()
@@ -404,6 +435,7 @@ class WorkerServer:
         busy: float,
         versions: dict[int, str] | None = None,
     ) -> None:
+        self.busy_seconds += busy
         text, buffers = encode_results(results)
         freed = self._shared.collect() if self._shared is not None else None
         conn.send_json(
@@ -426,67 +458,3 @@ class WorkerServer:
             freed = self._shared.collect()
             if freed:
                 conn.send("free", {"f": freed})
-
-
-def _valid_row(e: Any) -> bool:
-    if type(e) is not list or not e or type(e[0]) is not int:
-        return False
-    if len(e) == 2:
-        return True
-    if len(e) != 3:
-        return False
-    opts = e[2]
-    if opts == CHUNK_ROW and opts is not True:
-        return type(e[1]) is list
-    if type(opts) is not dict:
-        return False
-    name, key = opts.get("m"), opts.get("k")
-    return (
-        (name is None or type(name) is str)
-        and (key is None or type(key) is str)
-        and (not opts.get("c") or type(e[1]) is list)
-    )
-
-
-def _wire_value(flag: int, value: Any) -> Any:
-    """Exceptions travel as ``[type, message, traceback]`` text, never as objects."""
-    if flag == RESULT_ERROR:
-        return error_info(value)
-    if flag == RESULT_CHUNK:
-        return [[k, error_info(v) if k else v] for k, v in value]
-    return value  # a result, or (RESULT_RUN) a list of results
-
-
-def encode_results(results: Sequence[tuple[int, int, Any]]) -> tuple[str, list[memoryview]]:
-    """Encode result rows ``(task id, flag, value)`` (see :func:`~._worker.run_entries`) as one
-    JSON array plus buffers.
-
-    One encoder call does the whole list; only if that fails is each row (and each item of a
-    chunk) encoded alone, so a result that cannot be encoded fails its own task and no other.
-    """
-    rows = [[tid, flag, _wire_value(flag, v)] for tid, flag, v in results]
-    try:
-        return _codec.encode(rows)
-    except (TypeError, ValueError):
-        pass
-    parts: list[str] = []
-    buffers: list[memoryview] = []
-    for row in rows:
-        if row[1] == RESULT_RUN:
-            row = [row[0], RESULT_CHUNK, [[RESULT_OK, v] for v in row[2]]]
-        if row[1] == RESULT_CHUNK:
-            items = []
-            for item in row[2]:
-                try:
-                    _codec.encode(item)
-                    items.append(item)
-                except (TypeError, ValueError) as exc:
-                    items.append([RESULT_ERROR, error_info(exc)])
-            row = [row[0], RESULT_CHUNK, items]
-        try:
-            text, bufs = _codec.encode(row)
-        except (TypeError, ValueError) as exc:
-            text, bufs = _codec.encode([row[0], RESULT_ERROR, error_info(exc)])
-        parts.append(text)
-        buffers.extend(bufs)
-    return "[" + ",".join(parts) + "]", buffers

@@ -106,6 +106,7 @@ class Arena:
         self._closed = False
         self.placed = 0  # buffers that went through shared memory
         self.fallbacks = 0  # buffers big enough for it that went over the socket instead
+        self.placed_bytes = 0
 
     def place(self, data: memoryview) -> int | None:
         """Copy *data* into a free slot and return its offset; ``None`` when there is no room
@@ -125,6 +126,7 @@ class Arena:
             self._view[offset : offset + n] = data
             self._taken.add(offset)
             self.placed += 1
+            self.placed_bytes += n
             return offset
 
     def _relayout(self, n: int) -> bool:

@@ -1,4 +1,4 @@
-"""The snapshots :meth:`Coordinator.statistics` returns."""
+"""The snapshots :meth:`Coordinator.statistics` returns, and a worker process's own."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._scheduler import Scheduler
     from ._workerstate import WorkerState
+
+from ._histogram import HistogramSnapshot
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class WorkerStats:
     ``round_trip`` is the time, in seconds, a task spends on its way to the worker and its
     result on the way back (measured when an idle worker gets work; adaptive windows cover
     it), ``None`` until measured.
+
+    ``state`` is ``"busy"`` (it holds tasks), ``"idle"`` or ``"leaving"`` (it takes no more
+    work); ``restarts`` how often its process was started again (spawned workers), ``busy_seconds``
+    the time it reported spending on tasks. Over a connection, ``bytes_sent`` and
+    ``bytes_received`` count what went through the socket and ``shared_bytes`` what went through
+    shared memory instead (``None`` where there is no such path).
     """
 
     name: str
@@ -41,6 +49,12 @@ class WorkerStats:
     shared_fallbacks: int | None = None
     shared_in_use: int | None = None
     round_trip: float | None = None
+    state: str = "idle"
+    restarts: int = 0
+    busy_seconds: float = 0.0
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    shared_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,11 @@ class Statistics:
     results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
     since the coordinator was created. ``queue`` is the shared queue it is fed from, if any
     (see :class:`QueueStats`).
+    since the coordinator was created.
+
+    ``queue_wait`` and ``latency`` are histograms (fixed buckets from 100 us to 10 s) of every
+    item's wait from submission to its first dispatch and from submission to its result, since
+    the coordinator was created (each item counts; the items of a chunk with the chunk's times).
     """
 
     submitted: int
@@ -126,6 +145,8 @@ class Statistics:
     scale_ups: int = 0
     scale_downs: int = 0
     queue: QueueStats | None = None
+    queue_wait: HistogramSnapshot | None = None
+    latency: HistogramSnapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,23 @@ class ModelStats:
     unloads: int
 
 
+@dataclass(frozen=True)
+class ServeStats:
+    """A worker process's counters since it started: ``tasks_done`` (a chunk counts once),
+    ``errors`` (items that raised), ``busy_seconds`` (running tasks), ``connections`` (served
+    so far), and the bytes through the sockets of all of them."""
+
+    name: str
+    tasks_done: int
+    errors: int
+    busy_seconds: float
+    connected: bool
+    connections: int
+    bytes_sent: int
+    bytes_received: int
+    stopping: bool
+
+
 def percentile(sorted_values: list[float], q: float) -> float | None:
     """The *q*-quantile (0..1) of an ascending list, by nearest rank; ``None`` if empty."""
     if not sorted_values:
@@ -157,6 +195,7 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
     """One worker's snapshot (scheduler lock held)."""
     h: Any = ws.handle
     placed, fallbacks, in_use = h.shared_memory() or (None, None, None)
+    sent, received, through_shm = h.traffic() or (None, None, None)
     return WorkerStats(
         ws.name,
         h.kind,
@@ -170,13 +209,18 @@ def worker_stats(ws: WorkerState) -> WorkerStats:
         shared_fallbacks=fallbacks,
         shared_in_use=in_use,
         round_trip=ws.round_trip,
+        state="leaving" if not ws.accepting else "busy" if ws.inflight else "idle",
+        restarts=h.restarts,
+        busy_seconds=ws.busy,
+        bytes_sent=sent,
+        bytes_received=received,
+        shared_bytes=through_shm,
     )
 
 
 def snapshot(core: Scheduler, **front: Any) -> Statistics:
     """Statistics from the scheduler's counters (its lock held) and what the front counts
     (*front*: restarts, rejected_peers, start_failures, start_error, uptime, models)."""
-    lat = sorted(core.latencies)
     return Statistics(
         submitted=core.submitted,
         completed=core.completed,
@@ -192,9 +236,11 @@ def snapshot(core: Scheduler, **front: Any) -> Statistics:
         queued=core.queued,
         in_flight=core.in_flight,
         workers=tuple(worker_stats(ws) for ws in core.workers),
-        latency_p50=percentile(lat, 0.50),
-        latency_p90=percentile(lat, 0.90),
-        latency_p99=percentile(lat, 0.99),
-        latency_max=lat[-1] if lat else None,
+        latency_p50=None,  # filled in by the caller, which sorts without the lock
+        latency_p90=None,
+        latency_p99=None,
+        latency_max=None,
+        queue_wait=core.queue_wait.snapshot(),
+        latency=core.latency.snapshot(),
         **front,
     )

@@ -24,6 +24,7 @@ class WorkerState:
         "accepting",
         "adaptive",
         "batch_size",
+        "busy",
         "completed",
         "concurrency",
         "failed",
@@ -74,6 +75,7 @@ class WorkerState:
         self.accepting = True
         self.completed = 0
         self.failed = 0
+        self.busy = 0.0  # seconds of work it reported, summed
         self.last_progress = now  # last result, or when it got work while holding none
         # When it last got work while holding none (the scheduler sets it), and what the
         # first result after that showed of the time a task spends on its way there and back.
@@ -115,6 +117,7 @@ class WorkerState:
         """
         if tasks <= 0 or busy < 0:
             return
+        self.busy += busy
         if now is not None and self.probe is not None:
             sample = now - self.probe - busy
             self.probe = None

@@ -8,6 +8,8 @@
     pytaskqml health 127.0.0.1:7101
     pytaskqml queue serve redis://127.0.0.1:6379/0 --stream jobs --worker myapp:Model -n 2
     pytaskqml queue status redis://127.0.0.1:6379/0 --stream jobs
+    pytaskqml status 127.0.0.1:7100 --watch
+    pytaskqml token --url 127.0.0.1:7100
 
 Each command lives in a module of its own (``_cmd_*``) with ``register(subparsers)``, which
 sets ``run`` as the parser's default. Errors a user can cause (a bad ``module:Class``, a port
@@ -23,11 +25,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, _cmd_models, _cmd_queue, _cmd_worker, _connection, _control
+from . import (
+    __version__,
+    _cmd_models,
+    _cmd_queue,
+    _cmd_status,
+    _cmd_token,
+    _cmd_worker,
+    _connection,
+    _control,
+)
 from ._cli_common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
 from ._errors import AuthenticationError, ConnectionLost
 
-COMMANDS: list[Any] = [_cmd_worker, _cmd_models, _cmd_queue]
+COMMANDS: list[Any] = [_cmd_worker, _cmd_models, _cmd_queue, _cmd_status, _cmd_token]
 
 
 def make_parser() -> argparse.ArgumentParser:
