@@ -47,6 +47,7 @@ FRAME_SYSTEMS = (
     "compute-only",
     "raw-socket",
     "pytaskqml-map",
+    "pytaskqml-map-buffer",
     "pytaskqml-map-socket",
     "pytaskqml-threads",
     "mp-imap",
@@ -143,6 +144,9 @@ def _note(r: dict[str, Any]) -> str:
             rate = r["n"] / params["compute_s"]
             note += f"; task alone {params['compute_s'] * 1000:.0f} ms = {rate:,.0f} frames/s"
         return note
+    buffers = (params.get("library_statistics") or {}).get("buffers") or {}
+    if params.get("inputs") and buffers:
+        return f"frames in coord.buffer() arrays: {buffers['lent']:,} sent without a copy"
     if "shared_memory" in params and r["system"] != "pytaskqml-threads":
         if not params["shared_memory"]:
             return "shared memory off"
@@ -192,6 +196,12 @@ def verdict(results: list[dict[str, Any]]) -> str:
             text += f"; {mine / rate[name]:.0%} of {name} ({rate[name]:,.0f} frames/s)"
     if not any(r["n"] >= 500 for r in results if r["system"] == "pytaskqml-map"):
         text += " (tiny n: rates are not meaningful)"
+    zero = rate.get("pytaskqml-map-buffer")
+    if zero is not None and "compute-only" in rate:
+        text += (
+            f" Frames produced into coord.buffer(): {zero:,.0f} frames/s, "
+            f"{zero / rate['compute-only']:.0%} of compute-only"
+        )
     return text + "."
 
 

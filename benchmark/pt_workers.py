@@ -21,6 +21,16 @@ class FrameWorker(Worker):
         return workloads.task_frame(frame)
 
 
+class PoolFrameWorker(FrameWorker):
+    """FrameWorker that also reads every page of a list of frames sent as ``{"touch": [...]}``
+    (`pytaskqml-map-buffer` has each worker read each pool buffer once before timing)."""
+
+    def process(self, frame: Any) -> Any:
+        if isinstance(frame, dict):
+            return sum(int(f.reshape(-1)[::4096].sum()) for f in frame["touch"])
+        return workloads.task_frame(frame)
+
+
 class EchoWorker(Worker):
     def process(self, payload: Any) -> Any:
         return workloads.task_echo(payload)

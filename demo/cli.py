@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 
 from demo.output import ContactSheet, VideoOut, Window, count_frames, display_available
-from demo.runner import RunReport, RunSpec, run_batch, run_live
+from demo.runner import LiveSource, RunReport, RunSpec, run_batch, run_live
 from demo.source import (
     Clip,
     SourceError,
@@ -325,11 +326,12 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Outcome | None]:
                 rep = run_batch(clip.frames, spec, params, truth=truth, sink=sink,
                                 progress=not args.quiet)  # fmt: skip
             else:
+                frames: LiveSource
                 if clip is not None:
                     frames = paced(clip.frames, fps)
                 else:
                     assert isinstance(source, int)
-                    frames = camera_frames(open_capture(source), args.frames)
+                    frames = functools.partial(camera_frames, open_capture(source), args.frames)
                 rep = run_live(frames, spec, params, total=args.frames, truth=truth, sink=sink,
                                progress=not args.quiet)  # fmt: skip
             reports.append(rep)

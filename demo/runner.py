@@ -10,6 +10,11 @@ Two modes:
 
 Either way every result is checked against its expected position (index in the payload and
 the index stamped into the pixels, see :mod:`demo.source`).
+
+When frames go to worker processes, what they are sent is produced straight into
+``coord.buffer()`` arrays, shared memory every worker process maps: the gray frame is
+converted into one (``cv2.cvtColor(..., dst=buf)``), and a live camera whose colour frames go
+to the workers is read into them (``cap.read(image=buf)``). Nothing is then copied on the way.
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ from pytaskqml import Coordinator
 from pytaskqml import Progress as MapProgress
 
 Sink = Callable[[int, np.ndarray], None]
+# Makes an array of (shape, dtype) to produce a frame into: coord.buffer, or numpy.empty.
+Allocator = Callable[[tuple[int, ...], Any], np.ndarray]
+# A live source: frames, or a function that makes them given where to read them into.
+LiveSource = Iterable[np.ndarray] | Callable[[Allocator], Iterable[np.ndarray]]
+
+
+def _plain(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def allocator(coord: Coordinator, spec: RunSpec) -> Allocator:
+    """Where to produce what is sent: shared memory when worker processes get it (a thread
+    worker gets its own copy of whatever it is sent anyway)."""
+    return coord.buffer if spec.processes else _plain
 
 
 @dataclass(frozen=True)
@@ -188,11 +207,17 @@ class _Tracker:
         self.lock = threading.Lock()
         self.pending: dict[int, tuple[float, np.ndarray]] = {}  # index -> (sent at, frame)
         self.last = -1
+        self.alloc: Allocator = _plain
 
     def payload(self, index: int, frame: np.ndarray) -> dict[str, Any]:
         """The task for one frame (the frame must already carry its stamp)."""
         # Coordinator draws: the worker only needs gray, the colour frame stays here to draw on.
-        sent = frame if self.spec.draw_in_worker else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        if self.spec.draw_in_worker:
+            sent = frame
+        else:  # converted straight into the array that is sent
+            sent = cv2.cvtColor(
+                frame, cv2.COLOR_BGR2GRAY, dst=self.alloc(frame.shape[:2], np.uint8)
+            )
         with self.lock:
             self.pending[index] = (time.perf_counter(), frame)
             self.report.submitted += 1
@@ -275,6 +300,7 @@ def run_batch(
 
     with Coordinator(max_queue=spec.max_queue) as coord:
         _start(coord, spec)
+        tracker.alloc = allocator(coord, spec)
         start = time.perf_counter()
         for result in coord.map(
             tasks(), buffersize=spec.buffersize, progress=bar if progress else False
@@ -287,7 +313,7 @@ def run_batch(
 
 
 def run_live(
-    source: Iterable[np.ndarray],
+    source: LiveSource,
     spec: RunSpec,
     params: DetectParams,
     *,
@@ -296,7 +322,9 @@ def run_live(
     sink: Sink | None = None,
     progress: bool = True,
 ) -> RunReport:
-    """Frames from *source* (already paced like a camera) through ``coord.stream``."""
+    """Frames from *source* (already paced like a camera) through ``coord.stream``. A source
+    that is a function gets where to read the frames into: shared memory when the colour frames
+    themselves go to worker processes."""
     report = RunReport(spec, live=True)
     tracker = _Tracker(spec, params, truth, sink, report)
     meter = Progress(f"{spec.label}, live", total, progress)
@@ -306,7 +334,10 @@ def run_live(
 
     with Coordinator(max_queue=spec.max_queue, overflow="drop_oldest") as coord:
         _start(coord, spec)
+        tracker.alloc = allocator(coord, spec)
         stream = coord.stream(buffersize=spec.buffersize, on_error="raise")
+        if callable(source):
+            source = source(tracker.alloc if spec.draw_in_worker else _plain)
 
         def produce() -> None:
             try:

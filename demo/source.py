@@ -18,8 +18,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -205,14 +206,25 @@ def read_clip(source: int | str, frames: int, default_fps: float) -> Clip:
     return Clip(out, fps, f"{kind} ({len(out)} frames, {w}x{h})")
 
 
-def camera_frames(cap: cv2.VideoCapture, limit: int) -> Iterator[np.ndarray]:
-    """Frames straight from a live camera, at the camera's own pace."""
+def camera_frames(
+    cap: cv2.VideoCapture,
+    limit: int,
+    alloc: Callable[[tuple[int, ...], Any], np.ndarray] | None = None,
+) -> Iterator[np.ndarray]:
+    """Frames straight from a live camera, at the camera's own pace; with *alloc* (such as
+    ``coord.buffer``) each is decoded into an array it makes, once the frame size is known."""
     n = 0
+    shape: tuple[int, ...] | None = None
     while n < limit:
-        ok, frame = cap.read()
+        if alloc is not None and shape is not None:
+            # In place when the size still matches; otherwise OpenCV returns a new array.
+            ok, frame = cap.read(image=alloc(shape, np.uint8))
+        else:
+            ok, frame = cap.read()
         if not ok:
             print("demo: camera stopped delivering frames", file=sys.stderr)
             return
+        shape = frame.shape
         n += 1
         yield frame
 

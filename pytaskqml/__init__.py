@@ -31,7 +31,7 @@ from ._models import Model, ModelWorker
 from ._progress import Progress
 from ._redisclient import ProducerStats, RedisClient
 from ._redisqueue import RedisQueue
-from ._stats import ModelStats, QueueStats, Statistics, WorkerStats
+from ._stats import BufferStats, ModelStats, QueueStats, Statistics, WorkerStats
 from ._tasks import LateResult, ModelResult, TaskTimeout
 from ._worker import Worker
 
@@ -40,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "Broadcast",
+    "BufferStats",
     "ClosedError",
     "ConnectionLost",
     "Coordinator",

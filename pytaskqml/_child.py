@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any
 
-from . import _connection
+from . import _connection, _poolview, _shm
 from ._bootstrap import call_teardown, setup_logging, start_worker, tune_malloc
 from ._endpoints import dial_once
 from ._errors import AuthenticationError, ConnectionLost, WorkerStartError
@@ -84,8 +84,15 @@ def main() -> int:
         print(f"pytaskqml worker: {exc}", file=sys.stderr)
         _report_failure(cfg, conn if conn is not None else key, exc)
         return 3
-    shm = cfg.get("shm")
-    shared = (int(shm[0]), str(shm[1])) if isinstance(shm, list) and len(shm) == 2 else None
+    shm, pool = cfg.get("shm"), cfg.get("pool")
+    own = (int(shm[0]), str(shm[1])) if isinstance(shm, list) and len(shm) == 2 else None
+    view = (
+        _poolview.PoolView(int(pool[0]), str(pool[1]))
+        if isinstance(pool, list) and len(pool) == 2
+        else None
+    )
+    fd, token = own if own is not None else (None, "")
+    shared = _shm.SharedView(fd, token, pool=view) if own is not None or view is not None else None
     server = WorkerServer(
         worker,
         authkey=key,

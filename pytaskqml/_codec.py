@@ -22,6 +22,12 @@ memory in a shared segment at ``offset`` instead of in the frame (they claim no 
     {K: [offset, n]}                bytes
     {K: [dtype_str, [d0, ...], offset]}  ndarray, a view of the shared memory
 
+and an ndarray in the coordinator's *buffer pool* (:mod:`._bufpool`), the one segment every
+worker it spawned maps, named by a fourth element, the segment number (:data:`POOL_SEGMENT`;
+0 would be the worker's own segment, which the three-element form already names)::
+
+    {K: [dtype_str, [d0, ...], offset, 1]}  ndarray, a view of the pool at offset
+
 A user dict whose only key is ``K`` would be ambiguous; the encoder detects it and raises
 ``ValueError`` instead of letting it be misread.
 """
@@ -50,22 +56,29 @@ Buffer = memoryview
 
 # Places a buffer in shared memory and returns its offset, or None to send it inline.
 Placer = Callable[[memoryview], "int | None"]
+# Says where a (C-contiguous) array already lies in the buffer pool: its offset there, or None
+# when it is not a pool buffer (then it is placed or sent inline as any other).
+Lender = Callable[[Any], "int | None"]
+# The segment number of the coordinator's buffer pool in a marker.
+POOL_SEGMENT = 1
 
 
 class SharedMemory(Protocol):
-    """What the decoder needs of a shared segment (see :class:`._shm.SharedView`)."""
+    """What the decoder needs of shared memory (see :class:`._shm.SharedView`): *segment* is
+    0 for the worker's own segment, :data:`POOL_SEGMENT` for the buffer pool."""
 
-    def view(self, offset: Any, nbytes: int) -> memoryview: ...
+    def view(self, offset: Any, nbytes: int, segment: int = 0) -> memoryview: ...
 
-    def hold(self, offset: int, owner: Any) -> None: ...
+    def hold(self, offset: int, owner: Any, segment: int = 0) -> None: ...
 
 
 class _EncodeState:
-    __slots__ = ("bufs", "min_shared", "place", "shared")
+    __slots__ = ("bufs", "lend", "min_shared", "place", "shared")
 
-    def __init__(self, place: Placer | None, min_shared: int) -> None:
+    def __init__(self, place: Placer | None, min_shared: int, lend: Lender | None) -> None:
         self.bufs: list[memoryview] = []
         self.place = place
+        self.lend = lend
         self.min_shared = min_shared
         self.shared = 0  # markers that point into shared memory
 
@@ -95,6 +108,11 @@ def _default(obj: Any) -> Any:
             # (ascontiguousarray would make a 0-d array 1-d: only copy what is not contiguous)
             arr = obj if obj.flags.c_contiguous else _np.ascontiguousarray(obj)
             flat = memoryview(arr.reshape(-1).view(_np.uint8))
+            if state.lend is not None and flat.nbytes >= state.min_shared:
+                offset = state.lend(arr)
+                if offset is not None:  # already in the pool: only its place travels
+                    state.shared += 1
+                    return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset, POOL_SEGMENT]}
             if state.place is not None and flat.nbytes >= state.min_shared:
                 offset = state.place(flat)
                 if offset is not None:
@@ -119,19 +137,20 @@ _ENCODER = json.JSONEncoder(
 
 
 def encode(
-    obj: Any, *, place: Placer | None = None, min_shared: int = 0
+    obj: Any, *, place: Placer | None = None, min_shared: int = 0, lend: Lender | None = None
 ) -> tuple[str, list[memoryview]]:
     """Encode *obj* to JSON text and the list of raw buffers it refers to.
 
     With *place*, each buffer of at least *min_shared* bytes is offered to it first; a buffer
     it places (it returns an offset) is referred to by that offset instead of travelling in
-    the frame.
+    the frame. With *lend*, each array of that size is first asked whether it already lies in
+    the buffer pool; one that does is referred to by its offset there, and nothing is copied.
 
     Raises ``TypeError`` for a value that is neither JSON nor a supported buffer, and
     ``ValueError`` for circular references or a dict that looks like a buffer marker.
     """
     outer = getattr(_tls, "state", None)
-    state = _EncodeState(place, min_shared)
+    state = _EncodeState(place, min_shared, lend)
     _tls.state = state
     try:
         text = _ENCODER.encode(obj)
@@ -229,10 +248,10 @@ def make_object_hook(
         state[0] = i + 1
         return buffers[i]
 
-    def shared_view(offset: Any, nbytes: int) -> memoryview:
+    def shared_view(offset: Any, nbytes: int, segment: int = 0) -> memoryview:
         if shared is None:
             raise ProtocolError("a shared-memory marker, but no shared memory on this connection")
-        return shared.view(offset, nbytes)
+        return shared.view(offset, nbytes, segment)
 
     def hook(d: dict[str, Any]) -> Any:
         if MARKER_KEY not in d:
@@ -251,7 +270,7 @@ def make_object_hook(
             return shared_view(spec[0], spec[1]).tobytes()
         if (
             isinstance(spec, list)
-            and len(spec) in (2, 3)
+            and 2 <= len(spec) <= 4
             and isinstance(spec[0], str)
             and isinstance(spec[1], list)
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in spec[1])
@@ -260,12 +279,17 @@ def make_object_hook(
                 dtype = _np.dtype(spec[0]) if _np is not None else None
             except TypeError as exc:
                 raise ProtocolError(f"bad array dtype {spec[0]!r}") from exc
-            if len(spec) == 3:
+            segment = 0
+            if len(spec) == 4:
+                if type(spec[3]) is not int or spec[3] != POOL_SEGMENT:
+                    raise ProtocolError("malformed buffer marker")
+                segment = POOL_SEGMENT
+            if len(spec) >= 3:
                 if dtype is None:
                     raise ProtocolError("a shared-memory array needs numpy on this side")
                 if len(spec[1]) > 64:
                     raise ProtocolError("array has too many dimensions")
-                mv = shared_view(spec[2], _prod(spec[1]) * dtype.itemsize)
+                mv = shared_view(spec[2], _prod(spec[1]) * dtype.itemsize, segment)
             else:
                 mv = next_buffer()
             if dtype is None:
@@ -279,9 +303,10 @@ def make_object_hook(
                     f"{_prod(spec[1]) * dtype.itemsize}"
                 )
             base = _np.frombuffer(mv, dtype=dtype)
-            if len(spec) == 3:
+            if len(spec) >= 3:
                 assert shared is not None
-                shared.hold(spec[2], base)  # every view made from here on keeps `base` alive
+                # every view made from here on keeps `base` alive
+                shared.hold(spec[2], base, segment)
             return base.reshape(spec[1])
         raise ProtocolError("malformed buffer marker")
 

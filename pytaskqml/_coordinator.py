@@ -38,12 +38,13 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import _protocol
 from ._auth import resolve_authkey
 from ._autoscale import Autoscaler
 from ._broadcast import Broadcast, Broadcasts
+from ._bufpool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
 from ._control import ControlServer
 from ._coordctl import coordinator_control
 from ._dashboard import install_coordinator as install_status
@@ -60,28 +61,17 @@ from ._pool import SpawnHost, WorkerPool, check_positive
 from ._progress import Progress
 from ._remote import Heartbeats
 from ._shutdown import finish_shutdown, teardown
-from ._stats import QueueStats, Statistics
+from ._stats import Statistics
 from ._supervisor import Supervisor
 from ._tasks import LateResult, Route
+
+if TYPE_CHECKING:
+    from ._redisqueue import RedisQueue
 
 log = logging.getLogger(__name__)
 
 
-class QueueFeed(Protocol):
-    """A running feed from a shared queue into a coordinator (see :mod:`._redisbridge`)."""
-
-    def statistics(self) -> QueueStats: ...
-    def stop_reading(self) -> None: ...
-    def close(self, timeout: float = 10.0) -> None: ...
-
-
-class SharedQueue(Protocol):
-    """What ``Coordinator(queue=...)`` takes: a :class:`~._redisqueue.RedisQueue`."""
-
-    def serve(self, coordinator: Coordinator) -> QueueFeed: ...
-
-
-class Coordinator(WorkerPool):
+class Coordinator(WorkerPool, BufferSource):
     """Owns the task queue and the workers; returns results in submission order.
 
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
@@ -104,7 +94,9 @@ class Coordinator(WorkerPool):
     64 KiB or more reach spawned workers through shared memory instead of the socket where the
     platform allows it (see :mod:`pytaskqml._shm`); ``queue`` a shared queue to take work from
     besides ``submit``/``map``/``stream`` (a :class:`~pytaskqml.RedisQueue`: its entries run
-    on this coordinator's workers and their results go back to their producers).
+    on this coordinator's workers and their results go back to their producers);
+    ``max_buffer_bytes`` is the size of the pool :meth:`buffer` arrays come from (address
+    space; 0: no pool).
     """
 
     def __init__(
@@ -126,8 +118,9 @@ class Coordinator(WorkerPool):
         max_frame_size: int = _protocol.DEFAULT_MAX_FRAME_SIZE,
         on_late: Callable[[LateResult], None] | None = None,
         shared_memory: bool = True,
+        max_buffer_bytes: int = DEFAULT_POOL_BYTES,
         name: str = "coordinator",
-        queue: SharedQueue | None = None,
+        queue: RedisQueue | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(
@@ -147,6 +140,7 @@ class Coordinator(WorkerPool):
             check_positive(label, value, allow_none=False)
         check_positive("timeout", timeout)
         check_positive("hang_timeout", hang_timeout)
+        check_pool_bytes(max_buffer_bytes)
         if any(isinstance(v, float) for v in (window, max_retries, max_queue, max_start_failures)):
             raise ValueError(
                 "window, max_retries, max_queue and max_start_failures must be integers"
@@ -187,6 +181,9 @@ class Coordinator(WorkerPool):
         #: Named models on this coordinator's workers: load, update, unload, status.
         self.models = Models(self._engine, on_demand=max_models is not None)
         self._broadcasts = Broadcasts(self._intake, self._runner)
+        self._buffers = Buffers(
+            enabled=self.shared_memory, max_bytes=max_buffer_bytes, changed=self._engine.signal
+        )
         self._heartbeats = Heartbeats(
             name,
             heartbeat_interval=heartbeat_interval,
@@ -202,6 +199,7 @@ class Coordinator(WorkerPool):
             max_start_failures=max_start_failures,
             shared_memory=self.shared_memory,
             max_frame_size=max_frame_size,
+            pool=self._buffers.for_child,
         )
         self._acceptors: list[Acceptor] = []
         self._dialers: list[Dialer] = []
@@ -435,6 +433,7 @@ class Coordinator(WorkerPool):
             models=self.models.statistics(self._engine.model_counts()),
             scale_ups=sum(a.ups for a in self._autoscalers),
             scale_downs=sum(a.downs for a in self._autoscalers),
+            buffers=self._buffers.statistics(),
         )
         if self._feed is not None:
             stats = dataclasses.replace(stats, queue=self._feed.statistics())

@@ -3,7 +3,8 @@
 The child is ``python -m pytaskqml._child`` with the coordinator's ``sys.path``. Everything it
 needs arrives as one JSON line on its stdin - never on the command line or in the environment,
 where other users could read a key - including, on POSIX, the number of the inherited file
-descriptor of its end of a socketpair, and of its shared-memory segment.
+descriptor of its end of a socketpair, of its shared-memory segment and of the coordinator's
+buffer pool (:mod:`._bufpool`), which every worker of the coordinator maps.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def launch(
     dial_back: tuple[tuple[str, int], bytes] | None,
     shared_memory: bool,
     segment_name: str,
+    pool: tuple[int, str] | None = None,
 ) -> Child:
     """Start a worker process. With *socketpair* it gets one end of a new pair; otherwise it
     dials back to the address in *dial_back* with that key. With *shared_memory* (and where
-    the platform has it) it gets a segment of its own. ``OSError`` if it cannot start."""
+    the platform has it) it gets a segment of its own, and the buffer *pool* (its descriptor,
+    which stays ours, and token) if there is one. ``OSError`` if it cannot start."""
     env = dict(os.environ)
     env.pop("PYTASKQML_AUTHKEY", None)  # the child gets its key on stdin, nothing else
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,13 +79,21 @@ def launch(
     token = secrets.token_hex(8)
     if fd is not None:
         config["shm"] = [fd, token]
+    if pool is not None and shared_memory:
+        config["pool"] = [pool[0], pool[1]]
+    else:
+        pool = None
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytaskqml._child"],
             stdin=subprocess.PIPE,
             env=env,
             close_fds=True,
-            pass_fds=tuple(f for f in (fd, pair[1].fileno() if pair else None) if f is not None),
+            pass_fds=tuple(
+                f
+                for f in (fd, pair[1].fileno() if pair else None, pool[0] if pool else None)
+                if f is not None
+            ),
         )
     except BaseException:
         if fd is not None:

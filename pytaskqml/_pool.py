@@ -17,6 +17,7 @@ from . import _codec, _connection
 from ._autoscale import Autoscaler, bounds
 from ._bootstrap import call_setup, class_target
 from ._broadcast import Broadcasts
+from ._bufpool import Buffers
 from ._connection import Connection
 from ._endpoints import Acceptor, read_hello
 from ._engine import Engine
@@ -63,6 +64,7 @@ class WorkerPool:
     _stats_lock: Any
     _broadcasts: Broadcasts
     _autoscalers: list[Autoscaler]
+    _buffers: Buffers
     models: Models
 
     def _check_open(self) -> None:
@@ -313,6 +315,7 @@ class WorkerPool:
         arena: Any = None,
         owner: WorkerOwner | None = None,
         restarts: int = 0,
+        pool: Any = None,
     ) -> RemoteHandle | None:
         handle = RemoteHandle(
             self._engine,
@@ -322,6 +325,7 @@ class WorkerPool:
             window=window,
             heartbeats=self._heartbeats,
             arena=arena,
+            pool=pool,
         )
         handle.owner = owner
         handle.restarts = restarts
@@ -404,6 +408,7 @@ class SpawnHost:
             arena=seat.arena,
             owner=c._supervisor,
             restarts=seat.restarts,
+            pool=c._buffers.pool,
         )
 
     def seat_retired(self, seat: Seat) -> None:

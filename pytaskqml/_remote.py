@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _codec, _protocol, _shm
+from ._bufpool import BufferPool
 from ._connection import Connection
 from ._errors import ConnectionLost, ProtocolError, RemoteTraceback, TaskFailed
 from ._handles import WorkerEvents, WorkerHandle
@@ -43,6 +44,7 @@ class RemoteHandle(WorkerHandle):
         window: int | None,
         heartbeats: Heartbeats,
         arena: _shm.Arena | None = None,
+        pool: BufferPool | None = None,
     ) -> None:
         batch = hello.get("batch", 1)
         delay = hello.get("batch_delay", 0.0)
@@ -68,6 +70,8 @@ class RemoteHandle(WorkerHandle):
         # Shared memory with a worker we spawned, if it maps it too (see _shm).
         # (The token tells that it is this process's segment, not a predecessor's.)
         self.arena = arena if arena is not None and hello.get("shm") == arena.token else None
+        # The coordinator's buffer pool, if this worker mapped it (see _bufpool).
+        self.pool = pool if pool is not None and hello.get("pool") == pool.token else None
         self.loss_reason: str | None = None  # why we dropped it, if we did
         models = hello.get("models")
         self.initial_models = (
@@ -212,21 +216,39 @@ class RemoteHandle(WorkerHandle):
             start = end
 
     def _encode(self, rows: list[list[Any]]) -> tuple[str, list[memoryview]]:
-        arena = self.arena
-        if arena is None:
+        arena, pool = self.arena, self.pool
+        if arena is None and pool is None:
             return _codec.encode(rows)
         placed: list[int] = []
+        lent: list[int] = []
 
         def place(data: memoryview) -> int | None:
+            assert arena is not None
             offset = arena.place(data)
             if offset is not None:
                 placed.append(offset)
             return offset
 
+        def lend(arr: Any) -> int | None:
+            assert pool is not None
+            offset = pool.lend(arr, self)
+            if offset is not None:
+                lent.append(offset)
+            return offset
+
         try:
-            return _codec.encode(rows, place=place, min_shared=_shm.MIN_BYTES)
+            return _codec.encode(
+                rows,
+                place=place if arena is not None else None,
+                min_shared=_shm.MIN_BYTES,
+                lend=lend if pool is not None else None,
+            )
         except BaseException:
-            arena.release(placed)  # nothing will be sent: the slots are free again
+            # Nothing will be sent: the slots are free again.
+            if arena is not None:
+                arena.release(placed)
+            if pool is not None:
+                pool.returned(self, lent)
             raise
 
     def _send(self, tasks: list[Task]) -> None:
@@ -280,6 +302,8 @@ class RemoteHandle(WorkerHandle):
                     header = msg.header
                     if "f" in header:
                         self._free_slots(header["f"])
+                    if "fp" in header:
+                        self._free_slots(header["fp"], pool=True)
                     busy = header.get("bt")
                     self.events.results(
                         self,
@@ -290,7 +314,10 @@ class RemoteHandle(WorkerHandle):
                 elif op == "ping":
                     continue
                 elif op == "free":
-                    self._free_slots(msg.header.get("f"))
+                    if "f" in msg.header:
+                        self._free_slots(msg.header["f"])
+                    if "fp" in msg.header:
+                        self._free_slots(msg.header["fp"], pool=True)
                 elif op == "models":
                     self.events.model_status(self, msg.header)
                 elif op == "bye":
@@ -320,11 +347,16 @@ class RemoteHandle(WorkerHandle):
             super().close()
             if self.arena is not None:
                 self.arena.close()  # its process is gone or going; a new one gets a new segment
+            if self.pool is not None:
+                self.pool.forget(self)  # and what it held of the pool with it
 
-    def _free_slots(self, offsets: Any) -> None:
+    def _free_slots(self, offsets: Any, *, pool: bool = False) -> None:
         if type(offsets) is not list or not all(type(o) is int for o in offsets):
             raise ProtocolError("malformed list of freed slots")
-        if self.arena is not None:
+        if pool:
+            if self.pool is not None:
+                self.pool.returned(self, offsets)
+        elif self.arena is not None:
             self.arena.release(offsets)
 
 

@@ -65,7 +65,7 @@ class WorkerServer:
         control_address: str | None = None,
         spawn_id: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        shared: tuple[int, str] | None = None,
+        shared: tuple[int, str] | _shm.SharedView | None = None,
         models: ModelTable | None = None,
     ) -> None:
         self.worker = worker
@@ -86,7 +86,8 @@ class WorkerServer:
         self.ssl_context = ssl_context
         # Shared memory with the coordinator that spawned us (see _shm): large task buffers
         # arrive as views of it instead of through the socket.
-        self._shared = _shm.SharedView(*shared) if shared is not None else None
+        # (A SharedView, made by the caller, may also map the coordinator's buffer pool.)
+        self._shared = shared if not isinstance(shared, tuple) else _shm.SharedView(*shared)
         self.tasks_done = 0
         self.errors = 0
         self.busy_seconds = 0.0
@@ -259,6 +260,7 @@ class WorkerServer:
                     "spawn_id": self.spawn_id,
                     "control": self.control_address,
                     "shm": self._shared.token if self._shared is not None else None,
+                    "pool": self._shared.pool_token if self._shared is not None else None,
                     "models": self.models.loaded() if self.models is not None else {},
                     **worker_info(self.worker),
                 },
@@ -437,11 +439,11 @@ class WorkerServer:
     ) -> None:
         self.busy_seconds += busy
         text, buffers = encode_results(results)
-        freed = self._shared.collect() if self._shared is not None else None
+        freed = self._shared.freed() if self._shared is not None else None
         conn.send_json(
             '{"op":"done","bt":'
             + repr(round(busy, 7))
-            + (',"f":' + repr(freed) if freed else "")
+            + ("".join(f',"{k}":{v!r}' for k, v in freed.items()) if freed else "")
             + (',"mv":' + _codec.encode_str({str(k): v for k, v in versions.items()})
                if versions else "")
             + ',"r":'
@@ -455,6 +457,6 @@ class WorkerServer:
         result that was the input array itself, now sent; an array ``process()`` kept, now
         dropped)."""
         if self._shared is not None and self._shared.held:
-            freed = self._shared.collect()
+            freed = self._shared.freed()
             if freed:
-                conn.send("free", {"f": freed})
+                conn.send("free", freed)

@@ -26,6 +26,10 @@ reference (every view, slice or reshape of the array keeps its base alive). So a
 ``process()`` keeps (in ``self``, a cache, a result still being sent) stays valid; its slot
 comes back when the array is gone. When the worker dies the whole segment is dropped with it
 and the replacement process gets a new one: slots are always released.
+
+Arrays the producer wrote straight into shared memory (``coord.buffer()``) are not copied here
+at all: they lie in the coordinator's buffer pool, one more segment every worker maps
+(:mod:`._bufpool`, :mod:`._poolview`); :class:`SharedView` resolves markers into either.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ import os
 import tempfile
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import ProtocolError
+
+if TYPE_CHECKING:
+    from ._poolview import PoolView
 
 log = logging.getLogger(__name__)
 
@@ -195,22 +202,36 @@ class Arena:
 
 
 class SharedView:
-    """The worker's side: resolves markers to views of the segment, and frees their slots once
-    nothing refers to them. Used from the worker's main thread only."""
+    """The worker's side: resolves markers to views of the segment (and of the coordinator's
+    buffer pool, through *pool*, see :mod:`._poolview`), and frees their slots once nothing
+    refers to them. Used from the worker's main thread only. *fd* is ``None`` when the worker
+    has no segment of its own."""
 
-    def __init__(self, fd: int, token: str) -> None:
+    def __init__(self, fd: int | None, token: str, pool: PoolView | None = None) -> None:
         self.fd = fd
-        self.token = token
+        self.token = token if fd is not None else None
+        self.pool = pool
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         # (offset, weak reference to the array that owns the slot's memory, or None when the
         # data was copied out and nothing can refer to the slot)
         self._claims: list[tuple[int, weakref.ref[Any] | None]] = []
 
-    def view(self, offset: Any, nbytes: int) -> memoryview:
+    @property
+    def pool_token(self) -> str | None:
+        """Said in the hello: the pool is mapped here (None: it is not)."""
+        return self.pool.token if self.pool is not None else None
+
+    def view(self, offset: Any, nbytes: int, segment: int = 0) -> memoryview:
         """The segment's bytes ``[offset, offset + nbytes)``; a :class:`ProtocolError` for a
         reference outside it. The slot counts as in use until :meth:`collect` finds nothing
         :meth:`hold`-ing it."""
+        if segment:
+            if self.pool is None:
+                raise ProtocolError("a buffer-pool marker, but the pool is not mapped here")
+            return self.pool.view(offset, nbytes)
+        if self.fd is None:
+            raise ProtocolError("a shared-memory marker, but no segment of our own")
         if type(offset) is not int or offset < 0 or nbytes < 0:
             raise ProtocolError("malformed shared-memory reference")
         end = offset + nbytes
@@ -234,9 +255,13 @@ class SharedView:
         self._claims.append((offset, None))
         return view[offset:end]
 
-    def hold(self, offset: int, owner: Any) -> None:
+    def hold(self, offset: int, owner: Any, segment: int = 0) -> None:
         """*owner* (an array every view of the slot's data is based on) now keeps the slot at
         *offset* in use for as long as it lives."""
+        if segment:
+            assert self.pool is not None
+            self.pool.hold(offset, owner)
+            return
         for i in range(len(self._claims) - 1, -1, -1):
             if self._claims[i][0] == offset:
                 self._claims[i] = (offset, weakref.ref(owner))
@@ -244,7 +269,20 @@ class SharedView:
 
     @property
     def held(self) -> int:
-        return len(self._claims)
+        return len(self._claims) + (self.pool.held if self.pool is not None else 0)
+
+    def freed(self) -> dict[str, list[int]]:
+        """What to tell the coordinator: ``{"f": own offsets, "fp": pool offsets}`` freed since
+        the last call (only the non-empty lists)."""
+        out: dict[str, list[int]] = {}
+        own = self.collect()
+        if own:
+            out["f"] = own
+        if self.pool is not None and self.pool.held:
+            pooled = self.pool.collect()
+            if pooled:
+                out["fp"] = pooled
+        return out
 
     def collect(self) -> list[int]:
         """Offsets of slots nothing refers to any more; they are forgotten here and must be
@@ -265,5 +303,8 @@ class SharedView:
         self._claims = []
         self._view = None
         self._map = None
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        if self.pool is not None:
+            self.pool.close()

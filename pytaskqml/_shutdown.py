@@ -73,6 +73,7 @@ def teardown(self: Coordinator, *, cancel: bool) -> None:
     if self._control is not None:
         self._control.stop()
     self._heartbeats.stop()
+    self._buffers.close()
     engine.stop_timer()
     self._runner.close()
     self._stopped.set()

@@ -110,8 +110,8 @@ class Statistics:
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
     results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
     since the coordinator was created. ``queue`` is the shared queue it is fed from, if any
-    (see :class:`QueueStats`).
-    since the coordinator was created.
+    (see :class:`QueueStats`); ``buffers`` counts ``coord.buffer()`` arrays
+    (:class:`BufferStats`).
 
     ``queue_wait`` and ``latency`` are histograms (fixed buckets from 100 us to 10 s) of every
     item's wait from submission to its first dispatch and from submission to its result, since
@@ -147,6 +147,24 @@ class Statistics:
     queue: QueueStats | None = None
     queue_wait: HistogramSnapshot | None = None
     latency: HistogramSnapshot | None = None
+    buffers: BufferStats | None = None
+
+
+@dataclass(frozen=True)
+class BufferStats:
+    """``coord.buffer()``: ``capacity`` buffers fit in the pool at once, ``slot_bytes`` each
+    (0 before the first one, or without a pool); ``in_use`` slots are taken now (by an array
+    alive in this process, its unfinished task, or a worker still holding it); ``pooled``
+    buffers were handed out from the pool, ``plain`` as ordinary arrays instead (no pool,
+    under 64 KiB, too large for the slots); ``lent`` times a pool buffer reached a worker
+    process without a copy."""
+
+    capacity: int = 0
+    in_use: int = 0
+    pooled: int = 0
+    plain: int = 0
+    lent: int = 0
+    slot_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,10 @@ class Supervisor:
         max_start_failures: int,
         shared_memory: bool,
         max_frame_size: int,
+        pool: Callable[[], tuple[int, str] | None] | None = None,
     ) -> None:
         self.host = host
+        self._pool = pool  # the coordinator's buffer pool, for every child (see _bufpool)
         self.name = name
         self.max_restarts = max_restarts
         self.max_start_failures = max_start_failures
@@ -360,6 +362,7 @@ class Supervisor:
             dial_back=(self.listener.address, self.spawn_key) if self.listener else None,
             shared_memory=self.shared_memory,
             segment_name=f"pytaskqml-{seat.spawn_id}",
+            pool=self._pool() if self._pool is not None and self.shared_memory else None,
         )
         seat.arena = child.arena
         with self._cv:

@@ -48,3 +48,32 @@ class Scribble(Worker):
 class BytesInfo(Worker):
     def process(self, payload: Any) -> list[Any]:
         return [type(payload).__name__, len(payload), hashlib.sha256(payload).hexdigest()[:16]]
+
+
+class DigestThenScribble(Worker):
+    """Returns the checksum of what arrived, then writes over it: a worker's writes must stay
+    its own, and must not show in the next frame that lands in the same memory."""
+
+    def process(self, arr: Any) -> str:
+        d = digest(arr)
+        arr[:] = 7
+        return d
+
+
+class ScribbleAndDie(Worker):
+    """The first time any worker of the test sees a frame (no *flag* file yet) it writes over
+    the frame and kills its own process; afterwards it describes what it gets."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def process(self, arr: Any) -> str:
+        try:
+            fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return digest(arr)
+        os.close(fd)
+        arr[:] = 0
+        os.kill(os.getpid(), 9)
+        return "unreachable"

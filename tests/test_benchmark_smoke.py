@@ -130,6 +130,17 @@ def test_frames_baselines_and_shared_memory() -> None:
     assert procstat.descendants(os.getpid()) - before == set()
 
 
+def test_frames_produced_into_buffers_go_without_a_copy() -> None:
+    pytest.importorskip("cv2", reason="OpenCV is only in benchmark/requirements.txt")
+    result = run_case("pytaskqml-map-buffer", "frames", 2, tiny())
+    assert_ok(result)
+    stats = result["params"]["library_statistics"]
+    # Every frame of the warm-up and the repeats went to the workers by reference.
+    assert stats["buffers"]["lent"] >= result["n"] * result["repeats"], stats
+    assert result["params"]["shared_buffers"] == 0  # nothing copied into a worker's segment
+    assert run_case("pytaskqml-map-buffer", "wordcount", 2, tiny())["status"] == "skipped"
+
+
 def test_frames_only_systems_skip_other_workloads() -> None:
     result = run_case("raw-socket", "wordcount", 2, tiny())
     assert result["status"] == "skipped"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -22,7 +23,14 @@ if str(ROOT) not in sys.path:
 from demo import cli  # noqa: E402
 from demo.output import count_frames  # noqa: E402
 from demo.runner import RunSpec, run_batch, run_live  # noqa: E402
-from demo.source import generate_clip, paced, read_stamp, stamp_index  # noqa: E402
+from demo.source import (  # noqa: E402
+    camera_frames,
+    generate_clip,
+    open_capture,
+    paced,
+    read_stamp,
+    stamp_index,
+)
 from demo.vision import DetectParams  # noqa: E402
 
 SMALL = ["--frames", "10", "--size", "320x240", "--quiet"]
@@ -52,6 +60,8 @@ def test_demo_end_to_end_in_order_with_faces(tmp_path: Path) -> None:
         assert rep.visible == 10
         assert rep.found >= 9, f"face boxed in only {rep.found}/10 frames"
         assert rep.stats.completed == 10
+        # The gray frames were converted straight into shared memory and sent without a copy.
+        assert rep.stats.buffers.pooled == 10 and rep.stats.buffers.lent >= 10
     assert outcome.video.exists() and outcome.written == 10
     assert count_frames(outcome.video) == 10
     assert outcome.sheet.exists() and outcome.sheet.stat().st_size > 10_000
@@ -74,6 +84,29 @@ def test_live_mode_drops_oldest_and_stays_in_order() -> None:
     assert rep.skipped == rep.dropped
     assert rep.out_of_order == 0
     assert rep.found == rep.delivered
+
+
+def test_live_camera_frames_are_read_into_shared_memory(tmp_path: Path) -> None:
+    """A capture device whose colour frames go to worker processes is read straight into
+    coord.buffer() arrays (a video file stands in for the camera)."""
+    import cv2
+
+    clip = generate_clip(8, (320, 240))
+    path = tmp_path / "camera.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (320, 240))
+    for frame in clip.frames:
+        writer.write(frame)
+    writer.release()
+    rep = run_live(
+        functools.partial(camera_frames, open_capture(str(path)), 8),
+        RunSpec(processes=1, draw_in_worker=True, max_queue=8, buffersize=8),
+        DetectParams(min_size=40),
+        total=8,
+        progress=False,
+    )
+    assert rep.delivered == 8 and rep.out_of_order == 0
+    # The first frame tells the size; every one after it is decoded into a pool buffer.
+    assert rep.stats.buffers.pooled == 7 and rep.stats.buffers.lent >= 7
 
 
 def test_worker_draws_on_a_copy_in_a_local_thread() -> None:

@@ -1,0 +1,402 @@
+"""``coord.buffer()``: arrays produced straight into the pool every spawned worker maps - the
+pool alone, the markers that name it, the worker's copy-on-write view, and whole runs with real
+processes (kill -9 included)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+np = pytest.importorskip("numpy", reason="coord.buffer() needs NumPy")
+from conftest import wait_for  # noqa: E402
+from sample_workers import Echo  # noqa: E402
+from shm_workers import Describe, DigestThenScribble, Keeper, ScribbleAndDie, digest  # noqa: E402
+
+from pytaskqml import Coordinator, ProtocolError, _bufpool, _codec, _poolview, _shm  # noqa: E402
+
+MIB = 1 << 20
+pytestmark = pytest.mark.skipif(
+    not _bufpool.pool_supported() or _shm.create_segment("probe") is None,
+    reason="no buffer pool on this platform (Linux with shared memory only)",
+)
+
+
+def _pool(nbytes: int = 8 * MIB) -> _bufpool.BufferPool:
+    pool = _bufpool.BufferPool.create(nbytes, lambda: None)
+    assert pool is not None
+    return pool
+
+
+def _frame(i: int, shape: tuple[int, ...] = (256, 256, 3)) -> np.ndarray:
+    rng = np.random.default_rng(i)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def _in_use(coord: Coordinator) -> int:
+    stats = coord.statistics().buffers
+    assert stats is not None
+    return stats.in_use
+
+
+# --------------------------------------------------------------------------- the pool alone
+
+
+def test_buffers_come_from_the_pool_and_return_when_dropped() -> None:
+    with Coordinator() as coord:
+        buf = coord.buffer((480, 640, 3))
+        assert buf.shape == (480, 640, 3) and buf.dtype == np.uint8 and buf.flags.writeable
+        floats = coord.buffer(100_000, "float32")
+        assert floats.shape == (100_000,) and floats.dtype == np.float32
+        small = coord.buffer((10, 10))  # under 64 KiB: travels inline anyway
+        s = coord.statistics().buffers
+        assert s is not None
+        assert (s.pooled, s.plain, s.in_use, s.slot_bytes) == (2, 1, 2, MIB)
+        assert s.capacity == _bufpool.DEFAULT_POOL_BYTES // MIB
+        view = buf[10:20]  # a view keeps the buffer's memory taken
+        del buf, floats, small
+        assert _in_use(coord) == 1
+        del view
+        assert _in_use(coord) == 0  # never submitted, garbage-collected: returned
+
+
+def test_a_full_pool_hands_out_plain_arrays_or_waits_when_asked() -> None:
+    with Coordinator(max_buffer_bytes=2 * MIB) as coord:
+        a, b = coord.buffer(MIB), coord.buffer(MIB)
+        assert _in_pool(coord, a) and _in_pool(coord, b)
+        full = coord.buffer(MIB)  # no room: a plain array at once
+        assert not _in_pool(coord, full) and full.shape == (MIB,)
+        got: list[np.ndarray] = []
+
+        def waiter() -> None:
+            got.append(coord.buffer(MIB, wait=30))
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        del a  # wakes the waiter (or it finds the slot free when it looks)
+        thread.join(30)
+        assert not thread.is_alive() and got and _in_pool(coord, got[0])
+        big = coord.buffer(3 * MIB)  # larger than a slot, and slots are taken: a plain array
+        assert not _in_pool(coord, big)
+        s = coord.statistics().buffers
+        assert s is not None and (s.pooled, s.plain, s.in_use) == (3, 2, 2)
+        del b
+        got.clear()
+        assert _in_use(coord) == 0
+
+
+def _in_pool(coord: Coordinator, arr: np.ndarray) -> bool:
+    pool = coord._buffers.pool
+    assert pool is not None
+    offset = arr.__array_interface__["data"][0] - pool._addr
+    return 0 <= offset < pool._size
+
+
+def test_a_buffer_in_a_reference_cycle_comes_back_once_the_pool_is_full() -> None:
+    gc.disable()
+    try:
+        with Coordinator(max_buffer_bytes=2 * MIB) as coord:
+            for _ in range(2):
+                cycle: list[object] = [coord.buffer(MIB)]
+                cycle.append(cycle)
+            del cycle
+            assert _in_use(coord) == 2
+            assert _in_pool(coord, coord.buffer(MIB, wait=30))  # the collector ran
+    finally:
+        gc.enable()
+
+
+def test_drops_while_the_pool_is_locked_are_picked_up_when_it_is_released() -> None:
+    """A weakref callback never waits for the pool's lock: it leaves the slot to whoever holds
+    the lock."""
+    pool = _pool()
+    arr = pool.take((MIB,), np.dtype(np.uint8), 1.0)
+    assert pool.in_use == 1
+    pool._lock.acquire()
+    del arr  # the callback runs here, with the lock taken
+    assert pool._dropped
+    pool._unlock()
+    assert pool.in_use == 0 and not pool._dropped
+    pool.close()
+
+
+def test_pool_buffers_are_recognised_at_encode_time_without_a_copy() -> None:
+    pool = _pool()
+    try:
+        buf = pool.take((512, 512), np.dtype(np.uint8), 1.0)
+        buf[:] = 3
+        lend = lambda arr: pool.lend(arr, "w")  # noqa: E731
+        text, bufs = _codec.encode(
+            [buf, {"frame": buf[256:]}, buf[:, ::2], np.ones(100_000, np.uint8)],
+            lend=lend,
+            min_shared=_shm.MIN_BYTES,
+        )
+        # The buffer and its contiguous half by reference; the strided view and the plain
+        # array travel in the frame.
+        assert len(bufs) == 2
+        assert text.count('"\\u0000pq":["|u1",') == 4
+        assert ",0,1]}" in text and f",{256 * 512},1]" in text
+        assert pool.lent == 2 and pool.in_use == 1
+        pool.returned("w", [0, 256 * 512, 12345])  # an offset it does not hold is ignored
+        del buf
+        assert pool.in_use == 0
+        # Held by a worker after the producer let go: the slot stays taken until returned.
+        buf = pool.take((512, 512), np.dtype(np.uint8), 1.0)
+        assert pool.lend(buf, "w") == 0 and pool.lend(buf, "w") == 0
+        del buf
+        pool.returned("w", [0])
+        assert pool.in_use == 1
+        pool.forget("w")  # the worker died
+        assert pool.in_use == 0
+    finally:
+        pool.close()
+
+
+def test_pool_markers_are_checked() -> None:
+    pool = _pool()
+    view = _shm.SharedView(None, "", pool=_poolview.PoolView(os.dup(pool.fd), pool.token))
+    try:
+        assert view.pool_token == pool.token and view.token is None
+        for bad in (
+            '["|u1",[10],0,2]',  # no such segment
+            '["|u1",[10],0,"1"]',
+            '["|u1",[10],-1,1]',
+            f'["|u1",[10],{8 * MIB - 5},1]',  # past the end
+        ):
+            with pytest.raises(ProtocolError):
+                _codec.decode('{"\\u0000pq":' + bad + "}", (), view)
+        with pytest.raises(ProtocolError, match="no shared memory"):
+            _codec.decode('{"\\u0000pq":["|u1",[10],0,1]}')
+        plain = _shm.SharedView(os.dup(pool.fd), "t")  # a segment of its own, no pool
+        with pytest.raises(ProtocolError, match="pool is not mapped"):
+            _codec.decode('{"\\u0000pq":["|u1",[10],0,1]}', (), plain)
+        plain.close()
+    finally:
+        view.close()
+        pool.close()
+
+
+def test_a_workers_writes_stay_private_and_are_dropped_before_the_slot_is_reused() -> None:
+    pool = _pool()
+    view = _poolview.PoolView(os.dup(pool.fd), pool.token)
+    shared = _shm.SharedView(None, "", pool=view)
+    try:
+        buf = pool.take((MIB,), np.dtype(np.uint8), 1.0)
+        buf[:] = 1
+        text, _ = _codec.encode([buf], lend=lambda a: pool.lend(a, "w"), min_shared=1)
+        (got,) = _codec.decode(text, (), shared)
+        assert got.flags.writeable and (got == 1).all()
+        got[:100] = 9  # the worker's own copy of that page
+        assert (buf[:100] == 1).all()  # the producer's array is untouched
+        assert shared.freed() == {}  # still held
+        del got
+        assert shared.freed() == {"fp": [0]}
+        assert view.scrubbed == 1
+        buf[:] = 2  # the slot's next frame, written by the coordinator
+        (again,) = _codec.decode(text, (), shared)
+        assert (again == 2).all()  # not the worker's stale private page
+        del again
+        shared.freed()
+    finally:
+        shared.close()
+        pool.close()
+
+
+def test_bad_arguments_are_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="max_buffer_bytes"):
+        Coordinator(max_buffer_bytes=-1)
+    with Coordinator(max_buffer_bytes=0) as coord:  # no pool: plain arrays
+        assert coord.buffer(MIB).nbytes == MIB
+        with pytest.raises(TypeError):
+            coord.buffer((2.5, 3))
+        with pytest.raises(TypeError, match="object"):
+            coord.buffer(10, object)
+        with pytest.raises(ValueError, match="negative"):
+            coord.buffer((-1, 3))
+        s = coord.statistics().buffers
+        assert s is not None and (s.capacity, s.plain) == (0, 1)
+
+
+def test_without_shared_memory_buffers_are_plain_arrays() -> None:
+    with Coordinator(shared_memory=False) as coord:
+        coord.spawn(Describe, processes=1)
+        frames = [_frame(i) for i in range(5)]
+        bufs = []
+        for f in frames:
+            buf = coord.buffer(f.shape)
+            np.copyto(buf, f)
+            bufs.append(buf)
+        assert [o[0] for o in coord.map(bufs)] == [digest(f) for f in frames]
+        s = coord.statistics().buffers
+        assert s is not None and (s.capacity, s.pooled, s.plain) == (0, 0, 5)
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _produce(coord: Coordinator, frames: list[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for f in frames:
+        buf = coord.buffer(f.shape, f.dtype)
+        np.copyto(buf, f)
+        out.append(buf)
+    return out
+
+
+def test_frames_produced_into_buffers_reach_spawned_workers_intact_and_in_order() -> None:
+    frames = [_frame(i) for i in range(16)]
+    frames += [_frame(i, (100, 100, 4)).astype(np.float32) for i in range(4)]
+    with Coordinator() as coord:
+        pids = coord.spawn(Describe, processes=2)
+
+        # One buffer per frame, produced as map() reads them.
+        items = (_produce(coord, [frames[i % len(frames)]])[0] for i in range(200))
+        out = list(coord.map(items, buffersize=32))
+        assert [o[0] for o in out] == [digest(frames[i % len(frames)]) for i in range(200)]
+        assert {o[3] for o in out} == set(pids)
+        s = coord.statistics().buffers
+        assert s is not None and s.pooled == 200 and s.lent >= 200
+        # Nothing was copied into the workers' own segments.
+        assert sum(w.shared_buffers or 0 for w in coord.statistics().workers) == 0
+        wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
+
+
+@pytest.mark.slow
+def test_no_slot_leaks_after_many_frames() -> None:
+    frame = _frame(0)
+    with Coordinator(max_buffer_bytes=16 * MIB) as coord:
+        coord.spawn(Describe, processes=2)
+        # A producer that waits for the pool: every one of its frames goes without a copy.
+        futures = []
+        for _ in range(1000):
+            buf = coord.buffer(frame.shape, wait=30)
+            np.copyto(buf, frame)
+            futures.append(coord.submit(buf))
+        del buf
+        assert all(f.result(30)[0] == digest(frame) for f in futures)
+        s = coord.statistics().buffers
+        assert s is not None and (s.pooled, s.plain, s.capacity) == (1000, 0, 16)
+        wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
+        # map() reads 256 items ahead: more than the pool holds, so some are plain arrays.
+        out = coord.map(_produce(coord, [frame])[0] for _ in range(1000))
+        assert all(o[0] == digest(frame) for o in out)
+        s = coord.statistics().buffers
+        assert s is not None and s.pooled + s.plain == 2000 and s.pooled > 1000 + 16
+        wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
+
+
+@pytest.mark.slow
+def test_a_kept_array_is_never_overwritten_in_the_worker_or_the_producer() -> None:
+    with Coordinator(max_buffer_bytes=128 * MIB) as coord:
+        coord.spawn(Keeper, processes=2, kwargs={"keep": 20})
+        kept = []
+        results = []
+        for i in range(300):
+            (buf,) = _produce(coord, [_frame(i % 50)])
+            results.append(coord.submit(buf))
+            if i % 10 == 0:
+                kept.append((buf, digest(_frame(i % 50))))
+            del buf
+        assert [f.result(30) for f in results] == [0] * 300  # no kept view changed
+        assert all(digest(b) == d for b, d in kept)
+        assert 0 < _in_use(coord) <= 2 * 20 + len(kept) + 16
+
+
+def test_a_worker_writing_into_its_buffer_changes_neither_the_producer_nor_the_next_frame() -> None:
+    frames = [_frame(i) for i in range(6)]
+    with Coordinator(max_buffer_bytes=4 * MIB) as coord:  # 4 slots: each reused many times
+        coord.spawn(DigestThenScribble, processes=2)
+        bufs = _produce(coord, frames[:2])
+        assert list(coord.map(bufs)) == [digest(f) for f in frames[:2]]
+        assert [digest(b) for b in bufs] == [digest(f) for f in frames[:2]]
+        del bufs
+        more = coord.map(_produce(coord, [frames[i % 6]])[0] for i in range(120))
+        assert list(more) == [digest(frames[i % 6]) for i in range(120)]
+
+
+def test_a_task_rerun_after_kill_9_reads_the_frame_the_producer_wrote(tmp_path: Path) -> None:
+    frames = [_frame(i) for i in range(4)]
+    with Coordinator(max_retries=2) as coord:
+        coord.spawn(ScribbleAndDie, processes=2, kwargs={"flag": str(tmp_path / "died")})
+        out = list(coord.map(_produce(coord, frames)))
+        assert out == [digest(f) for f in frames]  # the one that died wrote zeros first
+        assert (tmp_path / "died").exists() and coord.statistics().workers_lost >= 1
+        wait_for(lambda: _in_use(coord) == 0, what="the dead worker's holds dropped")
+
+
+def test_a_replacement_worker_maps_the_pool_too() -> None:
+    with Coordinator() as coord:
+        (pid,) = coord.spawn(Describe, processes=1)
+        os.kill(pid, signal.SIGKILL)
+        assert coord.wait_until(
+            lambda s: s.restarts >= 1 and len(s.workers) == 1 and s.workers[0].pid != pid, 30
+        )
+        before = coord.statistics().buffers
+        frames = [_frame(i) for i in range(10)]
+        assert [o[0] for o in coord.map(_produce(coord, frames))] == [digest(f) for f in frames]
+        after = coord.statistics().buffers
+        assert before is not None and after is not None and after.lent - before.lent == 10
+
+
+def test_thread_workers_get_a_copy_of_a_pool_buffer() -> None:
+    with Coordinator() as coord:
+        coord.add_local(DigestThenScribble())
+        frames = [_frame(i) for i in range(20)]
+        bufs = _produce(coord, frames)
+        s = coord.statistics().buffers
+        assert s is not None and s.pooled == 20  # a pool without a spawned worker too
+        assert list(coord.map(bufs)) == [digest(f) for f in frames]
+        assert [digest(b) for b in bufs] == [digest(f) for f in frames]  # never written
+        del bufs
+        wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
+
+
+def test_pool_buffers_inside_dicts_are_sent_by_reference_and_echoed_whole() -> None:
+    with Coordinator() as coord:
+        coord.spawn(Echo, processes=2)
+        frames = [_frame(i, (300, 300)) for i in range(12)]
+        payloads = [{"i": i, "frame": b} for i, b in enumerate(_produce(coord, frames))]
+        for i, (f, back) in enumerate(zip(frames, coord.map(payloads), strict=True)):
+            assert back["i"] == i
+            np.testing.assert_array_equal(back["frame"], f)
+        s = coord.statistics().buffers
+        assert s is not None and s.lent == 12
+
+
+def test_tmpfs_pool_without_memfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without memfd the pool is an unlinked file in /dev/shm, reserved up front; without
+    either, buffers are plain arrays. Both reach spawned workers intact."""
+    if not (os.path.isdir("/dev/shm") and hasattr(os, "posix_fallocate")):
+        pytest.skip("no /dev/shm here")
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    frames = [_frame(i) for i in range(8)]
+    with Coordinator(max_buffer_bytes=1 << 40) as coord:
+        coord.spawn(Describe, processes=1)
+        assert [o[0] for o in coord.map(_produce(coord, frames))] == [digest(f) for f in frames]
+        s = coord.statistics().buffers
+        assert s is not None and s.capacity == _shm.RESERVED_ARENA_BYTES // MIB and s.lent == 8
+    monkeypatch.setattr(_shm, "create_segment", lambda name: None)
+    with Coordinator() as coord:
+        coord.spawn(Describe, processes=1)
+        assert [o[0] for o in coord.map(_produce(coord, frames))] == [digest(f) for f in frames]
+        s = coord.statistics().buffers
+        assert s is not None and (s.capacity, s.plain) == (0, 8)
+
+
+def test_the_pool_fd_and_mapping_go_at_shutdown() -> None:
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    with Coordinator() as coord:
+        coord.spawn(Describe, processes=1)
+        kept = _produce(coord, [_frame(1)])[0]
+        assert [o[0] for o in coord.map([kept])] == [digest(_frame(1))]
+        assert len(fds() - before) >= 2  # the pool and the worker's segment, at least
+    np.testing.assert_array_equal(kept, _frame(1))  # it outlives its coordinator, readable
+    del kept  # and the mapping (with the descriptor mmap keeps) goes with the last array
+    assert fds() - before == set()
