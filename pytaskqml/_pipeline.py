@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ._errors import ClosedError
 from ._pool import check_positive
-from ._stages import Branches, Join, Stage, StageTimeout
+from ._stages import Branches, Join, Stage, StageTimeout, plain
 from ._stats import Statistics
 from ._tasks import TaskTimeout
 
@@ -223,6 +223,8 @@ class PipelineStream:
                         self._space.notify_all()
                     self._out.put((ok, value))
                 else:
+                    if ok and isinstance(entry, Join):
+                        value = plain(value)  # the next stage gets JSON
                     step = self._steps[k + 1]
                     nxt = _entry(step, value, seq) if ok else _Done(False, value)
                     self._hand(self._fifos[k + 1], (seq, deadline, nxt))

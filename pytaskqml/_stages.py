@@ -280,3 +280,21 @@ class Join:
             else:
                 out[b] = exc if exc is not None else f.result()
         return True, out
+
+
+def plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A converged row as the next step receives it (JSON): a failed branch becomes
+    ``{"error": type, "message": text, "stage": name}``, a late one ``{"timeout": seconds}``."""
+    out: dict[str, Any] = {}
+    for b, v in row.items():
+        if isinstance(v, TaskTimeout):
+            out[b] = {"timeout": v.timeout}
+        elif isinstance(v, BaseException):
+            out[b] = {
+                "error": getattr(v, "remote_type", type(v).__name__),
+                "message": getattr(v, "message", str(v)),
+                "stage": getattr(v, "stage", None),
+            }
+        else:
+            out[b] = v
+    return out
