@@ -307,6 +307,8 @@ class Pipeline:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        if any(s.coordinator is not None for s in self.stages):
+            raise ValueError("a Stage serves one pipeline: build new Stages for another")
         self._lock = threading.Lock()
         self._streams: list[PipelineStream] = []
         self._submitter: PipelineStream | None = None
