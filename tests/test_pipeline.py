@@ -190,3 +190,33 @@ def test_kill_9_of_a_middle_stage_worker_loses_and_duplicates_nothing() -> None:
                 os.kill(pids[0], signal.SIGKILL)
         assert middle.wait_until(lambda s: s.restarts >= 1, timeout=30)
     assert out == [[i, "a", "b", "c"] for i in range(10_000)]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_over_a_long_run_the_read_ahead_stays_bounded_and_memory_flat() -> None:
+    buffersize = 32
+    taken = 0
+    ahead: list[int] = []
+    rss: list[int] = []
+    payload = "x" * 10_000  # 10 kB per item: 100 MB if the pipeline held all of them
+
+    def items() -> Iterator[str]:
+        for i in range(10_000):
+            ahead.append(i - taken)
+            yield payload + str(i)  # a new 10 kB string per item
+
+    steps = [Stage(Echo, threads=2, buffersize=8), Stage(Pause(delay=0.0002), name="slow")]
+    with Pipeline(steps) as p:
+        for _ in p.map(items(), buffersize=buffersize):
+            taken += 1
+            if taken in (2_000, 10_000):
+                rss.append(_rss_bytes())
+    assert taken == 10_000
+    assert max(ahead) <= buffersize + 1
+    assert rss[1] - rss[0] < 30 * 2**20  # flat: far below the 80 MB the later items weigh
