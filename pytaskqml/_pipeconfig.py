@@ -40,6 +40,7 @@ from typing import Any
 
 from . import _connection
 from ._functions import is_function
+from ._ordered import OVERFLOW_POLICIES
 from ._stages import Branches, Stage, resolve_worker
 from ._worker import Worker
 
@@ -55,6 +56,7 @@ STAGE_KEYS = {
     "timeout",
     "buffersize",
     "max_queue",
+    "overflow",
     "window",
     "max_retries",
 }
@@ -151,6 +153,8 @@ def _check_stage(name: str, spec: Any, problems: list[str]) -> None:
         problems.append(f"{where}: max_retries must be an integer, 0 or more")
     if "timeout" in spec and not _is_seconds(spec["timeout"]):
         problems.append(f"{where}: timeout must be a positive number of seconds")
+    if "overflow" in spec and spec["overflow"] not in OVERFLOW_POLICIES:
+        problems.append(f"{where}: overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
     if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
         problems.append(f"{where}: kwargs must be a table")
     connect = spec.get("connect", [])
@@ -305,6 +309,7 @@ def _stage(name: str, spec: dict[str, Any], authkey: bytes | str | None) -> Stag
         timeout=spec.get("timeout"),
         buffersize=spec.get("buffersize", 64),
         max_queue=spec.get("max_queue", 10_000),
+        overflow=spec.get("overflow", "block"),
         window=spec.get("window", 64),
         max_retries=spec.get("max_retries", 2),
         authkey=authkey,

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._coordinator import Coordinator
 from ._errors import TaskFailed
+from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import check_positive
 from ._tasks import TaskTimeout
 
@@ -58,8 +59,10 @@ class Stage:
     workers started with ``pytaskqml worker``. Without any of them: one thread. Batching is
     the Worker's own (``max_batch_size``/``max_batch_delay``). ``timeout`` bounds each item
     here (from when it enters the stage); ``buffersize`` is how many items may be in this
-    stage at once; ``max_queue``, ``window``, ``max_retries`` and ``authkey`` are the stage
-    coordinator's.
+    stage at once; ``max_queue``, ``overflow``, ``window``, ``max_retries`` and ``authkey``
+    are the stage coordinator's: with ``overflow="reject"`` an item that finds ``max_queue``
+    items waiting fails with :class:`queue.Full`, with ``"drop_oldest"`` the oldest waiting
+    one is cancelled - either way in its place, marked, and the later stages skip it.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Stage:
         timeout: float | None = None,
         buffersize: int = 64,
         max_queue: int = 10_000,
+        overflow: OverflowPolicy = "block",
         window: int = 64,
         max_retries: int = 2,
         authkey: bytes | str | None = None,
@@ -93,6 +97,9 @@ class Stage:
         self.timeout = timeout
         self.buffersize = buffersize
         self.max_queue = max_queue
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        self.overflow: OverflowPolicy = overflow
         self.window = window
         self.max_retries = max_retries
         self.authkey = authkey
@@ -108,6 +115,7 @@ class Stage:
         coord = Coordinator(
             name=self.name,
             max_queue=self.max_queue,
+            overflow=self.overflow,
             window=self.window,
             max_retries=self.max_retries,
             authkey=self.authkey,

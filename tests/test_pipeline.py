@@ -4,6 +4,7 @@ and kill -9 of a stage's worker mid-stream."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 from collections.abc import Iterator
@@ -220,3 +221,23 @@ def test_over_a_long_run_the_read_ahead_stays_bounded_and_memory_flat() -> None:
     assert taken == 10_000
     assert max(ahead) <= buffersize + 1
     assert rss[1] - rss[0] < 30 * 2**20  # flat: far below the 80 MB the later items weigh
+
+
+def test_a_stage_that_rejects_when_full_marks_the_item_in_its_place() -> None:
+    gate = Gate()
+    stage = Stage(gate, name="gate", max_queue=1, overflow="reject", window=1)
+    with Pipeline([Stage(Echo), stage]) as p:
+        s = p.stream(buffersize=16)
+        for i in range(6):
+            s.put(i)
+        coord = stage.coordinator
+        assert coord is not None
+        # What the worker holds and one waiting are taken; the rest find the queue full.
+        assert coord.wait_until(lambda st: st.submitted + st.rejected >= 6, timeout=10)
+        taken = coord.statistics().submitted
+        gate.release.set()
+        s.close()
+        out = list(s)
+    assert 1 <= taken < 6
+    assert out[:taken] == list(range(taken))
+    assert all(isinstance(o, queue.Full) and o.stage == "gate" for o in out[taken:])
