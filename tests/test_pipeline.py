@@ -241,3 +241,31 @@ def test_a_stage_that_rejects_when_full_marks_the_item_in_its_place() -> None:
     assert 1 <= taken < 6
     assert out[:taken] == list(range(taken))
     assert all(isinstance(o, queue.Full) and o.stage == "gate" for o in out[taken:])
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_with_block_cancels_instead_of_waiting() -> None:
+    gate = Gate()  # never opened before the with block ends: waiting would take 60 s
+    stopped = threading.Event()
+    streams: list[Any] = []
+
+    def body() -> None:
+        try:
+            with Pipeline([Stage(Echo), Stage(gate, name="g")]) as p:
+                s = p.stream()
+                streams.append(s)
+                for i in range(5):
+                    s.put(i)
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            stopped.set()
+
+    t = threading.Thread(target=body)
+    t.start()
+    try:
+        assert stopped.wait(30)
+        with pytest.raises(ClosedError, match="shut down"):
+            streams[0].put(6)
+    finally:
+        gate.release.set()
+        t.join(30)
