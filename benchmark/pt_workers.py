@@ -21,6 +21,20 @@ class FrameWorker(Worker):
         return workloads.task_frame(frame)
 
 
+class GrayWorker(FrameWorker):
+    """Stage 1 of ``pytaskqml-pipeline``: the frame to gray."""
+
+    def process(self, frame: Any) -> Any:
+        return workloads.task_frame_gray(frame)
+
+
+class BlurMeanWorker(FrameWorker):
+    """Stage 2 of ``pytaskqml-pipeline``: blur the gray frame and take its mean."""
+
+    def process(self, gray: Any) -> float:
+        return workloads.task_frame_blur_mean(gray)
+
+
 class PoolFrameWorker(FrameWorker):
     """FrameWorker that also reads every page of a list of frames sent as ``{"touch": [...]}``
     (`pytaskqml-map-buffer` has each worker read each pool buffer once before timing)."""

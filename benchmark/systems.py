@@ -239,6 +239,43 @@ class PytaskqmlSession(Session):
         self.coord.shutdown(wait=True, cancel_futures=True, timeout=10.0)
 
 
+class PipelineSession(Session):
+    """A 2-stage :class:`pytaskqml.Pipeline` over the frames workload: gray (spawned) ->
+    blur and mean (spawned), the two halves of the one-stage ``frame`` task, each stage with
+    half of the workers (at least one), to compare with one stage doing both."""
+
+    def __init__(self, workers: int, deadline: float) -> None:
+        super().__init__()
+        from benchmark.pt_workers import BlurMeanWorker, GrayWorker
+        from pytaskqml import Pipeline, Stage
+
+        first = max(1, workers // 2)
+        second = max(1, workers - first)
+        self.pipeline = Pipeline(
+            [
+                Stage(GrayWorker, processes=first, name="gray", buffersize=64),
+                Stage(BlurMeanWorker, processes=second, name="blur", buffersize=64),
+            ],
+            buffersize=128,
+        )
+        self.params = {"mode": "pipeline", "stages": f"gray x{first} -> blur+mean x{second}"}
+
+    def run_batch(self, items: list[Any], deadline: float) -> list[Any]:
+        return list(self.pipeline.map(items))
+
+    def run_one(self, item: Any, deadline: float) -> Any:
+        return self.pipeline.submit(item).result(timeout=remaining(deadline))
+
+    def worker_pids(self) -> set[int]:
+        stats = self.pipeline.statistics().stages.values()
+        pids = {w.pid for s in stats for w in s.workers if w.pid is not None}
+        pids.discard(os.getpid())
+        return pids
+
+    def close(self) -> None:
+        self.pipeline.shutdown(wait=True, cancel_futures=True)
+
+
 class Scraper:
     """GET /metrics and /status of a control endpoint once a second, on a thread of its own."""
 
@@ -1031,6 +1068,13 @@ SYSTEMS: dict[str, SystemSpec] = {
             "pytaskqml, spawned processes, ordered map() routed to a named model",
             ("pytaskqml",),
             lambda kind, n, deadline, opts: PytaskqmlSession("model", kind, n, deadline),
+        ),
+        SystemSpec(
+            "pytaskqml-pipeline",
+            "pytaskqml Pipeline, 2 spawned stages (gray -> blur+mean), half the workers each",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: PipelineSession(n, deadline),
+            workloads=("frames",),
         ),
         SystemSpec(
             "pytaskqml-submit",

@@ -41,9 +41,17 @@ def task_wordcount(word: str) -> dict[str, int]:
 
 
 def task_frame(frame: Any) -> float:
-    cv2 = cv2_module()
-    gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-    return float(cv2.GaussianBlur(gray, (5, 5), 0).mean())
+    return task_frame_blur_mean(task_frame_gray(frame))
+
+
+def task_frame_gray(frame: Any) -> Any:
+    """The first half of ``task_frame`` (the first stage of ``pytaskqml-pipeline``)."""
+    return cv2_module().cvtColor(frame, cv2_module().COLOR_BGR2GRAY)
+
+
+def task_frame_blur_mean(gray: Any) -> float:
+    """The second half of ``task_frame``."""
+    return float(cv2_module().GaussianBlur(gray, (5, 5), 0).mean())
 
 
 def task_echo(payload: Any) -> Any:

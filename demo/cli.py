@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from demo.output import ContactSheet, VideoOut, Window, count_frames, display_available
+from demo.pipeline import describe, run_pipeline
 from demo.runner import LiveSource, RunReport, RunSpec, run_batch, run_live
 from demo.source import (
     Clip,
@@ -137,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="who draws the boxes: the coordinator (workers get a gray frame and return boxes) "
         "or the worker (it gets the colour frame and returns it annotated). "
         "Default: %(default)s, the faster one here",
+    )
+    run.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="run the frames through a 3-stage pytaskqml Pipeline instead: decode (threads) "
+        "-> detect (--workers processes) -> annotate (threads), and report frames/s",
     )
     run.add_argument(
         "--live",
@@ -298,6 +305,13 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Outcome | None]:
         min_neighbors=args.min_neighbors,
         min_size=args.min_face or max(24, height // 6),
     )
+    if args.pipeline:
+        if clip is None:
+            print("demo: --pipeline needs a clip or a file, not a live camera", file=sys.stderr)
+            return 2, None
+        rep = run_pipeline(clip, params, args.workers)
+        print(describe(rep, max(1, args.workers)))
+        return (0 if rep.in_order and rep.stamps_ok else 1), None
     window: Window | None = None
     if args.show:
         ok, why = display_available()

@@ -28,9 +28,11 @@ from ._handoff import load, spill
 from ._histogram import HistogramSnapshot
 from ._iterate import Stream
 from ._models import Model, ModelWorker
+from ._pipeline import Pipeline, PipelineStats, PipelineStream
 from ._progress import Progress
 from ._redisclient import ProducerStats, RedisClient
 from ._redisqueue import RedisQueue
+from ._stages import Branches, Stage
 from ._stats import BufferStats, ModelStats, QueueStats, Statistics, WorkerStats
 from ._tasks import LateResult, ModelResult, TaskTimeout
 from ._worker import Worker
@@ -39,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "Branches",
     "Broadcast",
     "BufferStats",
     "ClosedError",
@@ -54,6 +57,9 @@ __all__ = [
     "ModelStats",
     "ModelWorker",
     "NoWorkersError",
+    "Pipeline",
+    "PipelineStats",
+    "PipelineStream",
     "ProducerStats",
     "Progress",
     "ProtocolError",
@@ -62,6 +68,7 @@ __all__ = [
     "RedisClient",
     "RedisQueue",
     "RemoteTraceback",
+    "Stage",
     "Statistics",
     "Stream",
     "TaskFailed",

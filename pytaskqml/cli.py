@@ -10,6 +10,7 @@
     pytaskqml queue status redis://127.0.0.1:6379/0 --stream jobs
     pytaskqml status 127.0.0.1:7100 --watch
     pytaskqml token --url 127.0.0.1:7100
+    pytaskqml run pipeline.toml --input items.jsonl
 
 Each command lives in a module of its own (``_cmd_*``) with ``register(subparsers)``, which
 sets ``run`` as the parser's default. Errors a user can cause (a bad ``module:Class``, a port
@@ -29,6 +30,7 @@ from . import (
     __version__,
     _cmd_models,
     _cmd_queue,
+    _cmd_run,
     _cmd_status,
     _cmd_token,
     _cmd_worker,
@@ -38,7 +40,14 @@ from . import (
 from ._cli_common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
 from ._errors import AuthenticationError, ConnectionLost
 
-COMMANDS: list[Any] = [_cmd_worker, _cmd_models, _cmd_queue, _cmd_status, _cmd_token]
+COMMANDS: list[Any] = [
+    _cmd_worker,
+    _cmd_models,
+    _cmd_queue,
+    _cmd_run,
+    _cmd_status,
+    _cmd_token,
+]
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -252,3 +252,10 @@ def test_celery_worker_death_fails_the_run() -> None:
     finally:
         session.close()
     assert procstat.descendants(os.getpid()) - before == set()
+
+
+def test_the_two_stage_pipeline_system() -> None:
+    pytest.importorskip("cv2", reason="OpenCV is only in benchmark/requirements.txt")
+    result = run_case("pytaskqml-pipeline", "frames", 2, tiny())
+    assert_ok(result)
+    assert result["params"]["stages"] == "gray x1 -> blur+mean x1"

@@ -147,3 +147,17 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     assert exc.value.code == 0
     assert "--live" in capsys.readouterr().out
+
+
+def test_pipeline_mode_runs_three_stages_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    from demo.pipeline import run_pipeline
+
+    clip = generate_clip(8, (320, 240), fps=30.0)
+    for i, frame in enumerate(clip.frames):
+        stamp_index(frame, i)
+    rep = run_pipeline(clip, DetectParams(min_size=40), workers=2)
+    assert rep.frames == 8 and rep.in_order and rep.stamps_ok
+    assert rep.with_faces >= 6
+    status, _ = cli.run([*SMALL, "--workers", "1", "--pipeline"])
+    assert status == 0
+    assert "in order" in capsys.readouterr().out

@@ -1,0 +1,308 @@
+"""The steps of a :class:`~pytaskqml.Pipeline`: a :class:`Stage` (a Worker with a pool of its
+own, which becomes a :class:`Coordinator`) and :class:`Branches` (several chains of stages run
+on the same item, their results converged into one ``{branch: result}`` dict).
+
+A step's work for one item is an *entry* with ``wait() -> (ok, value)``: the pipeline's pumps
+wait for entries in submission order, so the order of items is the order of the FIFOs."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ._coordinator import Coordinator
+from ._errors import TaskFailed
+from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
+from ._pool import check_positive
+from ._tasks import TaskTimeout
+
+
+class StageTimeout(TimeoutError):
+    """A stage's item missed its ``timeout`` (becomes a :class:`TaskTimeout` marker)."""
+
+    def __init__(self, stage: str, timeout: float) -> None:
+        super().__init__(f"stage {stage!r}: no result within {timeout}s")
+        self.stage = stage
+        self.timeout = timeout
+
+
+def resolve_worker(spec: Any) -> Any:
+    """A Worker class, instance or function as given, or the object a ``module:Class`` names
+    (``ValueError`` with a one-line reason when it cannot be imported)."""
+    if not isinstance(spec, str):
+        return spec
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"worker {spec!r} is not of the form module:Class")
+    try:
+        obj: Any = importlib.import_module(module)
+    except Exception as exc:
+        raise ValueError(f"cannot import {module!r}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+class Stage:
+    """One step of a pipeline: *worker* (a :class:`Worker` subclass, an instance, a function,
+    or a ``"module:Class"`` name) on a pool of its own.
+
+    ``threads`` (or ``(min, max)``) runs it in threads of this process; ``processes`` (or
+    ``(min, max)``) in spawned processes (a class or module-level function, built with
+    ``kwargs``); ``connect`` (a list of addresses) and ``listen`` (an address) add remote
+    workers started with ``pytaskqml worker``. Without any of them: one thread. Batching is
+    the Worker's own (``max_batch_size``/``max_batch_delay``). ``timeout`` bounds each item
+    here (from when it enters the stage); ``buffersize`` is how many items may be in this
+    stage at once; ``max_queue``, ``overflow``, ``window``, ``max_retries`` and ``authkey``
+    are the stage coordinator's: with ``overflow="reject"`` an item that finds ``max_queue``
+    items waiting fails with :class:`queue.Full`, with ``"drop_oldest"`` the oldest waiting
+    one is cancelled - either way in its place, marked, and the later stages skip it.
+    """
+
+    def __init__(
+        self,
+        worker: Any,
+        *,
+        name: str | None = None,
+        threads: int | tuple[int, int] | None = None,
+        processes: int | tuple[int, int] | None = None,
+        connect: Sequence[str | tuple[str, int]] = (),
+        listen: str | tuple[str, int] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        buffersize: int = 64,
+        max_queue: int = 10_000,
+        overflow: OverflowPolicy = "block",
+        window: int = 64,
+        max_retries: int = 2,
+        authkey: bytes | str | None = None,
+    ) -> None:
+        check_positive("timeout", timeout)
+        check_positive("buffersize", buffersize, allow_none=False)
+        if isinstance(connect, str):
+            connect = [connect]
+        self.worker = worker
+        self.name = name or _default_name(worker)
+        self.threads = threads
+        self.processes = processes
+        self.connect = list(connect)
+        self.listen = listen
+        self.kwargs = dict(kwargs or {})
+        self.timeout = timeout
+        self.buffersize = buffersize
+        self.max_queue = max_queue
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        self.overflow: OverflowPolicy = overflow
+        self.window = window
+        self.max_retries = max_retries
+        self.authkey = authkey
+        self.coordinator: Coordinator | None = None
+        self.listening: tuple[str, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Stage {self.name!r}>"
+
+    def start(self) -> Coordinator:
+        """Build this stage's coordinator and its workers."""
+        worker = resolve_worker(self.worker)
+        coord = Coordinator(
+            name=self.name,
+            max_queue=self.max_queue,
+            overflow=self.overflow,
+            window=self.window,
+            max_retries=self.max_retries,
+            authkey=self.authkey,
+        )
+        self.coordinator = coord
+        try:
+            if self.processes is not None:
+                coord.spawn(worker, self.processes, kwargs=self.kwargs or None)
+            if self.threads is not None or (
+                self.processes is None and not self.connect and self.listen is None
+            ):
+                local = worker(**self.kwargs) if isinstance(worker, type) else worker
+                coord.add_local(local, self.threads or 1)
+            if self.listen is not None:
+                self.listening = coord.listen(self.listen)
+            for addr in self.connect:
+                coord.connect(addr)
+        except BaseException:
+            coord.shutdown(wait=True, cancel_futures=True)
+            raise
+        return coord
+
+    def begin(self, value: Any) -> Future[Any]:
+        """This stage's future for *value*; a failure names the stage."""
+        assert self.coordinator is not None
+        out: Future[Any] = Future()
+        try:
+            fut = self.coordinator.submit(value, timeout=self.timeout)
+        except BaseException as exc:
+            out.set_exception(mark(exc, self))
+            return out
+
+        def done(f: Future[Any]) -> None:
+            exc = f.exception() if not f.cancelled() else None
+            if f.cancelled():
+                out.cancel()
+                out.set_running_or_notify_cancel()
+            elif exc is not None:
+                out.set_exception(mark(exc, self))
+            else:
+                out.set_result(f.result())
+
+        fut.add_done_callback(done)
+        return out
+
+
+def mark(exc: BaseException, stage: Stage) -> BaseException:
+    """*exc* naming the stage it happened in (a ``stage`` attribute; a :class:`TaskFailed`'s
+    message says it too)."""
+    if getattr(exc, "stage", None) is not None:
+        return exc
+    if isinstance(exc, TimeoutError) and stage.timeout is not None:
+        return StageTimeout(stage.name, stage.timeout)
+    if isinstance(exc, TaskFailed):
+        named = TaskFailed(
+            exc.remote_type, f"{exc.message} (in stage {stage.name!r})", exc.remote_traceback
+        )
+        named.__cause__ = exc.__cause__
+        exc = named
+    with contextlib.suppress(AttributeError):
+        exc.stage = stage.name  # type: ignore[attr-defined]
+    return exc
+
+
+def _default_name(worker: Any) -> str:
+    if isinstance(worker, str):
+        return worker.rpartition(":")[2] or worker
+    name = getattr(worker, "__name__", None) or type(worker).__name__
+    return str(name)
+
+
+def chain(stages: Sequence[Stage], value: Any) -> Future[Any]:
+    """Run *value* through *stages* one after the other; the last one's future (a failure
+    skips the rest)."""
+    out: Future[Any] = Future()
+
+    def step(k: int, v: Any) -> None:
+        if k == len(stages):
+            out.set_result(v)
+            return
+        f = stages[k].begin(v)
+
+        def done(f: Future[Any]) -> None:
+            exc = f.exception() if not f.cancelled() else None
+            if f.cancelled():
+                out.cancel()
+                out.set_running_or_notify_cancel()
+            elif exc is not None:
+                out.set_exception(exc)
+            else:
+                step(k + 1, f.result())
+
+        f.add_done_callback(done)
+
+    step(0, value)
+    return out
+
+
+class Branches:
+    """A fan-out: every item runs through each named branch (a :class:`Stage` or a list of
+    them), and a converge joins the branches' results into ``{branch: result}``.
+
+    ``timeout`` (from when the item enters this step) bounds the wait for the branches;
+    ``join`` names the branches to wait for (default: all; a branch not in it runs for its
+    effect and is left out of the dict). A failed branch holds its exception in the dict, a
+    late one a :class:`TaskTimeout` marker; the item goes on to the next step either way.
+    """
+
+    def __init__(
+        self,
+        branches: dict[str, Stage | Sequence[Stage]],
+        *,
+        name: str = "branches",
+        timeout: float | None = None,
+        join: Sequence[str] | None = None,
+    ) -> None:
+        if not branches:
+            raise ValueError("Branches needs at least one branch")
+        check_positive("timeout", timeout)
+        self.name = name
+        self.timeout = timeout
+        self.paths: dict[str, list[Stage]] = {
+            b: [s] if isinstance(s, Stage) else list(s) for b, s in branches.items()
+        }
+        for b, path in self.paths.items():
+            if not path or not all(isinstance(s, Stage) for s in path):
+                raise TypeError(f"branch {b!r} must be a Stage or a non-empty list of Stages")
+        self.join = list(join) if join is not None else list(self.paths)
+        unknown = [b for b in self.join if b not in self.paths]
+        if unknown:
+            raise ValueError(f"join names unknown branches: {', '.join(unknown)}")
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for path in self.paths.values() for s in path]
+
+    def __repr__(self) -> str:
+        return f"<Branches {self.name!r} {list(self.paths)}>"
+
+
+class Join:
+    """One item's branches, converged: ``wait()`` gives ``{branch: result}``."""
+
+    def __init__(self, step: Branches, value: Any, index: int) -> None:
+        self.step = step
+        self.index = index
+        self.deadline = None if step.timeout is None else time.monotonic() + step.timeout
+        self.futures = {b: chain(path, value) for b, path in step.paths.items()}
+
+    def wait(self, deadline: float | None = None) -> tuple[bool, Any]:
+        """``{branch: result}`` once every joined branch is done or the step's timeout (or
+        the earlier *deadline*, ``time.monotonic()``) has passed."""
+        ends = [d for d in (self.deadline, deadline) if d is not None]
+        end = min(ends) if ends else None
+        out: dict[str, Any] = {}
+        for b in self.step.join:
+            f = self.futures[b]
+            left = None if end is None else max(0.0, end - time.monotonic())
+            try:
+                exc = f.exception(left)
+            except TimeoutError:
+                f.cancel()
+                out[b] = TaskTimeout(self.index, self.step.timeout or 0.0)
+                continue
+            except BaseException as cancelled:
+                out[b] = cancelled
+                continue
+            if isinstance(exc, StageTimeout):
+                out[b] = TaskTimeout(self.index, exc.timeout)
+            else:
+                out[b] = exc if exc is not None else f.result()
+        return True, out
+
+
+def plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A converged row as the next step receives it (JSON): a failed branch becomes
+    ``{"error": type, "message": text, "stage": name}``, a late one ``{"timeout": seconds}``."""
+    out: dict[str, Any] = {}
+    for b, v in row.items():
+        if isinstance(v, TaskTimeout):
+            out[b] = {"timeout": v.timeout}
+        elif isinstance(v, BaseException):
+            out[b] = {
+                "error": getattr(v, "remote_type", type(v).__name__),
+                "message": getattr(v, "message", str(v)),
+                "stage": getattr(v, "stage", None),
+            }
+        else:
+            out[b] = v
+    return out

@@ -1,0 +1,182 @@
+"""Pipelines from a TOML/JSON file: every problem reported, the plan of a dry run (which starts
+nothing), and ``pytaskqml run`` end to end in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import child_env
+
+from pytaskqml import Pipeline, TaskFailed
+from pytaskqml._pipeconfig import ConfigError, build, check, load, plan, read
+
+GOOD: dict[str, Any] = {
+    "pipeline": {"name": "t", "steps": ["square", "fan", "last"], "buffersize": 16},
+    "stages": {
+        "square": {"worker": "sample_workers:Square", "threads": 2},
+        "odd": {"worker": "pipeline_workers:FailOdd"},
+        "tag": {"worker": "pipeline_workers:Tag", "kwargs": {"tag": "x"}},
+        "last": {"worker": "sample_workers:Echo"},
+    },
+    "branches": {"fan": {"paths": {"odd": ["odd"], "tag": ["tag"]}, "timeout": 30.0}},
+    "service": {"ingress": "127.0.0.1:7000", "control": "127.0.0.1:7100", "log_file": "t.log"},
+}
+
+
+def _run(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytaskqml", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def test_a_good_config_has_no_problems_and_builds_the_pipeline() -> None:
+    assert check(GOOD) == []
+    with Pipeline(build(GOOD), buffersize=16) as p:
+        out = list(p.map([1, 2]))
+    assert out[0]["odd"] == {
+        "error": "ValueError",
+        "message": "odd item 1 (in stage 'odd')",
+        "stage": "odd",
+    }
+    assert out[0]["tag"] == [1, "x"]
+    assert out[1] == {"odd": 40, "tag": [4, "x"]}
+
+
+def test_every_problem_is_listed_not_only_the_first() -> None:
+    bad = json.loads(json.dumps(GOOD))
+    bad["pipeline"]["steps"].append("nowhere")  # an unknown stage
+    bad["branches"]["fan"]["join"] = ["odd", "missing"]  # an unmatched converge branch
+    bad["stages"]["last"]["worker"] = "no_such_module_here:X"  # an import that fails
+    bad["stages"]["square"]["threads"] = 0
+    bad["service"]["ingress"] = "nohost"
+    problems = check(bad)
+    assert len(problems) == 5, problems
+    assert any("'nowhere'" in p for p in problems)
+    assert any("'missing'" in p for p in problems)
+    assert any("no_such_module_here" in p for p in problems)
+
+
+def test_cycles_duplicates_and_reused_stages_are_problems() -> None:
+    doc: dict[str, Any] = {
+        "pipeline": {"steps": ["a", "a"]},
+        "stages": {"s": {"worker": "sample_workers:Echo"}},
+        "branches": {
+            "a": {"paths": {"x": ["b"]}},
+            "b": {"paths": {"y": ["a"]}},
+            "s": {"paths": {"z": ["s"]}},
+        },
+    }
+    problems = check(doc)
+    assert any("cycle a -> b -> a" in p for p in problems), problems
+    assert any("duplicate name 's'" in p for p in problems), problems
+
+
+def test_json_duplicate_keys_and_toml_on_old_pythons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "p.json"
+    f.write_text('{"stages": {"a": {"worker": "m:A"}, "a": {"worker": "m:B"}}}')
+    with pytest.raises(ConfigError, match="duplicate name 'a'"):
+        read(f)
+    t = tmp_path / "p.toml"
+    t.write_text('[pipeline]\nsteps = ["a"]\n')
+    monkeypatch.setattr(sys, "version_info", (3, 10, 0))
+    with pytest.raises(ConfigError, match=r"needs Python 3\.11") as info:
+        read(t)
+    assert len(info.value.problems) == 1
+
+
+def test_the_plan_shows_pools_and_ports() -> None:
+    text = plan(GOOD)
+    assert "stage square: sample_workers:Square on 2 threads" in text
+    assert "branches fan (converge odd, tag by item, timeout 30.0s)" in text
+    assert "ingress 127.0.0.1:7000" in text and "127.0.0.1:7100" in text
+
+
+TOML = """
+[pipeline]
+steps = ["first", "marked"]
+
+[stages.first]
+worker = "sample_workers:Square"
+
+[stages.marked]
+worker = "pipeline_workers:Marker"
+processes = 2
+kwargs = {{ marker = "{marker}" }}
+"""
+
+
+@pytest.mark.slow
+def test_a_dry_run_prints_the_plan_and_starts_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "built"
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(TOML.format(marker=marker))
+    done = _run("run", str(cfg), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "stage marked: pipeline_workers:Marker on 2 spawned processes" in done.stdout
+    assert "would start: 2 processes" in done.stdout
+    assert not marker.exists()  # no worker was built, here or in a child
+    # The same file run for real builds them: the marker is a working proof.
+    done = _run("run", str(cfg), stdin="3\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["9"]
+    assert len(marker.read_text().split()) == 2
+
+
+@pytest.mark.slow
+def test_a_dry_run_with_three_mistakes_prints_three_lines_and_exits_2(tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(GOOD))
+    doc["pipeline"]["steps"].append("nowhere")
+    doc["branches"]["fan"]["join"] = ["odd", "missing"]
+    doc["stages"]["last"]["worker"] = "sample_workers:NoSuchClass"
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps(doc))
+    done = _run("run", str(cfg), "--dry-run")
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, lines
+    assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_run_writes_one_result_per_line_in_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.json"
+    doc = {
+        "pipeline": {"steps": ["square", "tag"]},
+        "stages": {
+            "square": {"worker": "sample_workers:Square", "processes": 2},
+            "tag": {"worker": "pipeline_workers:Tag", "threads": 2, "kwargs": {"tag": "t"}},
+        },
+    }
+    cfg.write_text(json.dumps(doc))
+    items = tmp_path / "in.jsonl"
+    items.write_text("".join(f"{i}\n" for i in range(300)) + '"text"\n')
+    done = _run("run", str(cfg), "--input", str(items))
+    assert done.returncode == 1  # one item failed
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert rows[:300] == [[i * i, "t"] for i in range(300)]
+    assert rows[300]["stage"] == "square" and rows[300]["error"] == "TypeError"
+    assert "1 item(s) failed" in done.stderr
+    help_text = _run("run", "--help")
+    assert help_text.returncode == 0 and "--dry-run" in help_text.stdout
+
+
+def test_load_raises_with_every_problem(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"pipeline": {"steps": ["x"]}, "extra": 1}))
+    with pytest.raises(ConfigError) as info:
+        load(cfg)
+    assert len(info.value.problems) == 2
+    assert TaskFailed  # exported beside Pipeline
