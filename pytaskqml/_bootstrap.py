@@ -146,11 +146,13 @@ def start_worker(
     return worker
 
 
-def setup_logging(prefix: str, level: int) -> None:
-    """Log pytaskqml's records to stderr with *prefix* (a worker process's own logging; the
-    root logger is never touched)."""
+def setup_logging(prefix: str, level: int, path: str | None = None) -> None:
+    """Log pytaskqml's records to stderr (or to the file *path*) with *prefix* (a worker
+    process's own logging; the root logger is never touched)."""
     logger = logging.getLogger("pytaskqml")
-    handler = logging.StreamHandler()
+    handler: logging.Handler = (
+        logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler()
+    )
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s {prefix}[{os.getpid()}] %(levelname)s %(message)s")
     )

@@ -75,17 +75,10 @@ def register(sub: Any) -> None:
     w.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a key"
     )
-    tls = w.add_argument_group("TLS (for connections between machines)")
-    tls.add_argument(
-        "--tls-cert",
-        metavar="PEM",
-        help="certificate (with --listen: the server's; with --connect: a client certificate)",
-    )
-    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert, if separate")
-    tls.add_argument(
-        "--tls-ca",
-        metavar="PEM",
-        help="CA to verify the peer (with --listen: require client certificates signed by it)",
+    add_tls_args(
+        w,
+        cert="certificate (with --listen: the server's; with --connect: a client certificate)",
+        ca="CA to verify the peer (with --listen: require client certificates signed by it)",
     )
     w.add_argument(
         "--heartbeat-timeout",
@@ -230,6 +223,13 @@ def run(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()
     return 0
+
+
+def add_tls_args(p: argparse.ArgumentParser, *, cert: str, ca: str) -> None:
+    tls = p.add_argument_group("TLS (for connections between machines)")
+    tls.add_argument("--tls-cert", metavar="PEM", help=cert)
+    tls.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert, if separate")
+    tls.add_argument("--tls-ca", metavar="PEM", help=ca)
 
 
 def tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
