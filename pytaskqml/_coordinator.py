@@ -52,6 +52,7 @@ from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
 from ._handles import LocalHandle
+from ._ingress import IngressHost
 from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
 from ._links import Dialer
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Coordinator(WorkerPool, BufferSource):
+class Coordinator(WorkerPool, BufferSource, IngressHost):
     """Owns the task queue and the workers; returns results in submission order.
 
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
