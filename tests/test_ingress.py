@@ -1,0 +1,219 @@
+"""The ingress port: producers in other processes submit through pytaskqml.Client, each with
+its own ordered results and its own credit; a producer that dies loses only its own work."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import threading
+from typing import Any
+
+import pytest
+from conftest import Procs, read_line_with, wait_for
+from sample_workers import Faulty, Pid, Square
+
+from pytaskqml import (
+    AuthenticationError,
+    Client,
+    ClosedError,
+    ConnectionLost,
+    Coordinator,
+    TaskFailed,
+    _protocol,
+)
+from pytaskqml._endpoints import dial_once
+
+T = 20.0
+KEY = "ingress-test-key"
+
+
+class Gate:
+    """A task function that blocks on an event and counts what it has received."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.cv = threading.Condition()
+        self.received = 0
+
+    def __call__(self, x: Any) -> Any:
+        with self.cv:
+            self.received += 1
+            self.cv.notify_all()
+        assert self.release.wait(T)
+        return x
+
+    def wait_received(self, n: int) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: self.received >= n, T), self.received
+
+
+def test_submit_map_and_stream_come_back_in_order() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 3)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=4) as client:
+            assert client.submit(7).result(T) == 49
+            assert list(client.map(range(50))) == [i * i for i in range(50)]
+            assert sorted(client.map(range(20), ordered=False)) == [i * i for i in range(20)]
+            stream = client.stream()
+            for i in range(10):
+                stream.put(i, timeout=T)
+            stream.close()
+            assert list(stream) == [i * i for i in range(10)]
+            stats = client.statistics()
+            assert (stats.submitted, stats.completed, stats.outstanding) == (81, 81, 0)
+        with pytest.raises(ClosedError):
+            client.submit(1)
+        wait_for(lambda: coord.ingress_statistics()[0].producers == 0, what="producer gone")
+        assert coord.ingress_statistics()[0].returned == 81
+
+
+def test_a_remote_failure_is_that_items_error_in_its_place() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Faulty(), 2)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY) as client:
+            out = list(client.map([1, "boom", 3], on_error="return"))
+            assert out[0] == 1 and out[2] == 3
+            assert isinstance(out[1], TaskFailed)
+            assert "Traceback" in out[1].remote_traceback
+            with pytest.raises(TaskFailed):
+                list(client.map([1, "boom"]))
+            assert client.submit(5).result(T) == 5  # the connection survives
+
+
+def test_a_producer_without_the_key_runs_nothing() -> None:
+    gate = Gate()
+    gate.release.set()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 1)
+        addr = coord.serve_ingress()
+        for key in (None, "wrong"):
+            with pytest.raises(AuthenticationError):
+                Client(addr, authkey=key)
+        wait_for(lambda: coord.ingress_statistics()[0].refused == 2, what="two refusals")
+        assert coord.statistics().submitted == 0 and gate.received == 0
+
+
+def test_a_public_bind_without_a_key_is_refused() -> None:
+    with Coordinator() as coord, pytest.raises(ValueError, match="without an authkey"):
+        coord.serve_ingress(("0.0.0.0", 0))
+
+
+def test_a_producer_never_has_more_than_its_window_outstanding() -> None:
+    gate = Gate()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 8)  # room for more than the window
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=3) as client:
+            futures = [client.submit(i) for i in range(3)]
+            gate.wait_received(3)
+            with pytest.raises(queue.Full):
+                client.submit(99, timeout=0.2)
+            assert client.statistics().outstanding == 3
+            out: list[Any] = []
+            t = threading.Thread(target=lambda: out.extend(client.map(range(3, 10))))
+            t.start()
+            assert gate.received == 3  # the map waits for credit, the worker got nothing more
+            gate.release.set()
+            t.join(T)
+            assert [f.result(T) for f in futures] + out == list(range(10))
+        assert gate.received == 10
+
+
+def test_the_server_drops_a_producer_that_exceeds_its_window() -> None:
+    gate = Gate()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 8)
+        addr = coord.serve_ingress(max_outstanding=2)
+        conn = dial_once(addr, KEY.encode(), max_frame_size=1 << 20, timeout=T)
+        try:
+            assert conn.recv_within(T).header == {"op": "welcome", "window": 2}
+            for seq in range(3):
+                conn.send("put", {"seq": seq, "payload": seq})
+            with pytest.raises(ConnectionLost):
+                conn.recv_within(T)
+        finally:
+            gate.release.set()
+            conn.abort()
+        wait_for(lambda: coord.ingress_statistics()[0].dropped_producers == 1, what="dropped")
+        assert gate.received <= 2
+
+
+def test_garbage_and_truncated_frames_do_not_disturb_another_producer() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 2)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=4) as good:
+            assert good.submit(2).result(T) == 4
+            for junk in (
+                b"\x00" * 64,
+                b"GET / HTTP/1.1\r\n\r\n",
+                _protocol.encode_message("x")[:7],
+            ):
+                with socket.create_connection(addr, timeout=T) as s:
+                    s.sendall(junk)
+            after_auth = [
+                b"garbage that is not a frame" * 10,
+                _protocol.encode_message("put", {"seq": 0, "payload": 1})[:-3],  # truncated
+                _protocol.encode_message("nonsense"),
+                _protocol.encode_message("put", {"seq": 5, "payload": 1}),  # skips a seq
+            ]
+            for junk in after_auth:
+                conn = dial_once(addr, KEY.encode(), max_frame_size=1 << 20, timeout=T)
+                conn.recv_within(T)
+                conn.sock.sendall(junk)
+                conn.sock.shutdown(socket.SHUT_WR)
+                with pytest.raises(ConnectionLost):
+                    conn.recv_within(T)
+                conn.abort()
+            assert list(good.map(range(30))) == [i * i for i in range(30)]
+        wait_for(lambda: coord.ingress_statistics()[0].producers == 0, what="all gone")
+        stats = coord.ingress_statistics()[0]
+        assert stats.dropped_producers == 4 and stats.refused >= 3
+
+
+PRODUCER = """
+import json, sys
+from pytaskqml import Client
+tag, n, addr = {tag!r}, {n}, ("127.0.0.1", {port})
+out = []
+with Client(addr, authkey={key!r}, window=8) as client:
+    for i, r in enumerate(client.map([[f"{{tag}}:{{j}}", 0.01] for j in range(n)])):
+        out.append(r[0])
+        if i == 5:
+            print("progress", file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_three_producers_one_killed_two_spawned_workers(procs: Procs) -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.spawn(Pid, processes=2)
+        port = coord.serve_ingress()[1]
+        runs = {"a": 60, "b": 40, "victim": 400}
+        ps = {
+            tag: procs.python(PRODUCER.format(key=KEY, tag=tag, n=n, port=port))
+            for tag, n in runs.items()
+        }
+        read_line_with(ps["victim"], "progress")
+        ps["victim"].send_signal(signal.SIGKILL)
+        for tag in ("a", "b"):
+            stdout, stderr = ps[tag].communicate(timeout=60)
+            assert ps[tag].returncode == 0, stderr
+            assert json.loads(stdout) == [f"{tag}:{j}" for j in range(runs[tag])]
+        assert ps["victim"].wait(T) == -signal.SIGKILL
+        assert coord.wait_idle(T)  # nothing left queued or running for the victim
+        stats = coord.statistics()
+        assert stats.cancelled > 0 and stats.submitted < sum(runs.values())
+        ingress = coord.ingress_statistics()[0]
+        assert ingress.abandoned > 0 and ingress.producers == 0
+        bad = procs.python(
+            f"from pytaskqml import Client; Client(('127.0.0.1', {port}), authkey='no')"
+        )
+        _, err = bad.communicate(timeout=T)
+        assert bad.returncode != 0 and "AuthenticationError" in err
+        assert coord.statistics().submitted == stats.submitted
