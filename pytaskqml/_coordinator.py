@@ -52,6 +52,7 @@ from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
 from ._handles import LocalHandle
+from ._httpingress import install_http_ingress
 from ._ingress import IngressHost
 from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
@@ -448,9 +449,11 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         *,
         insecure: bool = False,
         open_metrics: bool = False,
+        http_ingress: bool = False,
     ) -> tuple[str, int]:
         """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
-        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus).
+        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus);
+        with ``http_ingress`` also ``POST /submit`` and ``POST /map`` (:mod:`._httpingress`).
 
         With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
         ``open_metrics`` lets anyone who can reach *address* read them (see
@@ -459,6 +462,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             raise RuntimeError("the control endpoint is already running")
         self._control = coordinator_control(self, address, insecure=insecure)
         install_status(self._control, self.statistics, name=self.name, open_metrics=open_metrics)
+        if http_ingress:
+            install_http_ingress(self._control, self)
         self._control.start()
         return self._control.address
 
