@@ -4,6 +4,7 @@ messages)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import ssl
 import threading
@@ -18,6 +19,8 @@ from ._auth import resolve_authkey
 from ._connection import Address
 from ._endpoints import dial_once
 from ._errors import ClosedError, ConnectionLost, ProtocolError, RemoteTraceback, TaskFailed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 64
 
@@ -200,8 +203,8 @@ class Client:
         except (ConnectionLost, ProtocolError) as exc:
             self._lose(exc)
         except BaseException as exc:
+            log.exception("client reader for %s crashed", self._conn.peer)
             self._lose(exc)
-            raise
 
     def _resolve(self, header: dict[str, Any]) -> None:
         with self._cv:
