@@ -19,7 +19,9 @@ after the mutual HMAC handshake of :mod:`._auth` with the target's key:
 A producer that exceeds its window, skips a ``seq`` or sends a frame that does not decode is
 disconnected with a logged reason. A producer that goes away with work outstanding has that
 work cancelled: its queued tasks are dropped (counted as cancelled by the target) and its
-stream ended; what is already running finishes and its results are discarded.
+stream ended - at once when the stream has ``cancel(why)`` (:class:`~._iterate.Stream` does),
+else when its next result arrives and the stream is abandoned; what is already running finishes
+and its results are discarded.
 """
 
 from __future__ import annotations

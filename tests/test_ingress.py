@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Procs, read_line_with, wait_for
-from sample_workers import Faulty, Pid, Square
+from sample_workers import Echo, Faulty, Pid, Square
 
 from pytaskqml import (
     AuthenticationError,
@@ -78,6 +78,16 @@ def test_submit_map_and_stream_come_back_in_order() -> None:
         assert coord.ingress_statistics()[0].returned == 81
 
 
+def test_arrays_and_bytes_travel_as_raw_buffers_without_a_key_on_loopback() -> None:
+    np = pytest.importorskip("numpy")
+    with Coordinator() as coord:
+        coord.add_local(Echo(), 1)
+        with Client(coord.serve_ingress()) as client:
+            img = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+            out = client.submit({"img": img, "raw": b"\x00\xff"}).result(T)
+    assert np.array_equal(out["img"], img) and out["raw"] == b"\x00\xff"
+
+
 def test_a_remote_failure_is_that_items_error_in_its_place() -> None:
     with Coordinator(authkey=KEY) as coord:
         coord.add_local(Faulty(), 2)
@@ -90,6 +100,22 @@ def test_a_remote_failure_is_that_items_error_in_its_place() -> None:
             with pytest.raises(TaskFailed):
                 list(client.map([1, "boom"]))
             assert client.submit(5).result(T) == 5  # the connection survives
+
+
+def test_a_client_sees_connection_lost_when_the_service_goes_away() -> None:
+    coord = Coordinator(authkey=KEY)
+    coord.add_local(Square(), 1)
+    client = Client(coord.serve_ingress(), authkey=KEY)
+    try:
+        assert client.submit(3).result(T) == 9
+        coord.shutdown()
+        with pytest.raises(ConnectionLost):
+            client.submit(1).result(T)
+        with pytest.raises(ConnectionLost):
+            client.submit(2)
+    finally:
+        client.close()
+        coord.shutdown()
 
 
 def test_a_producer_without_the_key_runs_nothing() -> None:
