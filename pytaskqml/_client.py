@@ -49,6 +49,8 @@ def remote_error(error: Any) -> BaseException:
         return TimeoutError(message)
     if kind == "CancelledError":
         return CancelledError(message)
+    if kind == "ClosedError":
+        return ClosedError(f"the service takes no more work: {message}")
     err = TaskFailed(kind, message, tb)
     if tb:
         err.__cause__ = RemoteTraceback(tb)

@@ -165,10 +165,7 @@ class _Producer:
         self.server._count("received")
         try:
             self.stream.put(header.get("payload"))
-        except ClosedError as exc:
-            self._refuse(seq, exc)
-            raise ConnectionLost(f"the target refuses work: {exc}") from None
-        except Exception as exc:
+        except Exception as exc:  # e.g. ClosedError while the target drains: the item's error
             self._refuse(seq, exc)
 
     def _refuse(self, seq: int, exc: BaseException) -> None:

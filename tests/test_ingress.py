@@ -118,6 +118,37 @@ def test_a_client_sees_connection_lost_when_the_service_goes_away() -> None:
         coord.shutdown()
 
 
+def test_at_shutdown_accepted_items_are_answered_and_new_ones_refused() -> None:
+    gate = Gate()
+    coord = Coordinator(authkey=KEY)
+    coord.add_local(gate, 1)
+    client = Client(coord.serve_ingress(), authkey=KEY, window=8)
+    stopper = threading.Thread(target=coord.shutdown)
+
+    def closing() -> bool:
+        try:
+            coord.stream().close()
+        except ClosedError:
+            return True
+        return False
+
+    try:
+        accepted = [client.submit(i) for i in range(3)]
+        gate.wait_received(1)  # one runs, two wait in the queue
+        stopper.start()
+        wait_for(closing, what="the coordinator to begin its shutdown")
+        with pytest.raises(ClosedError, match="takes no more work"):
+            client.submit(99).result(T)
+        gate.release.set()
+        assert [f.result(T) for f in accepted] == [0, 1, 2]
+        stopper.join(T)
+        assert not stopper.is_alive() and gate.received == 3
+    finally:
+        gate.release.set()
+        client.close(wait=False)
+        coord.shutdown()
+
+
 def test_a_producer_without_the_key_runs_nothing() -> None:
     gate = Gate()
     gate.release.set()
