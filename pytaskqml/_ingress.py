@@ -13,7 +13,8 @@ after the mutual HMAC handshake of :mod:`._auth` with the target's key:
   from 0 on the connection, one by one.
 * server -> producer ``{"op": "result", "seq": n, "value": ...}`` or ``{"op": "result",
   "seq": n, "error": {"type", "message", "traceback"}}`` (``type`` ``"TaskTimeout"`` for a
-  result that missed its deadline), results in the order of ``seq``.
+  result that missed its deadline), in the order of ``seq`` - except that an item the
+  target refuses at once (it is shutting down, say) is answered at once.
 * producer -> server ``{"op": "bye"}`` (or simply closing): nothing more is coming.
 
 A producer that exceeds its window, skips a ``seq`` or sends a frame that does not decode is
@@ -117,7 +118,6 @@ class _Producer:
         self._outstanding = 0
         self._refused: dict[int, BaseException] = {}
         self._received = 0
-        self._returned = 0
         self._gone = False
 
     def start(self) -> None:
