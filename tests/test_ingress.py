@@ -135,6 +135,7 @@ def test_at_shutdown_accepted_items_are_answered_and_new_ones_refused() -> None:
     try:
         accepted = [client.submit(i) for i in range(3)]
         gate.wait_received(1)  # one runs, two wait in the queue
+        wait_for(lambda: coord.statistics().submitted == 3, what="all three accepted")
         stopper.start()
         wait_for(closing, what="the coordinator to begin its shutdown")
         with pytest.raises(ClosedError, match="takes no more work"):
@@ -256,7 +257,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_three_producers_one_killed_two_spawned_workers(procs: Procs) -> None:
-    with Coordinator(authkey=KEY) as coord:
+    with Coordinator(authkey=KEY, window=2) as coord:  # most of the 3 x 8 items wait queued
         coord.spawn(Pid, processes=2)
         port = coord.serve_ingress()[1]
         runs = {"a": 60, "b": 40, "victim": 400}
