@@ -7,6 +7,7 @@ thread workers. Results come back in submission order. Standard library only.
 
 from ._auth import tls_client_context, tls_server_context
 from ._broadcast import Broadcast
+from ._client import Client, ClientStats, ClientStream
 from ._control import get_health, request_shutdown
 from ._coordinator import Coordinator
 from ._errors import (
@@ -26,6 +27,7 @@ from ._executor import Executor
 from ._functions import FunctionWorker
 from ._handoff import load, spill
 from ._histogram import HistogramSnapshot
+from ._ingress import IngressServer, IngressStats
 from ._iterate import Stream
 from ._models import Model, ModelWorker
 from ._pipeline import Pipeline, PipelineStats, PipelineStream
@@ -44,12 +46,17 @@ __all__ = [
     "Branches",
     "Broadcast",
     "BufferStats",
+    "Client",
+    "ClientStats",
+    "ClientStream",
     "ClosedError",
     "ConnectionLost",
     "Coordinator",
     "Executor",
     "FunctionWorker",
     "HistogramSnapshot",
+    "IngressServer",
+    "IngressStats",
     "LateResult",
     "Model",
     "ModelLoadError",

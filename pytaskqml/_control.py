@@ -10,7 +10,8 @@ explicitly ``insecure``.
 Hostile clients get a plain 4xx and change nothing: a method a path does not take is 405, an
 unknown path 404, a bad ``Content-Length`` 400, a body over the route's limit (4 KiB unless it
 says otherwise) 413 - checked before the token, so nothing is read for a refused request - and
-a missing or wrong token 401. A whole request must arrive within ``REQUEST_DEADLINE`` seconds,
+a missing or wrong token 401. A whole request must arrive within ``REQUEST_DEADLINE`` seconds
+(the route's handler itself is not bounded by it),
 and at most ``max_connections`` are served at once.
 """
 
@@ -258,6 +259,7 @@ def _make_handler(owner: ControlServer) -> type[BaseHTTPRequestHandler]:
                 if not hmac.compare_digest(given.encode(), owner.token.encode()):
                     self._refuse(401, "missing or wrong token")
                     return
+            self._deadline.__exit__()  # the request is in: a route may take its time
             request = Request(
                 self.command,
                 url.path,

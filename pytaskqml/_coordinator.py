@@ -52,6 +52,8 @@ from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
 from ._handles import LocalHandle
+from ._httpingress import install_http_ingress
+from ._ingress import IngressHost
 from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
 from ._links import Dialer
@@ -71,7 +73,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Coordinator(WorkerPool, BufferSource):
+class Coordinator(WorkerPool, BufferSource, IngressHost):
     """Owns the task queue and the workers; returns results in submission order.
 
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
@@ -447,9 +449,11 @@ class Coordinator(WorkerPool, BufferSource):
         *,
         insecure: bool = False,
         open_metrics: bool = False,
+        http_ingress: bool = False,
     ) -> tuple[str, int]:
         """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
-        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus).
+        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus);
+        with ``http_ingress`` also ``POST /submit`` and ``POST /map`` (:mod:`._httpingress`).
 
         With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
         ``open_metrics`` lets anyone who can reach *address* read them (see
@@ -458,6 +462,8 @@ class Coordinator(WorkerPool, BufferSource):
             raise RuntimeError("the control endpoint is already running")
         self._control = coordinator_control(self, address, insecure=insecure)
         install_status(self._control, self.statistics, name=self.name, open_metrics=open_metrics)
+        if http_ingress:
+            install_http_ingress(self._control, self)
         self._control.start()
         return self._control.address
 

@@ -251,6 +251,13 @@ class Stream:
                 self._ended = why
             self._space.notify_all()
 
+    def cancel(self, why: str) -> None:
+        """Abandon the stream from any thread: put()s are refused saying *why* and the items
+        still queued are cancelled (their places yield ``CancelledError``)."""
+        self._collector.abandoned = True
+        self.end(why)
+        self._intake.engine.cancel_abandoned()
+
     def __enter__(self) -> Stream:
         return self
 

@@ -72,6 +72,7 @@ def teardown(self: Coordinator, *, cancel: bool) -> None:
         self._feed.close()  # results written, the rest released for other coordinators
     if self._control is not None:
         self._control.stop()
+    self._stop_ingress()
     self._heartbeats.stop()
     self._buffers.close()
     engine.stop_timer()

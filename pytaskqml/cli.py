@@ -31,6 +31,7 @@ from . import (
     _cmd_models,
     _cmd_queue,
     _cmd_run,
+    _cmd_serve,
     _cmd_status,
     _cmd_token,
     _cmd_worker,
@@ -45,6 +46,7 @@ COMMANDS: list[Any] = [
     _cmd_models,
     _cmd_queue,
     _cmd_run,
+    _cmd_serve,
     _cmd_status,
     _cmd_token,
 ]

@@ -10,7 +10,7 @@ import pytest
 from conftest import Procs, free_port, read_line_with
 from sample_workers import Square
 
-from pytaskqml import ConnectionLost, Coordinator, tls_client_context, tls_server_context
+from pytaskqml import Client, ConnectionLost, Coordinator, tls_client_context, tls_server_context
 
 T = 20.0
 
@@ -173,3 +173,15 @@ def test_plain_peer_cannot_talk_to_a_tls_listener(pki: Path) -> None:
             plain.shutdown()
         assert coord.wait_until(lambda s: s.rejected_peers >= 1, 15), "the plain peer's rejection"
         assert coord.submit(3).result(T) == 9
+
+
+def test_a_producer_over_tls_to_the_ingress_port(pki: Path) -> None:
+    server = tls_server_context(str(pki / "server.pem"), str(pki / "server.key"))
+    with Coordinator(authkey="tls-ingress") as coord:
+        coord.add_local(Square(), 2)
+        addr = coord.serve_ingress(tls=server)
+        tls = tls_client_context(str(pki / "ca.pem"))
+        with Client(addr, authkey="tls-ingress", tls=tls) as client:
+            assert list(client.map(range(5))) == [0, 1, 4, 9, 16]
+        with pytest.raises(ConnectionLost):  # a producer without TLS gets nowhere
+            Client(addr, authkey="tls-ingress", connect_timeout=3)

@@ -1,0 +1,131 @@
+"""The HTTP JSON ingress: ``POST /submit`` and ``POST /map`` on a control endpoint.
+
+``POST /submit`` takes ``{"payload": ...}`` (or any other JSON value, taken as the payload
+itself) and replies ``200 {"result": ...}``; a task that failed replies ``500 {"error",
+"type", "traceback"}``, one that missed its deadline ``504``, a target that no longer takes
+work ``503``. ``POST /map`` takes a JSON array and replies ``200`` with a JSON array of the
+results in order, a failed item in its place as ``{"error", "type", "traceback"}``. A body that
+is not JSON (or a ``/map`` body that is not an array) is ``400`` with the reason; a body over
+*max_body* bytes ``413``. Both routes need the token when the endpoint has a key, like
+``POST /shutdown``. Payloads and results are plain JSON here (no raw buffers).
+
+:func:`install_http_ingress` adds the routes for any target with ``stream()`` (a
+:class:`Coordinator`, or a pipeline); :meth:`Coordinator.serve_control` takes
+``http_ingress=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from ._control import ControlServer, Reply, Request
+from ._errors import ClosedError
+from ._ingress import IngressTarget, error_fields
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 1 << 20
+MAX_BUFFERSIZE = 64
+
+
+def install_http_ingress(
+    server: ControlServer,
+    target: IngressTarget,
+    *,
+    max_body: int = DEFAULT_MAX_BODY,
+    timeout: float | None = None,
+) -> None:
+    """Serve ``POST /submit`` and ``POST /map`` for *target* on *server* (see the module's
+    docstring); *timeout* bounds each item as the stream's ``timeout`` does."""
+
+    def submit(request: Request) -> Reply:
+        try:
+            body = _parse(request.body)
+        except ValueError as exc:
+            return Reply(400, {"error": str(exc)})
+        payload = body["payload"] if isinstance(body, dict) and "payload" in body else body
+        try:
+            (value,) = run(target, [payload], timeout)
+        except ClosedError as exc:
+            return Reply(503, {"error": str(exc)})
+        error = error_fields(value)
+        if error is not None:
+            status = 504 if error["type"] == "TaskTimeout" else 500
+            return Reply(status, _error_body(error))
+        return _json_reply({"result": value})
+
+    def map_(request: Request) -> Reply:
+        try:
+            body = _parse(request.body)
+        except ValueError as exc:
+            return Reply(400, {"error": str(exc)})
+        if not isinstance(body, list):
+            return Reply(400, {"error": "the body of /map is a JSON array of payloads"})
+        try:
+            values = run(target, body, timeout)
+        except ClosedError as exc:
+            return Reply(503, {"error": str(exc)})
+        out = []
+        for value in values:
+            error = error_fields(value)
+            out.append(value if error is None else _error_body(error))
+        return _json_reply(out)
+
+    server.add_route("POST", "/submit", submit, auth=True, max_body=max_body)
+    server.add_route("POST", "/map", map_, auth=True, max_body=max_body)
+
+
+def _parse(body: bytes) -> Any:
+    if not body:
+        raise ValueError("the body is empty: send JSON")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"the body is not JSON: {exc}") from None
+
+
+def _error_body(error: dict[str, str]) -> dict[str, str]:
+    return {"error": error["message"], "type": error["type"], "traceback": error["traceback"]}
+
+
+def _json_reply(body: Any) -> Reply:
+    try:
+        data = json.dumps(body)
+    except (TypeError, ValueError) as exc:
+        return Reply(500, {"error": f"the result is not plain JSON: {exc}"})
+    return Reply(200, data)
+
+
+def run(target: IngressTarget, payloads: list[Any], timeout: float | None) -> list[Any]:
+    """The outcomes of *payloads* on an ordered stream of *target*, in order: a value, or the
+    error (or ``TaskTimeout``) in its place. ``ClosedError`` when the target takes no work."""
+    stream = target.stream(
+        buffersize=max(1, min(len(payloads), MAX_BUFFERSIZE)),
+        ordered=True,
+        on_error="return",
+        timeout=timeout,
+    )
+    refused: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            for p in payloads:
+                stream.put(p)
+        except BaseException as exc:
+            refused.append(exc)
+        finally:
+            stream.close()
+
+    feeder = threading.Thread(target=feed, name="pytaskqml-http-ingress-feed", daemon=True)
+    feeder.start()
+    out = list(stream)
+    feeder.join()
+    if refused:
+        if isinstance(refused[0], ClosedError):
+            raise refused[0]
+        log.warning("http ingress: an item was refused: %s", refused[0])
+        out += [refused[0]] * (len(payloads) - len(out))
+    return out

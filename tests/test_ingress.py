@@ -1,0 +1,324 @@
+"""The ingress port: producers in other processes submit through pytaskqml.Client, each with
+its own ordered results and its own credit; a producer that dies loses only its own work."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+import threading
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from conftest import Procs, read_line_with, wait_for
+from sample_workers import Echo, Faulty, Pid, Square
+
+from pytaskqml import (
+    AuthenticationError,
+    Client,
+    ClosedError,
+    ConnectionLost,
+    Coordinator,
+    TaskFailed,
+    _protocol,
+)
+from pytaskqml._endpoints import dial_once
+
+T = 20.0
+KEY = "ingress-test-key"
+
+
+class Gate:
+    """A task function that blocks on an event and counts what it has received."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.cv = threading.Condition()
+        self.received = 0
+        self.active = 0
+        self.peak = 0
+
+    def __call__(self, x: Any) -> Any:
+        with self.cv:
+            self.received += 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.cv.notify_all()
+        assert self.release.wait(T)
+        with self.cv:
+            self.active -= 1
+        return x
+
+    def wait_received(self, n: int) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: self.received >= n, T), self.received
+
+
+def test_submit_map_and_stream_come_back_in_order() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 3)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=4) as client:
+            assert client.submit(7).result(T) == 49
+            assert list(client.map(range(50))) == [i * i for i in range(50)]
+            assert sorted(client.map(range(20), ordered=False)) == [i * i for i in range(20)]
+            stream = client.stream()
+            for i in range(10):
+                stream.put(i, timeout=T)
+            stream.close()
+            assert list(stream) == [i * i for i in range(10)]
+            stats = client.statistics()
+            assert (stats.submitted, stats.completed, stats.outstanding) == (81, 81, 0)
+        with pytest.raises(ClosedError):
+            client.submit(1)
+        wait_for(lambda: coord.ingress_statistics()[0].producers == 0, what="producer gone")
+        assert coord.ingress_statistics()[0].returned == 81
+
+
+def test_arrays_and_bytes_travel_as_raw_buffers_without_a_key_on_loopback() -> None:
+    np = pytest.importorskip("numpy")
+    with Coordinator() as coord:
+        coord.add_local(Echo(), 1)
+        with Client(coord.serve_ingress()) as client:
+            img = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+            out = client.submit({"img": img, "raw": b"\x00\xff"}).result(T)
+    assert np.array_equal(out["img"], img) and out["raw"] == b"\x00\xff"
+
+
+def test_a_remote_failure_is_that_items_error_in_its_place() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Faulty(), 2)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY) as client:
+            out = list(client.map([1, "boom", 3], on_error="return"))
+            assert out[0] == 1 and out[2] == 3
+            assert isinstance(out[1], TaskFailed)
+            assert "Traceback" in out[1].remote_traceback
+            with pytest.raises(TaskFailed):
+                list(client.map([1, "boom"]))
+            assert client.submit(5).result(T) == 5  # the connection survives
+
+
+def test_a_client_sees_connection_lost_when_the_service_goes_away() -> None:
+    coord = Coordinator(authkey=KEY)
+    coord.add_local(Square(), 1)
+    client = Client(coord.serve_ingress(), authkey=KEY)
+    try:
+        assert client.submit(3).result(T) == 9
+        coord.shutdown()
+        with pytest.raises(ConnectionLost):
+            client.submit(1).result(T)
+        with pytest.raises(ConnectionLost):
+            client.submit(2)
+    finally:
+        client.close()
+        coord.shutdown()
+
+
+def test_at_shutdown_accepted_items_are_answered_and_new_ones_refused() -> None:
+    gate = Gate()
+    coord = Coordinator(authkey=KEY)
+    coord.add_local(gate, 1)
+    client = Client(coord.serve_ingress(), authkey=KEY, window=8)
+    stopper = threading.Thread(target=coord.shutdown)
+
+    def closing() -> bool:
+        try:
+            coord.stream().close()
+        except ClosedError:
+            return True
+        return False
+
+    try:
+        accepted = [client.submit(i) for i in range(3)]
+        gate.wait_received(1)  # one runs, two wait in the queue
+        wait_for(lambda: coord.statistics().submitted == 3, what="all three accepted")
+        stopper.start()
+        wait_for(closing, what="the coordinator to begin its shutdown")
+        with pytest.raises(ClosedError, match="takes no more work"):
+            client.submit(99).result(T)
+        gate.release.set()
+        assert [f.result(T) for f in accepted] == [0, 1, 2]
+        stopper.join(T)
+        assert not stopper.is_alive() and gate.received == 3
+    finally:
+        gate.release.set()
+        client.close(wait=False)
+        coord.shutdown()
+
+
+def test_a_producer_without_the_key_runs_nothing() -> None:
+    gate = Gate()
+    gate.release.set()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 1)
+        addr = coord.serve_ingress()
+        for key in (None, "wrong"):
+            with pytest.raises(AuthenticationError):
+                Client(addr, authkey=key)
+        wait_for(lambda: coord.ingress_statistics()[0].refused == 2, what="two refusals")
+        assert coord.statistics().submitted == 0 and gate.received == 0
+
+
+def test_a_public_bind_without_a_key_is_refused() -> None:
+    with Coordinator() as coord, pytest.raises(ValueError, match="without an authkey"):
+        coord.serve_ingress(("0.0.0.0", 0))
+
+
+def test_a_producer_never_has_more_than_its_window_outstanding() -> None:
+    gate = Gate()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 8)  # room for more than the window
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=3) as client:
+            futures = [client.submit(i) for i in range(3)]
+            gate.wait_received(3)
+            with pytest.raises(queue.Full):
+                client.submit(99, timeout=0.2)
+            assert client.statistics().outstanding == 3
+            out: list[Any] = []
+            t = threading.Thread(target=lambda: out.extend(client.map(range(3, 10))))
+            t.start()
+            gate.release.set()
+            t.join(T)
+            assert [f.result(T) for f in futures] + out == list(range(10))
+        # Eight threads could have run the map's seven items at once: the window kept it to 3.
+        assert gate.received == 10 and gate.peak == 3
+
+
+def test_the_server_drops_a_producer_that_exceeds_its_window() -> None:
+    gate = Gate()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(gate, 8)
+        addr = coord.serve_ingress(max_outstanding=2)
+        conn = dial_once(addr, KEY.encode(), max_frame_size=1 << 20, timeout=T)
+        try:
+            assert conn.recv_within(T).header == {"op": "welcome", "window": 2}
+            for seq in range(3):
+                conn.send("put", {"seq": seq, "payload": seq})
+            with pytest.raises(ConnectionLost):
+                conn.recv_within(T)
+        finally:
+            gate.release.set()
+            conn.abort()
+        wait_for(lambda: coord.ingress_statistics()[0].dropped_producers == 1, what="dropped")
+        assert gate.received <= 2
+
+
+def test_garbage_and_truncated_frames_do_not_disturb_another_producer() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 2)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=4) as good:
+            assert good.submit(2).result(T) == 4
+            for junk in (
+                b"\x00" * 64,
+                b"GET / HTTP/1.1\r\n\r\n",
+                _protocol.encode_message("x")[:7],
+            ):
+                with socket.create_connection(addr, timeout=T) as s:
+                    s.sendall(junk)
+            after_auth = [
+                b"garbage that is not a frame" * 10,
+                _protocol.encode_message("put", {"seq": 0, "payload": 1})[:-3],  # truncated
+                _protocol.encode_message("nonsense"),
+                _protocol.encode_message("put", {"seq": 5, "payload": 1}),  # skips a seq
+            ]
+            for junk in after_auth:
+                conn = dial_once(addr, KEY.encode(), max_frame_size=1 << 20, timeout=T)
+                conn.recv_within(T)
+                conn.sock.sendall(junk)
+                conn.sock.shutdown(socket.SHUT_WR)
+                with pytest.raises(ConnectionLost):
+                    conn.recv_within(T)
+                conn.abort()
+            assert list(good.map(range(30))) == [i * i for i in range(30)]
+        wait_for(lambda: coord.ingress_statistics()[0].producers == 0, what="all gone")
+        stats = coord.ingress_statistics()[0]
+        assert stats.dropped_producers == 4 and stats.refused >= 3
+
+
+PRODUCER = """
+import json, sys
+from pytaskqml import Client
+tag, n, addr = {tag!r}, {n}, ("127.0.0.1", {port})
+out = []
+with Client(addr, authkey={key!r}, window=8) as client:
+    for i, r in enumerate(client.map([[f"{{tag}}:{{j}}", 0.01] for j in range(n)])):
+        out.append(r[0])
+        if i == 5:
+            print("progress", file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_three_producers_one_killed_two_spawned_workers(procs: Procs) -> None:
+    with Coordinator(authkey=KEY, window=2) as coord:  # most of the 3 x 8 items wait queued
+        coord.spawn(Pid, processes=2)
+        port = coord.serve_ingress()[1]
+        runs = {"a": 60, "b": 40, "victim": 400}
+        ps = {
+            tag: procs.python(PRODUCER.format(key=KEY, tag=tag, n=n, port=port))
+            for tag, n in runs.items()
+        }
+        read_line_with(ps["victim"], "progress")
+        ps["victim"].send_signal(signal.SIGKILL)
+        for tag in ("a", "b"):
+            stdout, stderr = ps[tag].communicate(timeout=60)
+            assert ps[tag].returncode == 0, stderr
+            assert json.loads(stdout) == [f"{tag}:{j}" for j in range(runs[tag])]
+        assert ps["victim"].wait(T) == -signal.SIGKILL
+        assert coord.wait_idle(T)  # nothing left queued or running for the victim
+        stats = coord.statistics()
+        assert stats.cancelled > 0 and stats.submitted < sum(runs.values())
+        ingress = coord.ingress_statistics()[0]
+        assert ingress.abandoned > 0 and ingress.producers == 0
+        bad = procs.python(
+            f"from pytaskqml import Client; Client(('127.0.0.1', {port}), authkey='no')"
+        )
+        _, err = bad.communicate(timeout=T)
+        assert bad.returncode != 0 and "AuthenticationError" in err
+        assert coord.statistics().submitted == stats.submitted
+
+
+def _post(
+    addr: tuple[str, int], path: str, body: bytes, token: str | None = None
+) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://{addr[0]}:{addr[1]}{path}", data=body, method="POST")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=T) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_http_submit_and_map_with_the_token() -> None:
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Faulty(), 2)
+        addr = coord.serve_control(http_ingress=True)
+        token = _protocol.control_token(KEY.encode())
+        assert _post(addr, "/submit", b'{"payload": [1, 2]}', token) == (200, {"result": [1, 2]})
+        assert _post(addr, "/submit", b'"plain"', token) == (200, {"result": "plain"})
+        status, body = _post(addr, "/submit", b'{"payload": "boom"}', token)
+        assert status == 500 and body["type"] == "ValueError" and "boom" in body["error"]
+        status, out = _post(addr, "/map", json.dumps([1, "boom", {"a": 3}]).encode(), token)
+        assert status == 200 and out[0] == 1 and out[2] == {"a": 3}
+        assert out[1]["type"] == "ValueError" and "Traceback" in out[1]["traceback"]
+        assert _post(addr, "/map", b"[]", token) == (200, [])
+        for path in ("/submit", "/map"):
+            assert _post(addr, path, b"[1]")[0] == 401
+            assert _post(addr, path, b"[1]", "wrong")[0] == 401
+            status, body = _post(addr, path, b"{not json", token)
+            assert status == 400 and "not JSON" in body["error"]
+        status, body = _post(addr, "/map", b'{"a": 1}', token)
+        assert status == 400 and "array" in body["error"]
+        with socket.create_connection(addr, timeout=T) as s:  # a body over the cap: unread
+            s.sendall(b"POST /map HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.0 413")
+        assert coord.statistics().submitted == 6  # refused requests ran nothing
