@@ -18,6 +18,13 @@ problem, one line each), build its steps, and print the plan of what it would st
     kwargs = { scale = 2 }
     timeout = 5.0
 
+    [stages.classify]                           # a named model on a pool of ModelWorkers
+    model = "classifier"
+    load = "myapp:Classifier"                   # a Model subclass, loaded at start
+    config = { threshold = 0.5 }
+    version = "3"
+    processes = 2
+
     [branches.look]                             # fan-out, converged by item
     paths = { faces = ["detect"], sizes = ["measure"] }
     join = ["faces", "sizes"]                   # default: every path
@@ -40,6 +47,7 @@ from typing import Any
 
 from . import _connection
 from ._functions import is_function
+from ._models import Model
 from ._ordered import OVERFLOW_POLICIES
 from ._stages import Branches, Stage, resolve_worker
 from ._worker import Worker
@@ -48,6 +56,10 @@ TOP = {"pipeline", "stages", "branches", "service"}
 PIPELINE_KEYS = {"name", "buffersize", "steps"}
 STAGE_KEYS = {
     "worker",
+    "model",
+    "load",
+    "config",
+    "version",
     "threads",
     "processes",
     "connect",
@@ -131,7 +143,10 @@ def _check_stage(name: str, spec: Any, problems: list[str]) -> None:
     for k in sorted(set(spec) - STAGE_KEYS):
         problems.append(f"{where}: unknown option {k!r}")
     worker = spec.get("worker")
-    if not isinstance(worker, str):
+    _check_model(where, spec, problems)
+    if worker is None and "model" in spec:
+        pass  # a ModelWorker
+    elif not isinstance(worker, str):
         problems.append(f"{where}: worker must be a module:Class name")
     else:
         try:
@@ -294,13 +309,45 @@ def load(path: str | Path) -> dict[str, Any]:
     return doc
 
 
+def _check_model(where: str, spec: dict[str, Any], problems: list[str]) -> None:
+    model = spec.get("model")
+    if model is None:
+        for k in ("load", "config", "version"):
+            if k in spec:
+                problems.append(f"{where}: {k} needs model = NAME")
+        return
+    if not isinstance(model, str) or not model:
+        problems.append(f"{where}: model must be a name")
+    if "config" in spec and not isinstance(spec["config"], dict):
+        problems.append(f"{where}: config must be a table")
+    if "version" in spec and not isinstance(spec["version"], str):
+        problems.append(f"{where}: version must be a string")
+    load = spec.get("load")
+    if load is None:
+        return
+    if not isinstance(load, str):
+        problems.append(f"{where}: load must be a module:Class name")
+        return
+    try:
+        obj = resolve_worker(load)
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}")
+        return
+    if not (isinstance(obj, type) and issubclass(obj, Model)):
+        problems.append(f"{where}: {load} is not a Model subclass")
+
+
 def _stage(name: str, spec: dict[str, Any], authkey: bytes | str | None) -> Stage:
     def count(v: Any) -> int | tuple[int, int] | None:
         return tuple(v) if isinstance(v, list) else v
 
     return Stage(
-        spec["worker"],
+        spec.get("worker"),
         name=name,
+        model=spec.get("model"),
+        load=spec.get("load"),
+        config=spec.get("config"),
+        version=spec.get("version"),
         threads=count(spec.get("threads")),
         processes=count(spec.get("processes")),
         connect=spec.get("connect", []),
@@ -345,7 +392,10 @@ def _pool(spec: dict[str, Any]) -> str:
     if not parts:
         parts.append("1 thread")
     extra = [f"{k} {spec[k]}" for k in ("timeout", "buffersize", "kwargs") if k in spec]
-    return f"{spec['worker']} on {', '.join(parts)}" + (f" ({'; '.join(extra)})" if extra else "")
+    what = spec.get("worker", "pytaskqml:ModelWorker")
+    if "model" in spec:
+        what += f" serving model {spec['model']}" + (f" ({spec['load']})" if "load" in spec else "")
+    return f"{what} on {', '.join(parts)}" + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def plan(doc: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._coordinator import Coordinator
 from ._errors import TaskFailed
+from ._models import ModelWorker
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import check_positive
 from ._tasks import TaskTimeout
@@ -57,7 +58,11 @@ class Stage:
     ``(min, max)``) in spawned processes (a class or module-level function, built with
     ``kwargs``); ``connect`` (a list of addresses) and ``listen`` (an address) add remote
     workers started with ``pytaskqml worker``. Without any of them: one thread. Batching is
-    the Worker's own (``max_batch_size``/``max_batch_delay``). ``timeout`` bounds each item
+    the Worker's own (``max_batch_size``/``max_batch_delay``). With ``model`` the stage sends
+    its items to that named model (see :attr:`Coordinator.models`) instead of the worker's
+    ``process()``; ``load`` (a :class:`~pytaskqml.Model` subclass or its ``"module:Class"``
+    name) with ``config`` and ``version`` loads it on the stage's workers when the stage
+    starts, and *worker* defaults to :class:`~pytaskqml.ModelWorker`. ``timeout`` bounds each item
     here (from when it enters the stage); ``buffersize`` is how many items may be in this
     stage at once; ``max_queue``, ``overflow``, ``window``, ``max_retries`` and ``authkey``
     are the stage coordinator's: with ``overflow="reject"`` an item that finds ``max_queue``
@@ -67,9 +72,13 @@ class Stage:
 
     def __init__(
         self,
-        worker: Any,
+        worker: Any = None,
         *,
         name: str | None = None,
+        model: str | None = None,
+        load: Any = None,
+        config: dict[str, Any] | None = None,
+        version: str | None = None,
         threads: int | tuple[int, int] | None = None,
         processes: int | tuple[int, int] | None = None,
         connect: Sequence[str | tuple[str, int]] = (),
@@ -87,8 +96,13 @@ class Stage:
         check_positive("buffersize", buffersize, allow_none=False)
         if isinstance(connect, str):
             connect = [connect]
+        if model is None and (worker is None or load is not None or config is not None):
+            raise ValueError("a stage needs a worker, or a model (for load= and config=)")
+        self.model, self.load, self.config, self.version = model, load, config, version
+        if worker is None:
+            worker = ModelWorker
         self.worker = worker
-        self.name = name or _default_name(worker)
+        self.name = name or model or _default_name(worker)
         self.threads = threads
         self.processes = processes
         self.connect = list(connect)
@@ -133,6 +147,8 @@ class Stage:
                 self.listening = coord.listen(self.listen)
             for addr in self.connect:
                 coord.connect(addr)
+            if self.load is not None and self.model is not None:
+                coord.models.load(self.model, self.load, config=self.config, version=self.version)
         except BaseException:
             coord.shutdown(wait=True, cancel_futures=True)
             raise
@@ -143,7 +159,7 @@ class Stage:
         assert self.coordinator is not None
         out: Future[Any] = Future()
         try:
-            fut = self.coordinator.submit(value, timeout=self.timeout)
+            fut = self.coordinator.submit(value, timeout=self.timeout, model=self.model)
         except BaseException as exc:
             out.set_exception(mark(exc, self))
             return out

@@ -180,3 +180,40 @@ def test_load_raises_with_every_problem(tmp_path: Path) -> None:
         load(cfg)
     assert len(info.value.problems) == 2
     assert TaskFailed  # exported beside Pipeline
+
+
+def test_a_stage_can_be_a_named_model() -> None:
+    doc = {
+        "pipeline": {"steps": ["tag", "above"]},
+        "stages": {
+            "tag": {"worker": "pipeline_workers:Pause", "threads": 1},
+            "above": {
+                "model": "detector",
+                "load": "pytaskqml.examples:Threshold",
+                "config": {"threshold": 0.5},
+                "version": "7",
+                "threads": 2,
+            },
+        },
+    }
+    assert check(doc) == []
+    assert "serving model detector" in plan(doc)
+    with Pipeline(build(doc)) as p:
+        assert list(p.map([0.2, 0.9, 0.7])) == [False, True, True]
+        (detector,) = p.statistics().stages["above"].models
+        assert detector.version == "7"
+        assert dict(detector.results) == {"7": 3}
+
+
+def test_model_stage_mistakes_are_each_reported() -> None:
+    doc = {
+        "pipeline": {"steps": ["a", "b"]},
+        "stages": {
+            "a": {"load": "pytaskqml.examples:Threshold"},
+            "b": {"model": "m", "load": "pytaskqml.examples:Echo", "config": 3},
+        },
+    }
+    problems = check(doc)
+    assert any("a: load needs model" in p for p in problems)
+    assert any("Echo is not a Model subclass" in p for p in problems)
+    assert any("b: config must be a table" in p for p in problems)
