@@ -99,6 +99,7 @@ class Client:
             raise
         self.window = min(window, granted)
         self._cv = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
         self._futures: dict[int, Future[Any]] = {}
         self._seq = 0
         self._completed = 0
@@ -115,7 +116,6 @@ class Client:
     def submit(self, payload: Any, *, timeout: float | None = None) -> Future[Any]:
         """Send one item; its future. Blocks while the window is full (``queue.Full`` after
         *timeout* seconds). A payload that is not JSON (plus bytes/arrays) raises ``TypeError``."""
-        _codec.encode(payload)  # a TypeError here, before a seq is taken
         fut: Future[Any] = Future()
         with self._cv:
             if not self._cv.wait_for(
@@ -125,15 +125,19 @@ class Client:
                 raise queue.Full("the client's window stayed full")
             self._check_open()
             seq = self._seq
+            text, bufs = _codec.encode({"op": "put", "seq": seq, "payload": payload})
             self._seq += 1
             self._futures[seq] = fut
-            text, bufs = _codec.encode({"op": "put", "seq": seq, "payload": payload})
-            try:  # under the lock, so frames go out in seq order
-                self._conn.send_json(text, bufs)
-            except ConnectionLost as exc:
-                self._futures.pop(seq, None)
-                self._lose(exc)
-                raise
+            # Taken before the seq lock is let go, so frames go out in seq order, while results
+            # (which need only the seq lock) keep coming in during a long send.
+            self._send_lock.acquire()
+        try:
+            self._conn.send_json(text, bufs)
+        except ConnectionLost as exc:
+            self._lose(exc)
+            raise
+        finally:
+            self._send_lock.release()
         return fut
 
     def _check_open(self) -> None:
@@ -296,6 +300,7 @@ class ClientStream:
         self._client = client
         self._raise = raise_errors
         self._cv = threading.Condition(threading.Lock())
+        self._send_lock = threading.Lock()
         self._futures: deque[Future[Any]] = deque()
         self._closed = False
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class _Producer:
         self.window = server.max_outstanding
         self.stream = server.target.stream(buffersize=self.window, ordered=True, on_error="return")
         self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
         self._outstanding = 0
         self._refused: dict[int, BaseException] = {}
         self._received = 0
@@ -233,7 +235,15 @@ class _Producer:
         finally:
             with self._lock:
                 self._outstanding -= 1
+                self._answered.notify_all()
         self.server._count("returned")
+
+    def drain(self, deadline: float) -> None:
+        """Wait until every item has been answered (or *deadline*, a monotonic time)."""
+        with self._lock:
+            self._answered.wait_for(
+                lambda: self._outstanding <= 0 or self._gone, max(0.0, deadline - time.monotonic())
+            )
 
 
 class IngressServer:
@@ -286,13 +296,16 @@ class IngressServer:
         self._acceptor.start()
         return self
 
-    def stop(self) -> None:
-        """Stop accepting producers and disconnect those connected (their work is cancelled)."""
+    def stop(self, *, drain: float = 2.0) -> None:
+        """Stop accepting producers; give those connected up to *drain* seconds to receive the
+        results still on their way, then disconnect them (what is left is cancelled)."""
         with self._lock:
             self._stopped = True
             producers = list(self._producers)
         self._acceptor.stop()
+        deadline = time.monotonic() + drain
         for p in producers:
+            p.drain(deadline)
             p.conn.abort()
 
     def statistics(self) -> IngressStats:
