@@ -177,6 +177,20 @@ class PipelineStream:
         self._stop.set()
         self.end(why)
 
+    def cancel(self, why: str) -> None:
+        """stop(), and cancel the items still waiting between steps: their tasks are taken
+        off the stages' queues (what is running finishes; its result is dropped)."""
+        self.stop(why)
+        for fifo in self._fifos:
+            while True:
+                try:
+                    got = fifo.get_nowait()
+                except queue.Empty:
+                    break
+                future = getattr(got[2], "future", None) if isinstance(got, tuple) else None
+                if future is not None:
+                    future.cancel()
+
     def settle(self, timeout: float | None = None) -> bool:
         """Block until every item put so far has reached the end of the pipeline."""
         with self._space:

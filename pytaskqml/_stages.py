@@ -11,7 +11,7 @@ import contextlib
 import importlib
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from ._coordinator import Coordinator
@@ -165,16 +165,21 @@ class Stage:
             return out
 
         def done(f: Future[Any]) -> None:
+            if out.done():
+                return  # the pipeline cancelled it
             exc = f.exception() if not f.cancelled() else None
-            if f.cancelled():
-                out.cancel()
-                out.set_running_or_notify_cancel()
-            elif exc is not None:
-                out.set_exception(mark(exc, self))
-            else:
-                out.set_result(f.result())
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+                if f.cancelled():
+                    out.cancel()
+                    out.set_running_or_notify_cancel()
+                elif exc is not None:
+                    out.set_exception(mark(exc, self))
+                else:
+                    out.set_result(f.result())
 
         fut.add_done_callback(done)
+        # Cancelling the stage's future (PipelineStream.cancel) cancels the task if it waits.
+        out.add_done_callback(lambda o: fut.cancel() if o.cancelled() else None)
         return out
 
 

@@ -269,3 +269,21 @@ def test_ctrl_c_in_the_with_block_cancels_instead_of_waiting() -> None:
     finally:
         gate.release.set()
         t.join(30)
+
+
+def test_cancel_takes_waiting_items_off_the_stages_queues() -> None:
+    """What a producer that went away leaves behind is cancelled, not left to run."""
+    gate = Gate()
+    with Pipeline([Stage(gate, threads=1, buffersize=8, window=1)]) as p:
+        coord = p.stages[0].coordinator
+        assert coord is not None
+        s = p.stream(buffersize=8)
+        for i in range(5):
+            s.put(i)
+        assert coord.wait_until(lambda st: st.in_flight >= 1 and st.queued >= 1, timeout=10)
+        s.cancel("producer went away")
+        gate.release.set()
+        assert coord.wait_idle(10)
+        st = coord.statistics()
+        assert st.completed + st.cancelled == 5
+        assert st.cancelled >= 1  # without cancel() every item would have run
