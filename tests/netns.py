@@ -107,7 +107,11 @@ class Hosts:
         return host
 
     def close(self) -> None:
-        for ns in self.namespaces:  # their veth pairs go with them
+        # Deleting a veth end deletes its pair at once; a deleted namespace takes its pairs
+        # with it only when the kernel gets round to it, so the ports go first.
+        for host in self.hosts:
+            _ip("link", "del", host.port, check=False)
+        for ns in self.namespaces:
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
 

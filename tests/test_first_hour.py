@@ -4,6 +4,7 @@ where the behaviour involves them."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
@@ -176,10 +177,17 @@ def test_a_second_ctrl_c_does_not_wait_for_the_grace(tmp_path: Path) -> None:
         pids = [int(p) for p in read_stdout_line(proc, "PIDS").split()[1:]]
         wait_for(lambda: started(markers, 2), T, "both workers to be busy")
         proc.send_signal(signal.SIGINT)
-        read_stdout_line(proc, "INTERRUPTED")  # now in shutdown, inside a 60 s grace
+        read_stdout_line(proc, "INTERRUPTED")  # on its way into shutdown, with a 60 s grace
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=T)
+        # The script prints before its with-block starts the shutdown: a SIGINT landing in
+        # between is taken as the first one, so press again, as a user would.
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=1.5)
+                break
+        else:
+            proc.communicate(timeout=T)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
