@@ -36,6 +36,7 @@ def test_an_ordered_map_across_scale_ups_and_downs_loses_and_repeats_nothing() -
     assert stats.failed == 0 and stats.retried == 0  # nobody let go held work
 
 
+@pytest.mark.slow
 def test_a_burst_grows_a_process_pool_and_idleness_shrinks_it_back() -> None:
     with Coordinator() as coord:
         coord.spawn(Sleepy, processes=(1, 3), scale_up_wait=0.1, scale_down_idle=0.3)

@@ -129,6 +129,7 @@ def test_a_late_branch_is_marked_and_the_item_still_comes_out() -> None:
     assert all(isinstance(o["stuck"], TaskTimeout) for o in out)
 
 
+@pytest.mark.slow
 def test_a_slow_last_stage_bounds_what_is_read_ahead() -> None:
     gate = Gate()
     read = 0
