@@ -42,9 +42,10 @@ typecheck: $(VENV)/.dev-installed
 unit: $(VENV)/.demo-installed
 	$(PY) -m pytest
 
-# The fast tier: everything not marked slow (heavy runs, deadlines that take seconds to expire).
+# The fast tier: everything not marked slow (heavy runs, deadlines that take seconds to expire),
+# on three processes: its tests mostly wait for the processes they start.
 quick: $(VENV)/.demo-installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 3
 
 check: lint typecheck quick
 
