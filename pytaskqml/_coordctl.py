@@ -1,4 +1,4 @@
-"""A coordinator's control endpoint: its routes.
+"""A coordinator's control endpoint: ``serve_control()`` and its routes.
 
 ``GET /health`` (open), ``POST /shutdown``; the models of :attr:`Coordinator.models`:
 ``GET /models`` (their status per worker), ``POST /models/load`` with a JSON body
@@ -13,16 +13,47 @@ import dataclasses
 import json
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _connection
 from ._control import ControlServer, Reply, Request
+from ._dashboard import install_coordinator as install_status
 from ._errors import ModelLoadError
+from ._httpingress import install_http_ingress
 
 if TYPE_CHECKING:
     from ._coordinator import Coordinator
 
 MAX_MODEL_BODY = 64 * 1024
+
+
+class ControlHost:
+    """:meth:`serve_control` for a :class:`Coordinator`."""
+
+    def serve_control(
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        insecure: bool = False,
+        open_metrics: bool = False,
+        http_ingress: bool = False,
+    ) -> tuple[str, int]:
+        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
+        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus);
+        with ``http_ingress`` also ``POST /submit`` and ``POST /map`` (:mod:`._httpingress`).
+
+        With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
+        ``open_metrics`` lets anyone who can reach *address* read them (see
+        :mod:`pytaskqml._dashboard`)."""
+        coord = cast("Coordinator", self)
+        if coord._control is not None:
+            raise RuntimeError("the control endpoint is already running")
+        server = coord._control = coordinator_control(coord, address, insecure=insecure)
+        install_status(server, coord.statistics, name=coord.name, open_metrics=open_metrics)
+        if http_ingress:
+            install_http_ingress(server, coord)
+        server.start()
+        return server.address
 
 
 def coordinator_control(

@@ -46,13 +46,11 @@ from ._autoscale import Autoscaler
 from ._broadcast import Broadcast, Broadcasts
 from ._bufpool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
 from ._control import ControlServer
-from ._coordctl import coordinator_control
-from ._dashboard import install_coordinator as install_status
+from ._coordctl import ControlHost
 from ._delivery import CallbackRunner, TaskFuture
 from ._endpoints import Acceptor
 from ._engine import Engine
 from ._handles import LocalHandle
-from ._httpingress import install_http_ingress
 from ._ingress import IngressHost
 from ._intake import Intake, item_routes, route_for
 from ._iterate import Stream, map_results
@@ -73,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Coordinator(WorkerPool, BufferSource, IngressHost):
+class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     """Owns the task queue and the workers; returns results in submission order.
 
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
@@ -440,32 +438,6 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         if self._feed is not None:
             stats = dataclasses.replace(stats, queue=self._feed.statistics())
         return stats
-
-    # ================================================================ control endpoint
-
-    def serve_control(
-        self,
-        address: tuple[str, int] | str = ("127.0.0.1", 0),
-        *,
-        insecure: bool = False,
-        open_metrics: bool = False,
-        http_ingress: bool = False,
-    ) -> tuple[str, int]:
-        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
-        (the live status page), ``GET /status`` (JSON) and ``GET /metrics`` (Prometheus);
-        with ``http_ingress`` also ``POST /submit`` and ``POST /map`` (:mod:`._httpingress`).
-
-        With a key, ``/status`` and ``/metrics`` need its token (``pytaskqml token``) unless
-        ``open_metrics`` lets anyone who can reach *address* read them (see
-        :mod:`pytaskqml._dashboard`)."""
-        if self._control is not None:
-            raise RuntimeError("the control endpoint is already running")
-        self._control = coordinator_control(self, address, insecure=insecure)
-        install_status(self._control, self.statistics, name=self.name, open_metrics=open_metrics)
-        if http_ingress:
-            install_http_ingress(self._control, self)
-        self._control.start()
-        return self._control.address
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the coordinator has shut down (for instance through ``POST /shutdown``
