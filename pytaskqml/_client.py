@@ -242,6 +242,7 @@ class Client:
     # ------------------------------------------------------------------ the rest
 
     def statistics(self) -> ClientStats:
+        """A snapshot of this producer's counters (see :class:`ClientStats`)."""
         with self._cv:
             return ClientStats(
                 window=self.window,
@@ -305,6 +306,10 @@ class ClientStream:
         self._closed = False
 
     def put(self, item: Any, *, timeout: float | None = None) -> None:
+        """Send one item; its result comes out of the iteration in its place. Blocks while the
+        client's window is full (:class:`queue.Full` after *timeout* seconds); :class:`ClosedError`
+        after :meth:`close`. While the service drains, the item is refused: it comes out as a
+        :class:`ClosedError` in its place (raised with ``on_error="raise"``)."""
         with self._cv:
             if self._closed:
                 raise ClosedError("put() on a closed stream")
@@ -314,9 +319,11 @@ class ClientStream:
             self._cv.notify_all()
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: :class:`queue.Full` at once when the window is full."""
         self.put(item, timeout=0)
 
     def close(self) -> None:
+        """No more items: iteration ends after the results of those already put."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()

@@ -147,6 +147,7 @@ class PipelineStream:
             self._hand(self._fifos[0], (seq, deadline, entry))
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: :class:`queue.Full` at once when the stream is full."""
         self.put(item, timeout=0)
 
     def _check_open(self) -> None:
@@ -285,6 +286,7 @@ class PipelineStream:
 
     @property
     def counts(self) -> tuple[int, int]:
+        """``(items put, results taken)`` so far."""
         with self._space:
             return self._count, self._consumed
 
