@@ -66,6 +66,14 @@ class Client:
     :class:`TaskFailed` with the remote traceback text; when the service goes away every
     outstanding future fails with :class:`ConnectionLost`; after :meth:`close`, calls raise
     :class:`ClosedError`.
+
+    *address* is ``(host, port)`` or ``"host:port"``; *authkey* defaults to the
+    ``PYTASKQML_AUTHKEY`` environment variable; *tls* (see :func:`tls_client_context`) makes
+    the connection TLS; *window* (default 64) is the most items outstanding;
+    *connect_timeout* (seconds, default 10) bounds connecting and the handshake;
+    *max_frame_size* (bytes, default 64 MiB) the largest frame. Connecting raises ``OSError``
+    when nothing answers, :class:`AuthenticationError` for a wrong key, :class:`ConnectionLost`
+    or ``ssl.SSLError`` when the handshake breaks, ``ValueError`` for a *window* below 1.
     """
 
     def __init__(

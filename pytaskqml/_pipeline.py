@@ -299,6 +299,10 @@ class Pipeline:
     Every stage is a :class:`Coordinator` with its own pool, started here; :meth:`shutdown`
     (or leaving a ``with`` block) stops them all. ``buffersize`` is the default for
     :meth:`map` and :meth:`stream`.
+
+    Raises ``ValueError`` for no steps, repeated stage names, a Stage already used by another
+    pipeline or a ``buffersize`` that is not positive, and whatever a stage raises when it
+    starts (:class:`WorkerStartError` for a worker that cannot start).
     """
 
     def __init__(
