@@ -74,18 +74,15 @@ log = logging.getLogger(__name__)
 class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     """Owns the task queue and the workers; returns results in submission order.
 
-    Use it as a context manager (leaving the block calls :meth:`shutdown`; on an exception,
-    such as Ctrl-C, with ``cancel_futures=True``). Workers come from :meth:`add_local`
-    (threads), :meth:`spawn` (processes), :meth:`connect` and :meth:`listen` (processes
-    started with ``pytaskqml worker``); work goes in with :meth:`submit`, :meth:`map` and
-    :meth:`stream`.
+    Workers come from :meth:`add_local`, :meth:`spawn`, :meth:`connect` and :meth:`listen`;
+    work from :meth:`submit`, :meth:`map` and :meth:`stream`. Leaving a ``with`` block calls
+    :meth:`shutdown` (with ``cancel_futures=True`` on an exception, such as Ctrl-C).
 
     Options (keyword-only; times in seconds):
 
     - ``max_queue`` (10,000): tasks waiting for a worker, at most.
-    - ``overflow`` (``"block"``): what a full queue does to new work - ``"block"`` waits,
-      ``"drop_oldest"`` cancels the oldest waiting task, ``"reject"`` raises
-      :class:`queue.Full`.
+    - ``overflow`` (``"block"``): a full queue makes new work wait; ``"drop_oldest"``
+      cancels the oldest waiting task, ``"reject"`` raises :class:`queue.Full`.
     - ``window`` (64): tasks in flight per worker, at most. Below it the window of each
       process or remote worker adapts to about 10 ms of its work beyond its round trip
       (starting at 8), unless a window is given for that worker.
@@ -95,11 +92,10 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
       each for what it counts from).
     - ``hang_timeout`` (60.0; None: never): how long a worker with work in hand may go
       without returning any result before it is declared lost.
-    - ``heartbeat_interval`` (0.5) / ``heartbeat_timeout`` (5.0): liveness of idle
-      connections; a connection silent for ``heartbeat_timeout`` is dropped.
-    - ``max_restarts`` (50): restarts of one spawned process within 60 s before it is given up.
-    - ``max_start_failures`` (3): failed starts in a row before a spawned worker's place is
-      given up (:class:`WorkerStartError`).
+    - ``heartbeat_interval`` (0.5) / ``heartbeat_timeout`` (5.0): a connection silent for
+      ``heartbeat_timeout`` is dropped.
+    - ``max_restarts`` (50) restarts of one spawned process within 60 s, or
+      ``max_start_failures`` (3) failed starts in a row, and its place is given up.
     - ``cancel_grace`` (0.5): how long ``shutdown(cancel_futures=True)`` lets running tasks
       finish before their workers are stopped.
     - ``max_models`` (None: every model on every worker): named models load on demand, at
@@ -110,13 +106,11 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     - ``on_late`` (None): called with each :class:`LateResult` that arrives after its
       deadline, on the callback thread; otherwise they wait in :meth:`late_results`.
     - ``shared_memory`` (True): buffers of 64 KiB or more reach spawned workers through
-      shared memory where the platform allows it (see :mod:`pytaskqml._shm`).
-    - ``max_buffer_bytes`` (256 MiB): address space of the pool :meth:`buffer` arrays come
-      from, in bytes (0: no pool).
+      shared memory where the platform allows it.
+    - ``max_buffer_bytes`` (256 MiB): address space of the :meth:`buffer` pool (0: none).
     - ``name`` (``"coordinator"``): shown in logs, thread names and the status page.
-    - ``queue`` (None): a :class:`~pytaskqml.RedisQueue` to take work from besides
-      ``submit``/``map``/``stream``: its entries run on this coordinator's workers and their
-      results go back to their producers.
+    - ``queue`` (None): a :class:`~pytaskqml.RedisQueue` whose entries run on these workers,
+      their results going back to their producers.
 
     Raises ``ValueError`` for an unknown ``overflow``, a count or time that is not positive,
     or a float where a whole number is needed.
@@ -279,9 +273,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``model`` sends it to the named model (see :attr:`models`); with ``with_meta`` the
         result is a :class:`ModelResult` saying which version and worker computed it. Tasks
         with the same ``key`` go to the same worker while it lives (per-key state).
-
-        Also raises :class:`ClosedError` once the coordinator is shut down, and ``ValueError``
-        for a ``timeout`` that is not positive or a model that is not loaded.
+        :class:`ClosedError` once shut down; ``ValueError`` for a bad timeout or model.
         """
         fut = TaskFuture()
         fut._runner = self._runner
@@ -345,11 +337,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         :class:`Progress` gives it a label, a total for an input without ``len()``, or shows
         it also off a terminal.
 
-        Raises ``ValueError`` for a size or time that is not positive, an unknown
-        ``on_error`` or a model that is not loaded, ``TypeError`` for a bad ``progress``,
-        :class:`ClosedError` once the coordinator is shut down; while iterating, what a
-        payload that cannot travel raises (``TypeError``) and, under ``reject``,
-        :class:`queue.Full`.
+        Raises ``ValueError`` for a bad size, time, ``on_error`` or model, :class:`ClosedError`
+        once shut down; while iterating, ``TypeError`` for a payload that cannot travel.
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
@@ -400,10 +389,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``"reject"`` raises :class:`queue.Full`. ``timeout`` counts from ``put()``: a frame
         older than that gets a :class:`TaskTimeout` marker in its place. ``model`` and
         ``with_meta`` as for :meth:`submit`; ``put(item, key=...)`` for per-key affinity.
-
-        Raises ``ValueError`` for an unknown ``overflow``, a size or time that is not
-        positive, or a model that is not loaded; :class:`ClosedError` once the coordinator is
-        shut down.
+        ``ValueError`` for a bad policy, size, time or model; :class:`ClosedError` once shut down.
         """
         policy = overflow if overflow is not None else self.overflow
         if policy not in OVERFLOW_POLICIES:
@@ -441,13 +427,10 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         each worker's result by name (an exception in place of a failed one). A *retained*
         broadcast is also run, in order, on every worker that joins or is restarted later,
         before it takes any other task; :meth:`withdraw` its ``id`` to stop that.
-
-        The payload is an ordinary task: each worker runs it through ``process()`` (or the
-        named ``model``'s ``predict()``), pinned to that worker - if the worker dies, it fails
-        rather than run elsewhere. Blocks until every worker has answered, waiting up to
-        ``timeout`` seconds for each (``TimeoutError`` past it). Raises
-        :class:`NoWorkersError` when no worker is attached, ``ValueError`` for an unknown
-        ``mode``, ``TypeError`` for a payload that cannot travel."""
+        The payload is an ordinary task that each worker runs through ``process()`` (or
+        ``model``'s ``predict()``), pinned to it: it fails if that worker dies. Waits up to
+        ``timeout`` seconds for each worker (``TimeoutError``); :class:`NoWorkersError` if
+        there is none."""
         return self._broadcasts.broadcast(
             payload, mode=mode, model=model, retain=retain, timeout=timeout
         )
