@@ -38,8 +38,8 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed benchmark/requirements.txt
 venv: $(VENV)/.dev-installed
 
 lint: $(VENV)/.dev-installed
-	$(PY) -m ruff check pytaskqml tests benchmark demo
-	$(PY) -m ruff format --check pytaskqml tests benchmark demo
+	$(PY) -m ruff check pytaskqml tests benchmark demo docs/hooks
+	$(PY) -m ruff format --check pytaskqml tests benchmark demo docs/hooks
 
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
