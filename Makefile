@@ -1,16 +1,18 @@
-# Quickstart: `make demo` runs the live video demo, `make test` runs every check.
+# Quickstart: `make demo` runs the live video demo, `make test` runs every check, `make docs`
+# builds the documentation site.
 # Each target creates and fills its own virtual environment in .venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help venv check test lint typecheck unit quick browser screenshot demo redis-demo bench bench-smoke clean
+.PHONY: help venv check test lint typecheck unit quick docs docs-serve browser screenshot demo redis-demo bench bench-smoke clean
 
 help:
 	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
 	@echo "make check  - lint, type-check and the fast tests (under a minute; while working)"
-	@echo "make test   - lint, type-check and run the whole test suite (what CI runs)"
+	@echo "make test   - lint, type-check, build the docs and run the whole test suite (what CI runs)"
+	@echo "make docs   - build the documentation site into site/ (warnings are errors)"
 	@echo "make redis-demo - two coordinators share a Redis queue; one is killed mid-run"
 	@echo "make screenshot - retake docs/status-page.png (the status page, in headless Chromium)"
 	@echo "make bench  - full benchmark against multiprocessing and Celery+Redis"
@@ -25,6 +27,10 @@ $(VENV)/.demo-installed: $(VENV)/.dev-installed demo/requirements.txt
 	$(PIP) install -r demo/requirements.txt
 	touch $@
 
+$(VENV)/.docs-installed: $(VENV)/.dev-installed docs/requirements.txt
+	$(PIP) install -r docs/requirements.txt
+	touch $@
+
 $(VENV)/.bench-installed: $(VENV)/.dev-installed benchmark/requirements.txt
 	$(PIP) install -r benchmark/requirements.txt
 	touch $@
@@ -32,8 +38,8 @@ $(VENV)/.bench-installed: $(VENV)/.dev-installed benchmark/requirements.txt
 venv: $(VENV)/.dev-installed
 
 lint: $(VENV)/.dev-installed
-	$(PY) -m ruff check pytaskqml tests benchmark demo
-	$(PY) -m ruff format --check pytaskqml tests benchmark demo
+	$(PY) -m ruff check pytaskqml tests benchmark demo docs/hooks
+	$(PY) -m ruff format --check pytaskqml tests benchmark demo docs/hooks
 
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
@@ -47,9 +53,18 @@ unit: $(VENV)/.demo-installed
 quick: $(VENV)/.demo-installed
 	$(PY) -m pytest -q -m "not slow" -n 3
 
-check: lint typecheck quick
+check: lint typecheck docs quick
 
-test: lint typecheck browser unit
+test: lint typecheck docs browser unit
+
+# The documentation site, with warnings as errors: a broken link or anchor, or an API reference
+# to a name that does not exist, fails the build. (tests/test_docs.py runs its code blocks.)
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# The site on http://127.0.0.1:8000, rebuilt as pages change.
+docs-serve: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 # The status page's test drives a headless Chromium; install it where we may (root with
 # apt-get), else that test skips and says why.
@@ -75,4 +90,4 @@ bench: $(VENV)/.bench-installed
 	$(PY) -m benchmark --all
 
 clean:
-	rm -rf $(VENV) demo/output .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) demo/output site .mypy_cache .ruff_cache .pytest_cache

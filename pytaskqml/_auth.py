@@ -34,7 +34,8 @@ def tls_server_context(
     certfile: str, keyfile: str | None = None, cafile: str | None = None
 ) -> ssl.SSLContext:
     """A TLS context for the listening side. With *cafile*, peers must show a certificate
-    signed by that CA (mutual TLS)."""
+    signed by that CA (mutual TLS). TLS 1.2 at least. ``OSError``/``ssl.SSLError`` for a
+    file that cannot be read or does not hold what it should."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile, keyfile)
@@ -48,7 +49,9 @@ def tls_client_context(
     cafile: str | None = None, certfile: str | None = None, keyfile: str | None = None
 ) -> ssl.SSLContext:
     """A TLS context for the dialling side: verifies the server's certificate and host name
-    against *cafile* (or the system's CAs); *certfile*/*keyfile* present a client certificate."""
+    against *cafile* (or the system's CAs); *certfile*/*keyfile* present a client certificate.
+    TLS 1.2 at least. ``OSError``/``ssl.SSLError`` for a file that cannot be read or does
+    not hold what it should."""
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if certfile:

@@ -66,6 +66,14 @@ class Client:
     :class:`TaskFailed` with the remote traceback text; when the service goes away every
     outstanding future fails with :class:`ConnectionLost`; after :meth:`close`, calls raise
     :class:`ClosedError`.
+
+    *address* is ``(host, port)`` or ``"host:port"``; *authkey* defaults to the
+    ``PYTASKQML_AUTHKEY`` environment variable; *tls* (see :func:`tls_client_context`) makes
+    the connection TLS; *window* (default 64) is the most items outstanding;
+    *connect_timeout* (seconds, default 10) bounds connecting and the handshake;
+    *max_frame_size* (bytes, default 64 MiB) the largest frame. Connecting raises ``OSError``
+    when nothing answers, :class:`AuthenticationError` for a wrong key, :class:`ConnectionLost`
+    or ``ssl.SSLError`` when the handshake breaks, ``ValueError`` for a *window* below 1.
     """
 
     def __init__(
@@ -242,6 +250,7 @@ class Client:
     # ------------------------------------------------------------------ the rest
 
     def statistics(self) -> ClientStats:
+        """A snapshot of this producer's counters (see :class:`ClientStats`)."""
         with self._cv:
             return ClientStats(
                 window=self.window,
@@ -305,6 +314,10 @@ class ClientStream:
         self._closed = False
 
     def put(self, item: Any, *, timeout: float | None = None) -> None:
+        """Send one item; its result comes out of the iteration in its place. Blocks while the
+        client's window is full (:class:`queue.Full` after *timeout* seconds); :class:`ClosedError`
+        after :meth:`close`. While the service drains, the item is refused: it comes out as a
+        :class:`ClosedError` in its place (raised with ``on_error="raise"``)."""
         with self._cv:
             if self._closed:
                 raise ClosedError("put() on a closed stream")
@@ -314,9 +327,11 @@ class ClientStream:
             self._cv.notify_all()
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: :class:`queue.Full` at once when the window is full."""
         self.put(item, timeout=0)
 
     def close(self) -> None:
+        """No more items: iteration ends after the results of those already put."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()

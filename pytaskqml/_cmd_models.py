@@ -22,17 +22,36 @@ def register(sub: Any) -> None:
     )
     m.add_argument("address", metavar="HOST:PORT", help="the coordinator's control endpoint")
     add_key_args(m)
-    m.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    m.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the endpoint, and for a load to finish (default 60)",
+    )
     actions = m.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("list", help="the models and their state on every worker")
+    ls = actions.add_parser(
+        "list",
+        help="the models and their state on every worker",
+        description="Print each named model, its version and its state on every worker.",
+    )
     ls.add_argument("--json", action="store_true", help="print the JSON the endpoint returns")
-    load = actions.add_parser("load", help="load (or update) a model on every worker")
-    load.add_argument("name")
-    load.add_argument("cls", metavar="MODULE:CLASS")
+    load = actions.add_parser(
+        "load",
+        help="load (or update) a model on every worker",
+        description="Load model NAME from MODULE:CLASS on every worker, or update it to a new "
+        "version while tasks flow; exits 1 if no worker could load it.",
+    )
+    load.add_argument("name", help="the name tasks use (submit(..., model=NAME))")
+    load.add_argument("cls", metavar="MODULE:CLASS", help="the pytaskqml.Model subclass to load")
     load.add_argument("--config", default="{}", metavar="JSON", help="the model's load() config")
     load.add_argument("--version", help="the version to call it (default: a counter)")
-    unload = actions.add_parser("unload", help="unload a model everywhere")
-    unload.add_argument("name")
+    unload = actions.add_parser(
+        "unload",
+        help="unload a model everywhere",
+        description="Unload model NAME from every worker; its tasks still waiting fail.",
+    )
+    unload.add_argument("name", help="the model's name")
     m.set_defaults(run=run)
 
 

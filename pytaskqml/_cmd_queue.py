@@ -29,7 +29,14 @@ def register(sub: Any) -> None:
         "number of hosts share, or the state of such a queue.",
     )
     actions = q.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s = actions.add_parser("serve", help="run a coordinator fed from the queue")
+    s = actions.add_parser(
+        "serve",
+        help="run a coordinator fed from the queue",
+        description="Run a coordinator that takes tasks from the queue's stream, runs them on "
+        "its workers (--worker spawned -n times, and workers dialling in to --listen) and "
+        "writes each result back to its producer. On SIGTERM or Ctrl-C it stops reading, "
+        "finishes the entries it holds and exits.",
+    )
     _queue_args(s)
     s.add_argument("--worker", metavar="MODULE:CLASS", help="spawn workers of this class")
     s.add_argument("-n", "--processes", type=int, default=1, help="how many (default 1)")
@@ -41,9 +48,14 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--authkey-file", metavar="PATH", help="key for workers (else $PYTASKQML_AUTHKEY)"
     )
-    s.add_argument("-v", "--verbose", action="count", default=0)
+    s.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     s.set_defaults(run=serve)
-    st = actions.add_parser("status", help="print the queue's state as JSON")
+    st = actions.add_parser(
+        "status",
+        help="print the queue's state as JSON",
+        description="Print the queue's state as JSON: the stream's length, the group's "
+        "pending entries and lag, the consumers and the dead letters.",
+    )
     _queue_args(st)
     st.set_defaults(run=status)
 
@@ -51,8 +63,16 @@ def register(sub: Any) -> None:
 def _queue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="redis://[:password@]host:port/db or rediss://... (TLS)")
     p.add_argument("--stream", default="pytaskqml", help="the queue's stream (default pytaskqml)")
-    p.add_argument("--group", default="coordinators", help="the consumer group")
-    p.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--group", default="coordinators", help="the consumer group (default coordinators)"
+    )
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="claim entries a dead coordinator left idle this long (default 30)",
+    )
     p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the Redis server's certificate")
 
 

@@ -41,7 +41,13 @@ def register(sub: Any) -> None:
         help="print the JSON document instead (with --watch: one document per line)",
     )
     add_key_args(s)
-    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the endpoint (default 5)",
+    )
     s.set_defaults(run=run)
 
 

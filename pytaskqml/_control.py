@@ -318,10 +318,13 @@ def request_shutdown(
     address: tuple[str, int], *, authkey: bytes | None = None, timeout: float = 5.0
 ) -> tuple[int, dict[str, Any]]:
     """POST /shutdown to a control endpoint (with the token derived from *authkey*, if
-    given); returns (HTTP status, JSON body)."""
+    given), waiting up to *timeout* seconds; returns (HTTP status, JSON body): 200 when it
+    accepts, 401 for a missing or wrong token. ``OSError`` when it cannot be reached in
+    time."""
     return _as_dict(*request(address, "POST", "/shutdown", authkey=authkey, timeout=timeout))
 
 
 def get_health(address: tuple[str, int], *, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
-    """GET /health of a control endpoint; returns (HTTP status, JSON body)."""
+    """GET /health of a control endpoint at ``(host, port)``, waiting up to *timeout* seconds;
+    returns (HTTP status, JSON body). ``OSError`` when it cannot be reached in time."""
     return _as_dict(*request(address, "GET", "/health", timeout=timeout))

@@ -74,29 +74,46 @@ log = logging.getLogger(__name__)
 class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     """Owns the task queue and the workers; returns results in submission order.
 
-    Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
-    says what a full queue does to new work (``"block"``, ``"drop_oldest"``, ``"reject"``);
-    ``window`` caps the tasks in flight per worker - below it each worker's window adapts to
-    about 10 ms of its work, unless a window is given for that worker; ``max_retries`` how
-    many worker deaths a task may cause before it is failed as poison; ``timeout`` a default
-    deadline for ``submit()``, ``map()`` and streams (see each for what it counts from);
-    ``hang_timeout`` how long a worker with work in hand may go without returning any result
-    before it is declared lost; ``heartbeat_interval``/``heartbeat_timeout`` liveness of idle
-    connections; ``max_restarts`` restarts of one spawned process within 60 s, and
-    ``max_start_failures`` failed starts in a row, before it is given up; ``max_models``
-    makes named models load on demand, at most that many per worker (least recently used
-    idle ones make room; default: every model on every worker); ``cancel_grace``
-    how long ``shutdown(cancel_futures=True)`` (and leaving a ``with`` block on an exception,
-    such as Ctrl-C) lets tasks already running finish before their workers are stopped;
-    ``authkey`` the shared key for worker connections (default: the ``PYTASKQML_AUTHKEY``
-    environment variable); ``on_late`` receives results that arrive after their deadline
-    (otherwise they can be read with :meth:`late_results`); ``shared_memory`` lets buffers of
-    64 KiB or more reach spawned workers through shared memory instead of the socket where the
-    platform allows it (see :mod:`pytaskqml._shm`); ``queue`` a shared queue to take work from
-    besides ``submit``/``map``/``stream`` (a :class:`~pytaskqml.RedisQueue`: its entries run
-    on this coordinator's workers and their results go back to their producers);
-    ``max_buffer_bytes`` is the size of the pool :meth:`buffer` arrays come from (address
-    space; 0: no pool).
+    Workers come from :meth:`add_local`, :meth:`spawn`, :meth:`connect` and :meth:`listen`;
+    work from :meth:`submit`, :meth:`map` and :meth:`stream`. Leaving a ``with`` block calls
+    :meth:`shutdown` (with ``cancel_futures=True`` on an exception, such as Ctrl-C).
+
+    Options (keyword-only; times in seconds):
+
+    - ``max_queue`` (10,000): tasks waiting for a worker, at most.
+    - ``overflow`` (``"block"``): a full queue makes new work wait; ``"drop_oldest"``
+      cancels the oldest waiting task, ``"reject"`` raises :class:`queue.Full`.
+    - ``window`` (64): tasks in flight per worker, at most. Below it the window of each
+      process or remote worker adapts to about 10 ms of its work beyond its round trip
+      (starting at 8), unless a window is given for that worker.
+    - ``max_retries`` (2): worker deaths a task may cause before it fails as poison
+      (:class:`WorkerLostError`).
+    - ``timeout`` (None): a default deadline for :meth:`submit`, :meth:`map` and streams (see
+      each for what it counts from).
+    - ``hang_timeout`` (60.0; None: never): how long a worker with work in hand may go
+      without returning any result before it is declared lost.
+    - ``heartbeat_interval`` (0.5) / ``heartbeat_timeout`` (5.0): a connection silent for
+      ``heartbeat_timeout`` is dropped.
+    - ``max_restarts`` (50) restarts of one spawned process within 60 s, or
+      ``max_start_failures`` (3) failed starts in a row, and its place is given up.
+    - ``cancel_grace`` (0.5): how long ``shutdown(cancel_futures=True)`` lets running tasks
+      finish before their workers are stopped.
+    - ``max_models`` (None: every model on every worker): named models load on demand, at
+      most that many per worker; least recently used idle ones make room.
+    - ``authkey`` (the ``PYTASKQML_AUTHKEY`` environment variable): the shared key for worker
+      and producer connections and the control token.
+    - ``max_frame_size`` (64 MiB): the largest frame sent or accepted, in bytes.
+    - ``on_late`` (None): called with each :class:`LateResult` that arrives after its
+      deadline, on the callback thread; otherwise they wait in :meth:`late_results`.
+    - ``shared_memory`` (True): buffers of 64 KiB or more reach spawned workers through
+      shared memory where the platform allows it.
+    - ``max_buffer_bytes`` (256 MiB): address space of the :meth:`buffer` pool (0: none).
+    - ``name`` (``"coordinator"``): shown in logs, thread names and the status page.
+    - ``queue`` (None): a :class:`~pytaskqml.RedisQueue` whose entries run on these workers,
+      their results going back to their producers.
+
+    Raises ``ValueError`` for an unknown ``overflow``, a count or time that is not positive,
+    or a float where a whole number is needed.
     """
 
     def __init__(
@@ -256,6 +273,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``model`` sends it to the named model (see :attr:`models`); with ``with_meta`` the
         result is a :class:`ModelResult` saying which version and worker computed it. Tasks
         with the same ``key`` go to the same worker while it lives (per-key state).
+        :class:`ClosedError` once shut down; ``ValueError`` for a bad timeout or model.
         """
         fut = TaskFuture()
         fut._runner = self._runner
@@ -318,6 +336,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         when it is importable, otherwise a line of its own; only on a terminal); a
         :class:`Progress` gives it a label, a total for an input without ``len()``, or shows
         it also off a terminal.
+
+        Raises ``ValueError`` for a bad size, time, ``on_error`` or model, :class:`ClosedError`
+        once shut down; while iterating, ``TypeError`` for a payload that cannot travel.
         """
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
@@ -368,6 +389,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``"reject"`` raises :class:`queue.Full`. ``timeout`` counts from ``put()``: a frame
         older than that gets a :class:`TaskTimeout` marker in its place. ``model`` and
         ``with_meta`` as for :meth:`submit`; ``put(item, key=...)`` for per-key affinity.
+        ``ValueError`` for a bad policy, size, time or model; :class:`ClosedError` once shut down.
         """
         policy = overflow if overflow is not None else self.overflow
         if policy not in OVERFLOW_POLICIES:
@@ -404,7 +426,11 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         """Run *payload* on every worker (``mode="all"``) or on one (``"any"``) and return
         each worker's result by name (an exception in place of a failed one). A *retained*
         broadcast is also run, in order, on every worker that joins or is restarted later,
-        before it takes any other task; :meth:`withdraw` its ``id`` to stop that."""
+        before it takes any other task; :meth:`withdraw` its ``id`` to stop that.
+        The payload is an ordinary task that each worker runs through ``process()`` (or
+        ``model``'s ``predict()``), pinned to it: it fails if that worker dies. Waits up to
+        ``timeout`` seconds for each worker (``TimeoutError``); :class:`NoWorkersError` if
+        there is none."""
         return self._broadcasts.broadcast(
             payload, mode=mode, model=model, retain=retain, timeout=timeout
         )

@@ -182,6 +182,9 @@ class FunctionWorker(Worker):
         return None
 
     def setup(self) -> None:
+        """Import the function (or every allowed one, so that a typo fails the start, not the
+        first task) and run the initializer; ``ImportError``/``AttributeError``/``TypeError`` if
+        a name does not lead to a callable."""
         if isinstance(self.function, str):
             self._single = resolve(self.function, self.main_path)
         if self.allow is not None:
@@ -191,6 +194,9 @@ class FunctionWorker(Worker):
             resolve(self.initializer, self.main_path)(*self.initargs)
 
     def process(self, payload: Any) -> Any:
+        """Call the function on *payload*; with an allow-list the payload is
+        ``["module:function", args, kwargs]`` (kwargs optional), and a name not on the list
+        raises ``ValueError`` without importing anything."""
         single = self._single
         if single is not None:
             return single(payload)

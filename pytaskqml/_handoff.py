@@ -32,7 +32,8 @@ _KIND = "pytaskqml-file"
 
 def spill(data: Any, *, directory: str | None = None) -> dict[str, Any]:
     """Write *data* (``bytes``, ``bytearray``, ``memoryview`` or a NumPy array) to a new file
-    in *directory* (default: the system's temporary directory) and return its reference."""
+    in *directory* (default: the system's temporary directory) and return its reference.
+    ``TypeError`` for any other type; ``OSError`` if the file cannot be written."""
     ref: dict[str, Any] = {"kind": _KIND}
     if _np is not None and isinstance(data, _np.ndarray):
         if data.dtype.hasobject or data.dtype.fields is not None:
@@ -60,7 +61,8 @@ def spill(data: Any, *, directory: str | None = None) -> dict[str, Any]:
 def load(ref: dict[str, Any], *, delete: bool = False) -> Any:
     """Read what :func:`spill` wrote: a NumPy array (memory-mapped, read-only unless
     *delete*, in which case it is read into memory first) or ``bytes``. With *delete* the file is
-    removed once read."""
+    removed once read. ``ValueError`` for something that is not such a reference,
+    ``OSError`` if the file cannot be read."""
     if (
         not isinstance(ref, dict)
         or ref.get("kind") != _KIND

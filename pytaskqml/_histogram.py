@@ -68,6 +68,7 @@ class HistogramSnapshot:
 
     @property
     def count(self) -> int:
+        """How many durations were counted."""
         return sum(self.counts)
 
     def cumulative(self) -> list[int]:

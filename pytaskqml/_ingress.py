@@ -293,6 +293,7 @@ class IngressServer:
         self.address: tuple[str, int] = self._acceptor.address
 
     def start(self) -> IngressServer:
+        """Start accepting producers; returns the server (``IngressServer(...).start()``)."""
         self._acceptor.start()
         return self
 
@@ -309,6 +310,7 @@ class IngressServer:
             p.conn.abort()
 
     def statistics(self) -> IngressStats:
+        """A snapshot of the counters of this port's producers (see :class:`IngressStats`)."""
         with self._lock:
             return IngressStats(producers=len(self._producers), **self._counts)
 

@@ -225,6 +225,8 @@ class Stream:
             engine.drop(t)  # counted in `dropped` when the consumer passes it
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: under ``block``, :class:`queue.Full` at once when the stream
+        is full."""
         self.put(item, timeout=0)
 
     def _check_open(self) -> None:

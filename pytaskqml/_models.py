@@ -69,6 +69,7 @@ class ModelWorker(Worker):
     class runs this one)."""
 
     def process(self, payload: Any) -> Any:
+        """Always ``ValueError``: a ``ModelWorker`` runs tasks sent with ``model=NAME`` only."""
         raise ValueError("this worker serves named models only: submit with model=NAME")
 
 

@@ -147,6 +147,7 @@ class PipelineStream:
             self._hand(self._fifos[0], (seq, deadline, entry))
 
     def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: :class:`queue.Full` at once when the stream is full."""
         self.put(item, timeout=0)
 
     def _check_open(self) -> None:
@@ -285,6 +286,7 @@ class PipelineStream:
 
     @property
     def counts(self) -> tuple[int, int]:
+        """``(items put, results taken)`` so far."""
         with self._space:
             return self._count, self._consumed
 
@@ -297,6 +299,10 @@ class Pipeline:
     Every stage is a :class:`Coordinator` with its own pool, started here; :meth:`shutdown`
     (or leaving a ``with`` block) stops them all. ``buffersize`` is the default for
     :meth:`map` and :meth:`stream`.
+
+    Raises ``ValueError`` for no steps, repeated stage names, a Stage already used by another
+    pipeline or a ``buffersize`` that is not positive, and whatever a stage raises when it
+    starts (:class:`WorkerStartError` for a worker that cannot start).
     """
 
     def __init__(

@@ -84,8 +84,13 @@ class WorkerPool:
         A plain function is run as ``function(payload)`` for each task.
 
         ``threads=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml._autoscale`):
-        a thread more while work waits longer than ``scale_up_wait`` seconds, one less after
-        ``scale_down_idle`` seconds with nothing to do.
+        a thread more while work waits longer than ``scale_up_wait`` seconds (default 0.25),
+        one less after ``scale_down_idle`` seconds (default 10) with nothing to do.
+        ``window`` is how many tasks the pool may hold at once (default: 2 per thread).
+
+        Returns the pool's handle. Raises ``TypeError`` for anything but a Worker instance or a
+        function, ``ValueError`` for a count or time that is not positive, whatever ``setup()``
+        raises, and :class:`ClosedError` once the coordinator is shut down.
         """
         if not isinstance(worker, Worker):
             if not is_function(worker):
@@ -165,6 +170,13 @@ class WorkerPool:
         A plain module-level function instead of a class is run as ``function(payload)`` for
         each task (by import path, in a :class:`FunctionWorker`; ``TypeError`` for a lambda,
         a nested function or a bound method).
+
+        ``window`` fixes how many tasks each of these workers may hold (default: adaptive,
+        see :class:`Coordinator`); ``timeout`` (seconds, default 60) bounds the wait for the
+        children to start; ``scale_up_wait`` (0.25 s) and ``scale_down_idle`` (10 s) as for
+        :meth:`add_local`. Raises ``ValueError`` for a count or time that is not positive,
+        :class:`WorkerStartError` (with ``wait``) when a child cannot start in time, and
+        :class:`ClosedError` once the coordinator is shut down.
         """
         if is_function(worker_cls):
             if kwargs:
@@ -234,7 +246,10 @@ class WorkerPool:
         With ``wait`` (default) block until the first connection is up, or raise
         :class:`ConnectionLost` (and stop trying) after ``timeout``. A worker that refuses our
         key raises :class:`AuthenticationError` at once, and a TLS certificate that does not
-        verify :class:`ConnectionLost` at once: retrying could not help.
+        verify :class:`ConnectionLost` at once: retrying could not help. ``timeout`` is in
+        seconds (default 10); ``window`` fixes how many tasks the worker may hold (default:
+        adaptive); *ssl_context* (see :func:`tls_client_context`) makes the connection TLS.
+        *address* is ``(host, port)`` or ``"host:port"`` (``ValueError`` if malformed).
         """
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         check_positive("window", window)
@@ -273,7 +288,10 @@ class WorkerPool:
     ) -> tuple[str, int]:
         """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
         address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``).
-        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first."""
+        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first.
+        ``window`` fixes how many tasks each of these workers may hold (default: adaptive).
+        Raises ``ValueError`` for a non-loopback address without a key, ``OSError`` when the
+        address cannot be bound, :class:`ClosedError` once the coordinator is shut down."""
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         check_positive("window", window)
         self._check_open()

@@ -448,6 +448,7 @@ class RedisClient:
     # ------------------------------------------------------------------ the rest
 
     def statistics(self) -> ProducerStats:
+        """A snapshot of this producer's counters (see :class:`ProducerStats`)."""
         with self._cv:
             return ProducerStats(
                 self.name,

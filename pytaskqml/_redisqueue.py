@@ -156,9 +156,11 @@ class RedisQueue:
     # ---------------------------------------------------------------- keys
 
     def results_key(self, producer: str) -> str:
+        """The Redis key of *producer*'s result stream."""
         return f"{self.stream}:results:{producer}"
 
     def producer_key(self, producer: str) -> str:
+        """The Redis key of *producer*'s cursor (its next number and the numbers taken)."""
         return f"{self.stream}:producer:{producer}"
 
     # ---------------------------------------------------------------- connections

@@ -271,6 +271,7 @@ class Branches:
 
     @property
     def stages(self) -> list[Stage]:
+        """Every stage of every branch, in branch order."""
         return [s for path in self.paths.values() for s in path]
 
     def __repr__(self) -> str:

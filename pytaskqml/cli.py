@@ -65,15 +65,38 @@ def make_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.register(sub)
 
-    s = sub.add_parser("shutdown", help="ask a process to stop gracefully via its control endpoint")
+    s = sub.add_parser(
+        "shutdown",
+        help="ask a process to stop gracefully via its control endpoint",
+        description="POST /shutdown to a control endpoint (sending the token when a key is "
+        "set): a worker finishes what it holds and exits, a coordinator or service drains. "
+        "Exits 1 if the endpoint refuses or cannot be reached.",
+    )
     s.add_argument("address", metavar="HOST:PORT", help="the control endpoint")
     add_key_args(s)
-    s.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the endpoint's answer (default 5)",
+    )
     s.set_defaults(run=_cmd_shutdown)
 
-    h = sub.add_parser("health", help="print a process's /health as JSON")
+    h = sub.add_parser(
+        "health",
+        help="print a process's /health as JSON",
+        description="Print GET /health of a control endpoint as JSON (no key needed); exits "
+        "1 unless it answers 200.",
+    )
     h.add_argument("address", metavar="HOST:PORT", help="the control endpoint")
-    h.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    h.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for the endpoint's answer (default 5)",
+    )
     h.set_defaults(run=_cmd_health)
     return parser
 

@@ -1,6 +1,6 @@
-"""The package's shape: the README's layout table names every module and nothing else, no
-module grows past the size a reader can hold, and the modules import each other without a
-cycle (imports for type checking only are not counted)."""
+"""The package's shape: the layout table of the docs (docs/layout.md) names every module and
+nothing else, no module grows past the size a reader can hold, and the modules import each
+other without a cycle (imports for type checking only are not counted)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ def modules() -> list[Path]:
     return sorted(p for p in PACKAGE.glob("*.py") if p.name not in LIBRARY_ONLY)
 
 
-def test_the_readme_layout_table_matches_the_package() -> None:
-    text = (ROOT / "README.md").read_text()
-    table = text[text.index("## Layout") :]
+def test_the_docs_layout_table_matches_the_package() -> None:
+    table = (ROOT / "docs" / "layout.md").read_text()
     listed = set(re.findall(r"`pytaskqml/(\w+\.py)`", table))
     assert listed == {p.name for p in modules()}
 
