@@ -95,8 +95,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     platform allows it (see :mod:`pytaskqml._shm`); ``queue`` a shared queue to take work from
     besides ``submit``/``map``/``stream`` (a :class:`~pytaskqml.RedisQueue`: its entries run
     on this coordinator's workers and their results go back to their producers);
-    ``max_buffer_bytes`` is the size of the pool :meth:`buffer` arrays come from (address
-    space; 0: no pool).
+    ``max_buffer_bytes`` is the size of the pool :meth:`buffer` arrays come from (default 1 GiB
+    of address space: memory is used only by the buffers written; 0: no pool).
     """
 
     def __init__(
@@ -176,7 +176,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             reinforcements=self._reinforcements,
             strand_error=self._strand_error,
         )
-        self._intake = Intake(self._engine, max_frame_size=max_frame_size)
+        self._intake = Intake(
+            self._engine, max_frame_size=max_frame_size, pool=lambda: self._buffers.existing
+        )
         self._engine.max_models = max_models
         #: Named models on this coordinator's workers: load, update, unload, status.
         self.models = Models(self._engine, on_demand=max_models is not None)
