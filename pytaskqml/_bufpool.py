@@ -31,10 +31,15 @@ waited :data:`GC_AFTER` seconds for a slot.
 
 A full pool. ``buffer()`` then hands out a plain array (after waiting up to ``wait`` seconds
 for a pool buffer, if asked to): never an error, never a stall. Blocking by default could wait
-on itself - ``map()`` reads up to its buffer size of items from the iterable before it admits
-them, so a generator that fills ``coord.buffer()`` arrays holds that many at once - while the
-plain array costs only the copy the pool saves elsewhere. ``statistics().buffers.plain``
-counts them, and the first one is logged.
+on itself - a producer holding every buffer it took - while the plain array costs only the copy
+the pool saves elsewhere. ``map()`` keeps its read-ahead to half of what the pool holds of its
+items (see :func:`._iterate.map_results`), so a generator filling fresh ``coord.buffer()``
+arrays is not what fills it. ``statistics().buffers.plain`` counts plain arrays, and the first
+one is logged.
+
+Written after submitting. The worker reads the producer's pages, so a buffer written again
+before its task ran would change the task's input: :meth:`._intake.Intake.freeze` makes a
+submitted pool array read-only until its task is over.
 
 Weak-reference callbacks run wherever the last reference is dropped - inside any code, even
 code holding other locks. So the callback only appends to a list and *tries* the pool's lock;
@@ -68,7 +73,7 @@ log = logging.getLogger(__name__)
 
 # The pool's size unless the coordinator says otherwise: address space, not memory - pages
 # are used only once written, and free slots are reused most recently freed first.
-DEFAULT_POOL_BYTES = 256 * 1024 * 1024
+DEFAULT_POOL_BYTES = 1024 * 1024 * 1024
 # A buffer() that has waited this long for a slot runs the cycle collector once.
 GC_AFTER = 0.2
 
@@ -88,7 +93,18 @@ def pool_supported() -> bool:
 
 
 class BufferPool:
-    """The coordinator's side of the pool: fixed-size slots handed out as NumPy arrays."""
+    """The coordinator's side of the pool, handed out as NumPy arrays.
+
+    Slots. The pool is cut into *granules* (:data:`._shm.SLOT_GRANULE`) and a slot is a run of
+    whole granules, as many as its array needs, so frames of different sizes share one pool (a
+    1080p frame after 640x480 ones gets a larger slot; it does not fall back to a copy). A freed
+    slot goes on the free list of its length and is handed out again, most recently freed
+    first, to the next array of that length: the steady case of a stream of equal frames costs
+    a list pop. Granules never handed out yet are taken in order; only when both are exhausted
+    are the free slots merged where they touch and a long enough run split (first fit).
+    Workers track their claims per granule (:mod:`._poolview`), so slots of any length are the
+    same to them.
+    """
 
     def __init__(self, fd: int, m: mmap.mmap, *, changed: Callable[[], None]) -> None:
         import ctypes  # the mapping's address, to recognise arrays that lie in it
@@ -101,9 +117,12 @@ class BufferPool:
         self._changed = changed
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self.slot_size = 0
-        self.capacity = 0
-        self._free: list[int] = []  # slot numbers, most recently freed last
+        self.granules = self._size // _shm.SLOT_GRANULE
+        self.slot_size = 0  # bytes of the last slot handed out (for statistics)
+        self._fresh = 0  # granules from here on were never handed out
+        self._free: dict[int, list[int]] = {}  # slot length -> first granules, most recent last
+        self._length: dict[int, int] = {}  # first granule -> slot length, for slots handed out
+        self._first = [0] * self.granules  # granule -> first granule of the slot it was in
         self._alive: dict[int, weakref.ref[Any]] = {}  # slot -> its array, here
         self._holds: dict[int, dict[object, int]] = {}  # slot -> {worker: views sent}
         self._dropped: list[tuple[int, weakref.ref[Any]]] = []  # from weakref callbacks
@@ -166,7 +185,8 @@ class BufferPool:
     def _maybe_free(self, slot: int) -> bool:
         if slot in self._alive or slot in self._holds or self._closed:
             return False
-        self._free.append(slot)
+        length = self._length.pop(slot)
+        self._free.setdefault(length, []).append(slot)
         return True
 
     def _on_drop(self, slot: int, ref: weakref.ref[Any]) -> None:
@@ -176,33 +196,93 @@ class BufferPool:
             self._drain()
             self._unlock()
 
+    # ------------------------------------------------------------------ slots
+
+    def _allocate(self, length: int) -> int | None:
+        """Lock held. The first granule of a free run of *length* granules, now handed out."""
+        stack = self._free.get(length)
+        if stack:
+            slot = stack.pop()
+        elif self._fresh + length <= self.granules:
+            slot = self._fresh
+            self._fresh += length
+        else:
+            found = self._coalesce(length)
+            if found is None:
+                return None
+            slot = found
+        self._length[slot] = length
+        first = self._first
+        for g in range(slot, slot + length):
+            first[g] = slot
+        return slot
+
+    def _coalesce(self, length: int) -> int | None:
+        """Lock held. Merge free slots that touch (and the never-used tail) into runs; take
+        the first run of at least *length* granules, leaving the rest of the runs free."""
+        runs: list[list[int]] = []  # [first granule, length]
+        for size, starts in self._free.items():
+            runs.extend([s, size] for s in starts)
+        runs.sort()
+        merged: list[list[int]] = []
+        for run in runs:
+            if merged and merged[-1][0] + merged[-1][1] == run[0]:
+                merged[-1][1] += run[1]
+            else:
+                merged.append(run)
+        if merged and merged[-1][0] + merged[-1][1] == self._fresh:
+            self._fresh = merged.pop()[0]  # the tail is untouched ground again
+        found = None
+        self._free = {}
+        for first, size in merged:
+            if found is None and size >= length:
+                found = first
+                first, size = first + length, size - length
+                if not size:
+                    continue
+            self._free.setdefault(size, []).append(first)
+        if found is None and self._fresh + length <= self.granules:
+            found = self._fresh
+            self._fresh += length
+        return found
+
+    def capacity_for(self, nbytes: int) -> int:
+        """How many buffers of *nbytes* the whole pool holds."""
+        return self.granules // max(1, -(-nbytes // _shm.SLOT_GRANULE))
+
+    def holds(self, arr: Any) -> bool:
+        """Whether *arr*'s memory lies in this pool."""
+        offset: int = arr.__array_interface__["data"][0] - self._addr
+        return 0 <= offset < self._size
+
     # ------------------------------------------------------------------ producer side
 
     def take(self, shape: tuple[int, ...], dtype: Any, wait: float) -> Any:
         """A pool array of *shape* and *dtype*, waiting up to *wait* seconds for a free slot;
-        ``None`` when it cannot come from the pool (full, closed, too large for the slots)."""
+        ``None`` when it cannot come from the pool (full, closed, larger than the pool)."""
         np = _codec._np
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        length = max(1, -(-nbytes // _shm.SLOT_GRANULE))
         started = time.monotonic()
         deadline = started + wait
         collected = False
         self._lock_and_drain()
         try:
-            if self._closed:
+            if self._closed or length > self.granules // 2:
                 return None
-            if nbytes > self.slot_size and not self._relayout(nbytes):
-                return None
-            while not self._free:
+            while (slot := self._allocate(length)) is None:
                 now = time.monotonic()
                 if now >= deadline:
                     if not self.full_logged:
                         self.full_logged = True
                         log.warning(
-                            "coord.buffer(): all %d buffers of the pool are in use (by arrays "
-                            "still referred to, unfinished tasks, workers); handing out plain "
-                            "arrays, which are copied when sent. Drop references to submitted "
-                            "buffers, or give the pool more room (max_buffer_bytes)",
-                            self.capacity,
+                            "coord.buffer(): the pool has no room for another %d-byte buffer "
+                            "(%d buffers in use: arrays still referred to, unfinished tasks, "
+                            "workers); handing out plain arrays, which are copied when sent. "
+                            "Drop references to submitted buffers, or give the pool more "
+                            "room (max_buffer_bytes)",
+                            nbytes,
+                            len(self._length),
                         )
                     return None
                 if not collected and now - started >= GC_AFTER:
@@ -218,31 +298,33 @@ class BufferPool:
                 self._drain()
                 if self._closed:
                     return None
-            slot = self._free.pop()
             assert self._map is not None  # (None only once closed)
             base = np.frombuffer(
-                self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=slot * self.slot_size
+                self._map,
+                dtype=dtype,
+                count=nbytes // dtype.itemsize,
+                offset=slot * _shm.SLOT_GRANULE,
             )
             self._alive[slot] = weakref.ref(base, functools.partial(self._on_drop, slot))
+            self.slot_size = length * _shm.SLOT_GRANULE
             self.handed += 1
         finally:
             self._unlock()
         return base.reshape(shape)
 
-    def _relayout(self, nbytes: int) -> bool:
-        """Lock held. Slots of a new size - only when none is in use anywhere."""
-        if self._alive or self._holds:
-            return False
-        size = -(-nbytes // _shm.SLOT_GRANULE) * _shm.SLOT_GRANULE
-        count = self._size // size
-        if count < 2:
-            return False
-        self.slot_size, self.capacity = size, count
-        # Reversed so pop() hands out the lowest offsets first: fewer pages touched.
-        self._free = list(reversed(range(count)))
-        return True
-
     # ------------------------------------------------------------------ worker side
+
+    def _slot_of(self, offset: int, nbytes: int) -> int | None:
+        """Lock held. The live slot holding ``[offset, offset + nbytes)``, if one does."""
+        g = offset // _shm.SLOT_GRANULE
+        if not 0 <= g < self.granules:
+            return None
+        slot = self._first[g]
+        length = self._length.get(slot)
+        if length is None or slot not in self._alive:
+            return None
+        end = (slot + length) * _shm.SLOT_GRANULE
+        return slot if g < slot + length and offset + nbytes <= end else None
 
     def lend(self, arr: Any, holder: object) -> int | None:
         """The offset of *arr* (C-contiguous) in the pool, now held by *holder* as well, or
@@ -254,11 +336,8 @@ class BufferPool:
             return None
         self._lock_and_drain()
         try:
-            size = self.slot_size
-            if self._closed or not size:
-                return None
-            slot = offset // size
-            if slot not in self._alive or offset + arr.nbytes > (slot + 1) * size:
+            slot = None if self._closed else self._slot_of(offset, arr.nbytes)
+            if slot is None:
                 return None
             holds = self._holds.get(slot)
             if holds is None:
@@ -275,9 +354,11 @@ class BufferPool:
         freed = False
         self._lock_and_drain()
         try:
-            size = self.slot_size
-            for offset in offsets if size else ():
-                slot = offset // size
+            for offset in offsets:
+                g = offset // _shm.SLOT_GRANULE
+                if not 0 <= g < self.granules:
+                    continue
+                slot = self._first[g]
                 holds = self._holds.get(slot)
                 n = holds.get(holder, 0) if holds is not None else 0
                 if not n:
@@ -318,6 +399,11 @@ class BufferPool:
     # ------------------------------------------------------------------ state
 
     @property
+    def capacity(self) -> int:
+        """How many buffers of the last size handed out the pool holds (0 before the first)."""
+        return self.granules // (self.slot_size // _shm.SLOT_GRANULE) if self.slot_size else 0
+
+    @property
     def in_use(self) -> int:
         self._lock_and_drain()
         try:
@@ -332,7 +418,7 @@ class BufferPool:
             if self._closed:
                 return
             self._closed = True
-            self._free = []
+            self._free = {}
             self._cv.notify_all()
         finally:
             self._unlock()
@@ -366,6 +452,11 @@ class Buffers:
                     if self._enabled and self._max_bytes > 0:
                         self._pool = BufferPool.create(self._max_bytes, self._changed)
                     self._made = True
+        return self._pool
+
+    @property
+    def existing(self) -> BufferPool | None:
+        """The pool if it was made (never makes it)."""
         return self._pool
 
     def for_child(self) -> tuple[int, str] | None:
@@ -436,19 +527,26 @@ class BufferSource:
         reaches the worker without being copied: the frame on the socket only names its place.
         Thread workers get a copy, workers elsewhere the bytes, as for any array.
 
-        Once submitted it belongs to the coordinator: do not write to it again (take a new
-        buffer for each frame); reading it is fine. Its memory is reused only once the array
-        is gone from this process (its task finished and nothing here refers to it) and every
-        worker that received it has let go, so a kept array is never overwritten, here or in a
-        worker; a worker's writes to the array it receives stay its own. A buffer never
-        submitted comes back when it is garbage-collected.
+        Once submitted it belongs to the coordinator until its task is over: the array you
+        submitted is read-only until then (writing the next frame into it raises
+        ``ValueError: assignment destination is read-only`` instead of changing what the
+        worker computes on - take a new buffer for each frame), and writable again once its
+        result is in (to draw on it). Only the array object submitted is made read-only: do
+        not write through another view of it meanwhile. Its memory is reused only once the
+        array is gone from this process (its task finished and nothing here refers to it) and
+        every worker that received it has let go, so a kept array is never overwritten, here
+        or in a worker; a worker's writes to the array it receives stay its own. A buffer
+        never submitted comes back when it is garbage-collected.
 
-        It never fails for lack of room: when every buffer of the pool is in use it waits up
-        to *wait* seconds (default 0) for one to come back, then returns a plain
+        Buffers of any size share the pool (each slot is the size rounded up to whole MiB),
+        and ``map()`` reads no further ahead than half the pool holds of its items, so a
+        generator producing a fresh buffer per frame is never short of pool buffers because
+        of ``map()``. It never fails for lack of room: when the pool has no room left it waits
+        up to *wait* seconds (default 0) for a buffer to come back, then returns a plain
         ``numpy.empty`` array, which travels the usual way (one copy). So do a coordinator
         without a pool (``shared_memory=False``, no shared memory on this platform, not Linux)
-        and buffers under 64 KiB or too large for the pool's slots. ``statistics().buffers``
-        counts both kinds. (``map()`` reads up to its buffer size of items ahead before
-        admitting them: blocking there could wait on itself.) Needs NumPy.
+        and buffers under 64 KiB or larger than half the pool. ``statistics().buffers``
+        counts both kinds. (Waiting by default could wait on itself: a producer holding the
+        buffers that fill the pool.) Needs NumPy.
         """
         return self._buffers.buffer(shape, dtype, wait)

@@ -107,7 +107,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
       deadline, on the callback thread; otherwise they wait in :meth:`late_results`.
     - ``shared_memory`` (True): buffers of 64 KiB or more reach spawned workers through
       shared memory where the platform allows it.
-    - ``max_buffer_bytes`` (256 MiB): address space of the :meth:`buffer` pool (0: none).
+    - ``max_buffer_bytes`` (1 GiB): address space of the :meth:`buffer` pool (memory is used
+      only by the buffers written; 0: none).
     - ``name`` (``"coordinator"``): shown in logs, thread names and the status page.
     - ``queue`` (None): a :class:`~pytaskqml.RedisQueue` whose entries run on these workers,
       their results going back to their producers.
@@ -193,7 +194,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             reinforcements=self._reinforcements,
             strand_error=self._strand_error,
         )
-        self._intake = Intake(self._engine, max_frame_size=max_frame_size)
+        self._intake = Intake(
+            self._engine, max_frame_size=max_frame_size, pool=lambda: self._buffers.existing
+        )
         self._engine.max_models = max_models
         #: Named models on this coordinator's workers: load, update, unload, status.
         self.models = Models(self._engine, on_demand=max_models is not None)

@@ -10,10 +10,14 @@ clock starts when a worker takes it up, so an item never times out for waiting b
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from . import _codec
+from ._bufpool import BufferPool
 from ._engine import Engine
 from ._tasks import Route, Task
 
@@ -30,9 +34,60 @@ MAX_CHUNK = 4096
 class Intake:
     """Builds and admits the tasks of one coordinator."""
 
-    def __init__(self, engine: Engine, *, max_frame_size: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_frame_size: int,
+        pool: Callable[[], BufferPool | None] = lambda: None,
+    ) -> None:
         self.engine = engine
         self.max_frame_size = max_frame_size
+        self._pool = pool  # the coordinator's buffer pool, once made
+        # Submitted pool arrays made read-only: id -> [array, tasks using it, was writable].
+        self._frozen: dict[int, list[Any]] = {}
+        self._frozen_lock = threading.Lock()
+
+    def pool_fits(self, payload: Any) -> int | None:
+        """How many buffers of the size of the largest pool buffer in *payload* the pool holds
+        (``None``: the payload holds none)."""
+        pool = self._pool()
+        if pool is None:
+            return None
+        found: list[Any] = []
+        _pool_arrays(payload, pool, found, 0)
+        return pool.capacity_for(max(a.nbytes for a in found)) if found else None
+
+    def freeze(self, task: Task) -> int | None:
+        """Make the pool buffers in *task*'s payload read-only until the task is gone (its
+        outcome delivered, every retry over), and return how many buffers of the largest one's
+        size the pool holds (``None``: it holds none).
+
+        A pool buffer is not copied when it is sent: the worker maps the producer's memory, and
+        a worker that has not read a page yet sees what is written there now. So a buffer
+        written again after it was submitted - the next frame decoded into the same array -
+        would change what the task computes on. Read-only, that write raises at once
+        (``ValueError: assignment destination is read-only``) instead of corrupting a result;
+        once the task is over the array is writable again (to draw on it, say)."""
+        pool = self._pool()
+        if pool is None:
+            return None
+        found: list[Any] = []
+        _pool_arrays(task.payload, pool, found, 0)
+        if not found:
+            return None
+        with self._frozen_lock:
+            for a in found:
+                entry = self._frozen.get(id(a))
+                if entry is None:
+                    # Counted: the same array submitted twice is writable again only once
+                    # both tasks are over.
+                    self._frozen[id(a)] = [a, 1, a.flags.writeable]
+                    a.flags.writeable = False
+                else:
+                    entry[1] += 1
+        weakref.finalize(task, self._thaw, [id(a) for a in found])
+        return pool.capacity_for(max(a.nbytes for a in found))
 
     def check_payload(self, payload: Any) -> int:
         """Raise TypeError/ValueError here, in the caller, for a payload that cannot travel;
@@ -57,6 +112,18 @@ class Intake:
             return None
         return text if not bufs and len(text) + 64 <= self.max_frame_size else None
 
+    def _thaw(self, ids: list[int]) -> None:
+        # A finalizer: runs wherever the task's last reference went, so only this short lock.
+        with self._frozen_lock:
+            for i in ids:
+                entry = self._frozen[i]
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._frozen[i]
+                    if entry[2]:
+                        with contextlib.suppress(ValueError):
+                            entry[0].flags.writeable = True
+
     def one(
         self,
         payload: Any,
@@ -77,6 +144,8 @@ class Intake:
             t.deadline = t.t_submit + timeout
         if route is not None:
             t.route = route
+        if t.nbytes:
+            self.freeze(t)
         engine.admit(
             [t], timed=timeout is not None, routed=route is not None, put_timeout=put_timeout
         )
@@ -100,9 +169,10 @@ class Intake:
         run_timeout: float | None,
         chunk: int,
         route: Callable[[Any], Route] | None = None,
-    ) -> None:
+    ) -> int | None:
         """Admit the items of a map(), *chunk* at a time; a deadline counts from each task's
-        start; *route(item or chunk)* says where each task may run."""
+        start; *route(item or chunk)* says where each task may run. Returns how many of the
+        largest pool buffer among the items the pool holds (``None``: they hold none)."""
         engine = self.engine
         ids, now = engine.core.ids, engine.clock()
         check = self.check_payload
@@ -132,7 +202,14 @@ class Intake:
         if route is not None:
             for t in tasks:
                 t.route = route(t.payload)
+        room = None
+        for t in tasks:
+            if t.nbytes:
+                fits = self.freeze(t)
+                if fits is not None:
+                    room = fits if room is None else min(room, fits)
         engine.admit(tasks, routed=route is not None)
+        return room
 
     # ------------------------------------------------------------------ sizing
 
@@ -157,6 +234,20 @@ class Intake:
             return 1
         share = buffersize // (4 * max(1, len(core.workers)))
         return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))
+
+
+def _pool_arrays(value: Any, pool: BufferPool, found: list[Any], depth: int) -> None:
+    """Collect the arrays in *value* (an encodable payload) whose memory lies in *pool*."""
+    np = _codec._np
+    if np is not None and isinstance(value, np.ndarray):
+        if value.nbytes and pool.holds(value):
+            found.append(value)
+    elif depth < 64 and isinstance(value, dict):
+        for v in value.values():
+            _pool_arrays(v, pool, found, depth + 1)
+    elif depth < 64 and isinstance(value, list | tuple):
+        for v in value:
+            _pool_arrays(v, pool, found, depth + 1)
 
 
 def route_for(

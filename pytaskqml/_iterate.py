@@ -81,22 +81,42 @@ def map_results(
     # measured so far may be another workload's (tiny words before video frames), and by the
     # time the buffer is large, this map's own results have corrected it.
     cap = 256
+    # Items that are coord.buffer() arrays stay in the pool until their tasks are over, so
+    # reading further ahead than the pool holds would turn the rest into plain copies (and a
+    # producer reusing slots would wait on itself). The first item is read alone to learn
+    # that; then the buffer is at most half of what the pool holds of such items, leaving the
+    # other half to the frames the producer and the consumer still hold.
+    pool_cap: int | None = None
+    first = True
 
     def top_up() -> None:
         # Refill once a quarter of the buffer is free: called after every result handed out,
         # so the workers keep busy while the caller works through a batch of them.
-        nonlocal seq, outstanding, exhausted, cap
+        nonlocal seq, outstanding, exhausted, cap, pool_cap, first
+        items: list[Any] = []
+        if first:
+            first = False
+            items = list(itertools.islice(it, 1))
+            exhausted = not items
+            fits = intake.pool_fits(items[0]) if items else None
+            if fits is not None:
+                pool_cap = max(2, fits // 2)
         buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked))
-        room = buffersize - outstanding
-        if exhausted or room < max(1, buffersize // 4):
+        if pool_cap is not None:
+            buffersize = min(buffersize, pool_cap)
+        room = buffersize - outstanding - len(items)
+        if not items and (exhausted or room < max(1, buffersize // 4)):
             return
         cap = min(8 * cap, MAX_MAP_BUFFER)
-        items = list(itertools.islice(it, room))
-        if len(items) < room:
-            exhausted = True
+        if not exhausted and room > 0:
+            more = list(itertools.islice(it, room))
+            exhausted = len(more) < room
+            items += more
         if items:
             chunk = chunksize or (1 if not chunked else intake.auto_chunksize(buffersize))
-            intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
+            fits = intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
+            if fits is not None:
+                pool_cap = max(2, min(fits // 2, pool_cap or fits))
             seq += len(items)
             outstanding += len(items)
 

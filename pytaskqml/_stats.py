@@ -152,12 +152,13 @@ class Statistics:
 
 @dataclass(frozen=True)
 class BufferStats:
-    """``coord.buffer()``: ``capacity`` buffers fit in the pool at once, ``slot_bytes`` each
-    (0 before the first one, or without a pool); ``in_use`` slots are taken now (by an array
-    alive in this process, its unfinished task, or a worker still holding it); ``pooled``
-    buffers were handed out from the pool, ``plain`` as ordinary arrays instead (no pool,
-    under 64 KiB, too large for the slots); ``lent`` times a pool buffer reached a worker
-    process without a copy."""
+    """``coord.buffer()``: ``slot_bytes`` is the slot of the last buffer handed out (its size
+    rounded up to whole MiB; 0 before the first one, or without a pool) and ``capacity`` how
+    many such buffers the pool holds at once (buffers of other sizes share the pool);
+    ``in_use`` slots are taken now (by an array alive in this process, its unfinished task, or
+    a worker still holding it); ``pooled`` buffers were handed out from the pool, ``plain`` as
+    ordinary arrays instead (no pool, under 64 KiB, no room, larger than half the pool);
+    ``lent`` times a pool buffer reached a worker process without a copy."""
 
     capacity: int = 0
     in_use: int = 0

@@ -5,6 +5,7 @@ processes (kill -9 included)."""
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import signal
 import threading
@@ -18,6 +19,8 @@ from sample_workers import Echo  # noqa: E402
 from shm_workers import Describe, DigestThenScribble, Keeper, ScribbleAndDie, digest  # noqa: E402
 
 from pytaskqml import Coordinator, ProtocolError, _bufpool, _codec, _poolview, _shm  # noqa: E402
+from pytaskqml._intake import Intake  # noqa: E402
+from pytaskqml._tasks import Task  # noqa: E402
 
 MIB = 1 << 20
 pytestmark = pytest.mark.skipif(
@@ -281,11 +284,11 @@ def test_no_slot_leaks_after_many_frames() -> None:
         s = coord.statistics().buffers
         assert s is not None and (s.pooled, s.plain, s.capacity) == (1000, 0, 16)
         wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
-        # map() reads 256 items ahead: more than the pool holds, so some are plain arrays.
+        # map() reads no further ahead than half the pool holds: every frame from the pool.
         out = coord.map(_produce(coord, [frame])[0] for _ in range(1000))
         assert all(o[0] == digest(frame) for o in out)
         s = coord.statistics().buffers
-        assert s is not None and s.pooled + s.plain == 2000 and s.pooled > 1000 + 16
+        assert s is not None and (s.pooled, s.plain) == (2000, 0)
         wait_for(lambda: _in_use(coord) == 0, what="every pool slot returned")
 
 
@@ -400,3 +403,105 @@ def test_the_pool_fd_and_mapping_go_at_shutdown() -> None:
     np.testing.assert_array_equal(kept, _frame(1))  # it outlives its coordinator, readable
     del kept  # and the mapping (with the descriptor mmap keeps) goes with the last array
     assert fds() - before == set()
+
+
+# --------------------------------------------------------------------------- slots of any size
+
+
+def test_slots_of_different_sizes_share_the_pool() -> None:
+    """The first buffer does not fix the slot size: a larger one later still comes from the
+    pool, and freed slots are merged to make room for larger ones."""
+    with Coordinator(max_buffer_bytes=16 * MIB) as coord:
+        small = [coord.buffer((480, 640, 3)) for _ in range(4)]  # 1 MiB slots
+        big = coord.buffer((1080, 1920, 3))  # 6 MiB: a slot of 6 granules
+        assert all(_in_pool(coord, a) for a in [*small, big])
+        s = coord.statistics().buffers
+        assert s is not None and (s.slot_bytes, s.capacity, s.plain) == (6 * MIB, 2, 0)
+        del big
+        # 16 granules: 10 left untouched, 6 freed by the big one, 4 taken by the small ones.
+        # Two more big ones need the freed slot merged with the untouched tail.
+        bigs = [coord.buffer((1080, 1920, 3)) for _ in range(2)]
+        assert all(_in_pool(coord, b) for b in bigs)
+        del small
+        # Four freed 1 MiB slots next to each other make room for one more 4 MiB buffer.
+        four = coord.buffer(4 * MIB)
+        assert _in_pool(coord, four)
+        s = coord.statistics().buffers
+        assert s is not None and s.plain == 0 and s.in_use == 3
+
+
+def test_random_slots_never_overlap() -> None:
+    """Any sequence of takes and drops of mixed sizes: live slots never share a byte, and
+    what is freed is found again."""
+    rng = np.random.default_rng(20261207)
+    pool = _pool(32 * MIB)
+    live: list[np.ndarray] = []
+    for _ in range(2000):
+        if live and rng.random() < 0.45:
+            live.pop(int(rng.integers(len(live))))
+            continue
+        arr = pool.take((int(rng.integers(1, 5 * MIB)),), np.dtype(np.uint8), 0.0)
+        if arr is not None:
+            live.append(arr)
+        spans = sorted(
+            (a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes)
+            for a in live
+        )
+        assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(spans))
+        assert all(start >= pool._addr and end <= pool._addr + pool._size for start, end in spans)
+    live.clear()
+    del arr
+    assert pool.in_use == 0
+    # Everything merges back: a buffer of half the pool fits again.
+    assert pool.take((16 * MIB,), np.dtype(np.uint8), 0.0) is not None
+
+
+# --------------------------------------------------------------------------- after submitting
+
+
+def test_a_submitted_buffer_is_read_only_until_its_task_is_over() -> None:
+    """Writing the next frame into a buffer already submitted would change what its task
+    computes on (the worker reads the producer's memory): it raises instead, and the array is
+    writable again once its result is in."""
+    with Coordinator() as coord:
+        coord.spawn(Describe, processes=1)
+        frame = _frame(1)
+        (buf,) = _produce(coord, [frame])
+        future = coord.submit(buf)
+        with pytest.raises(ValueError, match="read-only"):
+            np.copyto(buf, _frame(2))
+        assert future.result(30)[0] == digest(frame)
+        del future
+        wait_for(lambda: buf.flags.writeable, what="the buffer writable again")
+        np.copyto(buf, _frame(2))  # the producer may draw on it now
+
+
+def test_a_buffer_in_two_tasks_is_writable_again_when_both_are_over() -> None:
+    pool = _pool()
+    intake = Intake(None, max_frame_size=1 << 30, pool=lambda: pool)  # type: ignore[arg-type]
+    buf = pool.take((MIB,), np.dtype(np.uint8), 0.0)
+    first = Task(1, {"frame": buf}, MIB, None, 0, 0.0)
+    second = Task(2, [buf], MIB, None, 1, 0.0)
+    view = buf[:10]
+    third = Task(3, view, 10, None, 2, 0.0)  # a view submitted: that view is read-only
+    assert intake.freeze(first) == intake.freeze(second) == intake.freeze(third) == 8
+    assert not buf.flags.writeable and not view.flags.writeable
+    del third
+    assert view.flags.writeable
+    del first
+    assert not buf.flags.writeable
+    del second
+    assert buf.flags.writeable
+
+
+def test_map_reads_ahead_no_further_than_the_pool_holds() -> None:
+    """A fresh buffer per frame fed to map() with its default read-ahead: every frame comes
+    from the pool (none falls back to a copy), even when the pool holds fewer frames than
+    map()'s buffer would otherwise be."""
+    frame = _frame(3, (480, 640, 3))
+    with Coordinator(max_buffer_bytes=64 * MIB) as coord:  # 64 such frames
+        coord.spawn(Describe, processes=2)
+        out = list(coord.map(_produce(coord, [frame])[0] for _ in range(600)))
+        assert len(out) == 600 and all(o[0] == digest(frame) for o in out)
+        s = coord.statistics().buffers
+        assert s is not None and (s.pooled, s.plain) == (600, 0)
