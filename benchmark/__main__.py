@@ -28,6 +28,8 @@ from benchmark.systems import DEFAULT_REDIS_URL, SYSTEMS
 log = logging.getLogger("benchmark")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Round trips with nothing but the kernel in between: the floor of the latency workload.
+FLOOR_SYSTEMS = ("echo-socketpair", "echo-tcp")
 CHILD_GRACE_S = 60.0
 
 
@@ -148,6 +150,14 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str, int]]:
         counts = [args.workers or 2]
         if name == "sleep" and args.workers is None:
             counts = list(workloads.SCALING_WORKERS)
+        if name == "latency":
+            # The echo loops are the floor the others are read against: they run first and
+            # again last, so a machine that got busier (or quieter) meanwhile shows.
+            floors = [s for s in systems if s in FLOOR_SYSTEMS]
+            others = [s for s in systems if s not in FLOOR_SYSTEMS]
+            if floors and others:
+                out += [(s, name, count) for count in counts for s in floors + others + floors]
+                continue
         out += [(system, name, count) for count in counts for system in systems]
     return out
 
@@ -279,7 +289,33 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     if args.all or args.write_report:
         write_report(args, argv, started, elapsed, results)
+    summary = latency_summary(results)
+    if summary:
+        print(summary, file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def latency_summary(results: list[dict[str, Any]]) -> str:
+    """The latency runs as a table, each system's p50/p99 also as a multiple of the floor: the
+    better (lower p50) of the echo loops' runs in this invocation. Empty without both."""
+    lat = [r for r in results if r["workload"] == "latency" and r.get("latency_us")]
+    floors = [r for r in lat if r["system"] in FLOOR_SYSTEMS]
+    if not floors or len(floors) == len(lat):
+        return ""
+    best = min(floors, key=lambda r: r["latency_us"]["p50"])
+    p50_floor, p99_floor = best["latency_us"]["p50"], best["latency_us"]["p99"]
+    lines = [
+        f"round trips, µs (floor: {best['system']} p50 {p50_floor:.1f} / p99 {p99_floor:.1f}, "
+        "the better of the echo runs before and after)",
+        f"{'system':<22} {'p50':>8} {'p99':>8} {'p50/floor':>10} {'p99/floor':>10}",
+    ]
+    for r in lat:
+        p50, p99 = r["latency_us"]["p50"], r["latency_us"]["p99"]
+        lines.append(
+            f"{r['system']:<22} {p50:>8.1f} {p99:>8.1f} {p50 / p50_floor:>9.1f}x "
+            f"{p99 / p99_floor:>9.1f}x"
+        )
+    return "\n".join(lines)
 
 
 def write_report(

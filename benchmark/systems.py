@@ -1085,6 +1085,27 @@ SYSTEMS: dict[str, SystemSpec] = {
             ),
         ),
         SystemSpec(
+            "pytaskqml-map-1",
+            "pytaskqml, spawned processes, a one-item map() per round trip",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: PytaskqmlSession("map", kind, n, deadline),
+            workloads=("latency",),
+        ),
+        SystemSpec(
+            "executor-submit",
+            "pytaskqml.Executor, submit(fn, x).result() per round trip",
+            ("pytaskqml",),
+            lambda kind, n, deadline, opts: ExecutorSession("pytaskqml", kind, n, None, deadline),
+            workloads=("latency",),
+        ),
+        SystemSpec(
+            "ppe-submit",
+            "concurrent.futures.ProcessPoolExecutor, submit(fn, x).result() per round trip",
+            (),
+            lambda kind, n, deadline, opts: ExecutorSession("ppe", kind, n, None, deadline),
+            workloads=("latency",),
+        ),
+        SystemSpec(
             "pytaskqml-threads",
             "pytaskqml, local thread workers, ordered map()",
             ("pytaskqml",),
