@@ -30,8 +30,8 @@ keeps answering beside hundreds of them. The request line and headers must arriv
 ``header_timeout`` seconds of the connection, the body within ``body_timeout`` of the headers
 (408, closed). At most ``max_connections`` are open at once; past that a new connection
 displaces the oldest one still sending its request if that one has been at it for
-``MIN_AGE_TO_EVICT`` seconds, else it is answered ``503`` with ``Retry-After`` and closed -
-never reset without an answer. A peer that hangs up before reading its reply is counted in
+``evict_after`` seconds (1 by default), else it is answered ``503`` with ``Retry-After`` and
+closed - never reset without an answer. A peer that hangs up before reading its reply is counted in
 :attr:`ControlStats.broken_pipes`, not logged with a traceback.
 """
 
@@ -133,9 +133,22 @@ class _Route:
 class _Conn:
     """One connection while the selector reads its request."""
 
-    __slots__ = ("buf", "client", "deadline", "head", "length", "lingering", "opened", "sock")
+    __slots__ = (
+        "buf",
+        "client",
+        "counted",
+        "deadline",
+        "head",
+        "length",
+        "lingering",
+        "opened",
+        "sock",
+    )
 
-    def __init__(self, sock: socket.socket, client: str, now: float, timeout: float) -> None:
+    def __init__(
+        self, sock: socket.socket, client: str, now: float, timeout: float, *, counted: bool = True
+    ) -> None:
+        self.counted = counted  # in ControlServer._open (else one turned away at the limit)
         self.sock = sock
         self.client = client
         self.opened = now
@@ -202,8 +215,9 @@ class ControlServer:
     """A small HTTP server for one process's control routes (see the module's docstring).
 
     *keyless_actions*: without *authkey*, serve the acting routes to loopback clients anyway
-    (any local user may then call them). *max_connections*, *header_timeout* and
-    *body_timeout* bound what clients can hold (see the module's docstring)."""
+    (any local user may then call them). *max_connections*, *header_timeout*,
+    *body_timeout* and *evict_after* bound what clients can hold (see the module's
+    docstring)."""
 
     def __init__(
         self,
@@ -217,6 +231,7 @@ class ControlServer:
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
         body_timeout: float = BODY_TIMEOUT,
+        evict_after: float = MIN_AGE_TO_EVICT,
     ) -> None:
         _connection.check_bind(
             address[0],
@@ -233,6 +248,7 @@ class ControlServer:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
+        self.evict_after = evict_after
         self._routes: dict[tuple[str, str], _Route] = {}
         self.stopped = threading.Event()  # set by stop(): what serves alongside it ends too
         self.companions: list[threading.Thread] = []  # such threads, joined by stop()
@@ -242,6 +258,7 @@ class ControlServer:
         )
         self._open = 0  # connections read by the selector plus those a route thread holds
         self._reading: dict[socket.socket, _Conn] = {}  # in the order they came: oldest first
+        self._turned_away = 0  # answered 503 and lingering (selector thread only)
         self._last_warning = -math.inf
 
         def stop(request: Request) -> Reply:
@@ -394,7 +411,15 @@ class ControlServer:
                 self._send_now(
                     sock, _response(503, {"error": "too many connections"}, retry_after=True)
                 )
-                _close(sock)
+                if self._turned_away >= self.max_connections:
+                    _close(sock)  # already lingering on as many: this one may be reset
+                    continue
+                # Linger like a refusal, so the request already sent does not reset the 503.
+                self._turned_away += 1
+                c = _Conn(sock, str(peer[0]), now, 0.0, counted=False)
+                self._reading[sock] = c
+                self._selector.register(sock, selectors.EVENT_READ, c)
+                self._linger(c)
                 continue
             with self._lock:
                 self._open += 1
@@ -406,9 +431,9 @@ class ControlServer:
         """Close the oldest connection still sending its request, if it has had time enough:
         a slow client gives way to a new one rather than the other way round."""
         for c in self._reading.values():
-            if c.opened > now - MIN_AGE_TO_EVICT:
+            if c.opened > now - self.evict_after:
                 return False  # the rest are younger still
-            if not c.lingering:
+            if not c.lingering and c.counted:
                 self._count("evicted")
                 self._send_now(c.sock, _response(408, {"error": "request too slow"}))
                 self._drop(c)
@@ -441,6 +466,9 @@ class ControlServer:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._selector.unregister(c.sock)
         _close(c.sock)
+        if not c.counted:
+            self._turned_away -= 1
+            return
         with self._lock:
             self._open -= 1
 
