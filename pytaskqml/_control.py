@@ -367,7 +367,11 @@ class ControlServer:
                         with contextlib.suppress(OSError):
                             self._wake_r.recv(4096)
                     else:
-                        self._readable(key.data)
+                        try:
+                            self._readable(key.data)
+                        except Exception:  # one connection's bug must not end the server
+                            log.exception("control endpoint: reading %s failed", key.data.client)
+                            self._drop(key.data)
                 self._expire(time.monotonic())
         except BaseException:
             log.exception("control endpoint thread crashed")
@@ -607,12 +611,18 @@ class ControlServer:
             method, url.path, dict(urllib.parse.parse_qsl(url.query)), headers, body, c.client
         )
         self._count("served")
-        threading.Thread(
-            target=self._run,
-            args=(c.sock, route, request),
-            name=f"pytaskqml-control-{self.address[1]}-request",
-            daemon=True,
-        ).start()
+        try:
+            threading.Thread(
+                target=self._run,
+                args=(c.sock, route, request),
+                name=f"pytaskqml-control-{self.address[1]}-request",
+                daemon=True,
+            ).start()
+        except RuntimeError:  # no thread to be had: the client may try again
+            self._send_now(c.sock, _response(503, {"error": "busy"}, retry_after=True))
+            _close(c.sock)
+            with self._lock:
+                self._open -= 1
 
     # ------------------------------------------------------------------ a route's thread
 
