@@ -268,7 +268,9 @@ class ControlServer:
 
         self.add_route("GET", "/health", lambda request: Reply(200, health()))
         self.add_route("POST", "/shutdown", stop)
-        self._listener = _connection.open_listener(address)
+        # A deep backlog: past a full accept queue the kernel may reset a connection before
+        # this server sees it, and a client past the limit is owed a 503, not a reset.
+        self._listener = _connection.open_listener(address, backlog=max(1024, max_connections))
         self._listener.setblocking(False)
         name = self._listener.getsockname()
         self.address: tuple[str, int] = (str(name[0]), int(name[1]))
@@ -415,12 +417,9 @@ class ControlServer:
                 self._send_now(
                     sock, _response(503, {"error": "too many connections"}, retry_after=True)
                 )
-                if self._turned_away >= self.max_connections:
-                    _close(sock)  # already lingering on as many: this one may be reset
-                    continue
                 # Linger like a refusal, so the request already sent does not reset the 503.
-                self._turned_away += 1
                 c = _Conn(sock, str(peer[0]), now, 0.0, counted=False)
+                self._turned_away += 1
                 self._reading[sock] = c
                 self._selector.register(sock, selectors.EVENT_READ, c)
                 self._linger(c)
@@ -440,7 +439,7 @@ class ControlServer:
             if not c.lingering and c.counted:
                 self._count("evicted")
                 self._send_now(c.sock, _response(408, {"error": "request too slow"}))
-                self._drop(c)
+                self._linger(c)
                 return True
         return False
 
@@ -457,11 +456,13 @@ class ControlServer:
 
     def _expire(self, now: float) -> None:
         for c in [c for c in self._reading.values() if c.deadline <= now]:
-            if not c.lingering:
-                self._count("timed_out")
-                log.debug("control endpoint: %s too slow to send its request", c.client)
-                self._send_now(c.sock, _response(408, {"error": "request too slow"}))
-            self._drop(c)
+            if c.lingering:
+                self._drop(c)
+                continue
+            self._count("timed_out")
+            log.debug("control endpoint: %s too slow to send its request", c.client)
+            self._send_now(c.sock, _response(408, {"error": "request too slow"}))
+            self._linger(c)
 
     def _drop(self, c: _Conn) -> None:
         """Forget a connection the selector reads and close it."""
@@ -592,8 +593,18 @@ class ControlServer:
         self._linger(c)
 
     def _linger(self, c: _Conn) -> None:
-        # Half-close and read what the client still sends before closing: closing with unread
-        # data would reset the connection and could destroy the reply on its way.
+        """After a refusal: half-close and read what the client still sends before closing,
+        since closing with unread data would reset the connection and could destroy the reply
+        on its way. A lingering connection no longer counts against max_connections; past as
+        many lingering at once, it is closed at once."""
+        if c.counted:
+            c.counted = False
+            self._turned_away += 1
+            with self._lock:
+                self._open -= 1
+        if self._turned_away > self.max_connections:
+            self._drop(c)
+            return
         with contextlib.suppress(OSError):
             c.sock.shutdown(socket.SHUT_WR)
         c.lingering = True

@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import logging
+import os
 import socket
 import statistics
 import threading
@@ -504,3 +505,59 @@ def test_any_bytes_at_the_control_port_leave_it_answering(data: bytes) -> None:
             s.recv(4096)
         assert call(port, "GET", "/health")[0] == 200
         assert server.statistics().served <= 2
+
+
+def test_300_concurrent_submits_each_get_an_http_answer() -> None:
+    """What used to be 16 connection slots and a reset for everyone else."""
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Echo(), 2)
+        _, port = coord.serve_control((HOST, 0), http_ingress=True)
+        go = threading.Event()
+        lock = threading.Lock()
+        answers: list[int | str] = []
+
+        def submit(i: int) -> None:
+            assert go.wait(T)
+            try:
+                status, headers, reply = call(port, "POST", "/submit", b"%d" % i, ACT)
+                ok = status == 200 and strict_json(reply) == {"result": i}
+                out: int | str = status if ok or status == 503 else f"{status} {reply!r}"
+                if status == 503:
+                    assert headers.get("Retry-After") == "1"
+            except BaseException as exc:
+                out = repr(exc)
+            with lock:
+                answers.append(out)
+
+        threads = [threading.Thread(target=submit, args=(i,), daemon=True) for i in range(300)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(T)
+    assert len(answers) == 300
+    assert all(a in (200, 503) for a in answers), [a for a in answers if a not in (200, 503)]
+
+
+def test_connections_of_every_kind_leave_no_socket_or_thread_behind() -> None:
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with bare_server(authkey=KEY, header_timeout=0.5, max_connections=64) as server:
+        server.add_route("GET", "/x", lambda r: Reply(200, {"x": 1}))
+        port = server.address[1]
+        before_fds, before_threads = fds(), threading.active_count()
+        for _ in range(3):
+            slow = _slow_sockets(port, 40)  # cut at their deadline
+            for _ in range(20):
+                assert call(port, "GET", "/x", token=READ)[0] == 200
+                assert call(port, "POST", "/shutdown", token=READ)[0] == 403
+            hung_up = _slow_sockets(port, 20)  # gone before their request is in
+            for s in hung_up:
+                s.close()
+            for s in slow:
+                assert s.recv(4096).startswith(b"HTTP/1.1 408 ")
+                s.close()
+        wait_for(lambda: server.statistics().open == 0, T, "every connection closed")
+        wait_for(lambda: fds() == before_fds, T, f"fds back to {before_fds}")
+        wait_for(lambda: threading.active_count() == before_threads, T, "threads back")
