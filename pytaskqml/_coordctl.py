@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _connection
-from ._control import ControlServer, Reply, Request, parse_json
+from ._control import ControlServer, ControlStats, Reply, Request, parse_json
 from ._dashboard import install_coordinator as install_status
 from ._errors import ModelLoadError
 from ._httpingress import install_http_ingress
@@ -66,6 +66,12 @@ class ControlHost:
             install_http_ingress(server, coord)
         server.start()
         return server.address
+
+    def control_statistics(self) -> ControlStats | None:
+        """The control endpoint's counters (connections open, served, refused, turned away
+        with 503, timed out, broken pipes), or None if it is not running."""
+        control = cast("Coordinator", self)._control
+        return None if control is None else control.statistics()
 
 
 def coordinator_control(

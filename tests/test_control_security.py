@@ -535,6 +535,8 @@ def test_300_concurrent_submits_each_get_an_http_answer() -> None:
         go.set()
         for t in threads:
             t.join(T)
+        stats = coord.control_statistics()
+    assert stats is not None and stats.served + stats.busy == 300
     assert len(answers) == 300
     assert all(a in (200, 503) for a in answers), [a for a in answers if a not in (200, 503)]
 
