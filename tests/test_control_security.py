@@ -114,6 +114,7 @@ def _attack(tmp_path: Path) -> tuple[Path, bytes]:
         (True, False, READ, 403),  # the scraper's token
         (True, False, ACT, 403),  # the operator's token: the class is not on the list
     ],
+    ids=["no-key", "no-key-keyless-actions", "key-no-token", "key-read-token", "key-act-token"],
 )
 def test_a_request_cannot_make_any_worker_run_a_file_of_its_choosing(
     tmp_path: Path, keyed: bool, keyless_actions: bool, token: str | None, status: int
@@ -138,10 +139,9 @@ def test_a_request_cannot_make_any_worker_run_a_file_of_its_choosing(
                 401,
                 403,
             )
-        # A load that is allowed, through the same door, after those: model commands reach
-        # each worker in order, so once this one has loaded everywhere, a load sent before it
-        # would have run too.
-        coord.models.load("sync", Scale, config={"factor": 2})
+        # The operator's own load afterwards, which returns once every worker has answered:
+        # model commands reach each worker in order, so a load sent before it would have run.
+        assert set(coord.models.load("sync", Scale, config={"factor": 2}).values()) == {"loaded"}
         assert coord.submit(3, model="sync").result(T)[0] == 6
         assert set(coord.models.list()) == {"sync"}
     assert not marker.exists(), "a request made a worker run its file"
