@@ -139,11 +139,12 @@ def test_a_request_cannot_make_any_worker_run_a_file_of_its_choosing(
                 401,
                 403,
             )
-        # The operator's own load afterwards, which returns once every worker has answered:
-        # model commands reach each worker in order, so a load sent before it would have run.
+        # The operator's own load afterwards, answered by every worker; the refused ones were
+        # never sent to any (a load sent is in the status, "loading" at least).
         assert set(coord.models.load("sync", Scale, config={"factor": 2}).values()) == {"loaded"}
         assert coord.submit(3, model="sync").result(T)[0] == 6
         assert set(coord.models.list()) == {"sync"}
+        assert set(coord.models.status()) == {"sync"}
     assert not marker.exists(), "a request made a worker run its file"
 
 
