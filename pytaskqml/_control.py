@@ -102,6 +102,9 @@ class Reply:
     body: bytes | str | dict[str, Any] | list[Any]
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    # Called once the reply has been written (or the client has gone): what must not race it,
+    # such as stopping the process.
+    then: Callable[[], None] | None = None
 
 
 Handler = Callable[[Request], Reply]
@@ -263,8 +266,7 @@ class ControlServer:
 
         def stop(request: Request) -> Reply:
             log.info("shutdown requested through the control endpoint")
-            shutdown()
-            return Reply(202, {"status": "shutting down"})
+            return Reply(202, {"status": "shutting down"}, then=shutdown)
 
         self.add_route("GET", "/health", lambda request: Reply(200, health()))
         self.add_route("POST", "/shutdown", stop)
@@ -638,6 +640,7 @@ class ControlServer:
     # ------------------------------------------------------------------ a route's thread
 
     def _run(self, sock: socket.socket, route: _Route, request: Request) -> None:
+        reply = None
         try:
             try:
                 reply = route.handler(request)
@@ -650,6 +653,9 @@ class ControlServer:
             try:
                 sock.sendall(data)
                 sock.shutdown(socket.SHUT_WR)
+                if reply.then is not None:
+                    then, reply.then = reply.then, None
+                    then()
                 # Wait (briefly) for the client to close first, so the reply is not reset.
                 sock.settimeout(LINGER)
                 until = time.monotonic() + LINGER
@@ -667,6 +673,13 @@ class ControlServer:
             _close(sock)
             with self._lock:
                 self._open -= 1
+            if reply is not None and reply.then is not None:  # the client went away first
+                try:
+                    reply.then()
+                except Exception:
+                    log.exception(
+                        "control route %s %s: its follow-up failed", request.method, request.path
+                    )
 
 
 def _close(sock: socket.socket) -> None:
