@@ -31,8 +31,10 @@ keeps answering beside hundreds of them. The request line and headers must arriv
 (408, closed). At most ``max_connections`` are open at once; past that a new connection
 displaces the oldest one still sending its request if that one has been at it for
 ``evict_after`` seconds (1 by default), else it is answered ``503`` with ``Retry-After`` and
-closed - never reset without an answer. A peer that hangs up before reading its reply is counted in
-:attr:`ControlStats.broken_pipes`, not logged with a traceback.
+closed - never reset without an answer (hence a listen backlog deeper than the limit, and a
+short read of what a refused client still sends before its socket is closed). A peer that
+hangs up before reading its reply is counted in :attr:`ControlStats.broken_pipes`, not logged
+with a traceback.
 """
 
 from __future__ import annotations
