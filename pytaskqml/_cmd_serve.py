@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a key"
     )
+    s.add_argument(
+        "--keyless-actions",
+        action="store_true",
+        help="without a key, let loopback clients (every local user) call POST /submit, /map "
+        "and /shutdown; without this they need a key's act token",
+    )
     add_key_args(s)
     add_tls_args(
         s,
@@ -95,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     key = read_key(args.authkey_file)
     try:
         service = Service(
-            doc, authkey=key, tls=tls_context(args, server=True), insecure=args.insecure
+            doc,
+            authkey=key,
+            tls=tls_context(args, server=True),
+            insecure=args.insecure,
+            keyless_actions=args.keyless_actions,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -14,11 +14,18 @@ def register(sub: Any) -> None:
     t = sub.add_parser(
         "token",
         help="print the control endpoints' bearer token derived from the key",
-        description="Print the token that control endpoints started with this key require "
-        "(Authorization: Bearer TOKEN) on /status, /metrics and /shutdown. With --url, print "
-        "the status page's address with the token in its fragment instead.",
+        description="Print the read token that control endpoints started with this key require "
+        "(Authorization: Bearer TOKEN) on /status and /metrics - what a scraper or the status "
+        "page needs; it cannot act. --act prints the token for the routes that act (/shutdown, "
+        "/models/load, /submit, /map). With --url, print the status page's address with the "
+        "token in its fragment instead.",
     )
     add_key_args(t)
+    t.add_argument(
+        "--act",
+        action="store_true",
+        help="the act token (/shutdown, /models/*, /submit, /map; it reads too)",
+    )
     t.add_argument("--url", metavar="HOST:PORT", help="print http://HOST:PORT/#token=TOKEN")
     t.set_defaults(run=run)
 
@@ -27,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     key = read_key(args.authkey_file)
     if key is None:
         raise UserError("no key: set PYTASKQML_AUTHKEY or pass --authkey-file")
-    token = _protocol.control_token(key)
+    token = _protocol.control_token(key, "act" if args.act else "read")
     if args.url:
         where = _connection.format_address(address(args.url, "--url"))
         print(f"http://{where}/#token={token}")

@@ -75,6 +75,12 @@ def register(sub: Any) -> None:
     w.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a key"
     )
+    w.add_argument(
+        "--keyless-actions",
+        action="store_true",
+        help="without a key, let loopback clients (every local user) POST /shutdown to "
+        "--control; without this it needs a key's act token",
+    )
     add_tls_args(
         w,
         cert="certificate (with --listen: the server's; with --connect: a client certificate)",
@@ -181,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
                     shutdown=server.request_stop,
                     authkey=key,
                     insecure=args.insecure,
+                    keyless_actions=args.keyless_actions,
                 )
             except (OSError, ValueError) as exc:
                 call_teardown(worker)

@@ -5,9 +5,12 @@ itself) and replies ``200 {"result": ...}``; a task that failed replies ``500 {"
 "type", "traceback"}``, one that missed its deadline ``504``, a target that no longer takes
 work ``503``. ``POST /map`` takes a JSON array and replies ``200`` with a JSON array of the
 results in order, a failed item in its place as ``{"error", "type", "traceback"}``. A body that
-is not JSON (or a ``/map`` body that is not an array) is ``400`` with the reason; a body over
-*max_body* bytes ``413``. Both routes need the token when the endpoint has a key, like
-``POST /shutdown``. Payloads and results are plain JSON here (no raw buffers).
+is not strict JSON - nested deeper than :data:`~._control.MAX_JSON_DEPTH`, holding ``NaN``,
+``Infinity`` or a number out of a double's range, or a ``/map`` body that is not an array - is
+``400`` with the reason; a body over *max_body* bytes ``413``. A result that is not strict
+JSON (a ``NaN``, say) is a ``500`` saying so, never a reply that is not JSON. Both routes act:
+they need the act token when the endpoint has a key, like ``POST /shutdown``. Payloads and
+results are plain JSON here (no raw buffers).
 
 :func:`install_http_ingress` adds the routes for any target with ``stream()`` (a
 :class:`Coordinator`, or a pipeline); :meth:`Coordinator.serve_control` takes
@@ -16,12 +19,11 @@ is not JSON (or a ``/map`` body that is not an array) is ``400`` with the reason
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
 
-from ._control import ControlServer, Reply, Request
+from ._control import ControlServer, Reply, Request, encode_json, parse_json
 from ._errors import ClosedError
 from ._ingress import IngressTarget, error_fields
 
@@ -74,17 +76,14 @@ def install_http_ingress(
             out.append(value if error is None else _error_body(error))
         return _json_reply(out)
 
-    server.add_route("POST", "/submit", submit, auth=True, max_body=max_body)
-    server.add_route("POST", "/map", map_, auth=True, max_body=max_body)
+    server.add_route("POST", "/submit", submit, max_body=max_body)
+    server.add_route("POST", "/map", map_, max_body=max_body)
 
 
 def _parse(body: bytes) -> Any:
     if not body:
         raise ValueError("the body is empty: send JSON")
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise ValueError(f"the body is not JSON: {exc}") from None
+    return parse_json(body)
 
 
 def _error_body(error: dict[str, str]) -> dict[str, str]:
@@ -93,7 +92,7 @@ def _error_body(error: dict[str, str]) -> dict[str, str]:
 
 def _json_reply(body: Any) -> Reply:
     try:
-        data = json.dumps(body)
+        data = encode_json(body)
     except (TypeError, ValueError) as exc:
         return Reply(500, {"error": f"the result is not plain JSON: {exc}"})
     return Reply(200, data)

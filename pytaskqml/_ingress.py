@@ -23,6 +23,18 @@ work cancelled: its queued tasks are dropped (counted as cancelled by the target
 stream ended - at once when the stream has ``cancel(why)`` (:class:`~._iterate.Stream` does),
 else when its next result arrives and the stream is abandoned; what is already running finishes
 and its results are discarded.
+
+Why a producer that keeps to its window is never taken for one that does not. The server
+credits an item back (under the producer's lock) *before* it starts writing the item's result,
+or the error that stands for it. Say the producer sends item k (counting from 0) after reading
+r results: it keeps to its window W, so k + 1 - r <= W. Each of those r results was credited
+before its first byte left the server, hence before the producer read it, hence before the
+producer sent item k, hence before the server reads item k. So when the server reads item k
+it has received k items and credited at least r of them: at most k - r <= W - 1 are
+outstanding, and the item is accepted, whichever of the server's reader and writer threads
+runs first. (Crediting once the write has returned would break this: the producer can read the
+result and send its next item before the write returns.) The count of results
+actually written, which :meth:`IngressServer.stop` waits for, is kept apart.
 """
 
 from __future__ import annotations
@@ -117,7 +129,8 @@ class _Producer:
         self.stream = server.target.stream(buffersize=self.window, ordered=True, on_error="return")
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
-        self._outstanding = 0
+        self._outstanding = 0  # received and not yet credited back (see the module's docstring)
+        self._unwritten = 0  # received and whose result is not yet written (for drain())
         self._refused: dict[int, BaseException] = {}
         self._received = 0
         self._gone = False
@@ -163,6 +176,7 @@ class _Producer:
             if self._outstanding >= self.window:
                 raise ProtocolError(f"more than its window of {self.window} items outstanding")
             self._outstanding += 1
+            self._unwritten += 1
         self._received += 1
         self.server._count("received")
         try:
@@ -178,7 +192,7 @@ class _Producer:
     def _finish(self, why: str) -> None:
         with self._lock:
             self._gone = True
-            pending = self._outstanding
+            pending = self._unwritten
         if pending:
             log.info(
                 "ingress: producer %s %s with %d items outstanding: cancelling them",
@@ -220,6 +234,10 @@ class _Producer:
                 close()  # an abandoned stream: what is still queued for it is cancelled
 
     def _send_result(self, seq: int, value: Any) -> None:
+        # Credit first: the producer may send its next item the moment this result reaches
+        # it, possibly before send_json() below has returned here.
+        with self._lock:
+            self._outstanding -= 1
         error = error_fields(value)
         try:
             if error is None:
@@ -234,7 +252,7 @@ class _Producer:
             return
         finally:
             with self._lock:
-                self._outstanding -= 1
+                self._unwritten -= 1
                 self._answered.notify_all()
         self.server._count("returned")
 
@@ -242,7 +260,7 @@ class _Producer:
         """Wait until every item has been answered (or *deadline*, a monotonic time)."""
         with self._lock:
             self._answered.wait_for(
-                lambda: self._outstanding <= 0 or self._gone, max(0.0, deadline - time.monotonic())
+                lambda: self._unwritten <= 0 or self._gone, max(0.0, deadline - time.monotonic())
             )
 
 

@@ -9,6 +9,17 @@ needs them, and a worker at its limit gives up its least recently used idle mode
 Updating is loading a new version under the same name: every worker keeps serving the old
 version until the new one is ready there, swaps in one step, and reports; a load that fails
 leaves the old version serving, and the error shows in :meth:`Models.status`.
+
+Who chooses the code. Workers import the class a spec names, so the names come from the
+operator only. :meth:`Models.load` is the operator's own call (a class object or a name in
+the coordinator's process). A request from outside (``POST /models/load`` on the control
+endpoint) goes through :meth:`Models.load_requested`, which takes only a class on the allow
+list (:meth:`Models.allow`, ``serve_control(allow_models=...)``) and never one that imports
+what its config names (``trusted_only``, such as the :class:`FunctionModel` of an Executor),
+whatever the list says: a request chooses among the operator's classes and their config, never
+a module or a file. Spawned and thread workers load what this registry sends them and nothing
+else (their only peer is this process), so every spec that reaches them passed one of those
+two doors.
 """
 
 from __future__ import annotations
@@ -21,9 +32,9 @@ from collections import Counter
 from typing import Any
 
 from . import _codec
-from ._bootstrap import class_target
+from ._bootstrap import class_target, load_class
 from ._engine import Engine
-from ._errors import ModelLoadError
+from ._errors import ModelLoadError, WorkerStartError
 from ._handles import WorkerHandle
 from ._models import Model, read_model_file
 from ._stats import ModelStats
@@ -44,6 +55,7 @@ class Models:
         self._loads: Counter[str] = Counter()
         self._unloads: Counter[str] = Counter()
         self._versions = itertools.count(1)
+        self._allowed: set[str] = set()  # module:Class names a request may name
         engine.on_model_request = self._requested
         engine.on_model_status = self._reported
 
@@ -83,6 +95,61 @@ class Models:
         if not wait or not handles:
             return {}
         return self._wait(name, version, [h.name for h in handles], timeout)
+
+    def allow(self, *classes: type[Model] | str) -> None:
+        """Let requests from outside (``POST /models/load``) name these model classes: class
+        objects or ``"module:Class"`` names, imported here and now so a typo fails at once.
+        ``TypeError`` for what is not a Model subclass, ``PermissionError`` for a class that
+        imports what its config names (``trusted_only``): no request may choose that."""
+        names = []
+        for c in classes:
+            if isinstance(c, str):
+                try:
+                    cls = load_class(c, Model)
+                except WorkerStartError as exc:
+                    raise ValueError(f"allow({c!r}): {exc}") from None
+                names.append(c)
+            elif isinstance(c, type) and issubclass(c, Model):
+                cls = c
+                names.append(_normalise(c, None)["class"])
+            else:
+                raise TypeError(f"{c!r} is not a Model subclass or a module:Class name")
+            if getattr(cls, "trusted_only", False):
+                raise PermissionError(
+                    f"{cls.__qualname__} imports what its config names: a request must never "
+                    "choose it, so it cannot be allowed"
+                )
+        with self._cv:
+            self._allowed.update(names)
+
+    def allowed(self) -> frozenset[str]:
+        """The ``module:Class`` names requests may load (see :meth:`allow`)."""
+        with self._cv:
+            return frozenset(self._allowed)
+
+    def load_requested(
+        self, name: str, spec: Any, *, version: str | None = None, timeout: float = 60.0
+    ) -> dict[str, str]:
+        """:meth:`load` for a request from outside: *spec* is JSON data ``{"class":
+        "module:Class", "config": {...}}`` and its class must be on the allow list (see the
+        module's docstring); ``PermissionError`` if not, before anything is imported or sent."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+            raise ValueError('a model spec is {"class": "module:Class", "config": {...}}')
+        if set(spec) - {"class", "config"}:
+            raise ValueError('a model spec has "class" and "config" only')
+        config = spec.get("config") or {}
+        if not isinstance(config, dict):
+            raise ValueError("a model's config must be a JSON object")
+        with self._cv:
+            permitted = spec["class"] in self._allowed
+        if not permitted:
+            raise PermissionError(
+                f"model class {spec['class']!r} is not on this coordinator's allow list "
+                "(serve_control(allow_models=...) or coord.models.allow())"
+            )
+        return self.load(
+            name, {"class": spec["class"], "config": config}, version=version, timeout=timeout
+        )
 
     def update(self, name: str, spec: Any, **options: Any) -> dict[str, str]:
         """Load a new version of a model already loaded (see :meth:`load`)."""

@@ -9,7 +9,9 @@ Loading is asked for by the coordinator with *data*: a spec ``{"class": "module:
 ``pytaskqml worker`` allows the classes of its ``--models`` file and nothing else, so a peer
 cannot make it import a module of its choosing; a worker a coordinator spawned, or its thread
 workers, trust that coordinator (their channel to it is private), as they trust it with
-the class of the worker itself.
+the class of the worker itself - and the coordinator sends them only specs its operator chose
+or allowed (a request from outside names a class of its allow list, never one that imports
+what its config names: see :mod:`._modelreg`).
 
 Swapping. A new version is constructed and ``load()``-ed on a thread of its own, so tasks for
 the models already there keep running. Once ready it replaces the old one in one step: a task

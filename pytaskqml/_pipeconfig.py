@@ -35,17 +35,26 @@ problem, one line each), build its steps, and print the plan of what it would st
     http = "127.0.0.1:7080"
     control = "127.0.0.1:7100"
     log_file = "frames.log"
+
+Limits, so that a typo cannot ask for what no machine runs: ``processes`` at most
+:data:`MAX_PROCESSES` per stage and in all, ``threads`` at most :data:`MAX_THREADS` per stage
+and in all, ``buffersize`` and ``max_queue`` at most :data:`MAX_ITEMS`, ``window`` at most
+:data:`MAX_WINDOW`, ``max_retries`` at most :data:`MAX_RETRIES`, a ``timeout`` finite and at
+most :data:`MAX_SECONDS`; a file nests at most :data:`MAX_DEPTH` levels deep. Checking is
+linear in the size of the file: the cycle check visits each branch and each path once.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import _connection
+from . import _connection, _protocol
 from ._functions import is_function
 from ._models import Model
 from ._ordered import OVERFLOW_POLICIES
@@ -75,6 +84,14 @@ STAGE_KEYS = {
 BRANCH_KEYS = {"paths", "join", "timeout"}
 SERVICE_KEYS = {"ingress", "http", "control", "log_file"}
 
+MAX_PROCESSES = 1024
+MAX_THREADS = 4096
+MAX_ITEMS = 10_000_000
+MAX_WINDOW = 65_536
+MAX_RETRIES = 1000
+MAX_SECONDS = 365 * 86_400.0
+MAX_DEPTH = 64
+
 
 class ConfigError(ValueError):
     """A configuration with problems; ``problems`` holds one line per problem."""
@@ -99,6 +116,10 @@ def read(path: str | Path) -> dict[str, Any]:
             doc: Any = tomllib.loads(data.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+        except RecursionError:
+            raise ConfigError([f"{p}: nests deeper than {MAX_DEPTH} levels"]) from None
+        if _too_deep(doc):
+            raise ConfigError([f"{p}: nests deeper than {MAX_DEPTH} levels"])
         return dict(doc)
     dupes: list[str] = []
 
@@ -111,9 +132,17 @@ def read(path: str | Path) -> dict[str, Any]:
         return seen
 
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=pairs)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError([f"{p}: not valid JSON: {exc}"]) from None
+    if _protocol.json_depth_exceeds(text, MAX_DEPTH):
+        raise ConfigError([f"{p}: nests deeper than {MAX_DEPTH} levels"])
+    try:
+        doc = json.loads(text, object_pairs_hook=pairs)
+    except ValueError as exc:
+        raise ConfigError([f"{p}: not valid JSON: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{p}: nests deeper than {MAX_DEPTH} levels"]) from None
     if dupes:
         raise ConfigError(dupes)
     if not isinstance(doc, dict):
@@ -121,18 +150,49 @@ def read(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _is_count(v: Any, pair: bool) -> bool:
+def _too_deep(doc: Any) -> bool:
+    """True when *doc* (parsed) nests deeper than MAX_DEPTH; iterative, and it stops there."""
+    todo: list[tuple[Any, int]] = [(doc, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_DEPTH:
+                return True
+            todo.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def _is_count(v: Any, pair: bool, most: int) -> bool:
     if isinstance(v, bool):
         return False
     if isinstance(v, int):
-        return v >= 1
+        return 1 <= v <= most
     return (
         pair
         and isinstance(v, list)
         and len(v) == 2
         and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-        and 1 <= v[0] <= v[1]
+        and 1 <= v[0] <= v[1] <= most
     )
+
+
+_COUNT_LIMITS = {
+    "threads": MAX_THREADS,
+    "processes": MAX_PROCESSES,
+    "buffersize": MAX_ITEMS,
+    "max_queue": MAX_ITEMS,
+    "window": MAX_WINDOW,
+}
+
+
+def _most(spec: dict[str, Any], key: str) -> int:
+    """The largest count a stage's *key* asks for (0 if none, or one reported already)."""
+    v = spec.get(key)
+    if not _is_count(v, pair=True, most=_COUNT_LIMITS[key]):
+        return 0
+    if isinstance(v, list):
+        return int(v[1])
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _check_stage(name: str, spec: Any, problems: list[str]) -> None:
@@ -157,17 +217,20 @@ def _check_stage(name: str, spec: Any, problems: list[str]) -> None:
             if not (isinstance(obj, type) and issubclass(obj, Worker)) and not is_function(obj):
                 problems.append(f"{where}: {worker} is not a Worker subclass or a function")
     for k in ("threads", "processes"):
-        if k in spec and not _is_count(spec[k], pair=True):
-            problems.append(f"{where}: {k} must be a positive integer or [min, max]")
+        if k in spec and not _is_count(spec[k], pair=True, most=_COUNT_LIMITS[k]):
+            problems.append(
+                f"{where}: {k} must be a positive integer or [min, max], at most {_COUNT_LIMITS[k]}"
+            )
     for k in ("buffersize", "max_queue", "window"):
-        if k in spec and not _is_count(spec[k], pair=False):
-            problems.append(f"{where}: {k} must be a positive integer")
-    if "max_retries" in spec and not (
-        isinstance(spec["max_retries"], int) and spec["max_retries"] >= 0
-    ):
-        problems.append(f"{where}: max_retries must be an integer, 0 or more")
+        if k in spec and not _is_count(spec[k], pair=False, most=_COUNT_LIMITS[k]):
+            problems.append(f"{where}: {k} must be a positive integer, at most {_COUNT_LIMITS[k]}")
+    retries = spec.get("max_retries", 0)
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        problems.append(f"{where}: max_retries must be an integer from 0 to {MAX_RETRIES}")
     if "timeout" in spec and not _is_seconds(spec["timeout"]):
-        problems.append(f"{where}: timeout must be a positive number of seconds")
+        problems.append(
+            f"{where}: timeout must be a positive number of seconds, at most {MAX_SECONDS:g}"
+        )
     if "overflow" in spec and spec["overflow"] not in OVERFLOW_POLICIES:
         problems.append(f"{where}: overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
     if "kwargs" in spec and not isinstance(spec["kwargs"], dict):
@@ -181,7 +244,12 @@ def _check_stage(name: str, spec: Any, problems: list[str]) -> None:
 
 
 def _is_seconds(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+    return (
+        isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+        and 0 < v <= MAX_SECONDS
+    )
 
 
 def _check_address(where: str, addr: Any, problems: list[str]) -> None:
@@ -192,7 +260,12 @@ def _check_address(where: str, addr: Any, problems: list[str]) -> None:
 
 
 def _check_branches(
-    name: str, spec: Any, doc: dict[str, Any], problems: list[str], used: list[str]
+    name: str,
+    spec: Any,
+    doc: dict[str, Any],
+    problems: list[str],
+    used: list[str],
+    cycles: dict[tuple[str, str], str],
 ) -> None:
     where = f"branches.{name}"
     if not isinstance(spec, dict):
@@ -211,9 +284,9 @@ def _check_branches(
             continue
         for s in path:
             if s in branches:
-                cycle = _cycle(name, s, branches)
+                cycle = cycles.get((name, s))
                 problems.append(
-                    f"{where}: cycle {' -> '.join(cycle)}"
+                    f"{where}: cycle {cycle}"
                     if cycle
                     else f"{where}: path {b!r} names branches {s!r}; a path holds stages only"
                 )
@@ -229,24 +302,53 @@ def _check_branches(
         if b not in paths:
             problems.append(f"{where}: join names unknown branch {b!r}")
     if "timeout" in spec and not _is_seconds(spec["timeout"]):
-        problems.append(f"{where}: timeout must be a positive number of seconds")
+        problems.append(
+            f"{where}: timeout must be a positive number of seconds, at most {MAX_SECONDS:g}"
+        )
 
 
-def _cycle(start: str, via: str, branches: dict[str, Any]) -> list[str] | None:
-    """The names from *start* through *via* back to *start*, if the paths lead back."""
-    trail = [start, via]
-    todo = [(via, trail)]
-    while todo:
-        here, trail = todo.pop()
-        spec = branches.get(here)
+def _cycles(branches: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """``{(branches, named branches): "a -> b -> a"}`` for each path step that closes a cycle.
+
+    One depth-first walk over the branches that paths name, each visited once and each step
+    followed once: linear in the size of the configuration, however the paths interleave (a
+    search of every route from every branch is exponential in a chain of fan-outs)."""
+
+    def steps(name: str) -> list[str]:
+        spec = branches.get(name)
         paths = spec.get("paths", {}) if isinstance(spec, dict) else {}
+        out: list[str] = []
         for path in paths.values() if isinstance(paths, dict) else []:
-            for s in path if isinstance(path, list) else []:
-                if s == start:
-                    return [*trail, start]
-                if s in branches and s not in trail:
-                    todo.append((s, [*trail, s]))
-    return None
+            if isinstance(path, list):
+                out.extend(s for s in path if isinstance(s, str) and s in branches)
+        return out
+
+    found: dict[tuple[str, str], str] = {}
+    done: set[str] = set()
+    for root in branches:
+        if root in done:
+            continue
+        trail: list[str] = [root]  # the walk from root to here
+        on_trail: dict[str, int] = {root: 0}
+        todo = [iter(steps(root))]
+        while todo:
+            here = trail[-1]
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                todo.pop()
+                done.add(trail.pop())
+                del on_trail[here]
+                continue
+            if nxt in on_trail:
+                loop = trail[on_trail[nxt] :]
+                if len(loop) > 8:  # a long loop is named by its ends
+                    loop = [*loop[:4], "...", *loop[-3:]]
+                found[(here, nxt)] = " -> ".join([*loop, nxt])
+            elif nxt not in done:
+                on_trail[nxt] = len(trail)
+                trail.append(nxt)
+                todo.append(iter(steps(nxt)))
+    return found
 
 
 def check(doc: dict[str, Any]) -> list[str]:
@@ -261,8 +363,8 @@ def check(doc: dict[str, Any]) -> list[str]:
         pipe = {}
     for k in sorted(set(pipe) - PIPELINE_KEYS):
         problems.append(f"pipeline: unknown option {k!r}")
-    if "buffersize" in pipe and not _is_count(pipe["buffersize"], pair=False):
-        problems.append("pipeline: buffersize must be a positive integer")
+    if "buffersize" in pipe and not _is_count(pipe["buffersize"], pair=False, most=MAX_ITEMS):
+        problems.append(f"pipeline: buffersize must be a positive integer, at most {MAX_ITEMS}")
     stages = doc.get("stages", {})
     branches = doc.get("branches", {})
     if not isinstance(stages, dict) or not isinstance(branches, dict):
@@ -273,8 +375,9 @@ def check(doc: dict[str, Any]) -> list[str]:
     for n, spec in stages.items():
         _check_stage(n, spec, problems)
     used: list[str] = []
+    cycles = _cycles(branches)
     for n, spec in branches.items():
-        _check_branches(n, spec, doc, problems, used)
+        _check_branches(n, spec, doc, problems, used, cycles)
     steps = pipe.get("steps")
     if not isinstance(steps, list) or not steps:
         problems.append("pipeline: steps must be a non-empty list of stage or branches names")
@@ -284,8 +387,10 @@ def check(doc: dict[str, Any]) -> list[str]:
             used.append(s)
         elif s not in branches:
             problems.append(f"pipeline: steps names unknown stage {s!r}")
-    for s in sorted({u for u in used if used.count(u) > 1}):
-        problems.append(f"stage {s!r} is used more than once (each stage is one pool)")
+    for s, n in sorted(Counter(used).items()):
+        if n > 1:
+            problems.append(f"stage {s!r} is used more than once (each stage is one pool)")
+    _check_totals(stages, used, problems)
     service = doc.get("service", {})
     if not isinstance(service, dict):
         problems.append("service must be a table")
@@ -298,6 +403,15 @@ def check(doc: dict[str, Any]) -> list[str]:
     if "log_file" in service and not isinstance(service["log_file"], str):
         problems.append("service: log_file must be a path")
     return problems
+
+
+def _check_totals(stages: dict[str, Any], used: list[str], problems: list[str]) -> None:
+    """What all the stages together would start, against the same limits."""
+    specs = [stages[u] for u in set(used) if isinstance(stages.get(u), dict)]
+    for key, most in (("processes", MAX_PROCESSES), ("threads", MAX_THREADS)):
+        total = sum(_most(spec, key) for spec in specs)
+        if total > most:
+            problems.append(f"the stages would start up to {total} {key} in all: at most {most}")
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -364,6 +364,14 @@ def auth_verify(key: bytes, nonce: bytes, role: str, digest_hex: object) -> bool
     return hmac.compare_digest(got, auth_digest(key, nonce, role))
 
 
-def control_token(key: bytes) -> str:
-    """Bearer token for the HTTP control endpoint, derived from the shared key."""
-    return hmac.new(key, b"pytaskqml-control-v1", hashlib.sha256).hexdigest()
+_TOKEN_LABELS = {"read": b"pytaskqml-control-v1", "act": b"pytaskqml-control-act-v2"}
+
+
+def control_token(key: bytes, scope: str = "read") -> str:
+    """Bearer token for the HTTP control endpoint, derived from the shared key: *scope*
+    ``"read"`` for ``/status`` and ``/metrics`` (what a scraper is given), ``"act"`` for the
+    routes that change something (it reads too). Neither can be derived from the other.
+
+    The read token keeps the derivation every control token had before acting was split
+    off, so a scraper configured then keeps reading and cannot act."""
+    return hmac.new(key, _TOKEN_LABELS[scope], hashlib.sha256).hexdigest()

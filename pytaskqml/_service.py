@@ -149,12 +149,14 @@ class Service:
         authkey: bytes | None,
         tls: ssl.SSLContext | None = None,
         insecure: bool = False,
+        keyless_actions: bool = False,
         overrides: dict[str, str] | None = None,
     ) -> None:
         self.doc = doc
         self.authkey = authkey
         self.tls = tls
         self.insecure = insecure
+        self.keyless_actions = keyless_actions  # without a key: /submit etc. from loopback
         service = dict(doc.get("service", {}))
         service.update(overrides or {})
         self.settings = service
@@ -226,6 +228,7 @@ class Service:
             shutdown=self.stopping.set,
             authkey=self.authkey,
             insecure=self.insecure,
+            keyless_actions=self.keyless_actions,
         )
         server.start()  # routes may be added to a running server
         self._controls.append(server)

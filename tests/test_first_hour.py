@@ -562,7 +562,7 @@ def test_a_graceful_shutdown_of_a_listening_worker_is_never_counted_as_a_loss(
         port, ctl = free_port(), free_port()
         worker = procs.cli(
             "worker", "sample_workers:Echo", "--listen", f"127.0.0.1:{port}",
-            "--control", f"127.0.0.1:{ctl}",
+            "--control", f"127.0.0.1:{ctl}", "--keyless-actions",
         )  # fmt: skip
         read_line_with(worker, "listening on")
         with Coordinator(heartbeat_interval=0.01) as coord:

@@ -7,6 +7,8 @@ import json
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from pytaskqml import (
     ConnectionLost,
     Coordinator,
     TaskFailed,
+    _ingress,
     _protocol,
 )
 from pytaskqml._endpoints import dial_once
@@ -302,7 +305,9 @@ def test_http_submit_and_map_with_the_token() -> None:
     with Coordinator(authkey=KEY) as coord:
         coord.add_local(Faulty(), 2)
         addr = coord.serve_control(http_ingress=True)
-        token = _protocol.control_token(KEY.encode())
+        token = _protocol.control_token(KEY.encode(), "act")
+        read_token = _protocol.control_token(KEY.encode(), "read")
+        assert _post(addr, "/submit", b'{"payload": 1}', read_token)[0] == 403  # cannot act
         assert _post(addr, "/submit", b'{"payload": [1, 2]}', token) == (200, {"result": [1, 2]})
         assert _post(addr, "/submit", b'"plain"', token) == (200, {"result": "plain"})
         status, body = _post(addr, "/submit", b'{"payload": "boom"}', token)
@@ -320,5 +325,100 @@ def test_http_submit_and_map_with_the_token() -> None:
         assert status == 400 and "array" in body["error"]
         with socket.create_connection(addr, timeout=T) as s:  # a body over the cap: unread
             s.sendall(b"POST /map HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
-            assert s.recv(64).startswith(b"HTTP/1.0 413")
+            assert s.recv(64).startswith(b"HTTP/1.1 413")
         assert coord.statistics().submitted == 6  # refused requests ran nothing
+
+
+def test_a_producer_that_keeps_to_its_window_is_kept_even_when_its_next_item_beats_the_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The race that dropped default clients: the producer reads a result and sends its next
+    item while the server's write of that result has not yet returned. Here every write waits,
+    after its bytes are out, until the server has read the producer's next item: that order,
+    forced on each result, must not look like a window overrun."""
+    puts = threading.Condition()
+    read = [0]
+    start = _ingress._Producer.start
+
+    def forced(self: _ingress._Producer) -> None:
+        send_json, put = self.conn.send_json, self._put
+
+        def counting_put(header: dict[str, Any]) -> None:
+            with puts:
+                read[0] += 1
+                puts.notify_all()
+            put(header)
+
+        def late_send(text: str, bufs: Any = ()) -> None:
+            with puts:
+                before = read[0]
+            send_json(text, bufs)
+            if '"op":"result"' in text and before < 200:  # a next item is still to come
+                with puts:  # the next item comes once the producer has this result
+                    puts.wait_for(lambda: read[0] > before, 0.5)
+
+        self.conn.send_json = late_send  # type: ignore[method-assign]
+        self._put = counting_put  # type: ignore[method-assign]
+        start(self)
+
+    monkeypatch.setattr(_ingress._Producer, "start", forced)
+    with Coordinator() as coord:
+        coord.add_local(Echo())
+        addr = coord.serve_ingress(max_outstanding=2)
+        with Client(addr) as client:
+            assert client.window == 2
+            assert list(client.map(range(200))) == list(range(200))
+        stats = coord.ingress_statistics()[0]
+    assert stats.dropped_producers == 0 and stats.returned == 200
+    assert read[0] == 200
+
+
+def _default_client_rounds(addr: tuple[str, int], rounds: int, items: int) -> None:
+    for r in range(rounds):
+        with Client(addr) as client:
+            assert client.window == 64
+            out = list(client.map(range(items)))
+        assert out == list(range(items)), f"round {r}"
+
+
+def test_the_default_client_on_the_default_server_is_never_dropped() -> None:
+    with Coordinator() as coord:
+        coord.add_local(Echo())
+        coord.add_local(Echo())
+        addr = coord.serve_ingress()
+        _default_client_rounds(addr, 1, 20_000)
+        stats = coord.ingress_statistics()[0]
+    assert stats.dropped_producers == 0 and stats.abandoned == 0
+
+
+@pytest.mark.slow
+def test_the_default_client_over_100k_items_several_rounds_with_and_without_load() -> None:
+    """Each round ~10 s on a shared 2-core machine; the loaded rounds run beside two processes
+    that spin and a second producer."""
+    with Coordinator() as coord:
+        coord.add_local(Echo())
+        coord.add_local(Echo())
+        addr = coord.serve_ingress()
+        _default_client_rounds(addr, 2, 100_000)
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+        other: list[BaseException] = []
+
+        def second_producer() -> None:
+            try:
+                _default_client_rounds(addr, 1, 50_000)
+            except BaseException as exc:
+                other.append(exc)
+
+        neighbour = threading.Thread(target=second_producer, daemon=True)
+        try:
+            neighbour.start()
+            _default_client_rounds(addr, 1, 100_000)
+            neighbour.join(120)
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait(T)
+        assert not neighbour.is_alive() and not other, other
+        stats = coord.ingress_statistics()[0]
+    assert stats.dropped_producers == 0 and stats.abandoned == 0
+    assert stats.returned == 350_000

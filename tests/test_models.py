@@ -200,7 +200,9 @@ def test_broadcast_runs_on_every_worker_and_a_retained_one_on_newcomers_first() 
 def test_the_models_command_lists_loads_and_unloads(tmp_path: Path) -> None:
     with Coordinator() as coord:
         coord.spawn(Echo, processes=1)
-        host, port = coord.serve_control()
+        host, port = coord.serve_control(
+            keyless_actions=True, allow_models=["model_workers:Scale", "model_workers:Broken"]
+        )
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -218,3 +220,5 @@ def test_the_models_command_lists_loads_and_unloads(tmp_path: Path) -> None:
         assert coord.models.list() == {}
         bad = cli("load", "x", "model_workers:Broken")
         assert bad.returncode == 1 and "corrupt" in bad.stderr
+        other = cli("load", "y", "model_workers:Upper")  # importable, but not allowed
+        assert other.returncode == 1 and "403" in other.stderr and "allow list" in other.stderr

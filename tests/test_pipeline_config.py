@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,126 @@ def test_model_stage_mistakes_are_each_reported() -> None:
     assert any("a: load needs model" in p for p in problems)
     assert any("Echo is not a Model subclass" in p for p in problems)
     assert any("b: config must be a table" in p for p in problems)
+
+
+def _chain(n: int, *, closed: bool) -> dict[str, Any]:
+    """Branches b0 .. b(n-1), each with two paths to the next: 2**n routes from b0 to the end
+    (and, if *closed*, the last leads back to b0)."""
+    branches: dict[str, Any] = {}
+    for i in range(n):
+        nxt = f"b{i + 1}" if i + 1 < n else "b0"
+        branches[f"b{i}"] = {"paths": {"x": [nxt], "y": [nxt]}}
+    if not closed:
+        branches[f"b{n - 1}"] = {"paths": {"x": ["s"]}}
+    return {
+        "pipeline": {"steps": ["b0"]},
+        "stages": {"s": {"worker": "sample_workers:Echo"}},
+        "branches": branches,
+    }
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_the_cycle_check_is_linear_in_a_chain_of_fan_outs(closed: bool) -> None:
+    """40 levels of two paths each took over a minute when every route was searched."""
+    out: list[list[str]] = []
+    t = threading.Thread(target=lambda: out.append(check(_chain(2000, closed=closed))))
+    t.daemon = True
+    t.start()
+    t.join(20)
+    assert out, "the check of 2000 chained branches still running after 20 s"
+    problems = out[0]
+    # Every path that names branches is a problem; the closing steps are named as a cycle.
+    assert len(problems) == 2 * (2000 if closed else 1999)
+    cycles = [p for p in problems if "cycle" in p]
+    assert len(cycles) == (2 if closed else 0)
+    if closed:
+        assert cycles[0].startswith("branches.b1999: cycle b0 -> b1 -> ")
+        assert cycles[0].endswith(" -> b1999 -> b0")
+
+
+def test_the_cycle_check_finds_every_loop_and_only_loops() -> None:
+    doc: dict[str, Any] = {
+        "pipeline": {"steps": ["a"]},
+        "stages": {"s": {"worker": "sample_workers:Echo"}},
+        "branches": {
+            "a": {"paths": {"p": ["b"], "q": ["c"]}},
+            "b": {"paths": {"p": ["c"]}},
+            "c": {"paths": {"p": ["s"], "q": ["a"]}},
+            "d": {"paths": {"p": ["d"]}},
+        },
+    }
+    cycles = sorted(p for p in check(doc) if "cycle" in p)
+    assert cycles == [
+        "branches.c: cycle a -> b -> c -> a",
+        "branches.d: cycle d -> d",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000),
+        ("deep-object.json", '{"a":' * 100_000 + "1" + "}" * 100_000),
+        ("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000 + "\n"),
+        ("deep-table.toml", "a = " + "{b=" * 50_000 + "1" + "}" * 50_000 + "\n"),
+        ("dotted.toml", "a." + ".".join(["b"] * 100) + " = 1\n"),
+    ],
+)
+def test_a_config_nested_too_deep_is_one_line_not_a_traceback(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    if name.endswith(".toml") and sys.version_info < (3, 11):
+        pytest.skip("TOML needs Python 3.11")
+    cfg = tmp_path / name
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match="nests deeper than 64 levels") as info:
+        read(cfg)
+    assert len(info.value.problems) == 1
+
+
+@pytest.mark.slow
+def test_a_dry_run_of_a_deep_config_prints_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "deep.json"
+    cfg.write_text("[" * 100_000 + "]" * 100_000)
+    done = _run("run", str(cfg), "--dry-run")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"pytaskqml: error: {cfg}: nests deeper than 64 levels"
+    ], done.stderr
+
+
+def test_counts_are_bounded_to_what_a_machine_could_run() -> None:
+    doc = json.loads(json.dumps(GOOD))
+    doc["pipeline"]["buffersize"] = 10**30
+    doc["stages"]["square"].update(processes=10**18, threads=10**9, window=10**6)
+    doc["stages"]["odd"].update(max_queue=10**8, max_retries=10**6, timeout=1e300)
+    problems = check(doc)
+    for needle in (
+        "pipeline: buffersize must be a positive integer, at most 10000000",
+        "stages.square: processes must be a positive integer or [min, max], at most 1024",
+        "stages.square: threads must be a positive integer or [min, max], at most 4096",
+        "stages.square: window must be a positive integer, at most 65536",
+        "stages.odd: max_queue must be a positive integer, at most 10000000",
+        "stages.odd: max_retries must be an integer from 0 to 1000",
+        "stages.odd: timeout must be a positive number of seconds",
+    ):
+        assert needle in "\n".join(problems), (needle, problems)
+    assert len(problems) == 7, problems
+    # Each stage within its limit, all of them together beyond it.
+    doc = json.loads(json.dumps(GOOD))
+    for name in ("square", "tag", "last"):
+        doc["stages"][name]["processes"] = [1, 1000]
+    assert check(doc) == ["the stages would start up to 3000 processes in all: at most 1024"]
+    assert check(GOOD) == []
+
+
+def test_an_infinite_timeout_in_toml_is_refused(tmp_path: Path) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("TOML needs Python 3.11")
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(
+        '[pipeline]\nsteps = ["a"]\n[stages.a]\nworker = "sample_workers:Echo"\ntimeout = inf\n'
+    )
+    assert check(read(cfg)) == [
+        "stages.a: timeout must be a positive number of seconds, at most 3.1536e+07"
+    ]

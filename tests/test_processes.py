@@ -142,6 +142,7 @@ def test_cli_listening_worker_connect_and_control_shutdown(procs: Procs, tmp_pat
         f"127.0.0.1:{port}",
         "--control",
         f"127.0.0.1:{ctl}",
+        "--keyless-actions",
         "--kwargs",
         json.dumps({"marker": str(marker)}),
     )
@@ -386,7 +387,7 @@ def test_listen_on_all_interfaces_needs_a_key() -> None:
 def test_coordinator_control_endpoint_health_and_shutdown() -> None:
     coord = Coordinator()
     coord.spawn(WordCount, processes=1)
-    address = coord.serve_control()
+    address = coord.serve_control(keyless_actions=True)
     status, health = get_health(address)
     assert status == 200 and health["role"] == "coordinator" and health["workers"] == 1
     status, _ = request_shutdown(address)

@@ -91,7 +91,7 @@ def test_sigterm_mid_stream_answers_every_accepted_task(tmp_path: Path, procs: P
     doc = json.loads(config.read_text())
     doc["stages"]["pause"]["processes"] = 2
     config.write_text(json.dumps(doc))
-    proc = procs.cli("serve", str(config))
+    proc = procs.cli("serve", str(config), "--keyless-actions")
     addresses = json.loads(_first_stdout_line(proc))
     assert set(addresses) == {"ingress", "http"}
     assert _post(f"http://{addresses['http']}/map", [1, 2]) == [[1, "t"], [2, "t"]]
