@@ -21,19 +21,42 @@ def register(sub: Any) -> None:
         "FILE` loads only the classes its file allows.",
     )
     m.add_argument("address", metavar="HOST:PORT", help="the coordinator's control endpoint")
-    add_key_args(m)
-    m.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    _add_options(m)
+    # The same options after the action too (`models HOST:PORT unload NAME --timeout 5`), as
+    # `status` takes them anywhere; SUPPRESS keeps an action's parser from resetting a value
+    # given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_options(common)
     actions = m.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("list", help="the models and their state on every worker")
+    ls = actions.add_parser(
+        "list", help="the models and their state on every worker", parents=[common]
+    )
     ls.add_argument("--json", action="store_true", help="print the JSON the endpoint returns")
-    load = actions.add_parser("load", help="load (or update) a model on every worker")
+    load = actions.add_parser(
+        "load", help="load (or update) a model on every worker", parents=[common]
+    )
     load.add_argument("name")
     load.add_argument("cls", metavar="MODULE:CLASS")
     load.add_argument("--config", default="{}", metavar="JSON", help="the model's load() config")
     load.add_argument("--version", help="the version to call it (default: a counter)")
-    unload = actions.add_parser("unload", help="unload a model everywhere")
+    unload = actions.add_parser(
+        "unload",
+        help="unload a model everywhere (exit code 1 if no worker knows it)",
+        parents=[common],
+    )
     unload.add_argument("name")
     m.set_defaults(run=run)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    add_key_args(p)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait for the endpoint (and for a load) (default 60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +87,14 @@ def run(args: argparse.Namespace) -> int:
         for worker, state in sorted(body.get("loaded", {}).items()):
             print(f"{worker}: {state}")
         return 0
-    _call(where, "POST", "/models/unload", key, json.dumps({"name": args.name}).encode(), 10.0)
+    _call(
+        where,
+        "POST",
+        "/models/unload",
+        key,
+        json.dumps({"name": args.name}).encode(),
+        min(args.timeout, 10.0),
+    )
     print(f"unloaded {args.name}")
     return 0
 
@@ -98,9 +128,15 @@ def _print_table(body: dict[str, Any]) -> None:
         if not per:
             rows.append((name, str(models.get(name, "")), "-", "-", ""))
         for worker, st in sorted(per.items()):
+            detail = str(st.get("error", ""))
+            update = st.get("update")
+            if isinstance(update, dict):  # a newer version loading, or failed, beside it
+                detail = f"update to {update.get('version', '?')} {update.get('state', '')}"
+                if update.get("error"):
+                    detail += f": {update['error']}"
             rows.append(
                 (name, str(st.get("version", models.get(name, ""))), worker,
-                 str(st.get("state", "")), str(st.get("error", "")))
+                 str(st.get("state", "")), detail)
             )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:

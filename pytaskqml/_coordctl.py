@@ -127,5 +127,8 @@ def _unload(coord: Coordinator, request: Request) -> Reply:
         body = _body(request)
     except ValueError as exc:
         return Reply(400, {"error": str(exc)})
-    coord.models.unload(body["name"])
+    try:
+        coord.models.unload(body["name"])
+    except KeyError as exc:
+        return Reply(404, {"error": exc.args[0]})
     return Reply(200, {"unloaded": body["name"]})
