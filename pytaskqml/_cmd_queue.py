@@ -52,7 +52,14 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="redis://[:password@]host:port/db or rediss://... (TLS)")
     p.add_argument("--stream", default="pytaskqml", help="the queue's stream (default pytaskqml)")
     p.add_argument("--group", default="coordinators", help="the consumer group")
-    p.add_argument("--claim-idle", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a dead coordinator's entries wait before another one runs them "
+        "(default 5; see RedisQueue)",
+    )
     p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the Redis server's certificate")
 
 

@@ -14,6 +14,9 @@
      │    └── ModelLoadError      no worker could load a named model (coord.models.load, a
      │                            pipeline's model stage): names the model, version and cause
      ├── TaskFailed               process() raised; carries the remote type and traceback text
+     ├── EntryLostError           a Redis queue lost the entry of a task (the server restarted
+     │                            without persistence, the stream was deleted) or could not be
+     │                            reached for longer than the producer's lost_timeout
      └── WorkerLostError          the workers that could run a task were lost:
           │                       raised as such for a *poison* task, one that killed more
           │                       workers than max_retries while running
@@ -92,6 +95,13 @@ class ModelLoadError(WorkerStartError):
         where = f" version {version!r}" if version else ""
         text = f"model {model!r}{where} failed to load: {'; '.join(parts) or 'no worker answered'}"
         return cls(text, model=model, version=version, errors=errors)
+
+
+class EntryLostError(PyTaskQMLError):
+    """A :class:`~pytaskqml.RedisClient`'s task will not run: Redis lost the entry that held
+    it (a restart without persistence, the stream or group deleted) and the producer was told
+    not to submit it again (``on_lost="fail"``), or Redis did not answer for longer than the
+    producer's ``lost_timeout``."""
 
 
 class TaskFailed(PyTaskQMLError):
