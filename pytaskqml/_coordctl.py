@@ -49,7 +49,13 @@ class ControlHost:
         if coord._control is not None:
             raise RuntimeError("the control endpoint is already running")
         server = coord._control = coordinator_control(coord, address, insecure=insecure)
-        install_status(server, coord.statistics, name=coord.name, open_metrics=open_metrics)
+        install_status(
+            server,
+            coord.statistics,
+            name=coord.name,
+            open_metrics=open_metrics,
+            ingress=coord.ingress_statistics,
+        )
         if http_ingress:
             install_http_ingress(server, coord)
         server.start()

@@ -43,6 +43,7 @@ class Models:
         self._status: dict[str, dict[str, dict[str, Any]]] = {}
         self._loads: Counter[str] = Counter()
         self._unloads: Counter[str] = Counter()
+        self._load_failures: Counter[str] = Counter()
         self._versions = itertools.count(1)
         engine.on_model_request = self._requested
         engine.on_model_status = self._reported
@@ -181,6 +182,8 @@ class Models:
                 k: status[k] for k in ("state", "version", "error") if k in status
             }
             self._set_status(name, handle.name, entry)
+            if entry.get("state") == "failed":
+                self._load_failures[name] += 1
             self._cv.notify_all()
 
     def _set_status(self, name: str, worker: str, entry: dict[str, Any]) -> None:
@@ -226,7 +229,12 @@ class Models:
 
     # ------------------------------------------------------------------ statistics
 
-    def statistics(self, counts: dict[tuple[str, str], int]) -> tuple[ModelStats, ...]:
+    def statistics(
+        self,
+        counts: dict[tuple[str, str], int],
+        seconds: dict[tuple[str, str], float] | None = None,
+    ) -> tuple[ModelStats, ...]:
+        seconds = seconds or {}
         with self._cv:
             names = set(self._specs) | set(self._status) | {m for m, _ in counts}
             out = []
@@ -255,6 +263,10 @@ class Models:
                         results=tuple((v, n) for (m, v), n in sorted(counts.items()) if m == name),
                         loads=self._loads[name],
                         unloads=self._unloads[name],
+                        seconds=tuple(
+                            (v, round(t, 6)) for (m, v), t in sorted(seconds.items()) if m == name
+                        ),
+                        load_failures=self._load_failures[name],
                     )
                 )
         return tuple(out)

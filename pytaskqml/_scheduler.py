@@ -86,6 +86,7 @@ class Scheduler(ModelEvents, Endings):
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
         self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
+        self.model_seconds: dict[tuple[str, str], float] = {}  # ... and their latency, summed
 
     # ------------------------------------------------------------------ workers
 
@@ -445,7 +446,7 @@ class Scheduler(ModelEvents, Endings):
                     ),
                 )
             if t.route is not None and t.route.model is not None:
-                kind, value = self._model_result(t, kind, value, ws, versions)
+                kind, value = self._model_result(t, kind, value, ws, versions, now)
             if t.finished:
                 late.extend(late_results(t, kind, value))
                 continue
