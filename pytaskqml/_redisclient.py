@@ -514,21 +514,29 @@ class RedisClient:
         replies = pipe.execute()
         if replies[0] and all(replies[1:]):
             return  # the cursor and both ends are there: nothing to look into
+        if not replies[0]:
+            with self._cv:
+                self._dirty = True  # the cursor is gone: the next commit writes all of it
+            r.hset(self._cursor_key, "next", self._next)
+            r.expire(self._cursor_key, int(q.result_ttl))
+        # A coordinator deletes an entry only after writing its result: what was missing
+        # and has no result once the result stream is read to its end was lost. (Usually a
+        # missing end just finished: its result is read here, and nothing more is looked at.)
         missing = [seq for seq, found in zip(probe, replies[1:], strict=True) if not found]
-        if len(seqs) > len(probe) and missing:
-            missing = self._missing(r, seqs, sent)
-        # A coordinator deletes an entry only after writing its result: what is missing
-        # now and has no result after the result stream is read to its end was lost.
         self._read_results(r, None)
         with self._cv:
             lost = [seq for seq in missing if self._sent.get(seq) is sent[seq]]
-            if not replies[0]:
-                self._dirty = True  # the cursor is gone too: write all of it again
-        if not replies[0]:
-            r.hset(self._cursor_key, "next", self._next)
-            r.expire(self._cursor_key, int(q.result_ttl))
+            rest = [seq for seq in seqs if seq not in probe and self._sent.get(seq) is sent[seq]]
+        if not lost and replies[0]:
+            return
+        if rest:  # one end (or the cursor) was lost: so may be anything between
+            missing = self._missing(r, rest, sent)
+            self._read_results(r, None)
+            with self._cv:
+                lost += [seq for seq in missing if self._sent.get(seq) is sent[seq]]
         if not lost:
             return
+        lost.sort()
         with self._cv:
             self.lost += len(lost)
         if self.on_lost == "fail":
