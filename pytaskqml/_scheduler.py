@@ -85,8 +85,7 @@ class Scheduler(ModelEvents, Endings):
         self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
-        self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
-        self.model_seconds: dict[tuple[str, str], float] = {}  # ... and their latency, summed
+        self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
 
     # ------------------------------------------------------------------ workers
 
