@@ -111,6 +111,8 @@ def _call(
         raise unreachable(where, exc) from None
     if not isinstance(reply, dict):
         reply = {"error": str(reply)}
+    if status == 404 and reply.get("error"):  # the endpoint answered: no such model
+        raise UserError(f"{_connection.format_address(where)}: {reply['error']}", EXIT_FAILURE)
     if status >= 400:
         raise UserError(
             f"{_connection.format_address(where)} refused: {status} {reply.get('error', '')}",
