@@ -472,7 +472,6 @@ def test_a_dead_coordinator_leaves_the_group_once_its_entries_moved(
         def listed() -> set[str]:
             return {c["name"] for c in q.status()["consumers"]}
 
-        assert dead in listed() or survivor.last.get("claimed", 0) > 0
         wait_for(lambda: dead not in listed(), T, "the dead consumer to be removed")
         assert survivor.last["consumer"] in listed()  # the live one stays
     finally:
