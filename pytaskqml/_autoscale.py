@@ -28,6 +28,7 @@ from typing import Any
 
 from ._engine import Engine
 from ._handles import WorkerHandle
+from ._stats import PoolStats
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class Autoscaler:
         shrink: Callable[[WorkerHandle], None],
         scale_up_wait: float,
         scale_down_idle: float,
+        kind: str = "processes",
     ) -> None:
         self.engine = engine
+        self.kind = kind
         self.name = name
         self.lo, self.hi = lo, hi
         self._members = members
@@ -87,6 +90,19 @@ class Autoscaler:
 
     def start(self) -> None:
         self._thread.start()
+
+    def statistics(self, name: str) -> PoolStats:
+        """This pool's numbers now, under *name* (unique among the coordinator's pools)."""
+        return PoolStats(
+            name=name,
+            kind=self.kind,
+            workers=len(self._members()),
+            starting=self._starting(),
+            min=self.lo,
+            max=self.hi,
+            scale_ups=self.ups,
+            scale_downs=self.downs,
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,3 +149,15 @@ class Autoscaler:
             self.downs += 1
             self._shrink(handle)
             self.engine.signal()
+
+
+def pool_statistics(scalers: list[Autoscaler]) -> tuple[PoolStats, ...]:
+    """Each pool's :class:`PoolStats`; pools of the same worker are told apart by a number
+    (``myapp:Model``, ``myapp:Model#2``), so that every pool has a name of its own."""
+    seen: dict[str, int] = {}
+    out = []
+    for a in scalers:
+        seen[a.name] = seen.get(a.name, 0) + 1
+        n = seen[a.name]
+        out.append(a.statistics(a.name if n == 1 else f"{a.name}#{n}"))
+    return tuple(out)

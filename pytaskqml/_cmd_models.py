@@ -21,19 +21,18 @@ def register(sub: Any) -> None:
         "FILE` loads only the classes its file allows.",
     )
     m.add_argument("address", metavar="HOST:PORT", help="the coordinator's control endpoint")
-    add_key_args(m)
-    m.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="how long to wait for the endpoint, and for a load to finish (default 60)",
-    )
+    _add_options(m)
+    # The same options after the action too (`models HOST:PORT unload NAME --timeout 5`), as
+    # `status` takes them anywhere; SUPPRESS keeps an action's parser from resetting a value
+    # given before it.
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_options(common)
     actions = m.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = actions.add_parser(
         "list",
         help="the models and their state on every worker",
         description="Print each named model, its version and its state on every worker.",
+        parents=[common],
     )
     ls.add_argument("--json", action="store_true", help="print the JSON the endpoint returns")
     load = actions.add_parser(
@@ -41,6 +40,7 @@ def register(sub: Any) -> None:
         help="load (or update) a model on every worker",
         description="Load model NAME from MODULE:CLASS on every worker, or update it to a new "
         "version while tasks flow; exits 1 if no worker could load it.",
+        parents=[common],
     )
     load.add_argument("name", help="the name tasks use (submit(..., model=NAME))")
     load.add_argument("cls", metavar="MODULE:CLASS", help="the pytaskqml.Model subclass to load")
@@ -48,11 +48,23 @@ def register(sub: Any) -> None:
     load.add_argument("--version", help="the version to call it (default: a counter)")
     unload = actions.add_parser(
         "unload",
-        help="unload a model everywhere",
+        help="unload a model everywhere (exit code 1 if no worker knows it)",
         description="Unload model NAME from every worker; its tasks still waiting fail.",
+        parents=[common],
     )
     unload.add_argument("name", help="the model's name")
     m.set_defaults(run=run)
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    add_key_args(p)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait for the endpoint (and for a load) (default 60)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +95,14 @@ def run(args: argparse.Namespace) -> int:
         for worker, state in sorted(body.get("loaded", {}).items()):
             print(f"{worker}: {state}")
         return 0
-    _call(where, "POST", "/models/unload", key, json.dumps({"name": args.name}).encode(), 10.0)
+    _call(
+        where,
+        "POST",
+        "/models/unload",
+        key,
+        json.dumps({"name": args.name}).encode(),
+        min(args.timeout, 10.0),
+    )
     print(f"unloaded {args.name}")
     return 0
 
@@ -100,6 +119,8 @@ def _call(
         raise unreachable(where, exc) from None
     if not isinstance(reply, dict):
         reply = {"error": str(reply)}
+    if status == 404 and reply.get("error"):  # the endpoint answered: no such model
+        raise UserError(f"{_connection.format_address(where)}: {reply['error']}", EXIT_FAILURE)
     if status >= 400:
         raise UserError(
             f"{_connection.format_address(where)} refused: {status} {reply.get('error', '')}",
@@ -117,9 +138,15 @@ def _print_table(body: dict[str, Any]) -> None:
         if not per:
             rows.append((name, str(models.get(name, "")), "-", "-", ""))
         for worker, st in sorted(per.items()):
+            detail = str(st.get("error", ""))
+            update = st.get("update")
+            if isinstance(update, dict):  # a newer version loading, or failed, beside it
+                detail = f"update to {update.get('version', '?')} {update.get('state', '')}"
+                if update.get("error"):
+                    detail += f": {update['error']}"
             rows.append(
                 (name, str(st.get("version", models.get(name, ""))), worker,
-                 str(st.get("state", "")), str(st.get("error", "")))
+                 str(st.get("state", "")), detail)
             )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:

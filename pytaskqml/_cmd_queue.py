@@ -69,9 +69,10 @@ def _queue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--claim-idle",
         type=float,
-        default=30.0,
+        default=5.0,
         metavar="SECONDS",
-        help="claim entries a dead coordinator left idle this long (default 30)",
+        help="how long a dead coordinator's entries wait before another one runs them "
+        "(default 5; see RedisQueue)",
     )
     p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the Redis server's certificate")
 

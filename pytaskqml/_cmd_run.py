@@ -11,7 +11,14 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from . import _pipeconfig
-from ._cli_common import EXIT_FAILURE, EXIT_USAGE, UserError, add_key_args, read_key
+from ._cli_common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    UserError,
+    add_key_args,
+    log_verbosity,
+    read_key,
+)
 from ._errors import ClosedError, WorkerStartError
 from ._pipeline import Pipeline
 from ._progress import open_bar
@@ -28,12 +35,21 @@ def register(sub: Any) -> None:
         'input order. A failed item\'s line is {"error": TYPE, "message": TEXT, "stage": '
         'NAME}, a timed-out one\'s {"timeout": SECONDS}. --dry-run checks the file (graph, '
         "imports, options), prints the plan and starts nothing: exit code 2 and one line per "
-        "problem if it has any.",
+        "problem if it has any. Workers named MODULE:NAME are imported from the current "
+        "directory first. A stage that cannot start (a model whose load() raises, an import "
+        "error) ends the run with one line and exit code 1; Ctrl-C with exit code 130.",
     )
     r.add_argument("config", metavar="CONFIG", help="the pipeline file (.toml or .json)")
     r.add_argument("--input", "-i", metavar="FILE", default="-", help="JSON lines (- stdin)")
     r.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     r.add_argument("--buffersize", type=int, metavar="N", help="items in flight at most")
+    r.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log more, and show the traceback of an error that stops the run",
+    )
     add_key_args(r)
     r.set_defaults(run=run)
 
@@ -60,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UserError(f"cannot read {args.input}: {exc.strerror or exc}") from None
     key = read_key(args.authkey_file)
+    if args.verbose:
+        log_verbosity(args.verbose)
     failed = 0
     try:
         pipe = doc["pipeline"]
@@ -85,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
                 if bar is not None:
                     bar.close()
             sys.stdout.flush()
-    except (BadLine, ClosedError, WorkerStartError) as exc:
+    except BadLine as exc:
         raise UserError(str(exc)) from None
+    except (ClosedError, WorkerStartError) as exc:  # ModelLoadError too: a model stage's load
+        raise UserError(str(exc), EXIT_FAILURE) from exc
     finally:
         if source is not sys.stdin:
             source.close()

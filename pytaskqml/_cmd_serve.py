@@ -34,7 +34,8 @@ def register(sub: Any) -> None:
         "Prints one JSON line with the bound addresses on stdout once serving. On SIGTERM, "
         "SIGINT or POST /shutdown it drains: new work is refused with a clear error, every "
         "accepted item is finished and answered (for at most --drain-timeout seconds), then "
-        "it exits 0 (1 if the drain timed out). A second SIGINT stops at once.",
+        "it exits 0 (1 if the drain timed out). A second SIGINT stops at once. Workers "
+        "named MODULE:NAME are imported from the current directory first.",
     )
     s.add_argument("config", metavar="CONFIG", help="the pipeline file (.toml or .json)")
     s.add_argument("--ingress", metavar="HOST:PORT", help="override [service] ingress")

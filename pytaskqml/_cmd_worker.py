@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
         help="serve a Worker subclass to a coordinator",
         description="Serve a pytaskqml.Worker subclass, either listening for a coordinator "
         "(--listen) or dialling in to one (--connect). Stops gracefully on SIGTERM, Ctrl-C or "
-        "POST /shutdown to its control endpoint.",
+        "POST /shutdown to its control endpoint. MODULE is imported from the current "
+        "directory first, as with `python -m pytaskqml`.",
     )
     w.add_argument(
         "target",

@@ -61,7 +61,13 @@ class ControlHost:
         server = coord._control = coordinator_control(
             coord, address, insecure=insecure, keyless_actions=keyless_actions
         )
-        install_status(server, coord.statistics, name=coord.name, open_metrics=open_metrics)
+        install_status(
+            server,
+            coord.statistics,
+            name=coord.name,
+            open_metrics=open_metrics,
+            ingress=coord.ingress_statistics,
+        )
         if http_ingress:
             install_http_ingress(server, coord)
         server.start()
@@ -154,5 +160,8 @@ def _unload(coord: Coordinator, request: Request) -> Reply:
         body = _body(request)
     except ValueError as exc:
         return Reply(400, {"error": str(exc)})
-    coord.models.unload(body["name"])
+    try:
+        coord.models.unload(body["name"])
+    except KeyError as exc:
+        return Reply(404, {"error": exc.args[0]})
     return Reply(200, {"unloaded": body["name"]})

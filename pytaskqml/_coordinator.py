@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import _protocol
 from ._auth import resolve_authkey
-from ._autoscale import Autoscaler
+from ._autoscale import Autoscaler, pool_statistics
 from ._broadcast import Broadcast, Broadcasts
 from ._bufpool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
 from ._control import ControlServer
@@ -459,9 +459,12 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             start_failures=sup.start_failures,
             start_error=sup.last_error,
             uptime=time.monotonic() - self._started,
-            models=self.models.statistics(self._engine.model_counts()),
+            models=self.models.statistics(
+                self._engine.model_counts(), self._engine.model_seconds()
+            ),
             scale_ups=sum(a.ups for a in self._autoscalers),
             scale_downs=sum(a.downs for a in self._autoscalers),
+            pools=pool_statistics(self._autoscalers),
             buffers=self._buffers.statistics(),
         )
         if self._feed is not None:

@@ -30,12 +30,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _metrics
 from ._control import ControlServer, Reply, Request
 from ._histogram import HistogramSnapshot
 from ._stats import ServeStats, Statistics, WorkerStats
+
+if TYPE_CHECKING:
+    from ._ingress import IngressStats
+    from ._pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +259,11 @@ def install_coordinator(
     *,
     name: str,
     open_metrics: bool = False,
+    ingress: Callable[[], list[IngressStats]] | None = None,
 ) -> History:
     """Add ``/``, ``/status`` and ``/metrics`` to a coordinator's endpoint and start sampling
-    (until the endpoint stops)."""
+    (until the endpoint stops). *ingress*: the statistics of its ingress ports, for
+    ``/metrics``."""
     history = History()
     sampler = _Sampler(snapshot, history, control.stopped, name)
     start_time = time.time() - snapshot().uptime
@@ -274,7 +280,8 @@ def install_coordinator(
         return Reply(200, doc, headers={"Cache-Control": "no-store"})
 
     def metrics(request: Request) -> Reply:
-        text = _metrics.coordinator_metrics(snapshot(), start_time=start_time)
+        ports = ingress() if ingress is not None else []
+        text = _metrics.coordinator_metrics(snapshot(), start_time=start_time, ingress=ports)
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
     control.add_route(
@@ -324,4 +331,29 @@ def install_worker(
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
     control.add_route("GET", "/status", status, auth=not open_metrics)
+    control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
+
+
+def install_service_metrics(
+    control: ControlServer,
+    pipeline: Callable[[], Pipeline | None],
+    ingress: Callable[[], list[IngressStats]],
+    *,
+    open_metrics: bool = False,
+) -> None:
+    """Add ``/metrics`` to a served pipeline's endpoint: its stages and ingress ports (see
+    :func:`~._metrics.pipeline_metrics`)."""
+    started = time.time()
+
+    def metrics(request: Request) -> Reply:
+        p = pipeline()
+        if p is None:
+            return Reply(503, {"error": "the pipeline is not running"})
+        s = p.statistics()
+        text = _metrics.pipeline_metrics(
+            s.stages, items_in=s.items_in, items_out=s.items_out, start_time=started
+        )
+        text += _metrics.ingress_metrics(ingress())
+        return Reply(200, text, _metrics.CONTENT_TYPE)
+
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)

@@ -9,10 +9,14 @@
      ├── ConnectionLost           the peer broke the connection (EOF, reset, heartbeat silence)
      ├── ClosedError              *you* closed it: submit after shutdown, put after close
      ├── WorkerStartError         a worker could not start (import error, setup() raised, a
-     │                            process that kept failing to start: then also what tasks that
-     │                            nothing else could run fail with)
-     ├── ModelLoadError           no worker could load a named model (coord.models.load)
+     │    │                       process that kept failing to start: then also what tasks that
+     │    │                       nothing else could run fail with)
+     │    └── ModelLoadError      no worker could load a named model (coord.models.load, a
+     │                            pipeline's model stage): names the model, version and cause
      ├── TaskFailed               process() raised; carries the remote type and traceback text
+     ├── EntryLostError           a Redis queue lost the entry of a task (the server restarted
+     │                            without persistence, the stream was deleted) or could not be
+     │                            reached for longer than the producer's lost_timeout
      └── WorkerLostError          the workers that could run a task were lost:
           │                       raised as such for a *poison* task, one that killed more
           │                       workers than max_retries while running
@@ -57,9 +61,47 @@ class WorkerStartError(PyTaskQMLError):
     remote_traceback: str = ""
 
 
-class ModelLoadError(PyTaskQMLError):
-    """A named model could not be loaded on any worker (each worker's error is in the
-    message, and in ``coord.models.status()``)."""
+class ModelLoadError(WorkerStartError):
+    """A named model could not be loaded on any worker.
+
+    ``model`` and ``version`` name it; ``errors`` maps each worker that tried to the error its
+    ``load()`` raised (``"Type: message"``), also shown by ``coord.models.status()``. A
+    subclass of :class:`WorkerStartError` because to whoever starts a pipeline or a service
+    it is one: the workers it needs are not ready, and ``except WorkerStartError`` written for
+    that keeps catching it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str = "",
+        version: str = "",
+        errors: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.version = version
+        self.errors = dict(errors or {})
+
+    @classmethod
+    def of(cls, model: str, version: str, errors: dict[str, str]) -> ModelLoadError:
+        """The error for *model* at *version* given each worker's error: one line, the
+        cause first (the same cause on several workers is said once)."""
+        causes: dict[str, list[str]] = {}
+        for worker, why in errors.items():
+            causes.setdefault(why or "no reason given", []).append(worker)
+        parts = [f"{why} (on {', '.join(sorted(ws))})" for why, ws in causes.items()]
+        where = f" version {version!r}" if version else ""
+        text = f"model {model!r}{where} failed to load: {'; '.join(parts) or 'no worker answered'}"
+        return cls(text, model=model, version=version, errors=errors)
+
+
+class EntryLostError(PyTaskQMLError):
+    """A :class:`~pytaskqml.RedisClient`'s task will not run: Redis lost the entry that held
+    it (a restart without persistence, the stream or group deleted) and the producer was told
+    not to submit it again (``on_lost="fail"``), or Redis did not answer for longer than the
+    producer's ``lost_timeout``."""
 
 
 class TaskFailed(PyTaskQMLError):

@@ -95,6 +95,7 @@ class IngressStats:
     received: int
     returned: int
     abandoned: int
+    address: str = ""  # where it listens, HOST:PORT
 
 
 def error_fields(value: Any) -> dict[str, str] | None:
@@ -330,7 +331,11 @@ class IngressServer:
     def statistics(self) -> IngressStats:
         """A snapshot of the counters of this port's producers (see :class:`IngressStats`)."""
         with self._lock:
-            return IngressStats(producers=len(self._producers), **self._counts)
+            counts = dict(self._counts)
+            producers = len(self._producers)
+        host, port = self.address[0], self.address[1]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return IngressStats(producers=producers, address=where, **counts)
 
     def _count(self, what: str, n: int = 1) -> None:
         with self._lock:

@@ -8,15 +8,26 @@ carry ``worker`` (its name) and ``kind`` labels; a worker's series end when it l
 worker process started again under the same name starts its counters from zero (which
 ``rate()`` reads as a counter reset). A ``pytaskqml worker``'s own series are named
 ``pytaskqml_serve_*``, so that they never mix with a coordinator's ``pytaskqml_worker_*``.
+
+Named models (``pytaskqml_model_*``) carry ``model`` and, for results, ``version`` labels;
+self-sizing pools (``pytaskqml_pool_*``) a ``pool`` label (the worker's ``module:Class``,
+numbered when two pools run the same class); ingress ports (``pytaskqml_ingress_*``) an
+``address``; a pipeline's stages (:func:`pipeline_metrics`, ``pytaskqml_stage_*``) a
+``stage``. A family with nothing to show (no model loaded) is still declared, empty, so a
+dashboard finds every name from the start.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ._histogram import HistogramSnapshot
-from ._stats import ServeStats, Statistics, WorkerStats
+from ._stats import ModelStats, PoolStats, ServeStats, Statistics, WorkerStats
+
+if TYPE_CHECKING:
+    from ._ingress import IngressStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -65,12 +76,16 @@ class Exposition:
 
     def histogram(self, name: str, help_text: str, h: HistogramSnapshot) -> None:
         self.family(name, "histogram", help_text)
+        self.histogram_samples(name, h)
+
+    def histogram_samples(self, name: str, h: HistogramSnapshot, labels: Labels = ()) -> None:
+        """One histogram's samples (its family declared already), with *labels* on each."""
         cumulative = h.cumulative()
         for bound, count in zip(h.bounds, cumulative, strict=False):
-            self.sample(f"{name}_bucket", count, [("le", _number(float(bound)))])
-        self.sample(f"{name}_bucket", cumulative[-1], [("le", "+Inf")])
-        self.sample(f"{name}_sum", h.sum)
-        self.sample(f"{name}_count", cumulative[-1])
+            self.sample(f"{name}_bucket", count, [*labels, ("le", _number(float(bound)))])
+        self.sample(f"{name}_bucket", cumulative[-1], [*labels, ("le", "+Inf")])
+        self.sample(f"{name}_sum", h.sum, labels)
+        self.sample(f"{name}_count", cumulative[-1], labels)
 
     def text(self) -> str:
         return "\n".join(self._lines) + "\n"
@@ -130,8 +145,14 @@ def _worker_labels(w: WorkerStats) -> list[tuple[str, str]]:
     return [("worker", w.name), ("kind", w.kind)]
 
 
-def coordinator_metrics(stats: Statistics, *, start_time: float) -> str:
-    """The coordinator's exposition. *start_time*: when it was created, in Unix seconds."""
+def coordinator_metrics(
+    stats: Statistics,
+    *,
+    start_time: float,
+    ingress: Sequence[IngressStats] = (),
+) -> str:
+    """The coordinator's exposition. *start_time*: when it was created, in Unix seconds;
+    *ingress*: its ingress ports' statistics."""
     out = Exposition()
     for name, field, help_text in _TASK_COUNTERS:
         out.metric(name, "counter", help_text, getattr(stats, field))
@@ -170,10 +191,173 @@ def coordinator_metrics(stats: Statistics, *, start_time: float) -> str:
     for kind, n in sorted(kinds.items()):
         out.sample("pytaskqml_workers", n, [("kind", kind)])
     _per_worker(out, stats.workers)
+    _models(out, stats.models)
+    _pools(out, stats)
+    _ingress(out, ingress)
     out.metric(
         "pytaskqml_start_time_seconds",
         "gauge",
         "When the coordinator was created, in seconds since the Unix epoch.",
+        start_time,
+    )
+    return out.text()
+
+
+def _models(out: Exposition, models: Sequence[ModelStats]) -> None:
+    out.family(
+        "pytaskqml_model_results_total",
+        "counter",
+        "Items a named model answered (a result or an error), by model and version.",
+    )
+    for m in models:
+        for version, n in m.results:
+            out.sample(
+                "pytaskqml_model_results_total", n, [("model", m.name), ("version", version)]
+            )
+    # A summary without quantiles: rate(_sum) / rate(_count) is the mean latency.
+    out.family(
+        "pytaskqml_model_latency_seconds",
+        "summary",
+        "Time from submission to result of a named model's items, by model and version.",
+    )
+    for m in models:
+        seconds = dict(m.seconds)
+        for version, n in m.results:
+            labels = [("model", m.name), ("version", version)]
+            out.sample("pytaskqml_model_latency_seconds_sum", seconds.get(version, 0.0), labels)
+            out.sample("pytaskqml_model_latency_seconds_count", n, labels)
+    for name, field, help_text in (
+        ("pytaskqml_model_loads_total", "loads", "Loads of a model sent to workers."),
+        (
+            "pytaskqml_model_load_failures_total",
+            "load_failures",
+            "Loads a worker reported failed (load() raised, class not allowed).",
+        ),
+        ("pytaskqml_model_unloads_total", "unloads", "Unloads of a model sent to workers."),
+    ):
+        out.family(name, "counter", help_text)
+        for m in models:
+            out.sample(name, getattr(m, field), [("model", m.name)])
+    out.family(
+        "pytaskqml_model_workers",
+        "gauge",
+        "Workers by what they report of a model now: ready (serving it), loading, failed "
+        "(its last load failed and it serves no version).",
+    )
+    for m in models:
+        for state, n in (("ready", len(m.ready)), ("loading", len(m.loading))):
+            out.sample("pytaskqml_model_workers", n, [("model", m.name), ("state", state)])
+        ready = {w for w, _ in m.ready}
+        failed = sum(1 for w, _ in m.failed if w not in ready)
+        out.sample("pytaskqml_model_workers", failed, [("model", m.name), ("state", "failed")])
+
+
+def _pools(out: Exposition, stats: Statistics) -> None:
+    pools: Sequence[PoolStats] = stats.pools
+    out.metric(
+        "pytaskqml_scale_ups_total",
+        "counter",
+        "Workers self-sizing pools added, all pools.",
+        stats.scale_ups,
+    )
+    out.metric(
+        "pytaskqml_scale_downs_total",
+        "counter",
+        "Workers self-sizing pools let go, all pools.",
+        stats.scale_downs,
+    )
+    for name, kind, field, help_text in (
+        ("pytaskqml_pool_scale_ups_total", "counter", "scale_ups", "Workers the pool added."),
+        ("pytaskqml_pool_scale_downs_total", "counter", "scale_downs", "Workers it let go."),
+        ("pytaskqml_pool_workers", "gauge", "workers", "Its workers attached now."),
+        ("pytaskqml_pool_starting_workers", "gauge", "starting", "Its workers starting now."),
+        ("pytaskqml_pool_min_workers", "gauge", "min", "The fewest workers it keeps."),
+        ("pytaskqml_pool_max_workers", "gauge", "max", "The most workers it may have."),
+    ):
+        out.family(name, kind, f"A self-sizing pool: {help_text[0].lower()}{help_text[1:]}")
+        for p in pools:
+            out.sample(name, getattr(p, field), [("pool", p.name), ("kind", p.kind)])
+
+
+def _ingress(out: Exposition, ports: Sequence[IngressStats]) -> None:
+    for name, kind, field, help_text in (
+        ("pytaskqml_ingress_producers", "gauge", "producers", "Producers connected now."),
+        (
+            "pytaskqml_ingress_producers_accepted_total",
+            "counter",
+            "accepted",
+            "Producers accepted.",
+        ),
+        (
+            "pytaskqml_ingress_connections_refused_total",
+            "counter",
+            "refused",
+            "Connections that failed the handshake.",
+        ),
+        (
+            "pytaskqml_ingress_producers_dropped_total",
+            "counter",
+            "dropped_producers",
+            "Producers disconnected for a protocol violation or a bad frame.",
+        ),
+        ("pytaskqml_ingress_items_received_total", "counter", "received", "Items received."),
+        ("pytaskqml_ingress_results_returned_total", "counter", "returned", "Results sent back."),
+        (
+            "pytaskqml_ingress_items_abandoned_total",
+            "counter",
+            "abandoned",
+            "Items whose producer went away before their result.",
+        ),
+    ):
+        out.family(name, kind, f"An ingress port: {help_text[0].lower()}{help_text[1:]}")
+        for i, port in enumerate(ports):
+            out.sample(name, getattr(port, field), [("address", port.address or str(i))])
+
+
+def pipeline_metrics(
+    stages: Mapping[str, Statistics], *, items_in: int, items_out: int, start_time: float
+) -> str:
+    """A served pipeline's exposition (from :meth:`Pipeline.statistics`): its items in and
+    out, and per stage the coordinator's main series with a ``stage`` label."""
+    out = Exposition()
+    out.metric(
+        "pytaskqml_pipeline_items_in_total", "counter", "Items put into the pipeline.", items_in
+    )
+    out.metric(
+        "pytaskqml_pipeline_items_out_total",
+        "counter",
+        "Items that came out of the pipeline (a result or an error).",
+        items_out,
+    )
+    per_stage: tuple[tuple[str, str, str, str], ...] = (
+        ("pytaskqml_stage_tasks_submitted_total", "counter", "submitted", "Items admitted."),
+        ("pytaskqml_stage_tasks_completed_total", "counter", "completed", "Items completed."),
+        ("pytaskqml_stage_tasks_failed_total", "counter", "failed", "Items failed."),
+        ("pytaskqml_stage_tasks_timed_out_total", "counter", "timed_out", "Items timed out."),
+        ("pytaskqml_stage_tasks_retried_total", "counter", "retried", "Tasks retried."),
+        ("pytaskqml_stage_queue_depth", "gauge", "queued", "Tasks waiting for a worker."),
+        ("pytaskqml_stage_tasks_in_flight", "gauge", "in_flight", "Tasks held by workers."),
+        ("pytaskqml_stage_worker_restarts_total", "counter", "restarts", "Workers restarted."),
+    )
+    for name, kind, field, help_text in per_stage:
+        out.family(name, kind, f"A pipeline stage: {help_text[0].lower()}{help_text[1:]}")
+        for stage, s in stages.items():
+            out.sample(name, getattr(s, field), [("stage", stage)])
+    out.family("pytaskqml_stage_workers", "gauge", "A pipeline stage: its workers attached now.")
+    for stage, s in stages.items():
+        out.sample("pytaskqml_stage_workers", len(s.workers), [("stage", stage)])
+    out.family(
+        "pytaskqml_stage_latency_seconds",
+        "histogram",
+        "A pipeline stage: time from submission to result, per item.",
+    )
+    for stage, s in stages.items():
+        if s.latency is not None:
+            out.histogram_samples("pytaskqml_stage_latency_seconds", s.latency, [("stage", stage)])
+    out.metric(
+        "pytaskqml_start_time_seconds",
+        "gauge",
+        "When the pipeline started, in seconds since the Unix epoch.",
         start_time,
     )
     return out.text()
@@ -291,4 +475,11 @@ def worker_process_metrics(stats: ServeStats, *, target: str, start_time: float)
         "When the process started serving, in seconds since the Unix epoch.",
         start_time,
     )
+    return out.text()
+
+
+def ingress_metrics(ports: Sequence[IngressStats]) -> str:
+    """The ingress ports' families alone (appended to another exposition)."""
+    out = Exposition()
+    _ingress(out, ports)
     return out.text()

@@ -54,6 +54,7 @@ class Models:
         self._status: dict[str, dict[str, dict[str, Any]]] = {}
         self._loads: Counter[str] = Counter()
         self._unloads: Counter[str] = Counter()
+        self._load_failures: Counter[str] = Counter()
         self._versions = itertools.count(1)
         self._allowed: set[str] = set()  # module:Class names a request may name
         engine.on_model_request = self._requested
@@ -159,7 +160,12 @@ class Models:
         return self.load(name, spec, **options)
 
     def unload(self, name: str) -> None:
-        """Unload *name* everywhere; tasks for it that still wait will fail."""
+        """Unload *name* everywhere; tasks for it that still wait will fail. ``KeyError`` for
+        a name no worker knows (neither loaded by name nor brought by a worker)."""
+        with self._cv:
+            known = name in self._specs or name in self._status
+        if not known and not self._engine.has_model(name):
+            raise KeyError(f"no model named {name!r} to unload")
         with self._cv:
             self._specs.pop(name, None)
         self._engine.set_on_demand(name, False)
@@ -183,7 +189,10 @@ class Models:
 
     def status(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Per model, per worker: ``{"state": "loaded" | "loading" | "failed" | "unloaded",
-        "version": ..., "error": ...}``."""
+        "version": ..., "error": ...}``. While a worker loads a new version, or after the new
+        version failed to load there, the entry is still the version it serves (``"state":
+        "loaded"``), with ``"update": {"state": "loading" | "failed", "version", "error"?}``
+        beside it."""
         with self._cv:
             return {n: {w: dict(s) for w, s in per.items()} for n, per in self._status.items()}
 
@@ -218,10 +227,7 @@ class Models:
             if entry is None:
                 return
             spec, version = entry
-            self._status.setdefault(name, {})[handle.name] = {
-                "state": "loading",
-                "version": version,
-            }
+            self._set_status(name, handle.name, {"state": "loading", "version": version})
             self._loads[name] += 1
         self._engine.model_loading(handle, name)
         handle.model_command({"action": "load", "name": name, "spec": spec, "version": version})
@@ -242,8 +248,27 @@ class Models:
             entry: dict[str, Any] = {
                 k: status[k] for k in ("state", "version", "error") if k in status
             }
-            self._status.setdefault(name, {})[handle.name] = entry
+            self._set_status(name, handle.name, entry)
+            if entry.get("state") == "failed":
+                self._load_failures[name] += 1
             self._cv.notify_all()
+
+    def _set_status(self, name: str, worker: str, entry: dict[str, Any]) -> None:
+        """Lock held. A load that has not succeeded (yet) on a worker serving another version
+        does not hide that version: the worker keeps serving it (see the module's
+        docstring), so the entry stays the serving one and the attempt goes under
+        ``"update"``."""
+        per = self._status.setdefault(name, {})
+        old = per.get(worker)
+        if (
+            entry.get("state") in ("loading", "failed")
+            and old is not None
+            and old.get("state") == "loaded"
+            and old.get("version") != entry.get("version")
+        ):
+            per[worker] = {k: v for k, v in old.items() if k != "update"} | {"update": entry}
+        else:
+            per[worker] = entry
 
     def _wait(
         self, name: str, version: str, workers: builtins.list[str], timeout: float
@@ -252,10 +277,8 @@ class Models:
         with self._cv:
             while True:
                 per = self._status.get(name, {})
-                answers = {
-                    w: per[w] for w in workers if w in per and per[w].get("version") == version
-                }
-                done = {w: s for w, s in answers.items() if s.get("state") != "loading"}
+                answers = {w: _attempt(per[w], version) for w in workers if w in per}
+                done = {w: s for w, s in answers.items() if s and s.get("state") != "loading"}
                 if len(done) == len(workers):
                     break
                 remaining = deadline - time.monotonic()
@@ -267,12 +290,18 @@ class Models:
             for w, s in done.items()
         }
         if all(v != "loaded" for v in out.values()):
-            raise ModelLoadError(f"model {name!r} version {version!r} failed to load: {out}")
+            errors = {w: str(s.get("error", "")) for w, s in done.items()}
+            raise ModelLoadError.of(name, version, errors)
         return out
 
     # ------------------------------------------------------------------ statistics
 
-    def statistics(self, counts: dict[tuple[str, str], int]) -> tuple[ModelStats, ...]:
+    def statistics(
+        self,
+        counts: dict[tuple[str, str], int],
+        seconds: dict[tuple[str, str], float] | None = None,
+    ) -> tuple[ModelStats, ...]:
+        seconds = seconds or {}
         with self._cv:
             names = set(self._specs) | set(self._status) | {m for m, _ in counts}
             out = []
@@ -292,15 +321,33 @@ class Models:
                         ),
                         failed=tuple(
                             (w, str(s.get("error", "")))
-                            for w, s in sorted(per.items())
+                            for w, s in sorted(
+                                [(w, s.get("update", s)) for w, s in per.items()],
+                                key=lambda ws: ws[0],
+                            )
                             if s.get("state") == "failed"
                         ),
                         results=tuple((v, n) for (m, v), n in sorted(counts.items()) if m == name),
                         loads=self._loads[name],
                         unloads=self._unloads[name],
+                        seconds=tuple(
+                            (v, round(t, 6)) for (m, v), t in sorted(seconds.items()) if m == name
+                        ),
+                        load_failures=self._load_failures[name],
                     )
                 )
         return tuple(out)
+
+
+def _attempt(entry: dict[str, Any], version: str) -> dict[str, Any] | None:
+    """What a worker's status entry says about loading *version*: the entry itself, or the
+    update beside the version it serves; None if it says nothing about that version yet."""
+    if entry.get("version") == version:
+        return entry
+    update = entry.get("update")
+    if isinstance(update, dict) and update.get("version") == version:
+        return update
+    return None
 
 
 def _normalise(spec: Any, config: dict[str, Any] | None) -> Spec:

@@ -121,6 +121,7 @@ class WorkerPool:
 
         scaler = Autoscaler(
             self._engine,
+            kind="threads",
             name=handle.name,
             lo=max(1, lo),
             hi=hi,

@@ -56,6 +56,17 @@ BLOCK_MS = 250  # how long one XREADGROUP waits for new entries
 HOLD_BYTES = 64 * 1024 * 1024  # entries held (read, not acknowledged) at most this big together
 HOLD_TIME = 0.1  # ... and at most about this much work for the workers
 STATS_EVERY = 1.0
+FORGET_AFTER = 10  # a consumer idle this many claim_idle periods with nothing pending is dead
+
+# Removes a consumer from the group only if it has no pending entry, in one step: deleting a
+# consumer drops its pending entries, and a live one may read an entry between a look and a
+# delete. A live consumer removed while idle comes back with its next XREADGROUP.
+FORGET_SCRIPT = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
 
 
 class QueueFeed:
@@ -88,6 +99,8 @@ class QueueFeed:
         self._remote_at: float | None = None
         self._lengths: tuple[int | None, int | None] = (None, None)
         self._warned_bad = False
+        self.forgotten = 0  # dead consumers removed from the group
+        self._forget_script: Any = None
         self._reader = threading.Thread(
             target=self._read_loop, name=f"pytaskqml-redis-reader-{q.stream}", daemon=True
         )
@@ -206,6 +219,11 @@ class QueueFeed:
                 if not outage:
                     log.warning("Redis error in %s's reader, retrying: %s", self.consumer, exc)
                     outage = True
+                # Start over on a new connection: a Redis that restarted without persistence
+                # answers NOGROUP until the group is created again (ensure_group, above).
+                if r is not None:
+                    r.close()
+                    r = None
                 self._stop_reading.wait(backoff.next())
             except Exception:
                 with self._lock:
@@ -350,7 +368,9 @@ class QueueFeed:
         pipe.xinfo_groups(q.stream)
         pipe.xlen(q.stream)
         pipe.xlen(q.dead_stream)
-        groups, length, dead = pipe.execute()
+        pipe.xinfo_consumers(q.stream, q.group)
+        groups, length, dead, consumers = pipe.execute()
+        self._forget_dead(r, consumers)
         with self._lock:
             for g in groups:
                 name = g.get("name")
@@ -359,6 +379,30 @@ class QueueFeed:
             self._lengths = (length, dead)
             self._remote_at = time.monotonic()
         self._engine.signal()
+
+    def _forget_dead(self, r: Any, consumers: list[dict[str, Any]]) -> None:
+        """Remove consumers idle for FORGET_AFTER claim periods that hold nothing: coordinators
+        that died (their entries were claimed meanwhile); else the group lists them forever."""
+        limit_ms = FORGET_AFTER * self.queue.claim_idle * 1000
+        for c in consumers:
+            name = c.get("name")
+            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            if name == self.consumer or c.get("pending") or (c.get("idle") or 0) < limit_ms:
+                continue
+            if self._forget_script is None:
+                self._forget_script = r.register_script(FORGET_SCRIPT)
+            try:
+                removed = self._forget_script(
+                    keys=[self.queue.stream], args=[self.queue.group, name], client=r
+                )
+            except self._redis.ResponseError as exc:  # scripts not allowed here: keep them
+                log.debug("cannot remove idle consumer %s: %s", name, exc)
+                return
+            if removed == -1:  # it took an entry meanwhile
+                continue
+            with self._lock:
+                self.forgotten += 1
+            log.info("removed consumer %s of %s: idle and holding nothing", name, self.queue.stream)
 
     def _claim(self, r: Any) -> None:
         """Take over entries idle past ``claim_idle``: a dead coordinator's, or released ones."""

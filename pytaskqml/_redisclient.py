@@ -18,6 +18,20 @@ its next one that was not taken is *expected*, and :meth:`RedisClient.resume` yi
 results in order, whether they were already in the result stream or are still being computed.
 After a :meth:`close` nothing is repeated; after a crash (``kill -9``) the results handed over
 in the last ``commit_interval`` are handed over again - at least once, never lost.
+
+Lost entries. Redis restarted without persistence (or with a snapshot older than the last
+writes), or the stream deleted, takes the producer's entries with it: no coordinator will
+ever run them, and without a check ``map()`` would wait forever. So once a second, while it
+has items outstanding, the reader thread looks for the oldest and the newest of its entries
+in the task stream, and for its cursor; if one is missing it checks every outstanding entry.
+An entry is *lost* when it is not in the stream and, reading the result stream after that
+look, its result has not come: a coordinator deletes an entry only after it wrote the result,
+so a missing entry without a result is not merely finished. A lost entry is submitted again
+under the same numbers (``on_lost="resubmit"``; a result of the first submission that still
+comes is a duplicate, dropped as any other), or its items fail with
+:class:`~pytaskqml.EntryLostError` (``on_lost="fail"``). While Redis does not answer at all,
+nothing can be checked: after ``lost_timeout`` seconds of that the outstanding items fail
+with :class:`~pytaskqml.EntryLostError` instead of waiting on.
 """
 
 from __future__ import annotations
@@ -37,11 +51,12 @@ from typing import Any, Literal
 from . import _codec
 from ._delivery import CallbackRunner, TaskFuture, deliver
 from ._endpoints import Backoff
-from ._errors import ClosedError
+from ._errors import ClosedError, EntryLostError
 from ._iterate import EACH, RAISE, YIELD, as_error, classify
 from ._redisformat import (
     BadEntry,
     Body,
+    Fields,
     SeqSet,
     check_name,
     encode_body,
@@ -60,6 +75,8 @@ MAX_CHUNK = 4096
 CHUNK_BYTES = 1 << 20  # ... and at most this much data per entry
 BUFFER_TIME = 0.2  # map()'s automatic buffer: about this much of the measured throughput
 MAX_BUFFER = 65_536
+LOST_CHECK_EVERY = 1.0  # seconds between looks for lost entries while items are outstanding
+CHECK_BATCH = 500  # entries looked up per pipeline in a full check
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,8 @@ class ProducerStats:
     """A producer's counters: items ``submitted`` and ``taken`` (results handed over) in this
     run, ``duplicates`` (second results dropped), ``outstanding`` (submitted here, no result
     yet), ``expected`` (items of an earlier run under this name still to be resumed),
-    ``rate`` (items answered per second, recent)."""
+    ``rate`` (items answered per second, recent), ``lost`` (entries Redis lost, see the
+    module's docstring) and ``resubmitted`` (of those, the ones submitted again)."""
 
     name: str
     submitted: int
@@ -76,6 +94,8 @@ class ProducerStats:
     outstanding: int
     expected: int
     rate: float
+    lost: int = 0
+    resubmitted: int = 0
 
 
 class RedisClient:
@@ -87,6 +107,12 @@ class RedisClient:
     ``max_outstanding_bytes`` of their data) may wait for results at once; ``submit()`` and
     ``map()`` block beyond that, and while the queue's stream is longer than its
     ``max_length``.
+
+    An entry Redis lost (restarted without persistence, stream deleted) is noticed within
+    about a second and submitted again (``on_lost="resubmit"``) or failed with
+    :class:`~pytaskqml.EntryLostError` (``on_lost="fail"``); while Redis does not answer for
+    longer than ``lost_timeout`` seconds (``None``: no limit) the outstanding items fail with
+    :class:`~pytaskqml.EntryLostError`. See the module's docstring.
     """
 
     def __init__(
@@ -97,7 +123,17 @@ class RedisClient:
         max_outstanding: int = 65_536,
         max_outstanding_bytes: int = 64 * 1024 * 1024,
         commit_interval: float = 0.1,
+        on_lost: Literal["resubmit", "fail"] = "resubmit",
+        lost_timeout: float | None = 60.0,
     ) -> None:
+        if on_lost not in ("resubmit", "fail"):
+            raise ValueError("on_lost must be 'resubmit' or 'fail'")
+        if lost_timeout is not None and not lost_timeout > 0:
+            raise ValueError(
+                f"lost_timeout must be a positive number or None, got {lost_timeout!r}"
+            )
+        self.on_lost = on_lost
+        self.lost_timeout = lost_timeout
         self.queue = queue
         self.name = check_name(name) if name is not None else f"p-{uuid.uuid4().hex[:16]}"
         self.max_outstanding = max_outstanding
@@ -125,6 +161,10 @@ class RedisClient:
         # first number -> (sink, count, bytes, offset: the map position minus the number)
         self._sinks: dict[int, tuple[Any, int, int, int]] = {}
         self._delivered: dict[int, tuple[int, bytes]] = {}  # first number -> (count, result id)
+        # first number -> (task entry id, its fields): what is looked for, and sent again,
+        # should Redis lose it. Kept until the result comes (bounded by max_outstanding_bytes).
+        self._sent: dict[int, tuple[bytes, Fields]] = {}
+        self._last = b"0-0"  # the result stream read up to here
         self._deletable: list[bytes] = []  # result entries to delete (duplicates)
         self._dirty = False
         self._outstanding = self._outstanding_bytes = 0
@@ -132,6 +172,7 @@ class RedisClient:
         self.submitted = self.taken_count = self.duplicates = 0
         self._answered = 0
         self._rate = 0.0
+        self.lost = self.resubmitted = 0
         self._closed = False
         self._stop = threading.Event()
         self._runner = CallbackRunner(f"redis-{self.name}")
@@ -285,7 +326,8 @@ class RedisClient:
             pipe.expire(self._cursor_key, int(q.result_ttl))
             pipe.xlen(q.stream)
             try:
-                self._stream_length = pipe.execute()[-1]
+                replies = pipe.execute()
+                self._stream_length = replies[-1]
             except BaseException:
                 # Not stored (or not known to be): these numbers are never expected again.
                 with self._cv:
@@ -294,6 +336,10 @@ class RedisClient:
                     self._taken.add(base, base + total)
                     self._dirty = True
                 raise
+            with self._cv:
+                for seq, eid, f in zip(seqs, replies, fields, strict=False):
+                    if seq in self._sinks:  # (its result may have come already)
+                        self._sent[seq] = (eid, f)
             self.submitted += total
 
     def _wait_for_room(self, total: int, nbytes: int) -> None:
@@ -317,6 +363,7 @@ class RedisClient:
     def _forget(self, seq: int) -> None:
         """Lock held: the entry at *seq* has its result (or never will)."""
         entry = self._sinks.pop(seq, None)
+        self._sent.pop(seq, None)
         if entry is not None:
             self._outstanding -= entry[1]
             self._outstanding_bytes -= entry[2]
@@ -350,18 +397,20 @@ class RedisClient:
     def _read_loop(self) -> None:
         backoff = Backoff(first=0.05, cap=2.0)
         r: Any = None
-        last = b"0-0"  # from the start: what is there was either taken (dropped) or is wanted
+        # From the start (self._last): what is there was either taken (dropped) or is wanted.
         next_commit = time.monotonic() + self.commit_interval
+        next_check = time.monotonic() + LOST_CHECK_EVERY
         rate_at, rate_count = time.monotonic(), 0
+        outage_since: float | None = None  # Redis has not answered since then
         while not self._stop.is_set():
             try:
                 if r is None:
                     r = self.queue.connect()
-                reply = r.xread({self._results_key: last}, count=1000, block=100)
-                for eid, fields in stream_entries(reply):
-                    last = eid
-                    self._on_result(eid, fields)
+                self._read_results(r, 100)
                 now = time.monotonic()
+                if now >= next_check:
+                    self._check_lost(r)
+                    next_check = time.monotonic() + LOST_CHECK_EVERY
                 if now - rate_at >= 0.1:
                     answered = self._answered
                     fresh = (answered - rate_count) / (now - rate_at)
@@ -371,14 +420,35 @@ class RedisClient:
                     self._commit(r)
                     next_commit = now + self.commit_interval
                 backoff.reset()
+                outage_since = None
             except self._redis.RedisError as exc:
                 log.warning("Redis error reading results of %s, retrying: %s", self.name, exc)
+                now = time.monotonic()
+                if outage_since is None:
+                    outage_since = now
+                elif self.lost_timeout is not None and now - outage_since > self.lost_timeout:
+                    self._fail_outstanding(
+                        f"Redis did not answer for {now - outage_since:.0f} s (lost_timeout="
+                        f"{self.lost_timeout:g}): {exc}"
+                    )
                 self._stop.wait(backoff.next())
             except Exception:
                 log.exception("the result reader of %s failed; retrying", self.name)
                 self._stop.wait(backoff.next())
         if r is not None:
             r.close()
+
+    def _read_results(self, r: Any, block: int | None) -> None:
+        """Read the result stream on from where it was read (waiting *block* ms for the first
+        entries; ``None``: not at all, and read on to its end)."""
+        while True:
+            reply = r.xread({self._results_key: self._last}, count=1000, block=block)
+            entries = stream_entries(reply)
+            for eid, fields in entries:
+                self._last = eid
+                self._on_result(eid, fields)
+            if block is not None or len(entries) < 1000:
+                return
 
     def _on_result(self, eid: bytes, fields: Any) -> None:
         try:
@@ -388,20 +458,28 @@ class RedisClient:
             with self._cv:
                 self._deletable.append(eid)
             return
-        outs = outcomes(seq, count, kind, value)
+        self._hand_over(eid, seq, count, outcomes(seq, count, kind, value))
+
+    def _hand_over(
+        self, eid: bytes | None, seq: int, count: int, outs: list[tuple[int, int, Any]]
+    ) -> None:
+        """Give the outcomes of the entry at *seq* to whoever waits for them (*eid*: the
+        result entry they came in, ``None`` for a failure made here)."""
         with self._cv:
             entry = self._sinks.get(seq)
             offset = 0
             if entry is not None and entry[1] == count:
                 self._forget(seq)
                 sink, offset = entry[0], entry[3]
-            elif self._resume.take_over(outs):
+            elif eid is not None and self._resume.take_over(outs):
                 sink = self._resume  # (lock order: ours, then the resume buffer's)
             else:
-                self.duplicates += 1
-                self._deletable.append(eid)
+                if eid is not None:
+                    self.duplicates += 1
+                    self._deletable.append(eid)
                 return
-            self._delivered[seq] = (count, eid)
+            if eid is not None:
+                self._delivered[seq] = (count, eid)
             self._answered += count
         if sink is self._resume:
             pass
@@ -415,6 +493,111 @@ class RedisClient:
             self._took(seq, count)  # nobody waits for it any more: it counts as taken
         else:
             sink.deliver_at(offset, outs)
+
+    # ------------------------------------------------------------------ lost entries
+
+    def _check_lost(self, r: Any) -> None:
+        """Find the entries Redis lost and submit them again, or fail them (see the module's
+        docstring). Runs on the reader thread, so results read meanwhile are handed over
+        before an entry is judged."""
+        with self._cv:
+            if not self._sent:
+                return
+            sent = dict(self._sent)
+        seqs = sorted(sent)
+        probe = sorted({seqs[0], seqs[-1]})
+        q = self.queue
+        pipe = r.pipeline(transaction=False)
+        pipe.exists(self._cursor_key)
+        for seq in probe:
+            pipe.xrange(q.stream, sent[seq][0], sent[seq][0])
+        replies = pipe.execute()
+        if replies[0] and all(replies[1:]):
+            return  # the cursor and both ends are there: nothing to look into
+        if not replies[0]:
+            with self._cv:
+                self._dirty = True  # the cursor is gone: the next commit writes all of it
+            r.hset(self._cursor_key, "next", self._next)
+            r.expire(self._cursor_key, int(q.result_ttl))
+        # A coordinator deletes an entry only after writing its result: what was missing
+        # and has no result once the result stream is read to its end was lost. (Usually a
+        # missing end just finished: its result is read here, and nothing more is looked at.)
+        missing = [seq for seq, found in zip(probe, replies[1:], strict=True) if not found]
+        self._read_results(r, None)
+        with self._cv:
+            lost = [seq for seq in missing if self._sent.get(seq) is sent[seq]]
+            rest = [seq for seq in seqs if seq not in probe and self._sent.get(seq) is sent[seq]]
+        if not lost and replies[0]:
+            return
+        if rest:  # one end (or the cursor) was lost: so may be anything between
+            missing = self._missing(r, rest, sent)
+            self._read_results(r, None)
+            with self._cv:
+                lost += [seq for seq in missing if self._sent.get(seq) is sent[seq]]
+        if not lost:
+            return
+        lost.sort()
+        with self._cv:
+            self.lost += len(lost)
+        if self.on_lost == "fail":
+            log.warning(
+                "%d task entries of %s were lost by Redis (restarted without persistence, or "
+                "the stream deleted): their items fail (on_lost='fail')",
+                len(lost),
+                self.name,
+            )
+            for seq in lost:
+                self._fail_entry(seq, "Redis lost the task entry before it ran")
+            return
+        log.warning(
+            "%d task entries of %s were lost by Redis (restarted without persistence, or the "
+            "stream deleted): submitting them again",
+            len(lost),
+            self.name,
+        )
+        q.ensure_group(r)  # a restarted Redis has neither stream nor group
+        for i in range(0, len(lost), CHECK_BATCH):
+            part = [(seq, sent[seq][1]) for seq in lost[i : i + CHECK_BATCH]]
+            pipe = r.pipeline(transaction=True)
+            for _, f in part:
+                pipe.xadd(q.stream, f)
+            pipe.hset(self._cursor_key, "next", self._next)
+            pipe.expire(self._cursor_key, int(q.result_ttl))
+            ids = pipe.execute()
+            with self._cv:
+                for (seq, f), eid in zip(part, ids, strict=False):
+                    if seq in self._sent:
+                        self._sent[seq] = (eid, f)
+                self.resubmitted += len(part)
+
+    def _missing(self, r: Any, seqs: list[int], sent: dict[int, tuple[bytes, Fields]]) -> list[int]:
+        """Which of the entries at *seqs* are no longer in the task stream."""
+        out: list[int] = []
+        for i in range(0, len(seqs), CHECK_BATCH):
+            part = seqs[i : i + CHECK_BATCH]
+            pipe = r.pipeline(transaction=False)
+            for seq in part:
+                pipe.xrange(self.queue.stream, sent[seq][0], sent[seq][0])
+            out.extend(seq for seq, found in zip(part, pipe.execute(), strict=True) if not found)
+        return out
+
+    def _fail_entry(self, seq: int, why: str) -> None:
+        with self._cv:
+            entry = self._sinks.get(seq)
+        if entry is None:
+            return
+        count = entry[1]
+        err = EntryLostError(f"{why} (producer {self.name}, items {seq}..{seq + count - 1})")
+        self._hand_over(None, seq, count, [(seq + i, ERROR, err) for i in range(count)])
+
+    def _fail_outstanding(self, why: str) -> None:
+        """Redis has not answered for longer than lost_timeout: fail every item waiting."""
+        with self._cv:
+            seqs = sorted(self._sinks)
+        if seqs:
+            log.warning("failing %d outstanding entries of %s: %s", len(seqs), self.name, why)
+        for seq in seqs:
+            self._fail_entry(seq, why)
 
     def _commit(self, r: Any) -> None:
         """Store the taken numbers and, in the same transaction, delete their result entries."""
@@ -458,6 +641,8 @@ class RedisClient:
                 self._outstanding,
                 len(self._resume.expected),
                 self._rate,
+                self.lost,
+                self.resubmitted,
             )
 
     def _check_open(self) -> None:

@@ -70,8 +70,15 @@ class RedisQueue:
     every other key of this queue), ``group`` the consumer group coordinators read through.
 
     ``claim_idle``: seconds an entry held by a coordinator may go without a sign of life before
-    another coordinator claims it (each coordinator renews its own entries four times per
-    period). ``max_deliveries``: an entry claimed more often than that is moved to the
+    another coordinator claims it: how long a producer's items stall after the coordinator
+    running them dies (``kill -9``, a lost host; one that shuts down releases its entries at
+    once). Each coordinator renews its entries every ``min(1, claim_idle / 4)`` seconds, so
+    the default of 5 s survives four missed renewals - a pause (GC, swapping, a slow Redis) of
+    up to about 4 s - before a live coordinator's work is also run elsewhere. Raise it where
+    coordinators pause longer and a second run is costly; lower it where a stall costs more
+    than a second run (a task may run twice either way; its result is delivered once). A
+    coordinator gone for ``10 * claim_idle`` with nothing pending is removed from the group's
+    consumers. ``max_deliveries``: an entry claimed more often than that is moved to the
     dead-letter stream (it keeps killing coordinators). ``max_length``: producers wait while the
     task stream is longer. ``max_results``/``result_ttl``: bounds of each result stream.
     ``redis_options`` go to ``redis.Redis.from_url`` as they are.
@@ -83,7 +90,7 @@ class RedisQueue:
         *,
         stream: str = "pytaskqml",
         group: str = "coordinators",
-        claim_idle: float = 30.0,
+        claim_idle: float = 5.0,
         max_deliveries: int = 5,
         max_length: int = 100_000,
         max_results: int = 1_000_000,

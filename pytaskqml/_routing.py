@@ -253,19 +253,29 @@ class ModelEvents:
     live: int
     failed: int
     model_counts: dict[tuple[str, str], int]
+    model_seconds: dict[tuple[str, str], float]
 
     def dispatch(self, now: float) -> list[WorkerState]:
         raise NotImplementedError
 
     def _model_result(
-        self, t: Task, kind: int, value: Any, ws: WorkerState, versions: dict[int, str] | None
+        self,
+        t: Task,
+        kind: int,
+        value: Any,
+        ws: WorkerState,
+        versions: dict[int, str] | None,
+        now: float,
     ) -> tuple[int, Any]:
-        """Count a model task's result by version; wrap it when the caller wants to know."""
+        """Count a model task's result and its latency by version; wrap it when the caller
+        wants to know."""
         route = t.route
         assert route is not None and route.model is not None
         version = (versions or {}).get(t.id, "")
         key = (route.model, version)
         self.model_counts[key] = self.model_counts.get(key, 0) + t.count
+        seconds = (now - t.t_submit) * t.count
+        self.model_seconds[key] = self.model_seconds.get(key, 0.0) + seconds
         ws.model_done[route.model] = ws.model_done.get(route.model, 0) + t.count
         if route.meta and kind == OK:
             value = ModelResult(value, route.model, version, ws.name)

@@ -85,7 +85,7 @@ class Scheduler(ModelEvents, Endings):
         self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
         self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
-        self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
+        self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
 
     # ------------------------------------------------------------------ workers
 
@@ -445,7 +445,7 @@ class Scheduler(ModelEvents, Endings):
                     ),
                 )
             if t.route is not None and t.route.model is not None:
-                kind, value = self._model_result(t, kind, value, ws, versions)
+                kind, value = self._model_result(t, kind, value, ws, versions, now)
             if t.finished:
                 late.extend(late_results(t, kind, value))
                 continue

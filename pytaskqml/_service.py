@@ -26,6 +26,7 @@ from typing import Any
 
 from . import _connection, _pipeconfig
 from ._control import ControlServer
+from ._dashboard import install_service_metrics
 from ._errors import ClosedError
 from ._httpingress import install_http_ingress
 from ._ingress import IngressServer
@@ -229,6 +230,11 @@ class Service:
             authkey=self.authkey,
             insecure=self.insecure,
             keyless_actions=self.keyless_actions,
+        )
+        install_service_metrics(
+            server,
+            lambda: self.pipeline,
+            lambda: [self._ingress.statistics()] if self._ingress is not None else [],
         )
         server.start()  # routes may be added to a running server
         self._controls.append(server)

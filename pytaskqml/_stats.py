@@ -104,7 +104,8 @@ class Statistics:
     ``start_failures`` spawned processes that failed before they were ready (``start_error``
     holds the last such error), ``rejected_peers`` connections refused (wrong key, garbage,
     too many at once). ``scale_ups`` and ``scale_downs`` count the workers self-sizing pools
-    (``spawn(..., processes=(min, max))``) added and let go.
+    (``spawn(..., processes=(min, max))``) added and let go; ``pools`` has each such pool
+    (:class:`PoolStats`).
 
     ``queued`` and ``in_flight`` are tasks waiting for a worker and held by workers now (a
     chunk counts once). Latencies are seconds from submission to result, over the last 8,192
@@ -144,6 +145,7 @@ class Statistics:
     models: tuple[ModelStats, ...] = ()
     scale_ups: int = 0
     scale_downs: int = 0
+    pools: tuple[PoolStats, ...] = ()
     queue: QueueStats | None = None
     queue_wait: HistogramSnapshot | None = None
     latency: HistogramSnapshot | None = None
@@ -173,7 +175,9 @@ class ModelStats:
     """One named model: the ``version`` asked for (``None`` for a model only workers brought,
     from their ``--models`` file), the workers holding it now with their version (``ready``),
     those loading it, those whose last load failed with the error, results per version, and
-    how many loads and unloads were sent."""
+    how many loads and unloads were sent. ``seconds`` is the latency (submission to result)
+    summed over the results of each version; ``load_failures`` counts loads a worker reported
+    failed."""
 
     name: str
     version: str | None
@@ -183,6 +187,26 @@ class ModelStats:
     results: tuple[tuple[str, int], ...]
     loads: int
     unloads: int
+    seconds: tuple[tuple[str, float], ...] = ()
+    load_failures: int = 0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A self-sizing pool (``spawn(..., processes=(min, max))``, ``add_local(...,
+    threads=(min, max))``): its ``name`` (the worker's ``module:Class``, numbered when
+    several pools run the same class), ``kind`` (``"processes"`` or ``"threads"``), the
+    ``workers`` attached now and ``starting``, its bounds, and the workers it added
+    (``scale_ups``) and let go (``scale_downs``)."""
+
+    name: str
+    kind: str
+    workers: int
+    starting: int
+    min: int
+    max: int
+    scale_ups: int
+    scale_downs: int
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,11 @@ class WorkerOps:
 
     # ------------------------------------------------------------------ pools
 
+    def model_seconds(self) -> dict[tuple[str, str], float]:
+        """Latency summed over the results counted by :meth:`model_counts`, in seconds."""
+        with self.lock:
+            return dict(self.core.model_seconds)
+
     def model_counts(self) -> dict[tuple[str, str], int]:
         with self.lock:
             return dict(self.core.model_counts)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +43,11 @@ from . import (
 from ._cli_common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
 from ._errors import AuthenticationError, ConnectionLost
 
+# Commands that import the user's code (MODULE:CLASS, a pipeline file's workers): they find
+# modules in the current directory, as `python -m pytaskqml` does.
+IMPORTING = ("run", "serve", "worker")
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
 COMMANDS: list[Any] = [
     _cmd_worker,
     _cmd_models,
@@ -58,7 +65,10 @@ def make_parser() -> argparse.ArgumentParser:
         prog="pytaskqml",
         description="Run pytaskqml workers and control running processes.",
         epilog="Keys: set PYTASKQML_AUTHKEY or pass --authkey-file; "
-        "the coordinator must use the same key.",
+        "the coordinator must use the same key. run, serve and worker import MODULE names "
+        "from the current directory first (as `python -m pytaskqml` does), then from "
+        "PYTHONPATH and the installed packages. Exit codes: 0 done, 1 failed, 2 usage "
+        "error, 130 stopped by Ctrl-C.",
     )
     parser.add_argument("--version", action="version", version=f"pytaskqml {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -128,14 +138,36 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == 200 else EXIT_FAILURE
 
 
+def cwd_on_path() -> None:
+    """Put the current directory first on ``sys.path``, where ``python -m`` puts it (the
+    ``pytaskqml`` script's own directory is there instead). Spawned workers inherit it."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (0, 1 for a failure, 2 for a usage error)."""
+    """Run one command; returns the exit code (0, 1 for a failure, 2 for a usage error, 130
+    when stopped by Ctrl-C). What a user can cause ends in one line on stderr; ``--verbose``
+    (where a command has it) adds the traceback."""
     args = make_parser().parse_args(argv)
+    if args.command in IMPORTING:
+        cwd_on_path()
+    verbose = getattr(args, "verbose", 0) > 0
     try:
         return int(args.run(args))
     except UserError as exc:
+        if verbose and exc.__context__ is not None:
+            traceback.print_exception(exc.__context__)
         print(f"pytaskqml: error: {exc}", file=sys.stderr)
         return exc.code
     except (ConnectionLost, AuthenticationError) as exc:
+        if verbose:
+            traceback.print_exc()
         print(f"pytaskqml: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print("pytaskqml: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

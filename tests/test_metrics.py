@@ -50,6 +50,11 @@ def value(fams: dict[str, Any], family: str, sample: str | None = None, **labels
     return float(found[0])
 
 
+def counter(fams: dict[str, Any], family: str, **labels: str) -> float:
+    """A counter's value (its sample is named ``<family>_total``)."""
+    return value(fams, family, f"{family}_total", **labels)
+
+
 class Sink:
     abandoned = False
 
@@ -285,3 +290,96 @@ def test_a_cli_worker_with_a_key_opens_metrics_only_when_told(procs: Procs, tmp_
     assert get(closed, "/metrics", token)[0] == 200
     assert get(opened, "/metrics")[0] == 200 and get(opened, "/status")[0] == 200
     assert request(opened, "POST", "/shutdown")[0] == 401  # still needs the token
+
+
+def test_metrics_show_models_pools_and_ingress_producers() -> None:
+    from model_workers import Broken, Scale
+
+    from pytaskqml import Client, ModelLoadError
+
+    with Coordinator() as coord:
+        coord.spawn(Echo, processes=(1, 2))
+        coord.add_local(Echo(), threads=(1, 3))
+        assert coord.wait_workers(2, timeout=T)
+        coord.models.load("scale", Scale, config={"factor": 2}, version="a")
+        assert [coord.submit(i, model="scale").result(T)[0] for i in range(5)] == [
+            0, 2, 4, 6, 8,
+        ]  # fmt: skip
+        coord.models.update("scale", Scale, config={"factor": 3}, version="b")
+        assert [coord.submit(i, model="scale").result(T)[0] for i in range(3)] == [0, 3, 6]
+        with pytest.raises(ModelLoadError):
+            coord.models.update("scale", Broken, version="c")
+        ingress = coord.serve_ingress()
+        with Client(ingress) as client:
+            assert list(client.map(range(7))) == list(range(7))
+        address = coord.serve_control()
+        stats = coord.statistics()
+        status, _, text = get(address, "/metrics")
+    assert status == 200
+    fams = families(text)
+    # Models: results and latency per version; loads and failures per model.
+    scale = {m.name: m for m in stats.models}["scale"]
+    assert dict(scale.results) == {"a": 5, "b": 3}
+    for version, n in (("a", 5), ("b", 3)):
+        labels = {"model": "scale", "version": version}
+        assert counter(fams, "pytaskqml_model_results", **labels) == n
+        family = "pytaskqml_model_latency_seconds"
+        assert value(fams, family, f"{family}_count", **labels) == n
+        latency = value(fams, family, f"{family}_sum", **labels)
+        assert 0 < latency < n * T
+    assert counter(fams, "pytaskqml_model_loads", model="scale") == scale.loads >= 3
+    assert counter(fams, "pytaskqml_model_load_failures", model="scale") == scale.load_failures >= 1
+    assert value(fams, "pytaskqml_model_workers", model="scale", state="ready") == len(scale.ready)
+    # Pools: one of processes, one of threads, with their bounds and sizes.
+    pools = {p.kind: p for p in stats.pools}
+    assert set(pools) == {"processes", "threads"}
+    for kind, (lo, hi) in (("processes", (1, 2)), ("threads", (1, 3))):
+        p = pools[kind]
+        labels = {"pool": p.name, "kind": kind}
+        assert value(fams, "pytaskqml_pool_min_workers", **labels) == lo
+        assert value(fams, "pytaskqml_pool_max_workers", **labels) == hi
+        assert value(fams, "pytaskqml_pool_workers", **labels) == p.workers >= 1
+        assert counter(fams, "pytaskqml_pool_scale_ups", **labels) == p.scale_ups
+        assert counter(fams, "pytaskqml_pool_scale_downs", **labels) == p.scale_downs
+    assert counter(fams, "pytaskqml_scale_ups") == stats.scale_ups
+    # Ingress: the producer that came and went, its items.
+    where = f"{ingress[0]}:{ingress[1]}"
+    assert counter(fams, "pytaskqml_ingress_producers_accepted", address=where) == 1
+    assert counter(fams, "pytaskqml_ingress_items_received", address=where) == 7
+    assert counter(fams, "pytaskqml_ingress_results_returned", address=where) == 7
+
+
+def test_a_served_pipeline_shows_its_stages_in_metrics() -> None:
+    from pytaskqml import Client
+    from pytaskqml._service import Service
+
+    doc = {
+        "pipeline": {"steps": ["square", "tag"]},
+        "stages": {
+            "square": {"worker": "sample_workers:Square", "threads": 2},
+            "tag": {"worker": "pipeline_workers:Tag", "processes": 1, "kwargs": {"tag": "t"}},
+        },
+        "service": {"ingress": "127.0.0.1:0", "control": "127.0.0.1:0"},
+    }
+    service = Service(doc, authkey=None).start()
+    try:
+        with Client(service.addresses["ingress"]) as client:
+            assert list(client.map(range(20))) == [[i * i, "t"] for i in range(20)]
+        host, port = service.addresses["control"].rsplit(":", 1)
+        status, kind, text = get((host, int(port)), "/metrics")
+    finally:
+        service.stop()
+    assert status == 200 and kind.startswith("text/plain")
+    fams = families(text)
+    assert counter(fams, "pytaskqml_pipeline_items_in") == 20
+    for stage in ("square", "tag"):
+        assert counter(fams, "pytaskqml_stage_tasks_completed", stage=stage) == 20
+        assert counter(fams, "pytaskqml_stage_tasks_failed", stage=stage) == 0
+        family = "pytaskqml_stage_latency_seconds"
+        assert value(fams, family, f"{family}_count", stage=stage) == 20
+    assert value(fams, "pytaskqml_stage_workers", stage="square") >= 1
+    assert value(fams, "pytaskqml_stage_workers", stage="tag") == 1
+    received = counter(
+        fams, "pytaskqml_ingress_items_received", address=service.addresses["ingress"]
+    )
+    assert received == 20

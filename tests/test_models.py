@@ -16,7 +16,7 @@ from conftest import Procs, child_env, free_port, pid_alive, read_line_with, wai
 from model_workers import Broken, Scale, Tracker, Upper
 from sample_workers import Echo, History
 
-from pytaskqml import Coordinator, ModelLoadError, ModelResult, ModelWorker
+from pytaskqml import Coordinator, ModelLoadError, ModelResult, ModelWorker, WorkerStartError
 
 T = 30.0
 
@@ -90,10 +90,34 @@ def test_a_load_that_fails_leaves_the_old_version_serving() -> None:
         with pytest.raises(ModelLoadError, match="weights file is corrupt"):
             coord.models.update("scale", Broken, version="bad")
         assert coord.submit(2, model="scale", with_meta=True).result(T).version == "good"
+        # The status shows both: the version that serves, and the update that failed.
         (state,) = coord.models.status()["scale"].values()
-        assert state["state"] == "failed" and "weights file is corrupt" in state["error"]
+        assert state["state"] == "loaded" and state["version"] == "good", state
+        update = state["update"]
+        assert update["state"] == "failed" and update["version"] == "bad", state
+        assert "weights file is corrupt" in update["error"]
         stats = {m.name: m for m in coord.statistics().models}["scale"]
         assert stats.failed and "corrupt" in stats.failed[0][1]
+        assert [v for _, v in stats.ready] == ["good"]
+        # A later update that works replaces both.
+        coord.models.update("scale", Scale, config={"factor": 5}, version="fixed")
+        (state,) = coord.models.status()["scale"].values()
+        assert state == {"state": "loaded", "version": "fixed"}
+
+
+def test_a_model_load_error_names_the_model_the_version_and_the_cause() -> None:
+    with Coordinator() as coord:
+        (pid,) = coord.spawn(Echo, processes=1)
+        with pytest.raises(ModelLoadError) as info:
+            coord.models.load("detector", Broken, version="3")
+    err = info.value
+    assert isinstance(err, WorkerStartError)  # `except WorkerStartError` around a start
+    assert (err.model, err.version) == ("detector", "3")
+    assert list(err.errors.values()) == ["RuntimeError: weights file is corrupt"]
+    assert str(err) == (
+        f"model 'detector' version '3' failed to load: RuntimeError: weights file is corrupt "
+        f"(on Echo-{pid})"
+    ), str(err)
 
 
 def test_tasks_for_a_model_nobody_could_load_fail_with_the_reason() -> None:
@@ -222,3 +246,33 @@ def test_the_models_command_lists_loads_and_unloads(tmp_path: Path) -> None:
         assert bad.returncode == 1 and "corrupt" in bad.stderr
         other = cli("load", "y", "model_workers:Upper")  # importable, but not allowed
         assert other.returncode == 1 and "403" in other.stderr and "allow list" in other.stderr
+        # A name nobody knows is an error, not "unloaded".
+        missing = cli("unload", "nosuch")
+        assert missing.returncode == 1, (missing.stdout, missing.stderr)
+        assert "no model named 'nosuch'" in missing.stderr and "unloaded" not in missing.stdout
+
+
+def test_the_models_command_takes_its_options_anywhere(tmp_path: Path) -> None:
+    key = b"k" * 32
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(key)
+    with Coordinator(authkey=key) as coord:
+        coord.spawn(Echo, processes=1)
+        host, port = coord.serve_control(allow_models=["model_workers:Scale"])
+        where = f"{host}:{port}"
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "pytaskqml", "models", *args],
+                env=child_env(), capture_output=True, text=True, timeout=T,
+            )  # fmt: skip
+
+        key_opt = ("--authkey-file", str(keyfile))
+        before = cli(*key_opt, "--timeout", "20", where, "load", "s", "model_workers:Scale")
+        assert before.returncode == 0, before.stderr
+        after = cli(where, "list", "--json", *key_opt, "--timeout", "20")
+        assert after.returncode == 0, after.stderr
+        assert json.loads(after.stdout)["models"] == {"s": "1"}
+        between = cli(where, *key_opt, "unload", "s", "--timeout", "5")
+        assert between.returncode == 0, between.stderr
+        assert coord.models.list() == {}

@@ -4,6 +4,7 @@ nothing), and ``pytaskqml run`` end to end in a subprocess."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -341,3 +342,91 @@ def test_an_infinite_timeout_in_toml_is_refused(tmp_path: Path) -> None:
     assert check(read(cfg)) == [
         "stages.a: timeout must be a positive number of seconds, at most 3.1536e+07"
     ]
+
+
+# ======================================================== the command as a console script runs it
+
+# What the `pytaskqml` console script is: a file outside the user's directory calling main(),
+# so sys.path[0] is that file's folder, not the current directory (unlike `python -m`).
+SCRIPT = "import sys\nfrom pytaskqml.cli import main\nsys.exit(main())\n"
+
+
+def _script(tmp_path: Path) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "pytaskqml").write_text(SCRIPT)
+    return [sys.executable, str(bin_dir / "pytaskqml")]
+
+
+def test_the_console_script_imports_the_users_module_from_the_current_directory(
+    tmp_path: Path,
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "myapp_t23.py").write_text("def lower(s):\n    return s.lower()\n")
+    doc = {
+        "pipeline": {"steps": ["lower", "again"]},
+        "stages": {
+            "lower": {"worker": "myapp_t23:lower", "threads": 1},
+            "again": {"worker": "myapp_t23:lower", "processes": 1},  # a child process too
+        },
+    }
+    (app / "words.json").write_text(json.dumps(doc))
+    done = subprocess.run(
+        [*_script(tmp_path), "run", "words.json"],
+        input='"HeLLo"\n"WORLD"\n', capture_output=True, text=True, env=child_env(), cwd=app,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ['"hello"', '"world"']
+    for command in ("run", "serve", "worker"):
+        shown = subprocess.run(
+            [*_script(tmp_path), command, "--help"],
+            capture_output=True, text=True, env=child_env(), timeout=60,
+        )  # fmt: skip
+        assert "current directory" in " ".join(shown.stdout.split()), command
+
+
+def test_a_model_that_fails_to_load_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.json"
+    doc = {
+        "pipeline": {"steps": ["m"]},
+        "stages": {"m": {"model": "det", "load": "model_workers:Broken", "processes": 1}},
+    }
+    cfg.write_text(json.dumps(doc))
+    done = _run("run", str(cfg), stdin="1\n")
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("pytaskqml: error")]
+    want = "model 'det' version '1' failed to load: RuntimeError: weights file is corrupt"
+    assert len(errors) == 1 and want in errors[0], done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    verbose = _run("run", str(cfg), "--verbose", stdin="1\n")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr, verbose.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ctrl_c_stops_a_run_with_one_line_and_exit_code_130(tmp_path: Path, verbose: bool) -> None:
+    cfg = tmp_path / "slow.json"
+    doc = {"pipeline": {"steps": ["s"]}, "stages": {"s": {"worker": "sample_workers:Sleepy"}}}
+    cfg.write_text(json.dumps(doc))
+    items = tmp_path / "in.jsonl"
+    items.write_text("0.001\n" + "0.2\n" * 500)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytaskqml", "run", str(cfg), "--input", str(items)]
+        + (["--verbose"] if verbose else []),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline()  # running: the first result is out
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    if verbose:
+        assert "Traceback" in err and "KeyboardInterrupt" in err
+    else:
+        assert err.strip() == "pytaskqml: interrupted", err

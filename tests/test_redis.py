@@ -416,3 +416,64 @@ def test_the_redis_demo_and_the_queue_commands(redis_url: str, stream: str) -> N
         )  # fmt: skip
     status = json.loads(out.stdout)
     assert status["length"] == 1 and status["group"]["pending"] == 0 and status["dead_letters"] == 0
+
+
+@pytest.mark.slow
+def test_with_the_default_claim_idle_a_dead_coordinators_work_moves_on_in_seconds(
+    redis_url: str,  # noqa: F811
+    stream: str,  # noqa: F811
+) -> None:
+    """kill -9 of the coordinator holding a producer's next items: with the default
+    claim_idle the producer waits seconds, not the half-minute it used to."""
+    import time
+
+    default = RedisQueue(redis_url).claim_idle
+    nodes = [_Node(redis_url, stream, default) for _ in range(2)]
+    try:
+        victim = nodes[0]
+        q = _queue(redis_url, stream)
+        n = 4000
+        gaps = []
+        with q.client("producer") as producer:
+            last = time.monotonic()
+            for i, value in enumerate(producer.map(range(n), chunksize=1)):
+                assert value == i
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+                if i == n // 4:
+                    wait_for(lambda: victim.last.get("holding", 0) > 0, T, "the victim's work")
+                    victim.proc.kill()
+                    last = time.monotonic()
+        stall = max(gaps[n // 4 + 1 :])
+        print(f"longest wait after the kill: {stall:.1f} s (claim_idle {default:g} s)")
+        assert stall < default + 5.0 < 15.0, stall
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.mark.slow
+def test_a_dead_coordinator_leaves_the_group_once_its_entries_moved(
+    redis_url: str,  # noqa: F811
+    stream: str,  # noqa: F811
+) -> None:
+    nodes = [_Node(redis_url, stream, 0.3) for _ in range(2)]
+    try:
+        victim, survivor = nodes
+        q = _queue(redis_url, stream)
+        with q.client("producer") as producer:
+            futures = [producer.submit(i) for i in range(400)]
+            wait_for(lambda: victim.last.get("holding", 0) > 0, T, "the victim's work")
+            dead = victim.last["consumer"]
+            victim.proc.kill()
+            assert [f.result(T) for f in futures] == list(range(400))
+
+        def listed() -> set[str]:
+            return {c["name"] for c in q.status()["consumers"]}
+
+        wait_for(lambda: dead not in listed(), T, "the dead consumer to be removed")
+        assert survivor.last["consumer"] in listed()  # the live one stays
+    finally:
+        for node in nodes:
+            node.stop()

@@ -161,3 +161,120 @@ def test_with_a_key_the_page_asks_for_the_token_and_works_with_it() -> None:
             )
             # The token leaves the address bar once read.
             assert "token" not in browser.evaluate("location.href")
+
+
+class _Canned:
+    """Serves the status page and a /status document the test sets: the page's charts drawn
+    from exactly the numbers the test chooses."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+
+        from pytaskqml._dashboard import _page
+
+        page, policy = _page()
+        self.doc: dict[str, Any] = {}
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/status"):
+                    body, kind = json.dumps(owner.doc).encode(), "application/json"
+                else:
+                    body, kind = page, "text/html; charset=utf-8"
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Security-Policy", policy)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="test-canned")
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def set_latency(self, p50: list[float], p99: list[float]) -> None:
+        n = len(p99)
+        self.doc = {
+            "name": "canned", "pid": 1, "uptime": 60, "queued": 0, "in_flight": 0,
+            "throughput": 10.0, "workers": [], "start_error": None,
+            "latency": {"p50": p50[-1], "p99": p99[-1]},
+            "counts": {"completed": 1, "failed": 0, "retried": 0, "restarts": 0},
+            "history": {
+                "interval": 1.0, "t": [float(i - n + 1) for i in range(n)],
+                "throughput": [10.0] * n, "latency_p50": p50, "latency_p99": p99,
+                "queued": [0] * n, "in_flight": [0] * n,
+            },
+        }  # fmt: skip
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(T)
+
+
+UNITS = {"µs": 1e-6, "ms": 1e-3, "s": 1.0}
+# The y axis' labels as drawn (right-aligned texts but "now"), top first, with where their
+# ink is relative to the chart's box.
+AXIS = """(() => {
+  const svg = document.getElementById('chart-latency');
+  const box = svg.getBoundingClientRect();
+  return [...svg.querySelectorAll('text')]
+    .filter(t => t.getAttribute('text-anchor') === 'end' && t.textContent !== 'now')
+    .map(t => {
+      const r = t.getBoundingClientRect();
+      return {text: t.textContent, top: r.top, left: r.left - box.left,
+              right: r.right - box.left, width: box.width};
+    })
+    .sort((a, b) => a.top - b.top);
+})()"""
+
+
+def _seconds(text: str) -> float:
+    number, unit = [*text.split(), ""][:2]
+    return float(number) * UNITS.get(unit, 1.0)
+
+
+@pytest.mark.parametrize("window_width", [1280, 700])
+def test_the_latency_axis_shows_every_digit_of_what_the_data_reach(window_width: int) -> None:
+    """526 ms used to be drawn as "26.0 ms" (the label ran out of the chart on the left);
+    each label is now whole, inside the chart, and the top one is at least the highest
+    value drawn (and not far above it)."""
+    assert CHROMIUM is not None
+    canned = _Canned()
+    try:
+        canned.set_latency([0.001], [0.002])
+        with Browser(CHROMIUM) as browser:
+            browser.open(canned.url)
+            browser.send(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": window_width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            )
+            for p99 in ([0.3, 0.526], [0.2, 0.55], [0.09, 0.1688], [0.0004, 0.0009], [1.2, 2.5]):
+                canned.set_latency([v / 2 for v in p99], p99)
+                top = max(p99)
+                # The page polls each second: wait for the chart of these values (the top
+                # label's text, read as seconds, at or above their highest) ...
+                labels = wait_page(
+                    browser,
+                    f"(() => {{ const a = {AXIS}; const t = a.length && a[0].text.split(' ');"
+                    f" const v = t && +t[0] * ({{'µs': 1e-6, 'ms': 1e-3, 's': 1}}[t[1]] || 1);"
+                    f" return v >= {top} && v <= {top * 1.5} ? a : null; }})()",
+                    f"an axis for {p99}",
+                )
+                # ... whose every label is whole: inside the chart, nothing cut off.
+                for label in labels:
+                    assert label["left"] >= -0.5 and label["right"] <= label["width"], label
+                shown = [_seconds(lb["text"]) for lb in labels]
+                assert shown == sorted(shown, reverse=True) and shown[-1] == 0, labels
+                assert top <= shown[0] <= top * 1.4, (labels, p99)
+    finally:
+        canned.close()
