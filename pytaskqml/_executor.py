@@ -15,13 +15,17 @@ from __future__ import annotations
 import ast
 import atexit
 import builtins
+import collections
 import concurrent.futures
+import contextlib
 import os
 import re
+import signal
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, TypeVar
 
 from ._coordinator import Coordinator
@@ -112,8 +116,13 @@ class Executor(concurrent.futures.Executor):
         if initializer is not None:
             kwargs["initializer"], kwargs["main_path"] = function_target(initializer)
             kwargs["initargs"] = list(initargs)
+        # A call may run as long as it needs, as in the standard library: a hang timeout is
+        # for tasks of known length (the user may still set one).
+        options.setdefault("hang_timeout", None)
         self._models: dict[tuple[Any, str], str] = {}
         self._lock = threading.Lock()
+        self._maps: weakref.WeakSet[_MapIterator] = weakref.WeakSet()
+        self._closed = False
         self._coord = Coordinator(**options)
         try:
             if max_workers:
@@ -155,6 +164,8 @@ class Executor(concurrent.futures.Executor):
 
         ``TypeError`` here for a function that has no import path, or arguments that cannot
         travel; ``RuntimeError`` after :meth:`shutdown`."""
+        if self._closed:
+            raise RuntimeError(_SHUT)
         model = self._model(fn, "kwargs" if kwargs else "args")
         try:
             inner = self._coord.submit([args, kwargs] if kwargs else args, model=model)
@@ -182,6 +193,8 @@ class Executor(concurrent.futures.Executor):
         as one task (default: chosen from the measured time per call)."""
         if chunksize is not None and (isinstance(chunksize, bool) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
+        if self._closed:
+            raise RuntimeError(_SHUT)
         # One iterable: its items are the arguments themselves, nothing to pack or unpack.
         # Several: zip's tuples, the shortest input ending it as in the standard library.
         one = len(iterables) == 1
@@ -196,12 +209,69 @@ class Executor(concurrent.futures.Executor):
             )
         except ClosedError:
             raise RuntimeError(_SHUT) from None
-        return _translated(results)
+        it = _MapIterator(results)
+        with self._lock:
+            self._maps.add(it)
+        return it
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking calls; with *wait*, return once every call has finished (or, with
-        *cancel_futures*, been cancelled) and every worker process is gone."""
-        self._coord.shutdown(wait, cancel_futures=cancel_futures)
+        *cancel_futures*, been cancelled) and every worker process is gone.
+
+        A ``map()`` not read to its end by then still runs all its calls first (they were
+        asked for before the shutdown, as in the standard library), and its results stay
+        readable after; with *cancel_futures* its calls not started are cancelled, and
+        reading it past the results already in raises ``CancelledError``."""
+        with self._lock:
+            self._closed = True
+            maps = [m for m in self._maps if not m.finished]
+        if cancel_futures:
+            for m in maps:
+                m.cancel()
+            self._coord.shutdown(wait, cancel_futures=True)
+        elif not maps:
+            self._coord.shutdown(wait)
+        elif wait:
+            self._finish_maps(maps)
+        else:
+            threading.Thread(
+                target=self._finish_maps, args=(maps,), name="pytaskqml-executor-shutdown"
+            ).start()
+
+    def _finish_maps(self, maps: list[_MapIterator]) -> None:
+        try:
+            for m in maps:
+                m.run_to_end()
+        finally:
+            self._coord.shutdown(True)
+
+    def terminate_workers(self) -> None:
+        """Stop every worker process now, as Python 3.14's ``ProcessPoolExecutor`` does:
+        calls not started are cancelled, each worker is sent ``SIGTERM`` (it finishes the
+        call in hand if it can within ``cancel_grace`` seconds, else it is killed), and the
+        executor is shut down. A call that did not finish reports ``cancelled()``."""
+        self._stop_workers(terminate=True)
+
+    def kill_workers(self) -> None:
+        """Kill every worker process at once (``SIGKILL``), cancel every call not finished,
+        and shut the executor down (Python 3.14's ``ProcessPoolExecutor.kill_workers``)."""
+        self._stop_workers(terminate=False)
+
+    def _stop_workers(self, *, terminate: bool) -> None:
+        with self._lock:
+            self._closed = True
+            maps = list(self._maps)
+        for m in maps:
+            m.cancel()
+        if terminate:
+            pids = [w.pid for w in self._coord.statistics().workers if w.pid is not None]
+            self._coord.shutdown(False, cancel_futures=True)
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+            self._coord.shutdown(True)
+        else:
+            self._coord.shutdown(True, cancel_futures=True, timeout=0)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         interrupted = exc_type is not None and not issubclass(exc_type, Exception)
@@ -217,15 +287,88 @@ def _shutdown_at_exit(ref: weakref.ref[Executor]) -> None:
         executor.shutdown(wait=True)
 
 
-def _translated(results: Iterator[Any]) -> Iterator[Any]:
-    try:
-        yield from results
-    except TaskFailed as exc:
-        err = caller_error(exc)
-        raise err from err.__cause__
-    except TimeoutError:
-        # concurrent.futures.TimeoutError: the builtin from Python 3.11 on, its own class before
-        raise concurrent.futures.TimeoutError("map() result not ready within its timeout") from None
+class _MapIterator(Iterator[Any]):
+    """What :meth:`Executor.map` returns: the coordinator's ``map()`` results, with errors as
+    the caller expects them (:func:`caller_error`), that can be run to its end by a shutdown
+    and read afterwards (:meth:`run_to_end`), or cancelled by one (:meth:`cancel`).
+
+    It keeps no reference to a result it has handed out (nor does the coordinator's
+    iterator), so results read and dropped are freed while the map goes on.
+    """
+
+    def __init__(self, results: Iterator[Any]) -> None:
+        self._results: Iterator[Any] | None = results
+        self._lock = threading.RLock()
+        # Results taken by a shutdown before the caller read them, then what ended the map.
+        self._kept: collections.deque[Any] = collections.deque()
+        self._end: BaseException | None = None
+        self._cancelled = False
+        self.finished = False
+
+    def __next__(self) -> Any:
+        with self._lock:
+            if self._kept:
+                return self._kept.popleft()
+            if self._end is not None:
+                err, self._end = self._end, None
+                raise err
+            results = self._results
+            if results is None:
+                raise StopIteration
+            try:
+                return next(results)
+            except BaseException as exc:
+                raise self._ended(exc) from exc.__cause__
+
+    def _ended(self, exc: BaseException) -> BaseException:
+        """The error to raise for *exc*, which ended the map (kept for a later read)."""
+        self.finished = True
+        self._results = None
+        if isinstance(exc, StopIteration):
+            err: BaseException = StopIteration()
+        elif isinstance(exc, TaskFailed):
+            err = caller_error(exc)
+        elif isinstance(exc, TimeoutError):
+            # concurrent.futures.TimeoutError: the builtin from 3.11 on, its own class before
+            err = concurrent.futures.TimeoutError("map() result not ready within its timeout")
+        elif isinstance(exc, ClosedError):
+            err = (
+                CancelledError("map() cancelled by shutdown(cancel_futures=True)")
+                if self._cancelled
+                else RuntimeError(f"{_SHUT}: the executor shut down while this map() ran")
+            )
+        else:
+            err = exc
+        return err
+
+    def run_to_end(self) -> None:
+        """Take every remaining result now (a shutdown with a map not read to its end), to be
+        read later; what ends the map is raised then."""
+        with self._lock:
+            results = self._results
+            if results is None:
+                return
+            try:
+                for value in results:
+                    self._kept.append(value)
+            except Exception as exc:
+                self._end = self._ended(exc)
+            else:
+                self._ended(StopIteration())
+
+    def cancel(self) -> None:
+        """A shutdown cancels what this map has not started: reading past the results that
+        are in raises CancelledError."""
+        self._cancelled = True
+
+    def close(self) -> None:
+        """Stop the map: calls not started are cancelled (as leaving a ``for`` loop early)."""
+        with self._lock:
+            results, self._results = self._results, None
+            self.finished = True
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 class CallFuture(TaskFuture):
@@ -245,11 +388,14 @@ class CallFuture(TaskFuture):
 
     def _settle(self, inner: Future[Any]) -> None:
         try:
-            if inner.cancelled():
+            exc = None if inner.cancelled() else inner.exception(0)
+            if inner.cancelled() or isinstance(exc, (CancelledError, ClosedError)):
+                # Never ran, or stopped by a shutdown that cancelled it: it reports cancelled(),
+                # as the standard library's futures do, never a CancelledError it did not get
+                # from cancel().
                 Future.cancel(self)
                 self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
                 return
-            exc = inner.exception(0)
             if exc is not None:
                 self.set_exception(caller_error(exc))
             else:
@@ -272,14 +418,38 @@ def caller_error(exc: BaseException) -> BaseException:
     if not isinstance(exc, TaskFailed):
         return exc
     cls = getattr(builtins, exc.remote_type, None) if "." not in exc.remote_type else None
+    message = exc.message
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        return exc
+        cls = _builtin_base(exc.remote_type)
+        if cls is None:
+            return exc
+        message = f"{exc.remote_type}: {exc.message}"
     try:
-        err = _rebuild(cls, exc.message)
+        err = _rebuild(cls, message) if message is exc.message else cls(message)
     except Exception:  # a type whose constructor wants more (UnicodeDecodeError, ...)
         return exc
     err.__cause__ = exc.__cause__
     return err
+
+
+def _builtin_base(remote_type: str) -> type[Exception] | None:
+    """The nearest builtin base (not ``Exception`` itself) of the exception type named
+    *remote_type* (``json.decoder.JSONDecodeError`` -> ``ValueError``), if this process has
+    that type's module loaded already - nothing is imported for a name a worker sent. The
+    caller's script's own types come from the worker as ``__mp_main__.X`` (or ``X``)."""
+    module_name, _, qualname = remote_type.rpartition(".")
+    if module_name in ("", "__mp_main__"):
+        module_name = "__main__"
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None else None
+    if not (isinstance(obj, type) and issubclass(obj, Exception)):
+        return None
+    for base in obj.__mro__[1:]:
+        if base.__module__ == "builtins" and issubclass(base, Exception):
+            # ``Exception`` itself says nothing TaskFailed does not (it is one too)
+            return None if base is Exception else base
+    return None
 
 
 def _rebuild(cls: type[Exception], message: str) -> Exception:
