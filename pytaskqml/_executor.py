@@ -53,23 +53,34 @@ class Executor(concurrent.futures.Executor):
     pickled. Where it differs from ``ProcessPoolExecutor``:
 
     - **Functions by import path.** ``fn`` must be a module-level function (or a builtin such
-      as ``pow``, a class such as ``int``, a static or class method); it is named as
+      as ``pow``, a class such as ``int``, a static or class method - an inherited class
+      method runs bound to the class you took it from); it is named as
       ``module:qualname`` and imported in the worker, never pickled. Lambdas, nested
       functions, bound methods, ``functools.partial`` and functions of a ``__main__`` that is
       not a file raise ``TypeError`` at ``submit()``/``map()``. A function of a script's
       ``__main__`` is loaded from that file, as ``multiprocessing``'s spawn does, so keep the
-      script's work under ``if __name__ == "__main__":``.
+      script's work under ``if __name__ == "__main__":`` (a script that starts an executor
+      while a worker loads it fails those calls with a ``RuntimeError`` that says so).
     - **Arguments and results are data**, what JSON, bytes and NumPy arrays carry: tuples
       arrive as lists, dict keys as strings, NumPy scalars as Python numbers (see
       ``pytaskqml._codec.as_sent``). Arguments that cannot travel (a ``set``, an object)
       raise ``TypeError`` at ``submit()``, and in ``map()`` where it reaches them; a result
-      that cannot travel fails its call with ``TypeError``.
+      that cannot travel fails its call with ``TypeError``, and one larger than
+      ``max_frame_size`` (64 MiB) with ``ValueError`` (the worker goes on).
     - **Exceptions travel as text.** An exception of a builtin type (``ValueError``,
       ``KeyError``, ``ZeroDivisionError``, ``OSError`` with its errno, ...) is raised again
       as that type, with its message as its argument and the worker's traceback as a
-      :class:`RemoteTraceback` ``__cause__``; any other type (your own, a library's) is
-      raised as :class:`TaskFailed`, whose ``remote_type``, ``message`` and
-      ``remote_traceback`` say what it was.
+      :class:`RemoteTraceback` ``__cause__``. A subclass of one (``json.JSONDecodeError``,
+      your ``class MyError(ValueError)``) is raised as its nearest builtin base, its message
+      starting with the type's name (``ValueError("json.decoder.JSONDecodeError: ...")``),
+      so ``except ValueError`` catches it - when this process has imported the type's module
+      (nothing is imported for a name a worker sends). Any other type is raised as
+      :class:`TaskFailed`, whose ``remote_type``, ``message`` and ``remote_traceback`` say
+      what it was. ``KeyboardInterrupt`` raised by a call fails that call (as
+      ``TaskFailed``); the worker goes on.
+    - **No time limit on a call** unless you set one: ``hang_timeout`` (seconds a worker may
+      go without returning a result before it is stopped and its calls retried) is off by
+      default here, where a coordinator has 60 s.
     - **Worker processes are spawned, not forked, and restarted when they die.** A call whose
       worker dies (``kill -9``, a segfault, ``os._exit``, ``sys.exit``) runs again on
       another worker; a call that killed ``max_retries + 1`` workers fails alone with
@@ -81,7 +92,10 @@ class Executor(concurrent.futures.Executor):
       a ``map()`` run while you iterate it: a ``map()`` never iterated runs nothing. Without
       ``chunksize`` the calls are chunked automatically (tiny calls travel in chunks of
       about 2 ms of work, slow ones alone); a chunk's calls still fail one by one. The
-      ``timeout`` counts from the ``map()`` call, as in the standard library.
+      ``timeout`` counts from the ``map()`` call, as in the standard library. A ``map()``
+      still unread when its executor shuts down runs to its end first, and its results stay
+      readable after (with ``cancel_futures``, reading it past the results already in
+      raises ``CancelledError``). Results are not kept once yielded.
     - **Back-pressure**: ``submit()`` blocks while ``max_queue`` (10,000) calls wait for a
       worker.
     - An ``initializer`` is named by import path as well; one that raises makes its worker
@@ -91,7 +105,9 @@ class Executor(concurrent.futures.Executor):
       the end of the program, for an executor not shut down) - except when the block
       ends on ``KeyboardInterrupt`` (or another exception that is not an ``Exception``): then
       queued calls are cancelled and running ones get ``cancel_grace`` (0.5 s), so Ctrl-C
-      ends the program at once.
+      ends the program at once. A call stopped that way, or by ``shutdown(cancel_futures=
+      True)``, reports ``cancelled()``. ``terminate_workers()`` and ``kill_workers()`` stop
+      the worker processes at once, as in Python 3.14.
     - A function a worker cannot import (its module is not on the worker's path) fails each
       of its calls with that ``ImportError``.
     - Not supported: ``mp_context``, ``max_tasks_per_child``. ``max_workers=0`` spawns

@@ -4,8 +4,9 @@ The suite is not copied here: it ships with Python installations (``Lib/test``),
 without the ``test`` package's larger parts - Debian's ``libpython3.X-testsuite``, pyenv
 builds. :func:`find_suite` looks for one, preferring the running interpreter's version and
 else the newest found (``PYTASKQML_CPYTHON_FUTURES=PATH`` names one). It is imported under a
-name of its own (``_cpython_futures_suite``, a symlink in a temporary directory on
-``sys.path``), so the functions its tests submit - ``mul``, ``capture``, ``init`` - are named
+name of its own (``_cpython_futures_suite``: a symlink to the module, or for a package a
+package of ours whose ``__path__`` is the suite's, in a temporary directory on ``sys.path``),
+so the functions its tests submit - ``mul``, ``capture``, ``init`` - are named
 to our workers by that import path, as any function is, and spawned workers (which get the
 coordinator's ``sys.path``) import them from the same file.
 
@@ -223,8 +224,20 @@ def load(suite: Suite) -> dict[str, ModuleType]:
     _shim_support()
     where = tempfile.mkdtemp(prefix="pytaskqml-cpython-futures-")
     atexit.register(shutil.rmtree, where, True)
-    link = os.path.join(where, ALIAS if suite.is_package else ALIAS + ".py")
-    os.symlink(suite.path, link)
+    if suite.is_package:
+        # A package of ours whose modules are the suite's: its __init__ applies the shims,
+        # in every process that imports it (worker processes import the suite's modules for
+        # the functions the tests submit).
+        os.mkdir(os.path.join(where, ALIAS))
+        Path(where, ALIAS, "__init__.py").write_text(
+            f'"""CPython\'s test_concurrent_futures at {suite.path}, shimmed."""\n'
+            "import cpython_futures\n\n"
+            "cpython_futures._shim_support()\n"
+            f"__path__ = [{str(suite.path)!r}]\n",
+            encoding="utf-8",
+        )
+    else:
+        os.symlink(suite.path, os.path.join(where, ALIAS + ".py"))
     # Appended: nothing of ours or the standard library's is shadowed. Spawned workers get
     # this sys.path, so they import the suite's functions from the same file.
     sys.path.append(where)
