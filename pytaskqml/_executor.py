@@ -18,6 +18,7 @@ import builtins
 import collections
 import concurrent.futures
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -95,7 +96,8 @@ class Executor(concurrent.futures.Executor):
       ``timeout`` counts from the ``map()`` call, as in the standard library. A ``map()``
       still unread when its executor shuts down runs to its end first, and its results stay
       readable after (with ``cancel_futures``, reading it past the results already in
-      raises ``CancelledError``). Results are not kept once yielded.
+      raises ``CancelledError``); so ``close()`` an endless one you stopped reading (or drop
+      it) before the shutdown. Results are not kept once yielded.
     - **Back-pressure**: ``submit()`` blocks while ``max_queue`` (10,000) calls wait for a
       worker.
     - An ``initializer`` is named by import path as well; one that raises makes its worker
@@ -236,8 +238,11 @@ class Executor(concurrent.futures.Executor):
 
         A ``map()`` not read to its end by then still runs all its calls first (they were
         asked for before the shutdown, as in the standard library), and its results stay
-        readable after; with *cancel_futures* its calls not started are cancelled, and
-        reading it past the results already in raises ``CancelledError``."""
+        readable after (``close()`` one you will not read); with *cancel_futures* its calls
+        not started are cancelled, and reading it past the results already in raises
+        ``CancelledError``."""
+        if not cancel_futures and len(self._maps):
+            gc.collect()  # a map dropped unread is not run (PyPy frees it only when collected)
         with self._lock:
             self._closed = True
             maps = [m for m in self._maps if not m.finished]
