@@ -139,7 +139,7 @@ class Executor(concurrent.futures.Executor):
         options.setdefault("hang_timeout", None)
         self._models: dict[tuple[Any, str], str] = {}
         self._lock = threading.Lock()
-        self._maps: weakref.WeakSet[_MapIterator] = weakref.WeakSet()
+        self._maps: weakref.WeakSet[_MapState] = weakref.WeakSet()
         self._closed = False
         self._coord = Coordinator(**options)
         try:
@@ -227,10 +227,10 @@ class Executor(concurrent.futures.Executor):
             )
         except ClosedError:
             raise RuntimeError(_SHUT) from None
-        it = _MapIterator(results)
+        state = _MapState(results)
         with self._lock:
-            self._maps.add(it)
-        return it
+            self._maps.add(state)
+        return _map_results(state)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking calls; with *wait*, return once every call has finished (or, with
@@ -248,7 +248,7 @@ class Executor(concurrent.futures.Executor):
             maps = [m for m in self._maps if not m.finished]
         if cancel_futures:
             for m in maps:
-                m.cancel()
+                m.cancelled = True
             self._coord.shutdown(wait, cancel_futures=True)
         elif not maps:
             self._coord.shutdown(wait)
@@ -259,7 +259,7 @@ class Executor(concurrent.futures.Executor):
                 target=self._finish_maps, args=(maps,), name="pytaskqml-executor-shutdown"
             ).start()
 
-    def _finish_maps(self, maps: list[_MapIterator]) -> None:
+    def _finish_maps(self, maps: list[_MapState]) -> None:
         try:
             for m in maps:
                 m.run_to_end()
@@ -283,7 +283,7 @@ class Executor(concurrent.futures.Executor):
             self._closed = True
             maps = list(self._maps)
         for m in maps:
-            m.cancel()
+            m.cancelled = True
         if terminate:
             pids = [w.pid for w in self._coord.statistics().workers if w.pid is not None]
             self._coord.shutdown(False, cancel_futures=True)
@@ -308,88 +308,68 @@ def _shutdown_at_exit(ref: weakref.ref[Executor]) -> None:
         executor.shutdown(wait=True)
 
 
-class _MapIterator(Iterator[Any]):
-    """What :meth:`Executor.map` returns: the coordinator's ``map()`` results, with errors as
-    the caller expects them (:func:`caller_error`), that can be run to its end by a shutdown
-    and read afterwards (:meth:`run_to_end`), or cancelled by one (:meth:`cancel`).
-
-    It keeps no reference to a result it has handed out (nor does the coordinator's
-    iterator), so results read and dropped are freed while the map goes on.
-    """
+class _MapState:
+    """What a shutdown needs of a running :meth:`Executor.map` (see :func:`_map_results`):
+    its results can be run to the end and kept for a later read (:meth:`run_to_end`), or it
+    can be told that a shutdown cancelled it (:attr:`cancelled`)."""
 
     def __init__(self, results: Iterator[Any]) -> None:
-        self._results: Iterator[Any] | None = results
-        self._lock = threading.RLock()
+        self.results = results
         # Results taken by a shutdown before the caller read them, then what ended the map.
-        self._kept: collections.deque[Any] = collections.deque()
-        self._end: BaseException | None = None
-        self._cancelled = False
+        self.kept: collections.deque[Any] = collections.deque()
+        self.end: BaseException | None = None
+        self.cancelled = False
         self.finished = False
 
-    def __next__(self) -> Any:
-        with self._lock:
-            if self._kept:
-                return self._kept.popleft()
-            if self._end is not None:
-                err, self._end = self._end, None
-                raise err
-            results = self._results
-            if results is None:
-                raise StopIteration
-            try:
-                return next(results)
-            except BaseException as exc:
-                raise self._ended(exc) from exc.__cause__
-
-    def _ended(self, exc: BaseException) -> BaseException:
-        """The error to raise for *exc*, which ended the map (kept for a later read)."""
-        self.finished = True
-        self._results = None
-        if isinstance(exc, StopIteration):
-            err: BaseException = StopIteration()
-        elif isinstance(exc, TaskFailed):
-            err = caller_error(exc)
-        elif isinstance(exc, TimeoutError):
-            # concurrent.futures.TimeoutError: the builtin from 3.11 on, its own class before
-            err = concurrent.futures.TimeoutError("map() result not ready within its timeout")
-        elif isinstance(exc, ClosedError):
-            err = (
-                CancelledError("map() cancelled by shutdown(cancel_futures=True)")
-                if self._cancelled
-                else RuntimeError(f"{_SHUT}: the executor shut down while this map() ran")
-            )
-        else:
-            err = exc
-        return err
-
     def run_to_end(self) -> None:
-        """Take every remaining result now (a shutdown with a map not read to its end), to be
-        read later; what ends the map is raised then."""
-        with self._lock:
-            results = self._results
-            if results is None:
-                return
-            try:
-                for value in results:
-                    self._kept.append(value)
-            except Exception as exc:
-                self._end = self._ended(exc)
-            else:
-                self._ended(StopIteration())
+        """Take every remaining result now, to be read later; what ends the map is raised
+        then."""
+        if self.finished:
+            return
+        try:
+            for value in self.results:
+                self.kept.append(value)
+        except ValueError as exc:
+            if "already executing" not in str(exc):
+                self.end = self.caller_error(exc)
+            # else: another thread is reading it right now, and takes the rest itself
+        except Exception as exc:
+            self.end = self.caller_error(exc)
+        self.finished = True
 
-    def cancel(self) -> None:
-        """A shutdown cancels what this map has not started: reading past the results that
-        are in raises CancelledError."""
-        self._cancelled = True
+    def caller_error(self, exc: BaseException) -> BaseException:
+        """The error the caller gets for *exc*, which ended the map."""
+        if isinstance(exc, TaskFailed):
+            return caller_error(exc)
+        if isinstance(exc, TimeoutError):
+            # concurrent.futures.TimeoutError: the builtin from 3.11 on, its own class before
+            return concurrent.futures.TimeoutError("map() result not ready within its timeout")
+        if isinstance(exc, ClosedError):
+            if self.cancelled:
+                return CancelledError("map() cancelled by shutdown(cancel_futures=True)")
+            return RuntimeError(f"{_SHUT}: the executor shut down while this map() ran")
+        return exc
 
-    def close(self) -> None:
-        """Stop the map: calls not started are cancelled (as leaving a ``for`` loop early)."""
-        with self._lock:
-            results, self._results = self._results, None
-            self.finished = True
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
+
+def _map_results(state: _MapState) -> Iterator[Any]:
+    """What :meth:`Executor.map` returns. The coordinator's iterator is delegated to with
+    ``yield from`` (no Python code per result, and no reference kept to one handed out);
+    after it: what a shutdown took for the caller, then what ended the map."""
+    try:
+        yield from state.results
+    except BaseException as exc:
+        state.finished = True
+        err = state.caller_error(exc)
+        if err is exc:
+            raise
+        raise err from err.__cause__
+    state.finished = True
+    kept = state.kept
+    while kept:
+        yield kept.popleft()
+    if state.end is not None:
+        err, state.end = state.end, None
+        raise err
 
 
 class CallFuture(TaskFuture):
