@@ -261,8 +261,11 @@ class Executor(concurrent.futures.Executor):
 
     def _finish_maps(self, maps: list[_MapState]) -> None:
         try:
-            for m in maps:
-                m.run_to_end()
+            # A map another thread is reading right now is left to it: the shutdown waits
+            # until that reader is done with it.
+            busy = [m for m in maps if not m.run_to_end()]
+            for m in busy:
+                m.done.wait()
         finally:
             self._coord.shutdown(True)
 
@@ -320,22 +323,30 @@ class _MapState:
         self.end: BaseException | None = None
         self.cancelled = False
         self.finished = False
+        self.taking = False  # a shutdown is running it to the end: a reader waits for that
+        self.taken = threading.Event()
+        self.done = threading.Event()  # the caller's iterator ended (or was dropped)
 
-    def run_to_end(self) -> None:
-        """Take every remaining result now, to be read later; what ends the map is raised
-        then."""
+    def run_to_end(self) -> bool:
+        """Take every remaining result now, to be read later (what ends the map is raised
+        then). False if another thread is reading it right now: that reader takes the rest
+        itself, and :attr:`done` says when."""
         if self.finished:
-            return
+            return True
+        self.taking = True
         try:
             for value in self.results:
                 self.kept.append(value)
         except ValueError as exc:
-            if "already executing" not in str(exc):
-                self.end = self.caller_error(exc)
-            # else: another thread is reading it right now, and takes the rest itself
+            if "already executing" in str(exc):
+                self.taking = False
+                return False
+            self.end = self.caller_error(exc)
         except Exception as exc:
             self.end = self.caller_error(exc)
         self.finished = True
+        self.taken.set()
+        return True
 
     def caller_error(self, exc: BaseException) -> BaseException:
         """The error the caller gets for *exc*, which ended the map."""
@@ -353,23 +364,37 @@ class _MapState:
 
 def _map_results(state: _MapState) -> Iterator[Any]:
     """What :meth:`Executor.map` returns. The coordinator's iterator is delegated to with
-    ``yield from`` (no Python code per result, and no reference kept to one handed out);
-    after it: what a shutdown took for the caller, then what ended the map."""
+    ``yield from`` (no Python code per result, and no reference kept to one handed out; one
+    level of it, as each level costs per result); after it: what a shutdown took for the
+    caller, then what ended the map."""
     try:
-        yield from state.results
-    except BaseException as exc:
+        while True:
+            try:
+                yield from state.results
+                break
+            except ValueError as exc:
+                # Resumed while a shutdown in another thread runs the map to its end: wait
+                # for it, then read what it kept.
+                if not (state.taking and "already executing" in str(exc)):
+                    raise
+                state.taken.wait()
+    except BaseException as exc:  # GeneratorExit too: the caller closed or dropped it
         state.finished = True
+        state.done.set()
         err = state.caller_error(exc)
         if err is exc:
             raise
         raise err from err.__cause__
-    state.finished = True
-    kept = state.kept
-    while kept:
-        yield kept.popleft()
-    if state.end is not None:
-        err, state.end = state.end, None
-        raise err
+    try:
+        state.finished = True
+        kept = state.kept
+        while kept:
+            yield kept.popleft()
+        if state.end is not None:
+            err, state.end = state.end, None
+            raise err
+    finally:
+        state.done.set()
 
 
 class CallFuture(TaskFuture):

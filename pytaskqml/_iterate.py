@@ -120,9 +120,9 @@ def map_results(
                 if what == EACH:
                     items = batch.pop()[2]
                     outstanding -= len(items)
-                    items.reverse()
-                    while items:
-                        yield items.pop()
+                    # A chunk's results (tiny ones: a chunk is ~2 ms of work) are freed
+                    # together once all are handed out; popping each costs ~50 ns a result.
+                    yield from items
                     del items
                 else:
                     outstanding -= 1

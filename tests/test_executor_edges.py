@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import weakref
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -134,6 +135,43 @@ def test_a_map_read_after_the_with_block_gives_every_result() -> None:
         assert next(started) == 0
     assert list(results) == [x * x for x in range(50)]
     assert list(started) == [x * x for x in range(1, 1000)]
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_map_read_by_another_thread_during_the_shutdown_gives_every_result(wait: bool) -> None:
+    ex = Executor(max_workers=2)
+    results = ex.map(f.square, range(3000), buffersize=16)
+    got: list[int] = []
+    reading = threading.Event()
+
+    def read() -> None:
+        for value in results:
+            got.append(value)
+            if len(got) == 10:
+                reading.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        assert reading.wait(T)
+        ex.shutdown(wait=wait)  # while the reader reads: one of them takes the rest
+    finally:
+        reader.join(T)
+        ex.shutdown()
+    assert not reader.is_alive()
+    assert got == [x * x for x in range(3000)]
+
+
+def test_a_map_read_after_shutdown_without_wait_gives_every_result() -> None:
+    ex = Executor(max_workers=2)
+    try:
+        results = ex.map(f.square, range(500), buffersize=16)
+        ex.shutdown(wait=False)  # its thread runs the map while this one reads it
+        assert list(results) == [x * x for x in range(500)]
+        with pytest.raises(RuntimeError, match="shutdown"):
+            ex.map(f.square, [1])
+    finally:
+        ex.shutdown()
 
 
 def test_a_map_read_after_a_cancelling_shutdown_raises_cancelled() -> None:
