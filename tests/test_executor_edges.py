@@ -84,6 +84,38 @@ def test_two_functions_of_a_script_submitted_back_to_back_both_run(tmp_path: Pat
     assert done.stdout.split() == ["2", "20", "30"]
 
 
+def test_a_script_that_failed_to_load_in_a_worker_is_loaded_again_by_the_next_call(
+    tmp_path: Path,
+) -> None:
+    done = _run_script(
+        tmp_path,
+        """
+        import pathlib
+        import pytaskqml
+
+        # Fails to import in the worker twice (its load, then the first call), then works.
+        marker = pathlib.Path(__file__).with_name("failures-left")
+        if __name__ != "__main__" and int(marker.read_text()) > 0:
+            marker.write_text(str(int(marker.read_text()) - 1))
+            raise RuntimeError("not ready yet")
+
+        def inc(x):
+            return x + 1
+
+        if __name__ == "__main__":
+            marker.write_text("2")
+            with pytaskqml.Executor(max_workers=1) as ex:
+                try:
+                    ex.submit(inc, 1).result(60)
+                except RuntimeError as exc:
+                    print("first:", exc)
+                print(ex.submit(inc, 2).result(60))
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["first: not ready yet", "3"]
+
+
 def test_a_script_without_the_main_guard_gets_one_error_naming_the_guard(tmp_path: Path) -> None:
     done = _run_script(
         tmp_path,
