@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 from typing import Any
 
 from ._errors import WorkerStartError
@@ -89,19 +90,54 @@ def load_class(target: str, base: type[Any], *, main_path: str | None = None) ->
     return obj
 
 
+# Held while the caller's main script runs in this process (see load_main): two functions of
+# the script loaded at once (each model loads on a thread of its own) must not see it half run.
+_MAIN_LOCK = threading.RLock()
+_loading = threading.local()  # .main: the script this thread is running, while it runs
+
+
 def load_main(path: str) -> Any:
-    # The parent's main script is imported under another name, as multiprocessing does, so its
-    # `if __name__ == "__main__":` block does not run again in the child.
-    existing = sys.modules.get("__mp_main__")
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location("__mp_main__", path)
-    if spec is None or spec.loader is None:
-        raise WorkerStartError(f"cannot load the main script {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["__mp_main__"] = module
-    spec.loader.exec_module(module)
-    return module
+    """The caller's main script, run once in this process as ``__mp_main__``.
+
+    It is imported under another name, as multiprocessing does, so its ``if __name__ ==
+    "__main__":`` block does not run again here. The module is registered only once it has
+    run to the end (a script that raises is run again by the next caller, and raises again).
+    """
+    with _MAIN_LOCK:
+        existing = sys.modules.get("__mp_main__")
+        if existing is not None:
+            return existing
+        spec = importlib.util.spec_from_file_location("__mp_main__", path)
+        if spec is None or spec.loader is None:
+            raise WorkerStartError(f"cannot load the main script {path!r}")
+        module = importlib.util.module_from_spec(spec)
+        # In sys.modules while it runs, as any import: its own classes and functions refer
+        # to their module by that name (pickle-free, but dataclasses and typing look it up).
+        sys.modules["__mp_main__"] = module
+        outer = getattr(_loading, "main", None)
+        _loading.main = path
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop("__mp_main__", None)
+            raise
+        finally:
+            _loading.main = outer
+        return module
+
+
+def refuse_in_bootstrap(what: str) -> None:
+    """Raise a clear error if *what* (a coordinator) is being started by the caller's script
+    while a worker process runs it to find a function or class in it: a script whose work is
+    not under ``if __name__ == "__main__":`` would start pools in every worker."""
+    path = getattr(_loading, "main", None)
+    if path is not None:
+        raise RuntimeError(
+            f"{what} was started while a worker process was importing your script "
+            f"{path!r} to find a function or class defined in it. Put the code "
+            'that starts it under `if __name__ == "__main__":` (as multiprocessing requires), '
+            "so that it runs only when the script is run, not when a worker imports it."
+        )
 
 
 def make_worker(cls: type[Worker], kwargs: dict[str, Any] | None) -> Worker:

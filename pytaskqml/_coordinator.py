@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _protocol
 from ._auth import resolve_authkey
 from ._autoscale import Autoscaler, pool_statistics
+from ._bootstrap import refuse_in_bootstrap
 from ._broadcast import Broadcast, Broadcasts
 from ._bufpool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
 from ._control import ControlServer
@@ -156,6 +157,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             ("max_frame_size", max_frame_size),
         ):
             check_positive(label, value, allow_none=False)
+        refuse_in_bootstrap("a Coordinator (or an Executor)")
         check_positive("timeout", timeout)
         check_positive("hang_timeout", hang_timeout)
         check_pool_bytes(max_buffer_bytes)

@@ -68,6 +68,11 @@ def function_target(fn: object) -> tuple[str, str | None]:
         raise TypeError(f"{fn!r} is a bound method: pass a module-level function")
     qualname = getattr(fn, "__qualname__", None)
     module = getattr(fn, "__module__", None)
+    if inspect.ismethod(fn) and isinstance(owner, type) and isinstance(fn.__name__, str):
+        # A class method, maybe inherited: named through the class it is bound to
+        # (Sub.create, not Base.create, which would run with cls=Base).
+        qualname = f"{owner.__qualname__}.{fn.__name__}"
+        module = owner.__module__
     if module is None and hasattr(fn, "__objclass__"):  # str.upper and the like
         module = getattr(fn.__objclass__, "__module__", None)
     if not isinstance(qualname, str) or not isinstance(module, str):
@@ -84,7 +89,7 @@ def function_target(fn: object) -> tuple[str, str | None]:
         )
     main_path = None
     if module in ("__main__", "__mp_main__"):
-        main = sys.modules.get("__main__")
+        main = sys.modules.get(module)
         main_path = getattr(main, "__file__", None)
         if not main_path or not os.path.isfile(main_path):
             raise TypeError(
@@ -245,16 +250,21 @@ class FunctionModel(Model):
         kind = config.get("call", "args")
         if kind not in CALL_KINDS:
             raise ValueError(f"call must be one of {', '.join(CALL_KINDS)}, got {kind!r}")
+        path = main_path if isinstance(main_path, str) else None
         try:
-            fn = resolve(name, main_path if isinstance(main_path, str) else None)
-        except Exception as exc:
-            error, tb = exc, exc.__traceback__
+            fn = resolve(name, path)
+        except Exception:
+            # Each call tries again (and fails with the error of its own attempt): what was
+            # missing may be there by then, and a failed attempt leaves nothing behind.
+            def retry(item: Any) -> Any:
+                self._bind(resolve(name, path), kind)
+                return self.predict(item)
 
-            def fail(item: Any) -> Any:
-                raise error.with_traceback(tb)
-
-            self.predict = fail  # type: ignore[method-assign]
+            self.predict = retry  # type: ignore[method-assign]
             return
+        self._bind(fn, kind)
+
+    def _bind(self, fn: Callable[..., Any], kind: str) -> None:
         if kind == "one":
             self.predict = fn  # type: ignore[method-assign]
         elif kind == "kwargs":

@@ -129,17 +129,30 @@ def map_results(
             if bar is not None:
                 bar.update_to(seq - outstanding)  # items handed out so far
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            for _, kind, value in collector.get_batch(wait):
+            # Each result leaves the batch as it is handed out (popped, never held by a local
+            # across a yield): the caller's dropping a result frees it, even of a big batch.
+            batch = collector.get_batch(wait)
+            batch.reverse()
+            while batch:
+                _, kind, value = batch[-1]
                 what = classify(kind, value, raise_errors)
+                del value
                 if what == EACH:
-                    outstanding -= len(value)
-                    yield from value
+                    items = batch.pop()[2]
+                    outstanding -= len(items)
+                    # A chunk's results (tiny ones: a chunk is ~2 ms of work) are freed
+                    # together once all are handed out; popping each costs ~50 ns a result.
+                    yield from items
+                    del items
                 else:
                     outstanding -= 1
                     if what == YIELD:
-                        yield value
+                        yield batch.pop()[2]
                     elif what == RAISE:
+                        _, kind, value = batch.pop()
                         raise as_error(kind, value)
+                    else:
+                        batch.pop()
                 top_up()
     finally:
         collector.abandoned = True

@@ -31,7 +31,7 @@ from typing import Any
 
 from ._bootstrap import load_class
 from ._protocol import CHUNK_ROW, RESULT_ERROR, RESULT_OK
-from ._worker import Worker, error_info, run_chunk, run_entries
+from ._worker import TASK_ERRORS, Worker, error_info, run_chunk, run_entries
 
 log = logging.getLogger(__name__)
 
@@ -307,13 +307,13 @@ def run_option_row(
             hook = held.model.key_moved if held is not None else worker.key_moved
             try:
                 hook(key)
-            except Exception as exc:
+            except TASK_ERRORS as exc:
                 return (tid, RESULT_ERROR, exc), version
         if opts.get("c"):
             return run_chunk(target.process, tid, payload), version
         try:
             return (tid, RESULT_OK, target.process(payload)), version
-        except Exception as exc:
+        except TASK_ERRORS as exc:
             return (tid, RESULT_ERROR, exc), version
     finally:
         if held is not None and table is not None:

@@ -311,6 +311,9 @@ class RemoteHandle(WorkerHandle):
                         busy if type(busy) is float or type(busy) is int else None,
                         _versions(header["mv"]) if "mv" in header else None,
                     )
+                    # Not kept while waiting for the next frame: the results are the caller's
+                    # now, freed as soon as it drops them.
+                    del msg, header
                 elif op == "ping":
                     continue
                 elif op == "free":

@@ -35,7 +35,7 @@ from ._models import ModelTable, run_option_row, run_rows
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK
 from ._results import count_errors, encode_results, valid_row
 from ._stats import ServeStats
-from ._worker import Worker, run_chunk, worker_info
+from ._worker import TASK_ERRORS, Worker, run_chunk, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class WorkerServer:
             if len(row) == 2:
                 try:
                     pending.append((row[0], RESULT_OK, process(row[1])))
-                except Exception as exc:
+                except TASK_ERRORS as exc:
                     pending.append((row[0], RESULT_ERROR, exc))
                     self.errors += 1
             elif type(row[2]) is dict:  # a model, a key
@@ -438,9 +438,24 @@ class WorkerServer:
         versions: dict[int, str] | None = None,
     ) -> None:
         self.busy_seconds += busy
-        text, buffers = encode_results(results)
         freed = self._shared.freed() if self._shared is not None else None
-        conn.send_json(
+        try:
+            frame = self._done_frame(results, busy, freed, versions)
+        except ValueError:  # over max_frame_size: the coordinator would drop the connection
+            self._send_apart(conn, results, busy, freed, versions)
+            return
+        conn.send_frame(frame)
+
+    def _done_frame(
+        self,
+        results: list[tuple[int, int, Any]],
+        busy: float,
+        freed: dict[str, Any] | None,
+        versions: dict[int, str] | None,
+    ) -> list[bytes | memoryview]:
+        """The ``done`` frame of *results*; ValueError if it would exceed max_frame_size."""
+        text, buffers = encode_results(results)
+        return _protocol.encode_frame(
             '{"op":"done","bt":'
             + repr(round(busy, 7))
             + ("".join(f',"{k}":{v!r}' for k, v in freed.items()) if freed else "")
@@ -450,7 +465,34 @@ class WorkerServer:
             + text
             + "}",
             buffers,
+            max_frame_size=self.max_frame_size,
         )  # fmt: skip
+
+    def _send_apart(
+        self,
+        conn: Connection,
+        results: list[tuple[int, int, Any]],
+        busy: float,
+        freed: dict[str, Any] | None,
+        versions: dict[int, str] | None,
+    ) -> None:
+        """Results too large for one frame together: each in a frame of its own, and one too
+        large alone fails its task (the coordinator refuses a frame over its limit, and the
+        task would kill each worker it is retried on)."""
+        for row in results:
+            mine = {row[0]: versions[row[0]]} if versions and row[0] in versions else None
+            try:
+                frame = self._done_frame([row], busy, freed, mine)
+            except ValueError as exc:
+                log.warning("result of task %d not sent: %s", row[0], exc)
+                error = ValueError(
+                    f"the result is too large to send: {exc}. Return less, or write it to a "
+                    "file and return its path (pytaskqml.spill() for arrays and bytes)"
+                )
+                frame = self._done_frame([(row[0], RESULT_ERROR, error)], busy, freed, mine)
+                self.errors += 1
+            conn.send_frame(frame)
+            busy, freed = 0.0, None
 
     def _report_freed(self, conn: Connection) -> None:
         """Tell the coordinator about shared-memory slots freed since the last results (e.g. a

@@ -13,6 +13,12 @@ from typing import Any, Protocol
 
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
 
+# What a task may raise and fail alone. KeyboardInterrupt too: in a worker it can only come
+# from the task's own code (a spawned worker ignores SIGINT, ``pytaskqml worker`` turns Ctrl-C
+# into a graceful stop, a thread worker never gets signals), and letting it end the worker
+# would kill each worker the task is retried on.
+TASK_ERRORS = (Exception, KeyboardInterrupt)
+
 
 class Worker:
     """Subclass this and override :meth:`process` (and optionally the rest).
@@ -61,12 +67,15 @@ class Worker:
 def error_info(exc: BaseException) -> list[str]:
     """``[qualified type, message, traceback text]``: how an exception travels."""
     t = type(exc)
+    message = str(exc)
+    if not message and isinstance(exc, KeyboardInterrupt):
+        message = "raised by the task's own code (the worker goes on)"
     name = (
         t.__qualname__
         if t.__module__ in ("builtins", "__main__")
         else f"{t.__module__}.{t.__qualname__}"
     )
-    return [name, str(exc), "".join(traceback.format_exception(t, exc, exc.__traceback__))]
+    return [name, message, "".join(traceback.format_exception(t, exc, exc.__traceback__))]
 
 
 class Runnable(Protocol):
@@ -87,14 +96,14 @@ def run_tasks(worker: Runnable, payloads: Sequence[Any], batch: bool) -> list[tu
                 raise ValueError(
                     f"process_batch returned {got} results for {len(payloads)} payloads"
                 )
-        except Exception as exc:
+        except TASK_ERRORS as exc:
             return [(False, exc)] * len(payloads)
         return [(False, r) if isinstance(r, Exception) else (True, r) for r in results]
     out: list[tuple[bool, Any]] = []
     for p in payloads:
         try:
             out.append((True, worker.process(p)))
-        except Exception as exc:
+        except TASK_ERRORS as exc:
             out.append((False, exc))
     return out
 
@@ -118,7 +127,7 @@ def run_entries(
                 continue
             try:
                 out.append((row[0], RESULT_OK, process(row[1])))
-            except Exception as exc:
+            except TASK_ERRORS as exc:
                 out.append((row[0], RESULT_ERROR, exc))
         return out
     items: list[Any] = []
@@ -164,13 +173,13 @@ def run_chunk(process: Any, tid: int, items: list[Any]) -> tuple[int, int, Any]:
     try:
         for item in items:
             append(process(item))
-    except Exception as exc:
+    except TASK_ERRORS as exc:
         mixed: list[tuple[int, Any]] = [(RESULT_OK, r) for r in results]
         mixed.append((RESULT_ERROR, exc))
         for item in items[len(mixed) :]:
             try:
                 mixed.append((RESULT_OK, process(item)))
-            except Exception as exc2:
+            except TASK_ERRORS as exc2:
                 mixed.append((RESULT_ERROR, exc2))
         return tid, RESULT_CHUNK, mixed
     return tid, RESULT_RUN, results

@@ -93,3 +93,35 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
 
 def returns_set(_: Any = None) -> set[int]:
     return {1, 2}
+
+
+class MyValueError(ValueError):
+    """A subclass of a builtin exception: raised to the caller as ValueError, type named."""
+
+
+def fail_with_subclass(message: str) -> None:
+    raise MyValueError(message)
+
+
+def interrupt(_: Any = None) -> None:
+    raise KeyboardInterrupt
+
+
+def big_bytes(n: int) -> bytes:
+    return bytes(n)
+
+
+def array_of(n: int) -> Any:
+    import numpy as np
+
+    return np.full(n, 1, dtype=np.uint8)
+
+
+class Base:
+    @classmethod
+    def make(cls, x: Any) -> list[Any]:
+        return [cls.__name__, x]
+
+
+class Sub(Base):
+    pass
