@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: help venv check test lint typecheck unit quick docs docs-serve browser screenshot demo redis-demo bench bench-smoke clean
+.PHONY: help venv check test lint typecheck unit quick docs docs-serve browser cpython-suite screenshot demo redis-demo bench bench-smoke clean
 
 help:
 	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
@@ -55,7 +55,7 @@ quick: $(VENV)/.demo-installed
 
 check: lint typecheck docs quick
 
-test: lint typecheck docs browser unit
+test: lint typecheck docs browser cpython-suite unit
 
 # The documentation site, with warnings as errors: a broken link or anchor, or an API reference
 # to a name that does not exist, fails the build. (tests/test_docs.py runs its code blocks.)
@@ -74,6 +74,16 @@ browser:
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	echo "note: no Chromium here; the status page's browser test will be skipped"
+
+# CPython's own concurrent.futures tests run against pytaskqml.Executor (tests/cpython_futures.py
+# finds them). Debian's libpython3.11-testsuite carries the suite of our interpreter's version;
+# install it where we may, else the runner takes another installed one or skips and says why.
+cpython-suite:
+	@ls /usr/lib/python3.11/test/test_concurrent_futures* >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q libpython3.11-testsuite >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libpython3.11-testsuite >/dev/null 2>&1; }; }; } || \
+	echo "note: no libpython3.11-testsuite here; the CPython suite runner looks for another one"
 
 # The README's picture of the status page, taken by its browser test.
 screenshot: $(VENV)/.dev-installed browser
