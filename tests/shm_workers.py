@@ -77,3 +77,14 @@ class ScribbleAndDie(Worker):
         arr[:] = 0
         os.kill(os.getpid(), 9)
         return "unreachable"
+
+
+class GatedDescribe(Describe):
+    """:class:`Describe`, but a path payload is a FIFO to read first: the task (and every task
+    behind it on this worker) waits until the test writes to it."""
+
+    def process(self, arr: Any) -> Any:
+        if isinstance(arr, str):
+            with open(arr) as gate:
+                return gate.read()
+        return super().process(arr)

@@ -16,7 +16,14 @@ import pytest
 np = pytest.importorskip("numpy", reason="coord.buffer() needs NumPy")
 from conftest import wait_for  # noqa: E402
 from sample_workers import Echo  # noqa: E402
-from shm_workers import Describe, DigestThenScribble, Keeper, ScribbleAndDie, digest  # noqa: E402
+from shm_workers import (  # noqa: E402
+    Describe,
+    DigestThenScribble,
+    GatedDescribe,
+    Keeper,
+    ScribbleAndDie,
+    digest,
+)
 
 from pytaskqml import Coordinator, ProtocolError, _bufpool, _codec, _poolview, _shm  # noqa: E402
 from pytaskqml._intake import Intake  # noqa: E402
@@ -459,17 +466,24 @@ def test_random_slots_never_overlap() -> None:
 # --------------------------------------------------------------------------- after submitting
 
 
-def test_a_submitted_buffer_is_read_only_until_its_task_is_over() -> None:
+def test_a_submitted_buffer_is_read_only_until_its_task_is_over(tmp_path: Path) -> None:
     """Writing the next frame into a buffer already submitted would change what its task
     computes on (the worker reads the producer's memory): it raises instead, and the array is
     writable again once its result is in."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
     with Coordinator() as coord:
-        coord.spawn(Describe, processes=1)
+        coord.spawn(GatedDescribe, processes=1)
         frame = _frame(1)
         (buf,) = _produce(coord, [frame])
+        held = coord.submit(str(gate))  # the only worker waits on the gate: buf's task cannot end
         future = coord.submit(buf)
         with pytest.raises(ValueError, match="read-only"):
             np.copyto(buf, _frame(2))
+        assert not future.done()
+        with open(gate, "w") as g:
+            g.write("open")
+        assert held.result(30) == "open"
         assert future.result(30)[0] == digest(frame)
         del future
         wait_for(lambda: buf.flags.writeable, what="the buffer writable again")
