@@ -345,6 +345,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             deadline,
             progress,
             len(iterable) if progress and isinstance(iterable, Sized) else None,
+            model if isinstance(model, str) else None,
         )
 
     def stream(

@@ -65,11 +65,15 @@ def map_results(
     deadline: float | None = None,
     progress: bool | Progress | None = None,
     total: int | None = None,
+    work: str | None = None,
 ) -> Iterator[Any]:
     """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
     where each task may run (``chunksize`` must be 1 when it depends on the item). Past
-    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError``.
-    *total*: the input's length, if it has one, for the progress bar."""
+    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError`` - after
+    every result that was ready in time has been yielded - and the items not started yet are
+    cancelled. *total*: the input's length, if it has one, for the progress bar. *work*: the
+    model the items run on (None: the workers' own process()), whose measured time per item
+    sizes the buffer and the chunks."""
     collector = Collector(ordered)
     raise_errors = on_error == "raise"
     seq = 0
@@ -86,7 +90,7 @@ def map_results(
         # Refill once a quarter of the buffer is free: called after every result handed out,
         # so the workers keep busy while the caller works through a batch of them.
         nonlocal seq, outstanding, exhausted, cap
-        buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked))
+        buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked, work))
         room = buffersize - outstanding
         if exhausted or room < max(1, buffersize // 4):
             return
@@ -95,7 +99,10 @@ def map_results(
         if len(items) < room:
             exhausted = True
         if items:
-            chunk = chunksize or (1 if not chunked else intake.auto_chunksize(buffersize))
+            # The last items of the input are chunked by how many they are, not by the
+            # buffer's size, so that they too spread over every worker.
+            share = len(items) if exhausted else buffersize
+            chunk = chunksize or (1 if not chunked else intake.auto_chunksize(share, work))
             intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
             seq += len(items)
             outstanding += len(items)

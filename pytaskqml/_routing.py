@@ -90,9 +90,21 @@ class Router:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, now: float, workers: list[WorkerState], give: Any) -> None:
+    def dispatch(
+        self,
+        now: float,
+        workers: list[WorkerState],
+        give: Any,
+        kind_time: dict[str | None, float],
+    ) -> None:
         """Hand routed tasks to workers with credit; *give(worker, task)* assigns one (it
-        returns False if nobody waits for the task any more)."""
+        returns False if nobody waits for the task any more). *kind_time*: seconds per item
+        of each model (None: the workers' own process()), for :meth:`WorkerState.cap`.
+
+        A model's tasks follow the scheduler's work-conserving rule: while a worker that has
+        the model can start one at once, they go only to such workers. When tasks of a model
+        loaded on demand wait while a worker without it has nothing to do, the model is
+        loaded there too."""
         if self._reroute and self.unrouted:
             self._reroute = False
             pending = list(self.unrouted)
@@ -102,11 +114,14 @@ class Router:
                 self.add(t, workers)
         for w in workers:
             own = w.own
-            while own and w.accepting and w.window > len(w.inflight):
+            while own and w.accepting:
                 t = own[0]
                 model = t.route.model if t.route is not None else None
                 if model is not None and model not in w.models:
                     break  # its owner is still loading the model: the key waits for it
+                per = kind_time.get(model)
+                if len(w.inflight) >= w.cap(None if per is None else per * t.count):
+                    break
                 own.popleft()
                 self.waiting -= 1
                 if not t.finished:
@@ -119,15 +134,42 @@ class Router:
                 if model in self.on_demand and not any(model in w.loading for w in workers):
                     self._load_somewhere(model, workers, now)
                 continue
+            per = kind_time.get(model)
             while q:
-                best = max(eligible, key=lambda w: w.window - len(w.inflight))
-                if best.window <= len(best.inflight):
+                t = q[0]
+                if t.finished:
+                    q.popleft()
+                    self.waiting -= 1
+                    continue
+                best, _ = _roomiest(eligible, None if per is None else per * t.count)
+                if best is None:
                     break
-                t = q.popleft()
+                q.popleft()
                 self.waiting -= 1
-                if not t.finished:
-                    give(best, t)
-                    best.model_used[model] = now
+                give(best, t)
+                best.model_used[model] = now
+            if q and model in self.on_demand:
+                self._spread(model, workers)
+
+    def _spread(self, model: str, workers: list[WorkerState]) -> None:
+        """Tasks of *model* wait: load it on a worker that has nothing to do - in place of
+        its least recently used model if it has no room, when no task waits for that one (one
+        load at a time, so a burst does not load it everywhere at once)."""
+        if any(model in w.loading for w in workers):
+            return
+        for w in workers:
+            if not w.accepting or w.inflight or w.own or w.loading or model in w.models:
+                continue
+            if w.max_models is None or len(w.models) < w.max_models:
+                self._ask_load(w, model)
+                return
+            idle = [n for n in w.models if not self.by_model.get(n)]
+            if idle:
+                victim = min(idle, key=lambda n: w.model_used.get(n, 0.0))
+                self.requests.append(("unload", w, victim))
+                w.models.pop(victim, None)
+                self._ask_load(w, model)
+                return
 
     def _load_somewhere(self, model: str, workers: list[WorkerState], now: float) -> None:
         """Ask for *model* on the worker with room for it and the most credit, or else in
@@ -238,6 +280,24 @@ class Router:
                 if not t.finished:
                     return t
         return None
+
+
+def _roomiest(workers: list[WorkerState], per_task: float | None) -> tuple[WorkerState | None, int]:
+    """The worker that may take a task now and has the most room for it (see
+    Scheduler.dispatch): a free run slot first; only when none has one, room to hold it."""
+    best: WorkerState | None = None
+    room = 0
+    for w in workers:
+        f = min(w.concurrency, w.window) - len(w.inflight)
+        if f > room:
+            best, room = w, f
+    if best is not None:
+        return best, room
+    for w in workers:
+        f = w.cap(per_task) - len(w.inflight)
+        if f > room:
+            best, room = w, f
+    return best, room
 
 
 def _can_take(w: WorkerState, model: str | None) -> bool:

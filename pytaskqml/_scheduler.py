@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 # Latency samples kept for the percentiles of statistics().
 LATENCY_SAMPLES = 8192
+# Markers for the kind of work of a results message: none seen yet, several.
+_NO_KIND: Any = object()
+_MIXED: Any = object()
 
 # A task's sink is a TaskFuture (submit) or a results collector of a map() or stream, which has
 # deliver_many(outcomes) and an `abandoned` flag.
@@ -83,7 +86,10 @@ class Scheduler(ModelEvents, Endings):
         self.retried = self.poisoned = self.workers_lost = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
-        self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
+        self.item_time: float | None = None  # EWMA of worker seconds per item, all kinds
+        # EWMA of worker seconds per item of each kind of work: a model's name, None for the
+        # workers' own process(). A kind never measured is absent, and treated as slow.
+        self.kind_time: dict[str | None, float] = {}
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
         self.model_counts: dict[tuple[str, str], int] = {}  # (model, version): results
 
@@ -279,24 +285,41 @@ class Scheduler(ModelEvents, Endings):
             return assigned
         workers = self.workers
         pop = items.popleft
+        # Plain tasks all run the workers' own process(): one kind of work, one estimate.
+        per_item = self.kind_time.get(None)
         # Queue waits, counted at first dispatch; an admission's tasks share one submission time.
         waits, waited, since, b = self.queue_wait.counts, 0.0, None, 0
         while items:
-            if items[0].run_timeout is not None:
+            head = items[0]
+            if head.run_timeout is not None:
                 if not self._dispatch_timed(now, assigned):
                     break
                 continue
+            # Work-conserving: while a worker can start a task at once, tasks go only to such
+            # workers, so none holds a task it has not started while another idles.
             best: WorkerState | None = None
             best_free = 0
             second = 0
             for w in workers:
-                f = w.window - len(w.inflight) if w.accepting else 0
+                f = min(w.concurrency, w.window) - len(w.inflight) if w.accepting else 0
                 if f > best_free:
                     second = best_free
                     best_free = f
                     best = w
                 elif f > second:
                     second = f
+            if best is None:
+                # Every worker is busy: each may hold a few more, to hide its round trip,
+                # as many as the estimate of this kind of work allows (see WorkerState.cap).
+                est = None if per_item is None else per_item * head.count
+                for w in workers:
+                    f = w.cap(est) - len(w.inflight) if w.accepting else 0
+                    if f > best_free:
+                        second = best_free
+                        best_free = f
+                        best = w
+                    elif f > second:
+                        second = f
             if best is None:
                 break
             # Handing the leader (best - second + 1) tasks at once is the same as handing them
@@ -374,7 +397,7 @@ class Scheduler(ModelEvents, Endings):
                     return
             self._assign(w, [t], now, assigned)
 
-        self.router.dispatch(now, self.workers, give)
+        self.router.dispatch(now, self.workers, give, self.kind_time)
 
     def _still_wanted(self, t: Task) -> bool:
         """At first dispatch: is anyone still waiting for it? (Finishes it if not.)"""
@@ -425,6 +448,7 @@ class Scheduler(ModelEvents, Endings):
         record = self.latencies.append
         lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
         ok = failed = items = 0
+        work: Any = _NO_KIND  # the kind of work these results are of (None: process())
         for tid, kind, value in entries:
             t = pop(tid, None)
             if t is None:
@@ -435,6 +459,10 @@ class Scheduler(ModelEvents, Endings):
                 )
                 continue
             items += t.count
+            r = t.route
+            this = r.model if r is not None else None
+            if work is not this:
+                work = this if work is _NO_KIND or work == this else _MIXED
             if kind in (CHUNK, RUN) and (type(value) is not list or len(value) != t.count):
                 kind, value = (
                     ERROR,
@@ -503,10 +531,27 @@ class Scheduler(ModelEvents, Endings):
             self.item_time = (
                 per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
             )
+            if work is not _MIXED and work is not _NO_KIND:
+                # (Results of several kinds in one message say nothing of each one's time.)
+                kt = self.kind_time.get(work)
+                self.kind_time[work] = per_item if kt is None else 0.7 * kt + 0.3 * per_item
         else:
             ws.probe = None  # no compute time to subtract: no round-trip sample
         ws.last_progress = now
-        return groups, futures, late, self.dispatch(now)
+        assigned = self.dispatch(now)
+        self._pace(ws)
+        return groups, futures, late, assigned
+
+    def _pace(self, ws: WorkerState) -> None:
+        """After results from *ws*, and the dispatch they allowed: may it hold more tasks than
+        it runs (see :meth:`WorkerState.cap`)? Twice as many as before when work still waits -
+        so every worker that could take it is busy - and none once it has run dry with
+        nothing waiting, so that the next burst starts one task per worker, whatever the last
+        one was."""
+        if self.queue.items or self.router.waiting:
+            ws.ahead = min(ws.max_window, 2 * ws.ahead or 1)
+        elif not ws.inflight:
+            ws.ahead = 0
 
     def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[WorkerState]:
         """The worker's sender found these tasks finished before sending them: free their

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Results of quick tasks are sent together; once the oldest unsent result is this old it goes
 # out on its own, so a slow model's first result never waits for its neighbour.
 RESULT_FLUSH_AFTER = 0.0005
+# A finished result still unsent this long after it finished - a slow task is running behind
+# it in the same frame - is sent by the flusher thread.
+RESULT_SEND_LATE = 0.002
 # After its goodbye a worker waits this long for the coordinator to close the connection.
 GOODBYE_TIMEOUT = 2.0
 
@@ -99,6 +102,8 @@ class WorkerServer:
         self._said_bye = False  # on the current connection
         self._ready: queue.SimpleQueue[Connection | None] | None = None
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # results: one sender at a time, in order
+        self._flushers: dict[Connection, _Flusher] = {}
 
     # ----------------------------------------------------------------- control
 
@@ -281,6 +286,9 @@ class WorkerServer:
         finally:
             self._busy = False
             done.set()
+            flusher = self._flushers.pop(conn, None)
+            if flusher is not None:
+                flusher.close()
             with self._lock:
                 self._conn = None
                 self._bytes[0] += conn.bytes_out
@@ -397,38 +405,67 @@ class WorkerServer:
             self._send_results(conn, rows, clock() - t0, versions)
             return
         process = self.worker.process
+        # A frame of one task needs no flusher: its result goes as soon as it is done.
+        ready = _Ready() if len(entries) > 1 else None
+        if ready is not None:
+            self._flusher(conn).watch(ready)
         pending: list[tuple[int, int, Any]] = []
-        versions = {}
-        start = clock()
-        for row in entries:
-            if self._stop.is_set():
-                break  # the rest never start: the coordinator re-queues them after "bye"
-            if len(row) == 2:
-                try:
-                    pending.append((row[0], RESULT_OK, process(row[1])))
-                except Exception as exc:
-                    pending.append((row[0], RESULT_ERROR, exc))
-                    self.errors += 1
-            elif type(row[2]) is dict:  # a model, a key
-                result, version = run_option_row(self.worker, self.models, row)
-                pending.append(result)
-                self.errors += count_errors(pending[-1:])
-                if version is not None:
-                    versions[row[0]] = version
-            else:
-                pending.append(run_chunk(process, row[0], row[1]))
-                if pending[-1][1] == RESULT_CHUNK:
-                    self.errors += count_errors(pending[-1:])
-            row[1] = None
-            self.tasks_done += 1
-            now = clock()
-            if now - start > RESULT_FLUSH_AFTER:
-                self._send_results(conn, pending, now - start, versions)
-                pending = []
-                versions = {}
-                start = clock()
-        if pending:
-            self._send_results(conn, pending, clock() - start, versions)
+        one_version: dict[int, str] = {}
+        last = clock()
+        try:
+            for row in entries:
+                if self._stop.is_set():
+                    break  # the rest never start: the coordinator re-queues them after "bye"
+                if len(row) == 2:
+                    try:
+                        result = (row[0], RESULT_OK, process(row[1]))
+                    except Exception as exc:
+                        result = (row[0], RESULT_ERROR, exc)
+                        self.errors += 1
+                    version = None
+                elif type(row[2]) is dict:  # a model, a key
+                    result, version = run_option_row(self.worker, self.models, row)
+                    self.errors += count_errors([result])
+                else:
+                    result, version = run_chunk(process, row[0], row[1]), None
+                    if result[1] == RESULT_CHUNK:
+                        self.errors += count_errors([result])
+                row[1] = None
+                self.tasks_done += 1
+                now = clock()
+                if ready is None:
+                    pending.append(result)
+                    if version is not None:
+                        one_version[row[0]] = version
+                    self._send_results(conn, pending, now - last, one_version)
+                    return
+                # Results of quick tasks go together; once the oldest waited
+                # RESULT_FLUSH_AFTER they go (and the flusher sends them if the task after
+                # them runs long).
+                if ready.add(result, version, now - last, now) > RESULT_FLUSH_AFTER:
+                    self._flush(conn, ready)
+                last = now
+        finally:
+            if ready is not None:
+                self._flusher(conn).watch(None)
+        if ready is not None:
+            self._flush(conn, ready)
+
+    def _flusher(self, conn: Connection) -> _Flusher:
+        flusher = self._flushers.get(conn)
+        if flusher is None:
+            flusher = self._flushers[conn] = _Flusher(self, conn)
+        return flusher
+
+    def _flush(self, conn: Connection, ready: _Ready, older_than: float | None = None) -> None:
+        """Send what *ready* holds (only if its oldest result is older than *older_than*
+        seconds), in the order results finished: one sender at a time."""
+        with self._send_lock:
+            if ready.error is not None:
+                raise ready.error
+            rows, busy, versions = ready.take(older_than)
+            if rows:
+                self._send_results(conn, rows, busy, versions)
 
     def _send_results(
         self,
@@ -460,3 +497,100 @@ class WorkerServer:
             freed = self._shared.freed()
             if freed:
                 conn.send("free", freed)
+
+
+class _Ready:
+    """The finished results of one frame not sent yet: added by the thread running the frame,
+    taken by whichever sends them - that thread, or the :class:`_Flusher` while a slow task
+    runs behind them."""
+
+    __slots__ = ("busy", "error", "lock", "rows", "since", "versions")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: list[tuple[int, int, Any]] = []
+        self.versions: dict[int, str] = {}
+        self.busy = 0.0  # compute time of the rows held
+        self.since = 0.0  # when the oldest row held finished
+        self.error: BaseException | None = None  # the flusher's send failed
+
+    def add(self, row: tuple[int, int, Any], version: str | None, busy: float, now: float) -> float:
+        """Hold a finished result; returns how long the oldest one held has waited."""
+        with self.lock:
+            rows = self.rows
+            if not rows:
+                self.since = now
+            rows.append(row)
+            self.busy += busy
+            if version is not None:
+                self.versions[row[0]] = version
+            return now - self.since
+
+    def take(
+        self, older_than: float | None = None
+    ) -> tuple[list[tuple[int, int, Any]], float, dict[int, str]]:
+        with self.lock:
+            rows = self.rows
+            if not rows or (
+                older_than is not None and time.perf_counter() - self.since < older_than
+            ):
+                return [], 0.0, {}
+            out = (rows, self.busy, self.versions)
+            self.rows, self.busy, self.versions = [], 0.0, {}
+            return out
+
+
+class _Flusher:
+    """Sends a frame's finished results that would otherwise wait for a slow task after them
+    in the same frame (the thread running the frame sends the rest itself).
+
+    It sleeps until a frame of several tasks starts, then looks every
+    :data:`RESULT_SEND_LATE` seconds while that frame runs - so a stream of quick tasks costs
+    it one wake-up per frame and a few per second, not one per result.
+    """
+
+    def __init__(self, server: WorkerServer, conn: Connection) -> None:
+        self._server = server
+        self._conn = conn
+        self._cv = threading.Condition(threading.Lock())
+        self._ready: _Ready | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"pytaskqml-flusher-{conn.peer}", daemon=True
+        )
+        self._thread.start()
+
+    def watch(self, ready: _Ready | None) -> None:
+        """The frame whose results to watch (None: the frame is over)."""
+        with self._cv:
+            idle = self._ready is None
+            self._ready = ready
+            if idle and ready is not None:
+                self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._ready is None and not self._closed:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    self._cv.wait(RESULT_SEND_LATE)
+                    ready = self._ready
+                if ready is None:
+                    continue
+                try:
+                    self._server._flush(self._conn, ready, RESULT_SEND_LATE)
+                except BaseException as exc:
+                    # The thread running the frame raises it at its next send.
+                    ready.error = exc
+        except BaseException:
+            log.exception("result flusher crashed")
