@@ -46,12 +46,20 @@ class Router:
         # ("load" | "unload", worker, model) for the front to send; drained by the engine.
         self.requests: list[tuple[str, WorkerState, str]] = []
         self._reroute = False
+        # Models unloaded by name: a task for one that comes back (from a lost worker) or
+        # slipped in as it went cannot run anywhere - it goes to `orphans`, for the front to
+        # fail, instead of waiting for a load that will never come.
+        self.gone: set[str] = set()
+        self.orphans: list[Task] = []
 
     # ------------------------------------------------------------------ admission
 
     def add(self, t: Task, workers: list[WorkerState], *, front: bool = False) -> None:
         r = t.route
         assert r is not None
+        if r.model is not None and r.model in self.gone:
+            self.orphans.append(t)
+            return
         self.waiting += 1
         if r.pin is not None:
             (r.pin.own.appendleft if front else r.pin.own.append)(t)
@@ -348,3 +356,26 @@ class ModelEvents:
 
     def model_gone(self, ws: WorkerState, model: str) -> None:
         self.router.model_gone(ws, model)
+
+    def model_unloaded(self, model: str) -> list[Task]:
+        """*model* was unloaded by name: its waiting tasks can never run. Returns them,
+        finished, for the caller to fail (and so every task of it that turns up later)."""
+        self.router.gone.add(model)
+        stuck = self.router.take(
+            self.workers, lambda t: t.route is not None and t.route.model == model
+        )
+        stuck.extend(self.take_orphans())
+        return stuck
+
+    def model_declared(self, model: str) -> None:
+        """*model* is loaded by name (again): its tasks wait for it."""
+        self.router.gone.discard(model)
+
+    def take_orphans(self) -> list[Task]:
+        """Finish and return the tasks of unloaded models that turned up (see Router.gone)."""
+        out, self.router.orphans = self.router.orphans, []
+        for t in out:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return out
