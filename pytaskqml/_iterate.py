@@ -48,9 +48,12 @@ def as_error(kind: int, value: Any) -> BaseException:
 class Collector(ReorderBuffer):
     """The results side of one map() or stream: a reorder buffer that can be abandoned."""
 
-    def __init__(self, ordered: bool) -> None:
+    def __init__(self, ordered: bool, *, start_only: bool = False) -> None:
         super().__init__(ordered=ordered)
         self.abandoned = False
+        # Its tasks go only to a worker that can start them at once (a map with a deadline:
+        # what has not started by then is cancelled, which a task a worker holds cannot be).
+        self.start_only = start_only
 
 
 def map_results(
@@ -74,7 +77,7 @@ def map_results(
     cancelled. *total*: the input's length, if it has one, for the progress bar. *work*: the
     model the items run on (None: the workers' own process()), whose measured time per item
     sizes the buffer and the chunks."""
-    collector = Collector(ordered)
+    collector = Collector(ordered, start_only=deadline is not None)
     raise_errors = on_error == "raise"
     seq = 0
     outstanding = 0

@@ -149,7 +149,8 @@ class Router:
                     q.popleft()
                     self.waiting -= 1
                     continue
-                best, _ = _roomiest(eligible, None if per is None else per * t.count)
+                start_now = t.run_timeout is not None or getattr(t.sink, "start_only", False)
+                best, _ = _roomiest(eligible, None if per is None else per * t.count, start_now)
                 if best is None:
                     break
                 q.popleft()
@@ -290,16 +291,19 @@ class Router:
         return None
 
 
-def _roomiest(workers: list[WorkerState], per_task: float | None) -> tuple[WorkerState | None, int]:
+def _roomiest(
+    workers: list[WorkerState], per_task: float | None, start_now: bool = False
+) -> tuple[WorkerState | None, int]:
     """The worker that may take a task now and has the most room for it (see
-    Scheduler.dispatch): a free run slot first; only when none has one, room to hold it."""
+    Scheduler.dispatch): a free run slot first; only when none has one - and the task need not
+    start at once (*start_now*) - room to hold it."""
     best: WorkerState | None = None
     room = 0
     for w in workers:
         f = min(w.concurrency, w.window) - len(w.inflight)
         if f > room:
             best, room = w, f
-    if best is not None:
+    if best is not None or start_now:
         return best, room
     for w in workers:
         f = w.cap(per_task) - len(w.inflight)
@@ -361,11 +365,10 @@ class ModelEvents:
         """*model* was unloaded by name: its waiting tasks can never run. Returns them,
         finished, for the caller to fail (and so every task of it that turns up later)."""
         self.router.gone.add(model)
-        stuck = self.router.take(
-            self.workers, lambda t: t.route is not None and t.route.model == model
+        self.router.orphans.extend(
+            self.router.take(self.workers, lambda t: t.route is not None and t.route.model == model)
         )
-        stuck.extend(self.take_orphans())
-        return stuck
+        return self.take_orphans()
 
     def model_declared(self, model: str) -> None:
         """*model* is loaded by name (again): its tasks wait for it."""

@@ -65,6 +65,14 @@ Groups = list[tuple[Any, list[Outcome]]]
 FutureOutcomes = list[tuple[Task, int, Any]]
 
 
+def start_only(t: Task) -> bool:
+    """Does *t* go only to a worker that can start it at once? A task whose deadline counts
+    from its start (``map(timeout=)``), and one of a map with a deadline of its own
+    (``total_timeout``), whose calls not started by then are cancelled - a task a worker holds
+    can no longer be."""
+    return t.run_timeout is not None or getattr(t.sink, "start_only", False)
+
+
 class Scheduler(ModelEvents, Endings):
     """The task table and its transitions. Not thread-safe: the front holds a lock around
     every call. Times (``now``) are seconds on one monotonic clock, passed in."""
@@ -308,9 +316,13 @@ class Scheduler(ModelEvents, Endings):
                     best = w
                 elif f > second:
                     second = f
-            if best is None:
+            holding = best is None
+            if holding:
                 # Every worker is busy: each may hold a few more, to hide its round trip,
-                # as many as the estimate of this kind of work allows (see WorkerState.cap).
+                # as many as the estimate of this kind of work allows (see WorkerState.cap) -
+                # except tasks that must be cancellable until they start.
+                if start_only(head):
+                    break
                 est = None if per_item is None else per_item * head.count
                 for w in workers:
                     f = w.cap(est) - len(w.inflight) if w.accepting else 0
@@ -330,7 +342,7 @@ class Scheduler(ModelEvents, Endings):
             tasks = []
             for _ in range(n):
                 t = pop()
-                if t.run_timeout is not None:
+                if t.run_timeout is not None or (holding and start_only(t)):
                     items.appendleft(t)  # goes only to a worker that can start it at once
                     break
                 if t.finished:
@@ -395,6 +407,9 @@ class Scheduler(ModelEvents, Endings):
                 self.queue_wait.observe(now - t.t_submit, t.count)
                 if not self._still_wanted(t):
                     return
+            if t.run_timeout is not None:
+                t.deadline = now + t.run_timeout  # its clock starts as it is sent to run
+                self._push_deadline(t)
             self._assign(w, [t], now, assigned)
 
         self.router.dispatch(now, self.workers, give, self.kind_time)

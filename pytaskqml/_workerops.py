@@ -151,9 +151,11 @@ class WorkerOps:
             return any(name in w.models or name in w.loading for w in self.core.workers)
 
     def model_presence(self, name: str) -> tuple[bool, list[str]]:
-        """(whether a worker has *name* ready or is loading it, the names of the workers
-        attached now)."""
+        """(whether a worker has *name* ready or is loading it - and it was not unloaded since -,
+        the names of the workers attached now)."""
         with self.lock:
             workers = self.core.workers
-            there = any(name in w.models or name in w.loading for w in workers)
+            there = name not in self.core.router.gone and any(
+                name in w.models or name in w.loading for w in workers
+            )
             return there, [w.name for w in workers]

@@ -448,3 +448,34 @@ def test_an_idle_worker_loads_an_on_demand_model_whose_tasks_wait() -> None:
     assert [(w, m) for action, w, m in core.router.requests if action == "load"] == [(other, "m")]
     core.model_ready(other, "m", "1", 0.2)
     assert len(other.inflight) == 1 and core.queued == 2
+
+
+def test_unloading_a_model_finishes_its_waiting_tasks_and_any_that_comes_back() -> None:
+    core, (a,) = core_with(8, models={"m": "1"})
+    tasks = [routed(core, "m", i) for i in range(5)]
+    core.admit(tasks, 0, timed=False, routed=True)
+    core.dispatch(0.0)
+    assert len(a.inflight) == 1 and core.queued == 4
+    stuck = core.model_unloaded("m")
+    assert stuck == tasks[1:] and all(t.finished for t in stuck)
+    assert core.queued == 0 and core.live == 1 and core.failed == 4
+    # The worker dies: its task comes back for a model that is gone - it fails too.
+    core.remove_worker(a, graceful=False, now=1.0)
+    assert core.take_orphans() == [tasks[0]] and core.live == 0
+    # Loaded again by name: its tasks wait for it once more.
+    core.model_declared("m")
+    late = routed(core, "m", 9)
+    core.admit([late], 0, timed=False, routed=True)
+    assert core.queued == 1 and not core.take_orphans()
+
+
+def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> None:
+    """map(total_timeout=): what has not started when it expires is cancelled, which a task
+    a worker holds cannot be - so they go only to a worker that can start them at once."""
+    core, (a,) = core_with(8)
+    warm(core)
+    sink = Sink()
+    sink.start_only = True  # type: ignore[attr-defined]
+    core.admit([make(core, sink, seq=i) for i in range(4)], 0, timed=False)
+    core.dispatch(0.0)
+    assert len(a.inflight) == 1 and len(core.queue) == 3
