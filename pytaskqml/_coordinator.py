@@ -77,7 +77,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     Options (keyword-only): ``max_queue`` bounds tasks waiting for a worker; ``overflow``
     says what a full queue does to new work (``"block"``, ``"drop_oldest"``, ``"reject"``);
     ``window`` caps the tasks in flight per worker - below it each worker's window adapts to
-    about 10 ms of its work, unless a window is given for that worker; ``max_retries`` how
+    about 10 ms of its work, unless a window is given for that worker; either way a worker
+    holds tasks beyond those it runs only while every worker is busy, and a kind of work (a
+    function, a model) never measured goes one task per worker; ``max_retries`` how
     many worker deaths a task may cause before it is failed as poison; ``timeout`` a default
     deadline for ``submit()``, ``map()`` and streams (see each for what it counts from);
     ``hang_timeout`` how long a worker with work in hand may go without returning any result
@@ -311,8 +313,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         the item, to mix models in one map); ``key(item)`` gives each item's key.
 
         ``total_timeout`` counts from this call, as ``concurrent.futures.Executor.map``'s
-        timeout does: a result not ready by then raises ``TimeoutError`` from the iteration
-        (and what is outstanding is cancelled).
+        timeout does: every result ready by then is yielded, then ``TimeoutError`` is raised
+        from the iteration, and the items not started by then are cancelled (they go only to
+        a worker that can start them at once, so none waits where it cannot be cancelled).
 
         ``progress=True`` shows a progress bar on stderr while the results are taken (``tqdm``
         when it is importable, otherwise a line of its own; only on a terminal); a

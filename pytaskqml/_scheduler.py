@@ -13,6 +13,20 @@ when the sender skips it because it already finished (timed out, cancelled), or 
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
 
+Work-conserving dispatch. A worker's *slots* are the tasks it runs at the same time. While
+any worker that could take a task has a free slot, tasks go only to such workers (the most
+free slots first): so no worker holds a task it has not started while another idles, and a
+burst of calls on idle workers spreads one per worker. Only when every one is busy may a
+worker hold more - to hide the round trip of its next task - and then no more than
+:meth:`WorkerState.cap` allows: ``ahead``, which doubles with each result that finds work
+still waiting and falls back to none once the worker runs dry with nothing waiting (so the
+next burst starts again at one per worker, whatever the last one was), and about
+``WINDOW_BUDGET`` seconds beyond its round trip by the estimate of that kind of work.
+Estimates are per kind of work - a model's name, or None for the workers' own ``process()``
+- learned from the compute time workers report (``kind_time``); a kind never measured is
+assumed slow, so it goes one task per worker until its first result. A task that must stay
+cancellable until it starts (see :func:`start_only`) is never held.
+
 Retries. A worker runs what it is sent in order, ``batch_size`` tasks at a time, so when it dies
 the first ``batch_size`` tasks of its ``inflight`` were the ones running: only those are charged
 an attempt. The others go back to the front of the queue free of charge. A chunk that was
