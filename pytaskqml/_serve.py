@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 RESULT_FLUSH_AFTER = 0.0005
 # A finished result still unsent this long after it finished - a slow task is running behind
 # it in the same frame - is sent by the flusher thread.
-RESULT_SEND_LATE = 0.002
+RESULT_SEND_LATE = 0.005
 # After its goodbye a worker waits this long for the coordinator to close the connection.
 GOODBYE_TIMEOUT = 2.0
 
@@ -407,10 +407,13 @@ class WorkerServer:
         process = self.worker.process
         # A frame of one task needs no flusher: its result goes as soon as it is done.
         ready = _Ready() if len(entries) > 1 else None
-        if ready is not None:
-            self._flusher(conn).watch(ready)
-        pending: list[tuple[int, int, Any]] = []
-        one_version: dict[int, str] = {}
+        flusher = self._flusher(conn) if ready is not None else None
+        if flusher is not None:
+            flusher.watch(ready)
+        done: list[Any] = ready.rows if ready is not None else []
+        ends: list[float] = ready.ends if ready is not None else []
+        busy: list[float] = ready.busy if ready is not None else []
+        done_versions: dict[int, str] = ready.versions if ready is not None else {}
         last = clock()
         try:
             for row in entries:
@@ -422,32 +425,34 @@ class WorkerServer:
                     except Exception as exc:
                         result = (row[0], RESULT_ERROR, exc)
                         self.errors += 1
-                    version = None
-                elif type(row[2]) is dict:  # a model, a key
-                    result, version = run_option_row(self.worker, self.models, row)
-                    self.errors += count_errors([result])
                 else:
-                    result, version = run_chunk(process, row[0], row[1]), None
-                    if result[1] == RESULT_CHUNK:
+                    if type(row[2]) is dict:  # a model, a key
+                        result, version = run_option_row(self.worker, self.models, row)
                         self.errors += count_errors([result])
+                        if version is not None:
+                            done_versions[row[0]] = version  # (before the row: see _Ready)
+                    else:
+                        result = run_chunk(process, row[0], row[1])
+                        if result[1] == RESULT_CHUNK:
+                            self.errors += count_errors([result])
                 row[1] = None
                 self.tasks_done += 1
                 now = clock()
-                if ready is None:
-                    pending.append(result)
-                    if version is not None:
-                        one_version[row[0]] = version
-                    self._send_results(conn, pending, now - last, one_version)
-                    return
-                # Results of quick tasks go together; once the oldest waited
-                # RESULT_FLUSH_AFTER they go (and the flusher sends them if the task after
-                # them runs long).
-                if ready.add(result, version, now - last, now) > RESULT_FLUSH_AFTER:
-                    self._flush(conn, ready)
+                busy.append(now - last)
+                ends.append(now)
+                done.append(result)
                 last = now
+                if ready is None:
+                    self._send_results(conn, done, busy[0], done_versions)
+                    return
+                # Results of quick tasks go together; once the oldest unsent one waited
+                # RESULT_FLUSH_AFTER they go - and the flusher sends them if the task after
+                # them runs long.
+                if now - ends[ready.sent] > RESULT_FLUSH_AFTER:
+                    self._flush(conn, ready)
         finally:
-            if ready is not None:
-                self._flusher(conn).watch(None)
+            if flusher is not None:
+                flusher.watch(None)
         if ready is not None:
             self._flush(conn, ready)
 
@@ -458,14 +463,25 @@ class WorkerServer:
         return flusher
 
     def _flush(self, conn: Connection, ready: _Ready, older_than: float | None = None) -> None:
-        """Send what *ready* holds (only if its oldest result is older than *older_than*
-        seconds), in the order results finished: one sender at a time."""
+        """Send the results *ready* holds that were not sent yet (only if the oldest of them
+        finished more than *older_than* seconds ago), in the order they finished: one sender
+        at a time."""
         with self._send_lock:
             if ready.error is not None:
                 raise ready.error
-            rows, busy, versions = ready.take(older_than)
-            if rows:
-                self._send_results(conn, rows, busy, versions)
+            start, end = ready.sent, len(ready.rows)
+            if start >= end or (
+                older_than is not None and time.perf_counter() - ready.ends[start] < older_than
+            ):
+                return
+            rows = ready.rows[start:end]
+            busy = sum(ready.busy[start:end])
+            versions = ready.versions
+            mine = {r[0]: versions[r[0]] for r in rows if r[0] in versions} if versions else None
+            ready.sent = end
+            for i in range(start, end):
+                ready.rows[i] = None  # sent: its memory may go
+            self._send_results(conn, rows, busy, mine)
 
     def _send_results(
         self,
@@ -500,53 +516,37 @@ class WorkerServer:
 
 
 class _Ready:
-    """The finished results of one frame not sent yet: added by the thread running the frame,
-    taken by whichever sends them - that thread, or the :class:`_Flusher` while a slow task
-    runs behind them."""
+    """The finished results of one frame: appended by the thread running the frame, without
+    a lock, and sent - under the server's send lock, from ``sent`` on - by that thread or by
+    the :class:`_Flusher` while a slow task runs behind them.
 
-    __slots__ = ("busy", "error", "lock", "rows", "since", "versions")
+    Why no lock is needed on the hot path: the running thread only appends (a row's version
+    first, then its busy time, its end time, the row itself, each append atomic), and a
+    sender takes ``rows[sent:len(rows)]`` - rows complete by then, since the row is appended
+    last - and moves ``sent``, which only senders write, one at a time.
+    """
+
+    __slots__ = ("busy", "ends", "error", "rows", "sent", "versions")
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.rows: list[tuple[int, int, Any]] = []
-        self.versions: dict[int, str] = {}
-        self.busy = 0.0  # compute time of the rows held
-        self.since = 0.0  # when the oldest row held finished
+        self.rows: list[Any] = []  # result rows; None once sent
+        self.ends: list[float] = []  # when each finished
+        self.busy: list[float] = []  # the compute time of each
+        self.versions: dict[int, str] = {}  # task id: model version
+        self.sent = 0  # rows before this one were sent
         self.error: BaseException | None = None  # the flusher's send failed
-
-    def add(self, row: tuple[int, int, Any], version: str | None, busy: float, now: float) -> float:
-        """Hold a finished result; returns how long the oldest one held has waited."""
-        with self.lock:
-            rows = self.rows
-            if not rows:
-                self.since = now
-            rows.append(row)
-            self.busy += busy
-            if version is not None:
-                self.versions[row[0]] = version
-            return now - self.since
-
-    def take(
-        self, older_than: float | None = None
-    ) -> tuple[list[tuple[int, int, Any]], float, dict[int, str]]:
-        with self.lock:
-            rows = self.rows
-            if not rows or (
-                older_than is not None and time.perf_counter() - self.since < older_than
-            ):
-                return [], 0.0, {}
-            out = (rows, self.busy, self.versions)
-            self.rows, self.busy, self.versions = [], 0.0, {}
-            return out
 
 
 class _Flusher:
     """Sends a frame's finished results that would otherwise wait for a slow task after them
     in the same frame (the thread running the frame sends the rest itself).
 
-    It sleeps until a frame of several tasks starts, then looks every
-    :data:`RESULT_SEND_LATE` seconds while that frame runs - so a stream of quick tasks costs
-    it one wake-up per frame and a few per second, not one per result.
+    It looks every :data:`RESULT_SEND_LATE` seconds while frames of several tasks keep
+    running, and sleeps once an interval went by without one - so a stream of quick frames
+    costs it a few wake-ups per second and the thread running them nothing but two attribute
+    writes per frame. Waking it is race-free without a lock on that path: it says it sleeps
+    (``_sleeping``) before it checks for a frame one last time, and the frame's thread
+    publishes the frame before it reads ``_sleeping``.
     """
 
     def __init__(self, server: WorkerServer, conn: Connection) -> None:
@@ -554,6 +554,8 @@ class _Flusher:
         self._conn = conn
         self._cv = threading.Condition(threading.Lock())
         self._ready: _Ready | None = None
+        self._frames = 0  # frames watched so far
+        self._sleeping = False
         self._closed = False
         self._thread = threading.Thread(
             target=self._loop, name=f"pytaskqml-flusher-{conn.peer}", daemon=True
@@ -562,11 +564,12 @@ class _Flusher:
 
     def watch(self, ready: _Ready | None) -> None:
         """The frame whose results to watch (None: the frame is over)."""
-        with self._cv:
-            idle = self._ready is None
-            self._ready = ready
-            if idle and ready is not None:
-                self._cv.notify()
+        self._ready = ready
+        if ready is not None:
+            self._frames += 1
+            if self._sleeping:
+                with self._cv:
+                    self._cv.notify()
 
     def close(self) -> None:
         with self._cv:
@@ -577,12 +580,17 @@ class _Flusher:
 
     def _loop(self) -> None:
         try:
+            seen = -1
             while True:
                 with self._cv:
-                    while self._ready is None and not self._closed:
-                        self._cv.wait()
+                    if self._ready is None and self._frames == seen:
+                        self._sleeping = True
+                        while self._ready is None and not self._closed:
+                            self._cv.wait()
+                        self._sleeping = False
                     if self._closed:
                         return
+                    seen = self._frames
                     self._cv.wait(RESULT_SEND_LATE)
                     ready = self._ready
                 if ready is None:
