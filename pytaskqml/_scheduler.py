@@ -335,11 +335,13 @@ class Scheduler(ModelEvents, Endings):
                 # Every worker is busy: each may hold a few more, to hide its round trip,
                 # as many as the estimate of this kind of work allows (see WorkerState.cap) -
                 # except tasks that must be cancellable until they start.
-                if start_only(head):
+                s = head.sink
+                if s.__class__ is not TaskFuture and getattr(s, "start_only", False):
                     break
                 est = None if per_item is None else per_item * head.count
                 for w in workers:
-                    f = w.cap(est) - len(w.inflight) if w.accepting else 0
+                    n = len(w.inflight)
+                    f = w.cap(est) - n if w.accepting and n < w.window else 0
                     if f > best_free:
                         second = best_free
                         best_free = f
@@ -356,7 +358,11 @@ class Scheduler(ModelEvents, Endings):
             tasks = []
             for _ in range(n):
                 t = pop()
-                if t.run_timeout is not None or (holding and start_only(t)):
+                if t.run_timeout is not None or (
+                    holding
+                    and t.sink.__class__ is not TaskFuture
+                    and getattr(t.sink, "start_only", False)
+                ):
                     items.appendleft(t)  # goes only to a worker that can start it at once
                     break
                 if t.finished:

@@ -412,9 +412,11 @@ class WorkerServer:
             flusher.watch(ready)
         done: list[Any] = ready.rows if ready is not None else []
         ends: list[float] = ready.ends if ready is not None else []
-        busy: list[float] = ready.busy if ready is not None else []
         done_versions: dict[int, str] = ready.versions if ready is not None else {}
         last = clock()
+        if ready is not None:
+            ready.start = last
+        batch = last  # when the first task whose result this thread has not sent started
         try:
             for row in entries:
                 if self._stop.is_set():
@@ -438,18 +440,17 @@ class WorkerServer:
                 row[1] = None
                 self.tasks_done += 1
                 now = clock()
-                busy.append(now - last)
                 ends.append(now)
                 done.append(result)
-                last = now
                 if ready is None:
-                    self._send_results(conn, done, busy[0], done_versions)
+                    self._send_results(conn, done, now - last, done_versions)
                     return
-                # Results of quick tasks go together; once the oldest unsent one waited
-                # RESULT_FLUSH_AFTER they go - and the flusher sends them if the task after
-                # them runs long.
-                if now - ends[ready.sent] > RESULT_FLUSH_AFTER:
+                # Results of quick tasks go together: once RESULT_FLUSH_AFTER went by since
+                # the first of them started, they go - and the flusher sends them if the
+                # task after them runs long.
+                if now - batch > RESULT_FLUSH_AFTER:
                     self._flush(conn, ready)
+                    batch = now
         finally:
             if flusher is not None:
                 flusher.watch(None)
@@ -475,7 +476,9 @@ class WorkerServer:
             ):
                 return
             rows = ready.rows[start:end]
-            busy = sum(ready.busy[start:end])
+            # Compute time: from the end of the last task sent (or the frame's start) to the
+            # end of this one - the tasks ran back to back.
+            busy = ready.ends[end - 1] - (ready.ends[start - 1] if start else ready.start)
             versions = ready.versions
             mine = {r[0]: versions[r[0]] for r in rows if r[0] in versions} if versions else None
             ready.sent = end
@@ -521,17 +524,17 @@ class _Ready:
     the :class:`_Flusher` while a slow task runs behind them.
 
     Why no lock is needed on the hot path: the running thread only appends (a row's version
-    first, then its busy time, its end time, the row itself, each append atomic), and a
+    first, then its end time, the row itself, each append atomic), and a
     sender takes ``rows[sent:len(rows)]`` - rows complete by then, since the row is appended
     last - and moves ``sent``, which only senders write, one at a time.
     """
 
-    __slots__ = ("busy", "ends", "error", "rows", "sent", "versions")
+    __slots__ = ("ends", "error", "rows", "sent", "start", "versions")
 
     def __init__(self) -> None:
         self.rows: list[Any] = []  # result rows; None once sent
         self.ends: list[float] = []  # when each finished
-        self.busy: list[float] = []  # the compute time of each
+        self.start = 0.0  # when the first started
         self.versions: dict[int, str] = {}  # task id: model version
         self.sent = 0  # rows before this one were sent
         self.error: BaseException | None = None  # the flusher's send failed
