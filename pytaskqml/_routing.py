@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from ._tasks import OK, ModelResult, Task
-from ._workerstate import WorkerState
+from ._workerstate import WorkerState, leader
 
 MAX_KEYS = 65_536
 
@@ -150,7 +150,7 @@ class Router:
                     self.waiting -= 1
                     continue
                 start_now = t.run_timeout is not None or getattr(t.sink, "start_only", False)
-                best, _ = _roomiest(eligible, None if per is None else per * t.count, start_now)
+                best, _, _ = leader(eligible, None if per is None else per * t.count, not start_now)
                 if best is None:
                     break
                 q.popleft()
@@ -289,27 +289,6 @@ class Router:
                 if not t.finished:
                     return t
         return None
-
-
-def _roomiest(
-    workers: list[WorkerState], per_task: float | None, start_now: bool = False
-) -> tuple[WorkerState | None, int]:
-    """The worker that may take a task now and has the most room for it (see
-    Scheduler.dispatch): a free run slot first; only when none has one - and the task need not
-    start at once (*start_now*) - room to hold it."""
-    best: WorkerState | None = None
-    room = 0
-    for w in workers:
-        f = min(w.concurrency, w.window) - len(w.inflight)
-        if f > room:
-            best, room = w, f
-    if best is not None or start_now:
-        return best, room
-    for w in workers:
-        f = w.cap(per_task) - len(w.inflight)
-        if f > room:
-            best, room = w, f
-    return best, room
 
 
 def _can_take(w: WorkerState, model: str | None) -> bool:

@@ -13,19 +13,11 @@ when the sender skips it because it already finished (timed out, cancelled), or 
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
 
-Work-conserving dispatch. A worker's *slots* are the tasks it runs at the same time. While
-any worker that could take a task has a free slot, tasks go only to such workers (the most
-free slots first): so no worker holds a task it has not started while another idles, and a
-burst of calls on idle workers spreads one per worker. Only when every one is busy may a
-worker hold more - to hide the round trip of its next task - and then no more than
-:meth:`WorkerState.cap` allows: ``ahead``, which doubles with each result that finds work
-still waiting and falls back to none once the worker runs dry with nothing waiting (so the
-next burst starts again at one per worker, whatever the last one was), and about
-``WINDOW_BUDGET`` seconds beyond its round trip by the estimate of that kind of work.
-Estimates are per kind of work - a model's name, or None for the workers' own ``process()``
-- learned from the compute time workers report (``kind_time``); a kind never measured is
-assumed slow, so it goes one task per worker until its first result. A task that must stay
-cancellable until it starts (see :func:`start_only`) is never held.
+Work-conserving dispatch (:func:`~._workerstate.leader`): while a worker that could take a
+task can start it at once, no worker gets one it would hold; once all are busy, each may hold
+what :meth:`WorkerState.cap` allows by the estimate of that kind of work (``kind_time``, per
+model; a kind never measured is slow: one per worker). A map's task with a deadline is never
+held.
 
 Retries. A worker runs what it is sent in order, ``batch_size`` tasks at a time, so when it dies
 the first ``batch_size`` tasks of its ``inflight`` were the ones running: only those are charged
@@ -60,7 +52,7 @@ from ._histogram import Histogram, bucket
 from ._ordered import TaskQueue
 from ._routing import ModelEvents, Router
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
-from ._workerstate import WorkerState
+from ._workerstate import WorkerState, leader
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +69,6 @@ Outcome = tuple[int, int, Any]
 # tasks whose sink is a future.
 Groups = list[tuple[Any, list[Outcome]]]
 FutureOutcomes = list[tuple[Task, int, Any]]
-
-
-def start_only(t: Task) -> bool:
-    """Does *t* go only to a worker that can start it at once? A task whose deadline counts
-    from its start (``map(timeout=)``), and one of a map with a deadline of its own
-    (``total_timeout``), whose calls not started by then are cancelled - a task a worker holds
-    can no longer be."""
-    return t.run_timeout is not None or getattr(t.sink, "start_only", False)
 
 
 class Scheduler(ModelEvents, Endings):
@@ -261,39 +245,6 @@ class Scheduler(ModelEvents, Endings):
             self.submitted += task.count
         return len(tasks), dropped
 
-    def _drop_oldest(self, dropped: list[Task]) -> None:
-        items = self.queue.items
-        while items:
-            old = items.popleft()
-            if not old.finished:
-                self.drop(old)
-                dropped.append(old)
-                return
-        routed = self.router.pop_oldest()
-        if routed is not None:
-            self.drop(routed)
-            dropped.append(routed)
-
-    def drop(self, task: Task) -> None:
-        """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
-        task.finished = True
-        self.live -= 1
-        self.dropped += task.count
-
-    def cancel_abandoned(self) -> None:
-        """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""
-        keep = []
-        for t in self.queue.clear():
-            if t.sink.__class__ is not TaskFuture and t.sink.abandoned and not t.finished:
-                self._finish_cancelled(t)
-            else:
-                keep.append(t)
-        self.queue.push_front(keep)
-        if self.router.waiting:
-            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
-            for t in self.router.take(self.workers, gone):
-                self._finish_cancelled(t)
-
     # ---------------------------------------------------------------- dispatch
 
     def dispatch(self, now: float) -> list[WorkerState]:
@@ -317,39 +268,14 @@ class Scheduler(ModelEvents, Endings):
                 if not self._dispatch_timed(now, assigned):
                     break
                 continue
-            # Work-conserving: while a worker can start a task at once, tasks go only to such
-            # workers, so none holds a task it has not started while another idles.
-            best: WorkerState | None = None
-            best_free = 0
-            second = 0
-            for w in workers:
-                f = min(w.concurrency, w.window) - len(w.inflight) if w.accepting else 0
-                if f > best_free:
-                    second = best_free
-                    best_free = f
-                    best = w
-                elif f > second:
-                    second = f
-            holding = best is None
-            if holding:
-                # Every worker is busy: each may hold a few more, to hide its round trip,
-                # as many as the estimate of this kind of work allows (see WorkerState.cap) -
-                # except tasks that must be cancellable until they start.
-                s = head.sink
-                if s.__class__ is not TaskFuture and getattr(s, "start_only", False):
-                    break
-                est = None if per_item is None else per_item * head.count
-                for w in workers:
-                    n = len(w.inflight)
-                    f = w.cap(est) - n if w.accepting and n < w.window else 0
-                    if f > best_free:
-                        second = best_free
-                        best_free = f
-                        best = w
-                    elif f > second:
-                        second = f
+            # Work-conserving (see leader); a task of a map with a deadline is never held.
+            sink = head.sink
+            hold = sink.__class__ is TaskFuture or not getattr(sink, "start_only", False)
+            est = None if per_item is None else per_item * head.count
+            best, best_free, second = leader(workers, est, hold)
             if best is None:
                 break
+            holding = len(best.inflight) >= min(best.concurrency, best.window)
             # Handing the leader (best - second + 1) tasks at once is the same as handing them
             # one by one to whoever has the most credit, without rescanning per task. With
             # many free slots each (tiny tasks) hand out chunks of an eighth of the credit, so a
@@ -494,10 +420,9 @@ class Scheduler(ModelEvents, Endings):
                 )
                 continue
             items += t.count
-            r = t.route
-            this = r.model if r is not None else None
-            if work is not this:
-                work = this if work is _NO_KIND or work == this else _MIXED
+            this = t.route.model if t.route is not None else None
+            if work != this:
+                work = this if work is _NO_KIND else _MIXED
             if kind in (CHUNK, RUN) and (type(value) is not list or len(value) != t.count):
                 kind, value = (
                     ERROR,
@@ -574,19 +499,8 @@ class Scheduler(ModelEvents, Endings):
             ws.probe = None  # no compute time to subtract: no round-trip sample
         ws.last_progress = now
         assigned = self.dispatch(now)
-        self._pace(ws)
+        ws.pace(bool(self.queue.items or self.router.waiting))
         return groups, futures, late, assigned
-
-    def _pace(self, ws: WorkerState) -> None:
-        """After results from *ws*, and the dispatch they allowed: may it hold more tasks than
-        it runs (see :meth:`WorkerState.cap`)? Twice as many as before when work still waits -
-        so every worker that could take it is busy - and none once it has run dry with
-        nothing waiting, so that the next burst starts one task per worker, whatever the last
-        one was."""
-        if self.queue.items or self.router.waiting:
-            ws.ahead = min(ws.max_window, 2 * ws.ahead or 1)
-        elif not ws.inflight:
-            ws.ahead = 0
 
     def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[WorkerState]:
         """The worker's sender found these tasks finished before sending them: free their

@@ -33,6 +33,7 @@ from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 from ._models import ModelTable, run_option_row, run_rows
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK
+from ._readysend import Flusher, Ready
 from ._results import count_errors, encode_results, valid_row
 from ._stats import ServeStats
 from ._worker import Worker, run_chunk, worker_info
@@ -42,9 +43,6 @@ log = logging.getLogger(__name__)
 # Results of quick tasks are sent together; once the oldest unsent result is this old it goes
 # out on its own, so a slow model's first result never waits for its neighbour.
 RESULT_FLUSH_AFTER = 0.0005
-# A finished result still unsent this long after it finished - a slow task is running behind
-# it in the same frame - is sent by the flusher thread.
-RESULT_SEND_LATE = 0.005
 # After its goodbye a worker waits this long for the coordinator to close the connection.
 GOODBYE_TIMEOUT = 2.0
 
@@ -103,7 +101,7 @@ class WorkerServer:
         self._ready: queue.SimpleQueue[Connection | None] | None = None
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # results: one sender at a time, in order
-        self._flushers: dict[Connection, _Flusher] = {}
+        self._flushers: dict[Connection, Flusher] = {}
 
     # ----------------------------------------------------------------- control
 
@@ -406,7 +404,7 @@ class WorkerServer:
             return
         process = self.worker.process
         # A frame of one task needs no flusher: its result goes as soon as it is done.
-        ready = _Ready() if len(entries) > 1 else None
+        ready = Ready() if len(entries) > 1 else None
         flusher = self._flusher(conn) if ready is not None else None
         if flusher is not None:
             flusher.watch(ready)
@@ -432,7 +430,7 @@ class WorkerServer:
                         result, version = run_option_row(self.worker, self.models, row)
                         self.errors += count_errors([result])
                         if version is not None:
-                            done_versions[row[0]] = version  # (before the row: see _Ready)
+                            done_versions[row[0]] = version  # (before the row: see Ready)
                     else:
                         result = run_chunk(process, row[0], row[1])
                         if result[1] == RESULT_CHUNK:
@@ -457,13 +455,13 @@ class WorkerServer:
         if ready is not None:
             self._flush(conn, ready)
 
-    def _flusher(self, conn: Connection) -> _Flusher:
+    def _flusher(self, conn: Connection) -> Flusher:
         flusher = self._flushers.get(conn)
         if flusher is None:
-            flusher = self._flushers[conn] = _Flusher(self, conn)
+            flusher = self._flushers[conn] = Flusher(self._flush, conn)
         return flusher
 
-    def _flush(self, conn: Connection, ready: _Ready, older_than: float | None = None) -> None:
+    def _flush(self, conn: Connection, ready: Ready, older_than: float | None = None) -> None:
         """Send the results *ready* holds that were not sent yet (only if the oldest of them
         finished more than *older_than* seconds ago), in the order they finished: one sender
         at a time."""
@@ -516,92 +514,3 @@ class WorkerServer:
             freed = self._shared.freed()
             if freed:
                 conn.send("free", freed)
-
-
-class _Ready:
-    """The finished results of one frame: appended by the thread running the frame, without
-    a lock, and sent - under the server's send lock, from ``sent`` on - by that thread or by
-    the :class:`_Flusher` while a slow task runs behind them.
-
-    Why no lock is needed on the hot path: the running thread only appends (a row's version
-    first, then its end time, the row itself, each append atomic), and a
-    sender takes ``rows[sent:len(rows)]`` - rows complete by then, since the row is appended
-    last - and moves ``sent``, which only senders write, one at a time.
-    """
-
-    __slots__ = ("ends", "error", "rows", "sent", "start", "versions")
-
-    def __init__(self) -> None:
-        self.rows: list[Any] = []  # result rows; None once sent
-        self.ends: list[float] = []  # when each finished
-        self.start = 0.0  # when the first started
-        self.versions: dict[int, str] = {}  # task id: model version
-        self.sent = 0  # rows before this one were sent
-        self.error: BaseException | None = None  # the flusher's send failed
-
-
-class _Flusher:
-    """Sends a frame's finished results that would otherwise wait for a slow task after them
-    in the same frame (the thread running the frame sends the rest itself).
-
-    It looks every :data:`RESULT_SEND_LATE` seconds while frames of several tasks keep
-    running, and sleeps once an interval went by without one - so a stream of quick frames
-    costs it a few wake-ups per second and the thread running them nothing but two attribute
-    writes per frame. Waking it is race-free without a lock on that path: it says it sleeps
-    (``_sleeping``) before it checks for a frame one last time, and the frame's thread
-    publishes the frame before it reads ``_sleeping``.
-    """
-
-    def __init__(self, server: WorkerServer, conn: Connection) -> None:
-        self._server = server
-        self._conn = conn
-        self._cv = threading.Condition(threading.Lock())
-        self._ready: _Ready | None = None
-        self._frames = 0  # frames watched so far
-        self._sleeping = False
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._loop, name=f"pytaskqml-flusher-{conn.peer}", daemon=True
-        )
-        self._thread.start()
-
-    def watch(self, ready: _Ready | None) -> None:
-        """The frame whose results to watch (None: the frame is over)."""
-        self._ready = ready
-        if ready is not None:
-            self._frames += 1
-            if self._sleeping:
-                with self._cv:
-                    self._cv.notify()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(5.0)
-
-    def _loop(self) -> None:
-        try:
-            seen = -1
-            while True:
-                with self._cv:
-                    if self._ready is None and self._frames == seen:
-                        self._sleeping = True
-                        while self._ready is None and not self._closed:
-                            self._cv.wait()
-                        self._sleeping = False
-                    if self._closed:
-                        return
-                    seen = self._frames
-                    self._cv.wait(RESULT_SEND_LATE)
-                    ready = self._ready
-                if ready is None:
-                    continue
-                try:
-                    self._server._flush(self._conn, ready, RESULT_SEND_LATE)
-                except BaseException as exc:
-                    # The thread running the frame raises it at its next send.
-                    ready.error = exc
-        except BaseException:
-            log.exception("result flusher crashed")

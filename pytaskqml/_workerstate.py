@@ -122,6 +122,15 @@ class WorkerState:
         extra = int(budget / per_task) if per_task > 1e-7 else self.ahead
         return min(self.window, slots + min(self.ahead, extra))
 
+    def pace(self, waiting: bool) -> None:
+        """After its results, and the dispatch they allowed: *waiting* - work still waits, so
+        every worker that could take it is busy - doubles :attr:`ahead`; having run dry with
+        nothing waiting resets it, so the next burst starts one task per worker again."""
+        if waiting:
+            self.ahead = min(self.max_window, 2 * self.ahead or 1)
+        elif not self.inflight:
+            self.ahead = 0
+
     def observe(self, busy: float, tasks: int, now: float | None = None) -> None:
         """Learn how long a task takes here (and, with *now*, its round trip); size an
         adaptive window from it.
@@ -153,3 +162,34 @@ class WorkerState:
             budget = WINDOW_BUDGET + (self.round_trip or 0.0)
             want = int(budget / max(self.task_time, 1e-7)) + 1
             self.window = max(2, min(self.max_window, want))
+
+
+def leader(
+    workers: list[WorkerState], per_task: float | None, hold: bool = True
+) -> tuple[WorkerState | None, int, int]:
+    """Work-conserving choice of the worker for the next task: ``(worker, its room, the
+    runner-up's room)``, or ``(None, 0, 0)`` when none may take it now.
+
+    While any of *workers* has a free slot (it can start the task at once), only such workers
+    count, by free slots: so no worker holds a task it has not started while another idles.
+    Only when every one is busy - and the task may wait in a worker's hands (*hold*) - they
+    count by the room :meth:`WorkerState.cap` leaves for tasks of *per_task* seconds.
+    """
+    best: WorkerState | None = None
+    best_free = second = 0
+    for w in workers:
+        f = min(w.concurrency, w.window) - len(w.inflight) if w.accepting else 0
+        if f > best_free:
+            best, best_free, second = w, f, best_free
+        elif f > second:
+            second = f
+    if best is not None or not hold:
+        return best, best_free, second
+    for w in workers:
+        n = len(w.inflight)
+        f = w.cap(per_task) - n if w.accepting and n < w.window else 0
+        if f > best_free:
+            best, best_free, second = w, f, best_free
+        elif f > second:
+            second = f
+    return best, best_free, second
