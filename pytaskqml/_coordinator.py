@@ -85,8 +85,10 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
     - ``overflow`` (``"block"``): a full queue makes new work wait; ``"drop_oldest"``
       cancels the oldest waiting task, ``"reject"`` raises :class:`queue.Full`.
     - ``window`` (64): tasks in flight per worker, at most. Below it the window of each
-      process or remote worker adapts to about 10 ms of its work beyond its round trip
-      (starting at 8), unless a window is given for that worker.
+      process or remote worker adapts to about 10 ms of its work beyond its round trip,
+      unless a window is given for that worker; either way a worker holds tasks beyond those
+      it runs only while every worker is busy, and a kind of work (a function, a model) never
+      measured goes one task per worker.
     - ``max_retries`` (2): worker deaths a task may cause before it fails as poison
       (:class:`WorkerLostError`).
     - ``timeout`` (None): a default deadline for :meth:`submit`, :meth:`map` and streams (see
@@ -334,8 +336,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         the item, to mix models in one map); ``key(item)`` gives each item's key.
 
         ``total_timeout`` counts from this call, as ``concurrent.futures.Executor.map``'s
-        timeout does: a result not ready by then raises ``TimeoutError`` from the iteration
-        (and what is outstanding is cancelled).
+        timeout does: every result ready by then is yielded, then ``TimeoutError`` is raised
+        from the iteration, and the items not started by then are cancelled (they go only to
+        a worker that can start them at once, so none waits where it cannot be cancelled).
 
         ``progress=True`` shows a progress bar on stderr while the results are taken (``tqdm``
         when it is importable, otherwise a line of its own; only on a terminal); a
@@ -371,6 +374,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             deadline,
             progress,
             len(iterable) if progress and isinstance(iterable, Sized) else None,
+            model if isinstance(model, str) else None,
         )
 
     def stream(

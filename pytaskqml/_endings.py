@@ -1,12 +1,13 @@
 """How a scheduler's tasks end other than by a result - deadlines, cancellation, abandoned
-work, stranding: part of the sans-IO core (:class:`~._scheduler.Scheduler` mixes this in;
-the same lock, the same counters)."""
+work, drops by the overflow policy, stranding: part of the sans-IO core
+(:class:`~._scheduler.Scheduler` mixes this in; the same lock, the same counters)."""
 
 from __future__ import annotations
 
 import heapq
 import weakref
 
+from ._delivery import TaskFuture
 from ._ordered import TaskQueue
 from ._routing import Router
 from ._tasks import Task
@@ -22,12 +23,46 @@ class Endings:
     live: int
     failed: int
     cancelled: int
+    dropped: int
     stranded: bool
     timed_out: int
     deadlines: list[tuple[float, int, weakref.ref[Task]]]
 
     def dispatch(self, now: float) -> list[WorkerState]:
         raise NotImplementedError
+
+    def _drop_oldest(self, dropped: list[Task]) -> None:
+        items = self.queue.items
+        while items:
+            old = items.popleft()
+            if not old.finished:
+                self.drop(old)
+                dropped.append(old)
+                return
+        routed = self.router.pop_oldest()
+        if routed is not None:
+            self.drop(routed)
+            dropped.append(routed)
+
+    def drop(self, task: Task) -> None:
+        """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
+        task.finished = True
+        self.live -= 1
+        self.dropped += task.count
+
+    def cancel_abandoned(self) -> None:
+        """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""
+        keep = []
+        for t in self.queue.clear():
+            if t.sink.__class__ is not TaskFuture and t.sink.abandoned and not t.finished:
+                self._finish_cancelled(t)
+            else:
+                keep.append(t)
+        self.queue.push_front(keep)
+        if self.router.waiting:
+            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
+            for t in self.router.take(self.workers, gone):
+                self._finish_cancelled(t)
 
     def _finish_cancelled(self, t: Task) -> None:
         t.finished = True

@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 LATE_KEPT = 10_000
 
 
+def fail_unloaded(tasks: list[Task]) -> None:
+    """Fail tasks whose model was unloaded before they ran."""
+    for t in tasks:
+        model = t.route.model if t.route is not None else None
+        deliver(t, ERROR, ClosedError(f"model {model!r} was unloaded before this task ran"))
+
+
 class Engine(WorkerOps):
     """Runs one coordinator's scheduler (see the module's docstring)."""
 
@@ -115,10 +122,13 @@ class Engine(WorkerOps):
             if core.deadlines:
                 self._watch_deadlines()
             requests = self._requests()
+            orphans = core.take_orphans() if core.router.orphans else []
         for ws in assigned:
             ws.handle.wake(True)
         if requests:
             self._send_requests(requests)
+        if orphans:
+            fail_unloaded(orphans)
         if dropped:
             deliver_all(dropped, DROPPED, None)
         if stranded:
@@ -154,6 +164,21 @@ class Engine(WorkerOps):
                 raise queue.Full("the coordinator's queue stayed full")
             i, more = core.admit(tasks, i, timed=timed, routed=routed)
             dropped.extend(more)
+
+    def unload_model(self, name: str) -> None:
+        """*name* was unloaded by name: fail its tasks that wait for a worker (and any that
+        turns up later) - nothing will ever run them."""
+        with self.lock:
+            stuck = self.core.model_unloaded(name)
+            if self._blocked:
+                self.not_full.notify_all()
+            self.changed.notify_all()
+        fail_unloaded(stuck)
+
+    def declare_model(self, name: str) -> None:
+        """*name* is being loaded by name: its tasks wait for a worker that has it."""
+        with self.lock:
+            self.core.model_declared(name)
 
     def drop(self, task: Task) -> bool:
         """Drop a queued task (a stream's drop-oldest); False if it already started or ended."""
@@ -254,6 +279,7 @@ class Engine(WorkerOps):
             if removed is None:
                 return
             requeued, poison, pinned, assigned = removed
+            orphans = self.core.take_orphans() if self.core.router.orphans else []
             if not self.core.workers and not self.stopping:
                 stranded = self._strand_locked()
             self._watch_deadlines()
@@ -279,6 +305,8 @@ class Engine(WorkerOps):
         if pinned:
             gone = WorkerLostError(f"worker {handle.name} left before it ran this broadcast")
             deliver_all(pinned, ERROR, gone)
+        if orphans:
+            fail_unloaded(orphans)
         if stranded:
             deliver_all(stranded, ERROR, self._strand_error())
         owner = handle.owner

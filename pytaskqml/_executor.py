@@ -207,8 +207,9 @@ class Executor(concurrent.futures.Executor):
     ) -> Iterator[T]:
         """``fn(*args)`` for the items of *iterables* taken together (as ``zip``), results in
         order; lazy and bounded (see the class docstring). ``timeout`` counts from this call:
-        a result not ready by then raises ``TimeoutError``. ``chunksize`` calls travel and run
-        as one task (default: chosen from the measured time per call)."""
+        every result ready by then is yielded, then ``TimeoutError`` is raised and the calls
+        not started yet are cancelled. ``chunksize`` calls travel and run as one task
+        (default: chosen from the measured time per call of *fn*)."""
         if chunksize is not None and (isinstance(chunksize, bool) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
         if self._closed:

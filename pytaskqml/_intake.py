@@ -213,26 +213,29 @@ class Intake:
 
     # ------------------------------------------------------------------ sizing
 
-    def auto_buffersize(self, chunked: bool) -> int:
-        """map()'s default buffer: about MAP_BUFFER_TIME of work per worker. Items that travel
-        one per task (a deadline, chunksize=1) cost a task object each, so fewer of them."""
+    def auto_buffersize(self, chunked: bool, kind: str | None = None) -> int:
+        """map()'s default buffer: about MAP_BUFFER_TIME of work per worker, by the time per
+        item measured for this *kind* of work (a model's name; None: the workers' own
+        process()). Items that travel one per task (a deadline, chunksize=1) cost a task
+        object each, so fewer of them."""
         core = self.engine.core
         workers = max(1, len(core.workers))
         floor = max(64, 16 * workers)
-        per = core.item_time
+        per = core.kind_time.get(kind)
         if per is None:
             return max(256, floor)
         want = int(workers * MAP_BUFFER_TIME / max(per, 1e-7))
         return max(floor, min(MAX_MAP_BUFFER if chunked else MAX_MAP_BUFFER // 16, want))
 
-    def auto_chunksize(self, buffersize: int) -> int:
-        """Items per chunk: about CHUNK_BUDGET seconds of work, leaving every worker a share of
-        the buffer. 1 until a result has shown how long an item takes."""
+    def auto_chunksize(self, items: int, kind: str | None = None) -> int:
+        """Items per chunk, for *items* about to be admitted: about CHUNK_BUDGET seconds of
+        work by the time measured for this *kind* of work, leaving every worker a share of
+        them. 1 until a result has shown how long an item of this kind takes."""
         core = self.engine.core
-        per = core.item_time
+        per = core.kind_time.get(kind)
         if per is None or per >= CHUNK_BUDGET:
             return 1
-        share = buffersize // (4 * max(1, len(core.workers)))
+        share = items // (4 * max(1, len(core.workers)))
         return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))
 
 

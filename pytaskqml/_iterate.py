@@ -48,9 +48,12 @@ def as_error(kind: int, value: Any) -> BaseException:
 class Collector(ReorderBuffer):
     """The results side of one map() or stream: a reorder buffer that can be abandoned."""
 
-    def __init__(self, ordered: bool) -> None:
+    def __init__(self, ordered: bool, *, start_only: bool = False) -> None:
         super().__init__(ordered=ordered)
         self.abandoned = False
+        # Its tasks go only to a worker that can start them at once (a map with a deadline:
+        # what has not started by then is cancelled, which a task a worker holds cannot be).
+        self.start_only = start_only
 
 
 def map_results(
@@ -65,12 +68,16 @@ def map_results(
     deadline: float | None = None,
     progress: bool | Progress | None = None,
     total: int | None = None,
+    work: str | None = None,
 ) -> Iterator[Any]:
     """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
     where each task may run (``chunksize`` must be 1 when it depends on the item). Past
-    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError``.
-    *total*: the input's length, if it has one, for the progress bar."""
-    collector = Collector(ordered)
+    *deadline* (``time.monotonic()``) a result not ready yet raises ``TimeoutError`` - after
+    every result that was ready in time has been yielded - and the items not started yet are
+    cancelled. *total*: the input's length, if it has one, for the progress bar. *work*: the
+    model the items run on (None: the workers' own process()), whose measured time per item
+    sizes the buffer and the chunks."""
+    collector = Collector(ordered, start_only=deadline is not None)
     raise_errors = on_error == "raise"
     seq = 0
     outstanding = 0
@@ -101,7 +108,7 @@ def map_results(
             fits = intake.pool_fits(items[0]) if items else None
             if fits is not None:
                 pool_cap = max(2, fits // 2)
-        buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked))
+        buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked, work))
         if pool_cap is not None:
             buffersize = min(buffersize, pool_cap)
         room = buffersize - outstanding - len(items)
@@ -113,7 +120,10 @@ def map_results(
             exhausted = len(more) < room
             items += more
         if items:
-            chunk = chunksize or (1 if not chunked else intake.auto_chunksize(buffersize))
+            # The last items of the input are chunked by how many they are, not by the
+            # buffer's size, so that they too spread over every worker.
+            share = len(items) if exhausted else buffersize
+            chunk = chunksize or (1 if not chunked else intake.auto_chunksize(share, work))
             fits = intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
             if fits is not None:
                 pool_cap = max(2, min(fits // 2, pool_cap or fits))

@@ -87,6 +87,7 @@ class Models:
         version = str(version) if version is not None else str(next(self._versions))
         with self._cv:
             self._specs[name] = (spec, version)
+        self._engine.declare_model(name)
         if self._on_demand:
             self._engine.set_on_demand(name, True)
             return {}
@@ -160,8 +161,13 @@ class Models:
         return self.load(name, spec, **options)
 
     def unload(self, name: str) -> None:
-        """Unload *name* everywhere; tasks for it that still wait will fail. ``KeyError`` for
-        a name no worker knows (neither loaded by name nor brought by a worker)."""
+        """Unload *name* everywhere. Its tasks still waiting for a worker fail at once with
+        :class:`ClosedError` (so does one submitted while the unload happens); a task already
+        running finishes on the version it started with; one sent to a worker but not started
+        there yet fails with that worker's ``LookupError`` (model not loaded here). No task of
+        it is left pending. To let queued work finish first, wait for it (its futures, or
+        :meth:`Coordinator.wait_idle`) before unloading. ``KeyError`` for a name no worker
+        knows (neither loaded by name nor brought by a worker)."""
         with self._cv:
             known = name in self._specs or name in self._status
         if not known and not self._engine.has_model(name):
@@ -169,6 +175,7 @@ class Models:
         with self._cv:
             self._specs.pop(name, None)
         self._engine.set_on_demand(name, False)
+        self._engine.unload_model(name)
         for h in self._engine.handles():
             h.model_command({"action": "unload", "name": name})
             self._unloads[name] += 1
@@ -198,17 +205,27 @@ class Models:
 
     def check(self, name: str) -> None:
         """ValueError with the reason when a task for *name* cannot run: no such model, or
-        no worker could load it (and none will load it on demand)."""
-        if self._engine.has_model(name):
+        every worker attached now failed to load it (and none will load it on demand).
+
+        A state the caller did not cause is no reason: while no worker has the model - its
+        workers are being restarted, a new one is still loading it, none is attached yet - a
+        task waits for one that has it (bounded by its own timeout)."""
+        there, attached = self._engine.model_presence(name)
+        if there:
             return  # ready or loading somewhere (also a model a worker brought)
         with self._cv:
             if name not in self._specs:
                 raise ValueError(f"no model named {name!r}: load it first (coord.models.load)")
-            if self._on_demand:
+            if self._on_demand or not attached:
                 return
-            errors = [s.get("error") for s in self._status.get(name, {}).values()]
-        if errors:
-            raise ValueError(f"model {name!r} is not loaded on any worker: {errors[-1]}")
+            per = self._status.get(name, {})
+            errors = [
+                str(per[w].get("error") or "")
+                for w in attached
+                if w in per and per[w].get("state") == "failed"
+            ]
+        if len(errors) == len(attached):
+            raise ValueError(f"model {name!r} failed to load on every worker: {errors[-1]}")
 
     # ------------------------------------------------------------------ workers
 

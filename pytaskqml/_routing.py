@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from ._tasks import OK, ModelResult, Task
-from ._workerstate import WorkerState
+from ._workerstate import WorkerState, leader
 
 MAX_KEYS = 65_536
 
@@ -46,12 +46,20 @@ class Router:
         # ("load" | "unload", worker, model) for the front to send; drained by the engine.
         self.requests: list[tuple[str, WorkerState, str]] = []
         self._reroute = False
+        # Models unloaded by name: a task for one that comes back (from a lost worker) or
+        # slipped in as it went cannot run anywhere - it goes to `orphans`, for the front to
+        # fail, instead of waiting for a load that will never come.
+        self.gone: set[str] = set()
+        self.orphans: list[Task] = []
 
     # ------------------------------------------------------------------ admission
 
     def add(self, t: Task, workers: list[WorkerState], *, front: bool = False) -> None:
         r = t.route
         assert r is not None
+        if r.model is not None and r.model in self.gone:
+            self.orphans.append(t)
+            return
         self.waiting += 1
         if r.pin is not None:
             (r.pin.own.appendleft if front else r.pin.own.append)(t)
@@ -90,9 +98,21 @@ class Router:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, now: float, workers: list[WorkerState], give: Any) -> None:
+    def dispatch(
+        self,
+        now: float,
+        workers: list[WorkerState],
+        give: Any,
+        kind_time: dict[str | None, float],
+    ) -> None:
         """Hand routed tasks to workers with credit; *give(worker, task)* assigns one (it
-        returns False if nobody waits for the task any more)."""
+        returns False if nobody waits for the task any more). *kind_time*: seconds per item
+        of each model (None: the workers' own process()), for :meth:`WorkerState.cap`.
+
+        A model's tasks follow the scheduler's work-conserving rule: while a worker that has
+        the model can start one at once, they go only to such workers. When tasks of a model
+        loaded on demand wait while a worker without it has nothing to do, the model is
+        loaded there too."""
         if self._reroute and self.unrouted:
             self._reroute = False
             pending = list(self.unrouted)
@@ -102,11 +122,14 @@ class Router:
                 self.add(t, workers)
         for w in workers:
             own = w.own
-            while own and w.accepting and w.window > len(w.inflight):
+            while own and w.accepting:
                 t = own[0]
                 model = t.route.model if t.route is not None else None
                 if model is not None and model not in w.models:
                     break  # its owner is still loading the model: the key waits for it
+                per = kind_time.get(model)
+                if len(w.inflight) >= w.cap(None if per is None else per * t.count):
+                    break
                 own.popleft()
                 self.waiting -= 1
                 if not t.finished:
@@ -119,15 +142,43 @@ class Router:
                 if model in self.on_demand and not any(model in w.loading for w in workers):
                     self._load_somewhere(model, workers, now)
                 continue
+            per = kind_time.get(model)
             while q:
-                best = max(eligible, key=lambda w: w.window - len(w.inflight))
-                if best.window <= len(best.inflight):
+                t = q[0]
+                if t.finished:
+                    q.popleft()
+                    self.waiting -= 1
+                    continue
+                start_now = t.run_timeout is not None or getattr(t.sink, "start_only", False)
+                best, _, _ = leader(eligible, None if per is None else per * t.count, not start_now)
+                if best is None:
                     break
-                t = q.popleft()
+                q.popleft()
                 self.waiting -= 1
-                if not t.finished:
-                    give(best, t)
-                    best.model_used[model] = now
+                give(best, t)
+                best.model_used[model] = now
+            if q and model in self.on_demand:
+                self._spread(model, workers)
+
+    def _spread(self, model: str, workers: list[WorkerState]) -> None:
+        """Tasks of *model* wait: load it on a worker that has nothing to do - in place of
+        its least recently used model if it has no room, when no task waits for that one (one
+        load at a time, so a burst does not load it everywhere at once)."""
+        if any(model in w.loading for w in workers):
+            return
+        for w in workers:
+            if not w.accepting or w.inflight or w.own or w.loading or model in w.models:
+                continue
+            if w.max_models is None or len(w.models) < w.max_models:
+                self._ask_load(w, model)
+                return
+            idle = [n for n in w.models if not self.by_model.get(n)]
+            if idle:
+                victim = min(idle, key=lambda n: w.model_used.get(n, 0.0))
+                self.requests.append(("unload", w, victim))
+                w.models.pop(victim, None)
+                self._ask_load(w, model)
+                return
 
     def _load_somewhere(self, model: str, workers: list[WorkerState], now: float) -> None:
         """Ask for *model* on the worker with room for it and the most credit, or else in
@@ -298,3 +349,25 @@ class ModelEvents:
 
     def model_gone(self, ws: WorkerState, model: str) -> None:
         self.router.model_gone(ws, model)
+
+    def model_unloaded(self, model: str) -> list[Task]:
+        """*model* was unloaded by name: its waiting tasks can never run. Returns them,
+        finished, for the caller to fail (and so every task of it that turns up later)."""
+        self.router.gone.add(model)
+        self.router.orphans.extend(
+            self.router.take(self.workers, lambda t: t.route is not None and t.route.model == model)
+        )
+        return self.take_orphans()
+
+    def model_declared(self, model: str) -> None:
+        """*model* is loaded by name (again): its tasks wait for it."""
+        self.router.gone.discard(model)
+
+    def take_orphans(self) -> list[Task]:
+        """Finish and return the tasks of unloaded models that turned up (see Router.gone)."""
+        out, self.router.orphans = self.router.orphans, []
+        for t in out:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return out

@@ -13,6 +13,12 @@ when the sender skips it because it already finished (timed out, cancelled), or 
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
 
+Work-conserving dispatch (:func:`~._workerstate.leader`): while a worker that could take a
+task can start it at once, no worker gets one it would hold; once all are busy, each may hold
+what :meth:`WorkerState.cap` allows by the estimate of that kind of work (``kind_time``, per
+model; a kind never measured is slow: one per worker). A map's task with a deadline is never
+held.
+
 Retries. A worker runs what it is sent in order, ``batch_size`` tasks at a time, so when it dies
 the first ``batch_size`` tasks of its ``inflight`` were the ones running: only those are charged
 an attempt. The others go back to the front of the queue free of charge. A chunk that was
@@ -46,12 +52,15 @@ from ._histogram import Histogram, bucket
 from ._ordered import TaskQueue
 from ._routing import ModelEvents, Router
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
-from ._workerstate import WorkerState
+from ._workerstate import WorkerState, leader
 
 log = logging.getLogger(__name__)
 
 # Latency samples kept for the percentiles of statistics().
 LATENCY_SAMPLES = 8192
+# Markers for the kind of work of a results message: none seen yet, several.
+_NO_KIND: Any = object()
+_MIXED: Any = object()
 
 # A task's sink is a TaskFuture (submit) or a results collector of a map() or stream, which has
 # deliver_many(outcomes) and an `abandoned` flag.
@@ -83,7 +92,10 @@ class Scheduler(ModelEvents, Endings):
         self.retried = self.poisoned = self.workers_lost = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
-        self.item_time: float | None = None  # EWMA of worker seconds per item, for chunking
+        self.item_time: float | None = None  # EWMA of worker seconds per item, all kinds
+        # EWMA of worker seconds per item of each kind of work: a model's name, None for the
+        # workers' own process(). A kind never measured is absent, and treated as slow.
+        self.kind_time: dict[str | None, float] = {}
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
         self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
 
@@ -233,39 +245,6 @@ class Scheduler(ModelEvents, Endings):
             self.submitted += task.count
         return len(tasks), dropped
 
-    def _drop_oldest(self, dropped: list[Task]) -> None:
-        items = self.queue.items
-        while items:
-            old = items.popleft()
-            if not old.finished:
-                self.drop(old)
-                dropped.append(old)
-                return
-        routed = self.router.pop_oldest()
-        if routed is not None:
-            self.drop(routed)
-            dropped.append(routed)
-
-    def drop(self, task: Task) -> None:
-        """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
-        task.finished = True
-        self.live -= 1
-        self.dropped += task.count
-
-    def cancel_abandoned(self) -> None:
-        """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""
-        keep = []
-        for t in self.queue.clear():
-            if t.sink.__class__ is not TaskFuture and t.sink.abandoned and not t.finished:
-                self._finish_cancelled(t)
-            else:
-                keep.append(t)
-        self.queue.push_front(keep)
-        if self.router.waiting:
-            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
-            for t in self.router.take(self.workers, gone):
-                self._finish_cancelled(t)
-
     # ---------------------------------------------------------------- dispatch
 
     def dispatch(self, now: float) -> list[WorkerState]:
@@ -279,26 +258,24 @@ class Scheduler(ModelEvents, Endings):
             return assigned
         workers = self.workers
         pop = items.popleft
+        # Plain tasks all run the workers' own process(): one kind of work, one estimate.
+        per_item = self.kind_time.get(None)
         # Queue waits, counted at first dispatch; an admission's tasks share one submission time.
         waits, waited, since, b = self.queue_wait.counts, 0.0, None, 0
         while items:
-            if items[0].run_timeout is not None:
+            head = items[0]
+            if head.run_timeout is not None:
                 if not self._dispatch_timed(now, assigned):
                     break
                 continue
-            best: WorkerState | None = None
-            best_free = 0
-            second = 0
-            for w in workers:
-                f = w.window - len(w.inflight) if w.accepting else 0
-                if f > best_free:
-                    second = best_free
-                    best_free = f
-                    best = w
-                elif f > second:
-                    second = f
+            # Work-conserving (see leader); a task of a map with a deadline is never held.
+            sink = head.sink
+            hold = sink.__class__ is TaskFuture or not getattr(sink, "start_only", False)
+            est = None if per_item is None else per_item * head.count
+            best, best_free, second = leader(workers, est, hold)
             if best is None:
                 break
+            holding = len(best.inflight) >= min(best.concurrency, best.window)
             # Handing the leader (best - second + 1) tasks at once is the same as handing them
             # one by one to whoever has the most credit, without rescanning per task. With
             # many free slots each (tiny tasks) hand out chunks of an eighth of the credit, so a
@@ -307,7 +284,11 @@ class Scheduler(ModelEvents, Endings):
             tasks = []
             for _ in range(n):
                 t = pop()
-                if t.run_timeout is not None:
+                if t.run_timeout is not None or (
+                    holding
+                    and t.sink.__class__ is not TaskFuture
+                    and getattr(t.sink, "start_only", False)
+                ):
                     items.appendleft(t)  # goes only to a worker that can start it at once
                     break
                 if t.finished:
@@ -372,9 +353,12 @@ class Scheduler(ModelEvents, Endings):
                 self.queue_wait.observe(now - t.t_submit, t.count)
                 if not self._still_wanted(t):
                     return
+            if t.run_timeout is not None:
+                t.deadline = now + t.run_timeout  # its clock starts as it is sent to run
+                self._push_deadline(t)
             self._assign(w, [t], now, assigned)
 
-        self.router.dispatch(now, self.workers, give)
+        self.router.dispatch(now, self.workers, give, self.kind_time)
 
     def _still_wanted(self, t: Task) -> bool:
         """At first dispatch: is anyone still waiting for it? (Finishes it if not.)"""
@@ -425,6 +409,7 @@ class Scheduler(ModelEvents, Endings):
         record = self.latencies.append
         lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
         ok = failed = items = 0
+        work: Any = _NO_KIND  # the kind of work these results are of (None: process())
         for tid, kind, value in entries:
             t = pop(tid, None)
             if t is None:
@@ -435,6 +420,9 @@ class Scheduler(ModelEvents, Endings):
                 )
                 continue
             items += t.count
+            this = t.route.model if t.route is not None else None
+            if work != this:
+                work = this if work is _NO_KIND else _MIXED
             if kind in (CHUNK, RUN) and (type(value) is not list or len(value) != t.count):
                 kind, value = (
                     ERROR,
@@ -503,10 +491,16 @@ class Scheduler(ModelEvents, Endings):
             self.item_time = (
                 per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
             )
+            if work is not _MIXED and work is not _NO_KIND:
+                # (Results of several kinds in one message say nothing of each one's time.)
+                kt = self.kind_time.get(work)
+                self.kind_time[work] = per_item if kt is None else 0.7 * kt + 0.3 * per_item
         else:
             ws.probe = None  # no compute time to subtract: no round-trip sample
         ws.last_progress = now
-        return groups, futures, late, self.dispatch(now)
+        assigned = self.dispatch(now)
+        ws.pace(bool(self.queue.items or self.router.waiting))
+        return groups, futures, late, assigned
 
     def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[WorkerState]:
         """The worker's sender found these tasks finished before sending them: free their

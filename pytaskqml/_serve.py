@@ -33,6 +33,7 @@ from ._endpoints import Acceptor, Backoff, describe, dial_once, is_fatal
 from ._errors import AuthenticationError, ConnectionLost, ProtocolError
 from ._models import ModelTable, run_option_row, run_rows
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK
+from ._readysend import Flusher, Ready
 from ._results import count_errors, encode_results, valid_row
 from ._stats import ServeStats
 from ._worker import TASK_ERRORS, Worker, run_chunk, worker_info
@@ -99,6 +100,8 @@ class WorkerServer:
         self._said_bye = False  # on the current connection
         self._ready: queue.SimpleQueue[Connection | None] | None = None
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # results: one sender at a time, in order
+        self._flushers: dict[Connection, Flusher] = {}
 
     # ----------------------------------------------------------------- control
 
@@ -281,6 +284,9 @@ class WorkerServer:
         finally:
             self._busy = False
             done.set()
+            flusher = self._flushers.pop(conn, None)
+            if flusher is not None:
+                flusher.close()
             with self._lock:
                 self._conn = None
                 self._bytes[0] += conn.bytes_out
@@ -397,38 +403,86 @@ class WorkerServer:
             self._send_results(conn, rows, clock() - t0, versions)
             return
         process = self.worker.process
-        pending: list[tuple[int, int, Any]] = []
-        versions = {}
-        start = clock()
-        for row in entries:
-            if self._stop.is_set():
-                break  # the rest never start: the coordinator re-queues them after "bye"
-            if len(row) == 2:
-                try:
-                    pending.append((row[0], RESULT_OK, process(row[1])))
-                except TASK_ERRORS as exc:
-                    pending.append((row[0], RESULT_ERROR, exc))
-                    self.errors += 1
-            elif type(row[2]) is dict:  # a model, a key
-                result, version = run_option_row(self.worker, self.models, row)
-                pending.append(result)
-                self.errors += count_errors(pending[-1:])
-                if version is not None:
-                    versions[row[0]] = version
-            else:
-                pending.append(run_chunk(process, row[0], row[1]))
-                if pending[-1][1] == RESULT_CHUNK:
-                    self.errors += count_errors(pending[-1:])
-            row[1] = None
-            self.tasks_done += 1
-            now = clock()
-            if now - start > RESULT_FLUSH_AFTER:
-                self._send_results(conn, pending, now - start, versions)
-                pending = []
-                versions = {}
-                start = clock()
-        if pending:
-            self._send_results(conn, pending, clock() - start, versions)
+        # A frame of one task needs no flusher: its result goes as soon as it is done.
+        ready = Ready() if len(entries) > 1 else None
+        flusher = self._flusher(conn) if ready is not None else None
+        if flusher is not None:
+            flusher.watch(ready)
+        done: list[Any] = ready.rows if ready is not None else []
+        ends: list[float] = ready.ends if ready is not None else []
+        done_versions: dict[int, str] = ready.versions if ready is not None else {}
+        last = clock()
+        if ready is not None:
+            ready.start = last
+        batch = last  # when the first task whose result this thread has not sent started
+        try:
+            for row in entries:
+                if self._stop.is_set():
+                    break  # the rest never start: the coordinator re-queues them after "bye"
+                if len(row) == 2:
+                    try:
+                        result = (row[0], RESULT_OK, process(row[1]))
+                    except TASK_ERRORS as exc:
+                        result = (row[0], RESULT_ERROR, exc)
+                        self.errors += 1
+                else:
+                    if type(row[2]) is dict:  # a model, a key
+                        result, version = run_option_row(self.worker, self.models, row)
+                        self.errors += count_errors([result])
+                        if version is not None:
+                            done_versions[row[0]] = version  # (before the row: see Ready)
+                    else:
+                        result = run_chunk(process, row[0], row[1])
+                        if result[1] == RESULT_CHUNK:
+                            self.errors += count_errors([result])
+                row[1] = None
+                self.tasks_done += 1
+                now = clock()
+                ends.append(now)
+                done.append(result)
+                if ready is None:
+                    self._send_results(conn, done, now - last, done_versions)
+                    return
+                # Results of quick tasks go together: once RESULT_FLUSH_AFTER went by since
+                # the first of them started, they go - and the flusher sends them if the
+                # task after them runs long.
+                if now - batch > RESULT_FLUSH_AFTER:
+                    self._flush(conn, ready)
+                    batch = now
+        finally:
+            if flusher is not None:
+                flusher.watch(None)
+        if ready is not None:
+            self._flush(conn, ready)
+
+    def _flusher(self, conn: Connection) -> Flusher:
+        flusher = self._flushers.get(conn)
+        if flusher is None:
+            flusher = self._flushers[conn] = Flusher(self._flush, conn)
+        return flusher
+
+    def _flush(self, conn: Connection, ready: Ready, older_than: float | None = None) -> None:
+        """Send the results *ready* holds that were not sent yet (only if the oldest of them
+        finished more than *older_than* seconds ago), in the order they finished: one sender
+        at a time."""
+        with self._send_lock:
+            if ready.error is not None:
+                raise ready.error
+            start, end = ready.sent, len(ready.rows)
+            if start >= end or (
+                older_than is not None and time.perf_counter() - ready.ends[start] < older_than
+            ):
+                return
+            rows = ready.rows[start:end]
+            # Compute time: from the end of the last task sent (or the frame's start) to the
+            # end of this one - the tasks ran back to back.
+            busy = ready.ends[end - 1] - (ready.ends[start - 1] if start else ready.start)
+            versions = ready.versions
+            mine = {r[0]: versions[r[0]] for r in rows if r[0] in versions} if versions else None
+            ready.sent = end
+            for i in range(start, end):
+                ready.rows[i] = None  # sent: its memory may go
+            self._send_results(conn, rows, busy, mine)
 
     def _send_results(
         self,

@@ -154,3 +154,13 @@ class WorkerOps:
     def has_model(self, name: str) -> bool:
         with self.lock:
             return any(name in w.models or name in w.loading for w in self.core.workers)
+
+    def model_presence(self, name: str) -> tuple[bool, list[str]]:
+        """(whether a worker has *name* ready or is loading it - and it was not unloaded since -,
+        the names of the workers attached now)."""
+        with self.lock:
+            workers = self.core.workers
+            there = name not in self.core.router.gone and any(
+                name in w.models or name in w.loading for w in workers
+            )
+            return there, [w.name for w in workers]

@@ -23,6 +23,7 @@ class WorkerState:
     __slots__ = (
         "accepting",
         "adaptive",
+        "ahead",
         "batch_size",
         "busy",
         "completed",
@@ -70,6 +71,10 @@ class WorkerState:
         self.adaptive = adaptive
         self.window = min(self.max_window, INITIAL_WINDOW) if adaptive else self.max_window
         self.task_time: float | None = None  # EWMA of seconds of work per task (or chunk)
+        # Tasks it may hold beyond those it runs at once (see Scheduler.dispatch): none while
+        # it has not shown it is kept busy; doubled by each result that finds every worker
+        # busy, back to none once it runs dry with nothing queued.
+        self.ahead = 0
         self.inflight: dict[int, Task] = {}  # assigned, not answered, in dispatch order
         self.outbox: deque[Task] = deque()  # assigned, not yet taken by the worker's sender
         self.accepting = True
@@ -98,6 +103,33 @@ class WorkerState:
     @property
     def free(self) -> int:
         return self.window - len(self.inflight) if self.accepting else 0
+
+    @property
+    def slots(self) -> int:
+        """How many tasks it runs at the same time (no more than its window)."""
+        return min(self.concurrency, self.window)
+
+    def cap(self, per_task: float | None) -> int:
+        """How many tasks it may hold while every worker is busy, for tasks estimated at
+        *per_task* seconds each (``None``: never measured, so assumed slow): those it runs,
+        plus at most :attr:`ahead` more and about :data:`WINDOW_BUDGET` seconds beyond its
+        round trip of them - enough to hide the round trip, never a queue that another worker
+        could have emptied."""
+        slots = min(self.concurrency, self.window)
+        if per_task is None or not self.ahead:
+            return slots
+        budget = WINDOW_BUDGET + (self.round_trip or 0.0)
+        extra = int(budget / per_task) if per_task > 1e-7 else self.ahead
+        return min(self.window, slots + min(self.ahead, extra))
+
+    def pace(self, waiting: bool) -> None:
+        """After its results, and the dispatch they allowed: *waiting* - work still waits, so
+        every worker that could take it is busy - doubles :attr:`ahead`; having run dry with
+        nothing waiting resets it, so the next burst starts one task per worker again."""
+        if waiting:
+            self.ahead = min(self.max_window, 2 * self.ahead or 1)
+        elif not self.inflight:
+            self.ahead = 0
 
     def observe(self, busy: float, tasks: int, now: float | None = None) -> None:
         """Learn how long a task takes here (and, with *now*, its round trip); size an
@@ -130,3 +162,34 @@ class WorkerState:
             budget = WINDOW_BUDGET + (self.round_trip or 0.0)
             want = int(budget / max(self.task_time, 1e-7)) + 1
             self.window = max(2, min(self.max_window, want))
+
+
+def leader(
+    workers: list[WorkerState], per_task: float | None, hold: bool = True
+) -> tuple[WorkerState | None, int, int]:
+    """Work-conserving choice of the worker for the next task: ``(worker, its room, the
+    runner-up's room)``, or ``(None, 0, 0)`` when none may take it now.
+
+    While any of *workers* has a free slot (it can start the task at once), only such workers
+    count, by free slots: so no worker holds a task it has not started while another idles.
+    Only when every one is busy - and the task may wait in a worker's hands (*hold*) - they
+    count by the room :meth:`WorkerState.cap` leaves for tasks of *per_task* seconds.
+    """
+    best: WorkerState | None = None
+    best_free = second = 0
+    for w in workers:
+        f = min(w.concurrency, w.window) - len(w.inflight) if w.accepting else 0
+        if f > best_free:
+            best, best_free, second = w, f, best_free
+        elif f > second:
+            second = f
+    if best is not None or not hold:
+        return best, best_free, second
+    for w in workers:
+        n = len(w.inflight)
+        f = w.cap(per_task) - n if w.accepting and n < w.window else 0
+        if f > best_free:
+            best, best_free, second = w, f, best_free
+        elif f > second:
+            second = f
+    return best, best_free, second

@@ -62,6 +62,8 @@ class Sink:
 def test_queue_wait_and_latency_land_in_their_buckets_on_a_fake_clock() -> None:
     core = Scheduler(max_queue=100, overflow="block", max_retries=2)
     ws, _ = core.add_worker("w", window=10, now=0.0)
+    # Plain tasks measured quick, the worker kept busy: it may hold both tasks at once.
+    core.kind_time[None], ws.ahead = 1e-6, 10
     single = Task(next(core.ids), "x", 0, Sink(), 0, 1.0)
     chunk = Task(next(core.ids), [1, 2, 3], 0, Sink(), 1, 1.0, 3)
     core.admit([single, chunk], 0, timed=False)

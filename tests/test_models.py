@@ -125,7 +125,7 @@ def test_tasks_for_a_model_nobody_could_load_fail_with_the_reason() -> None:
         coord.spawn(Echo, processes=1)
         with pytest.raises(ModelLoadError):
             coord.models.load("broken", Broken)
-        with pytest.raises(ValueError, match=r"not loaded on any worker.*corrupt"):
+        with pytest.raises(ValueError, match=r"failed to load on every worker.*corrupt"):
             coord.submit(1, model="broken")
         with pytest.raises(ValueError, match="no model named"):
             coord.submit(1, model="never-loaded")

@@ -16,7 +16,7 @@ import pytest
 from pytaskqml._delivery import CallbackRunner, TaskFuture
 from pytaskqml._errors import TaskFailed
 from pytaskqml._scheduler import Scheduler
-from pytaskqml._tasks import CHUNK, ERROR, OK, RUN, Task
+from pytaskqml._tasks import CHUNK, ERROR, OK, RUN, Route, Task
 from pytaskqml._workerstate import WorkerState
 
 
@@ -47,12 +47,22 @@ def core_with(*windows: int, max_queue: int = 100, overflow: str = "block", **kw
     return core, workers
 
 
+def warm(core: Scheduler, per_item: float = 1e-6) -> None:
+    """As after a run of quick tasks that kept every worker busy: the kind of work of plain
+    tasks is measured, and every worker may hold as many as its window (see
+    WorkerState.cap)."""
+    core.kind_time[None] = per_item
+    for w in core.workers:
+        w.ahead = w.max_window
+
+
 def ids(ws: WorkerState) -> list[int]:
     return list(ws.inflight)
 
 
 def test_admit_and_dispatch_fill_the_least_loaded_worker_up_to_its_window() -> None:
     core, (a, b) = core_with(2, 3)
+    warm(core)
     tasks = [make(core, seq=i) for i in range(10)]
     assert core.admit(tasks, 0, timed=False) == (10, [])
     assigned = core.dispatch(1.0)
@@ -137,6 +147,7 @@ def test_a_result_arriving_after_its_worker_was_declared_lost_is_ignored() -> No
 
 def test_only_the_running_batch_is_charged_and_a_poison_task_fails_alone() -> None:
     core, (a,) = core_with(4, retries=1)
+    warm(core)
     tasks = [make(core, seq=i) for i in range(3)]
     core.admit(tasks, 0, timed=False)
     core.dispatch(0.0)
@@ -144,6 +155,8 @@ def test_only_the_running_batch_is_charged_and_a_poison_task_fails_alone() -> No
     assert requeued == 3 and [t.attempts for t in tasks] == [1, 0, 0]
     assert [t.id for t in core.queue.items] == [t.id for t in tasks]  # back at the front, in order
     b, _ = core.add_worker("b", window=4, now=1.0)
+    b.ahead = 4
+    core.dispatch(1.0)
     requeued, poison, _, _ = core.remove_worker(b, graceful=False, now=2.0) or (0, [], [], [])
     assert poison == [tasks[0]] and tasks[0].finished and core.poisoned == 1 and requeued == 2
 
@@ -172,6 +185,7 @@ def test_a_running_chunk_of_a_lost_worker_is_split_into_single_items() -> None:
 
 def test_chunk_results_in_one_run_and_with_mixed_outcomes() -> None:
     core, (a,) = core_with(4)
+    warm(core)
     sink = Sink()
     c1, c2 = make(core, sink, seq=0, count=2), make(core, sink, seq=2, count=2)
     core.admit([c1, c2], 0, timed=False)
@@ -304,6 +318,7 @@ def test_adaptive_window_follows_the_measured_task_time() -> None:
 def test_finished_tasks_do_not_pile_up_in_the_deadline_heap() -> None:
     core, (a,) = core_with(10_000)
     for _ in range(5):
+        warm(core)  # (a worker that ran dry with nothing queued starts again at one task)
         tasks = [make(core, seq=i) for i in range(1000)]
         for t in tasks:
             t.deadline = 1e9
@@ -317,6 +332,7 @@ def test_an_adaptive_window_covers_the_measured_round_trip() -> None:
     """A worker 50 ms away, 3 ms per task: the window holds the round trip's worth of tasks
     on top of the usual 10 ms, so the worker does not sit idle waiting for its next task."""
     core, (near, far) = core_with(64, 64, adaptive=True)
+    warm(core, 0.003)
     core.admit([make(core, seq=i) for i in range(200)], 0, timed=False)
     core.dispatch(0.0)  # both idle: each gets work, and a round-trip probe
     t_near, t_far = ids(near)[0], ids(far)[0]
@@ -328,3 +344,138 @@ def test_an_adaptive_window_covers_the_measured_round_trip() -> None:
     # Busy workers are not probed again: a later result does not change the estimate.
     core.results(far, [[ids(far)[0], OK, 0]], 0.003, 0.5)
     assert far.round_trip == pytest.approx(0.050)
+
+
+# ---------------------------------------------------------------- work-conserving dispatch
+
+
+def routed(core: Scheduler, model: str, seq: int = 0) -> Task:
+    t = make(core, seq=seq)
+    t.route = Route(model=model)
+    return t
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_burst_of_slow_tasks_on_idle_workers_spreads_one_per_worker(n: int) -> None:
+    """Never measured, so assumed slow: one task per worker, the rest wait in the queue for
+    whichever worker finishes first - even with windows of 64."""
+    core, workers = core_with(*[64] * n, adaptive=True)
+    tasks = [make(core, seq=i) for i in range(3 * n)]
+    core.admit(tasks, 0, timed=False)
+    assert set(core.dispatch(0.0)) == set(workers)
+    assert [len(w.inflight) for w in workers] == [1] * n
+    assert len(core.queue) == 2 * n
+    # The first to finish takes the next one; nobody else gets one to hold.
+    first = workers[-1]
+    core.results(first, [[ids(first)[0], OK, 0]], 1.0, 1.0)
+    assert [len(w.inflight) for w in workers] == [1] * n and len(core.queue) == 2 * n - 1
+    assert core.kind_time[None] == pytest.approx(1.0)
+    assert first.cap(core.kind_time[None]) == 1  # measured slow: still one at a time
+
+
+def test_after_quick_tasks_a_burst_still_spreads_over_every_worker() -> None:
+    """Quick tasks taught the core that plain tasks are quick; the workers then ran dry. The
+    next burst (the same function, slow arguments) must not go to one worker's window."""
+    core, (a, b) = core_with(64, 64, adaptive=True)
+    t = make(core)
+    core.admit([t], 0, timed=False)
+    core.dispatch(0.0)
+    holder = a if a.inflight else b
+    core.results(holder, [[t.id, OK, 0]], 0.00001, 0.001)
+    assert core.kind_time[None] == pytest.approx(0.00001) and holder.ahead == 0
+    burst = [make(core, seq=i) for i in range(6)]
+    core.admit(burst, 0, timed=False)
+    core.dispatch(0.002)
+    assert len(a.inflight) == 1 and len(b.inflight) == 1 and len(core.queue) == 4
+
+
+def test_windows_grow_only_while_every_worker_is_busy() -> None:
+    core, (a, b) = core_with(64, 64, adaptive=True)
+    core.kind_time[None] = 0.0001  # quick: 100 tasks cover the window budget
+    core.admit([make(core, seq=i) for i in range(2)], 0, timed=False)
+    core.dispatch(0.0)
+    # Nothing waits: b's result does not let it hold more, and it runs dry.
+    core.results(b, [[ids(b)[0], OK, 0]], 0.0001, 0.001)
+    assert b.ahead == 0 and not b.inflight
+    # Plenty waits while both run: each result doubles what its worker may hold.
+    core.admit([make(core, seq=i) for i in range(2, 500)], 0, timed=False)
+    core.dispatch(0.002)
+    assert len(a.inflight) == 1 and len(b.inflight) == 1  # a free slot each, no more
+    core.results(b, [[ids(b)[0], OK, 0]], 0.0001, 0.003)
+    assert b.ahead == 1 and len(b.inflight) == 1  # grown after this dispatch: used next time
+    core.results(b, [[ids(b)[0], OK, 0]], 0.0001, 0.004)
+    assert b.ahead == 2 and len(b.inflight) == 2  # one running, one ready behind it
+    core.results(b, [[ids(b)[0], OK, 0]], 0.0001, 0.005)
+    assert b.ahead == 4 and len(b.inflight) == 3
+    # The rest is cancelled: b drains, and once it has run dry it starts again at one.
+    for t in core.queue.clear():
+        t.finished = True
+    for _ in range(3):
+        core.results(b, [[ids(b)[0], OK, 0]], 0.0001, 0.006)
+    assert not b.inflight and b.ahead == 0
+
+
+def test_each_model_has_its_own_estimate() -> None:
+    """Plain tasks measured quick say nothing about a model never measured: its burst goes one
+    per worker holding it, the rest wait for whichever worker finishes first."""
+    core, (a, b) = core_with(64, 64, adaptive=True, models={"slow": "1"})
+    warm(core)  # plain tasks: quick, and every worker may hold its window of them
+    burst = [routed(core, "slow", i) for i in range(5)]
+    core.admit(burst, 0, timed=False, routed=True)
+    core.dispatch(0.0)
+    assert len(a.inflight) == 1 and len(b.inflight) == 1 and core.queued == 3
+    holder = a
+    core.results(holder, [[ids(holder)[0], OK, 0]], 2.0, 2.0)
+    assert core.kind_time["slow"] == pytest.approx(2.0) and core.kind_time[None] == 1e-6
+    assert len(a.inflight) == 1 and len(b.inflight) == 1 and core.queued == 2
+
+
+def test_an_idle_worker_loads_an_on_demand_model_whose_tasks_wait() -> None:
+    """With models loaded on demand, a model's tasks must not all wait for the one worker
+    that has it while another worker has nothing to do: the idle one loads it too."""
+    core, (a, b) = core_with(8, 8, max_models=2)
+    core.router.on_demand.add("m")
+    core.admit([routed(core, "m", i) for i in range(4)], 0, timed=False, routed=True)
+    core.dispatch(0.0)
+    loads = [(w.name, m) for action, w, m in core.router.requests if action == "load"]
+    assert len(loads) == 1  # one load at a time
+    first = a if loads[0][0] == "w0" else b
+    other = b if first is a else a
+    core.router.requests.clear()
+    core.model_ready(first, "m", "1", 0.1)
+    assert len(first.inflight) == 1
+    # Tasks wait and the other worker is idle: it is asked to load the model too.
+    assert [(w, m) for action, w, m in core.router.requests if action == "load"] == [(other, "m")]
+    core.model_ready(other, "m", "1", 0.2)
+    assert len(other.inflight) == 1 and core.queued == 2
+
+
+def test_unloading_a_model_finishes_its_waiting_tasks_and_any_that_comes_back() -> None:
+    core, (a,) = core_with(8, models={"m": "1"})
+    tasks = [routed(core, "m", i) for i in range(5)]
+    core.admit(tasks, 0, timed=False, routed=True)
+    core.dispatch(0.0)
+    assert len(a.inflight) == 1 and core.queued == 4
+    stuck = core.model_unloaded("m")
+    assert stuck == tasks[1:] and all(t.finished for t in stuck)
+    assert core.queued == 0 and core.live == 1 and core.failed == 4
+    # The worker dies: its task comes back for a model that is gone - it fails too.
+    core.remove_worker(a, graceful=False, now=1.0)
+    assert core.take_orphans() == [tasks[0]] and core.live == 0
+    # Loaded again by name: its tasks wait for it once more.
+    core.model_declared("m")
+    late = routed(core, "m", 9)
+    core.admit([late], 0, timed=False, routed=True)
+    assert core.queued == 1 and not core.take_orphans()
+
+
+def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> None:
+    """map(total_timeout=): what has not started when it expires is cancelled, which a task
+    a worker holds cannot be - so they go only to a worker that can start them at once."""
+    core, (a,) = core_with(8)
+    warm(core)
+    sink = Sink()
+    sink.start_only = True  # type: ignore[attr-defined]
+    core.admit([make(core, sink, seq=i) for i in range(4)], 0, timed=False)
+    core.dispatch(0.0)
+    assert len(a.inflight) == 1 and len(core.queue) == 3
