@@ -361,8 +361,9 @@ class Supervisor:
             "spawn_id": seat.spawn_id,
         }
         if seat.device is not None:
-            log.info("starting worker %s (seat %d) on device %s", seat.target, seat.spawn_id,
-                     seat.device)  # fmt: skip
+            log.info(
+                "starting worker %s (seat %d) on device %s", seat.target, seat.spawn_id, seat.device
+            )
         child = launch(
             config,
             environ=seat.environ(),
