@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help="frames waiting in the coordinator; in --live mode the oldest is dropped when "
-        "full (default: 2 with --live, else 8)",
+        "full (default: 2 per source with --live, else 8)",
     )
     det = p.add_argument_group("detector")
     det.add_argument(
@@ -482,7 +482,8 @@ def run(argv: Sequence[str] | None = None) -> tuple[int, Outcome | None]:
             print(f"demo: --show: {why}; carrying on without a window", file=sys.stderr)
 
     draw_in_worker = args.draw == "worker"
-    max_queue = args.max_queue or (2 if args.live else 8)
+    n_sources = len(clips) if clips is not None else 1
+    max_queue = args.max_queue or (2 * n_sources if args.live else 8)
     common = {
         "window": args.window,
         "draw_in_worker": draw_in_worker,

@@ -340,6 +340,15 @@ class _Tracker:
             "params": self.params,
         }
 
+    def finish(self) -> None:
+        """The source has ended: frames sent after the last one delivered were dropped too
+        (with several sources sharing the queue, a source's newest frame may be the oldest
+        waiting when another's arrives)."""
+        with self.lock:
+            sent = self.report.submitted
+            self.pending.clear()
+        self.report.skipped += max(0, sent - 1 - self.last)
+
     def receive(self, result: dict[str, Any]) -> None:
         now = time.perf_counter()
         rep = self.report
@@ -557,6 +566,7 @@ def run_live_sources(
             producer.join(timeout=10)
         if failure:
             raise failure[0]
+        tracker.finish()
 
     return _pool_run(spec, trackers, True, feed, meter)
 
