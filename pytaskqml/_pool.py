@@ -168,11 +168,12 @@ class WorkerPool:
         a nested function or a bound method).
 
         ``devices`` gives each process its own GPU (or group of GPUs): a list of device ids
-        such as ``[0, 1]``, ``["0,1", "2,3"]`` or GPU UUIDs. Each process is a *seat* with one
-        device: its environment has ``CUDA_VISIBLE_DEVICES`` (and ``PYTASKQML_DEVICE``, for
-        frameworks that read something else) set to it before Python starts, so before the
-        class is imported and ``setup()`` runs; inside the process that device is device 0
-        (``cuda:0``). A process that dies is replaced on the same device. With fewer devices
+        such as ``[0, 1]``, ``["0,1", "2,3"]`` or GPU UUIDs (``""``: no GPU). Each process is a
+        *seat* with one entry: its environment has ``CUDA_VISIBLE_DEVICES`` (and
+        ``PYTASKQML_DEVICE``, for frameworks that read something else) set to it before Python
+        starts, so before the class is imported and ``setup()`` runs; inside the process its
+        GPUs are numbered from 0 (``cuda:0``). A process that dies is replaced on the same
+        device. With fewer devices
         than processes the seats share them round-robin (``processes=4, devices=[0, 1]``:
         0, 1, 0, 1); a self-sizing pool places each new process on the device the fewest of
         its processes use. Without ``devices`` the children inherit this process's
