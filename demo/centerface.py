@@ -279,10 +279,11 @@ class CenterFace:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
         h, w = frame.shape[:2]
         in_w, in_h = self.size
-        # RGB, float, NCHW; stretched to the input size (aspect kept within a 32 px rounding)
+        # RGB, float, NCHW, resized to the input size (a frame of the size the session was made
+        # for is only padded to a multiple of 32 by the stretch); boxes are scaled back per axis
         blob = cv2.dnn.blobFromImage(frame, 1.0, (in_w, in_h), (0, 0, 0), swapRB=True)
         heat, scale, offset, marks = self.session.run(list(OUTPUTS), {INPUT_NAME: blob})
-        return decode(heat, scale, offset, marks, threshold, (in_w / w, in_h / h))
+        return decode(heat, scale, offset, marks, threshold, self.size, (in_w / w, in_h / h))
 
 
 def decode(
@@ -291,10 +292,12 @@ def decode(
     offset: np.ndarray,
     marks: np.ndarray,
     threshold: float,
+    size: tuple[int, int],
     factors: tuple[float, float],
     nms_iou: float = 0.3,
 ) -> list[Face]:
-    """The network's four outputs -> faces in frame pixels (*factors*: input/frame, x and y)."""
+    """The network's four outputs -> faces in frame pixels (*size*: the input's width and
+    height; *factors*: input/frame, x and y). Boxes are clipped to the picture."""
     rows, cols = np.nonzero(heat[0, 0] > threshold)
     if rows.size == 0:
         return []
@@ -303,19 +306,23 @@ def decode(
     bw = np.exp(scale[0, 1, rows, cols]) * STRIDE
     cy = (rows + offset[0, 0, rows, cols] + 0.5) * STRIDE
     cx = (cols + offset[0, 1, rows, cols] + 0.5) * STRIDE
-    x0 = np.maximum(cx - bw / 2, 0.0)
-    y0 = np.maximum(cy - bh / 2, 0.0)
-    boxes = np.stack([x0, y0, bw, bh], axis=1)
+    x0 = np.clip(cx - bw / 2, 0.0, size[0])
+    y0 = np.clip(cy - bh / 2, 0.0, size[1])
+    boxes = np.stack(
+        [x0, y0, np.minimum(x0 + bw, size[0]) - x0, np.minimum(y0 + bh, size[1]) - y0], axis=1
+    )
     keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), threshold, nms_iou)
     fx, fy = factors
     faces: list[Face] = []
     for k in np.asarray(keep, dtype=np.int64).reshape(-1).tolist():
         r, c = rows[k], cols[k]
-        left, top, width, height = (float(v) for v in (x0[k], y0[k], bw[k], bh[k]))
-        # landmarks: (y, x) pairs as fractions of the box, from its top-left corner
+        left, top, width, height = (float(v) for v in boxes[k])
+        # landmarks: (y, x) pairs as fractions of the whole (unclipped) face size, from the
+        # box's top-left corner
         rel = marks[0, :, r, c].astype(np.float64).tolist()
+        fw, fh = float(bw[k]), float(bh[k])
         points = tuple(
-            (round((rel[2 * j + 1] * width + left) / fx), round((rel[2 * j] * height + top) / fy))
+            (round((rel[2 * j + 1] * fw + left) / fx), round((rel[2 * j] * fh + top) / fy))
             for j in range(5)
         )
         box = (round(left / fx), round(top / fy), round(width / fx), round(height / fy))

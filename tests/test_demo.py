@@ -159,6 +159,31 @@ def test_the_model_file_is_fitted_to_the_frame_size() -> None:
         centerface.fit_model(path.read_bytes(), 100, 100)
 
 
+def test_decoding_the_networks_output() -> None:
+    """Heat map cells -> boxes: sizes, clipping at the picture's edge, overlapping detections
+    of one face merged, landmarks, and the scaling back to the frame."""
+    shape = (1, 1, 8, 10)  # output cells: an input of 40x32 pixels
+    heat = np.zeros(shape, np.float32)
+    scale = np.zeros((1, 2, 8, 10), np.float32)
+    offset = np.zeros((1, 2, 8, 10), np.float32)
+    marks = np.zeros((1, 10, 8, 10), np.float32)
+    heat[0, 0, 2, 3], scale[0, :, 2, 3] = 0.9, np.log(16 / 4)  # centre (14, 10), 16 px
+    heat[0, 0, 2, 4], scale[0, :, 2, 4] = 0.8, np.log(16 / 4)  # the same face, 4 px aside
+    heat[0, 0, 7, 9], scale[0, :, 7, 9] = 0.7, np.log(40 / 4)  # centre (38, 30), 40 px
+    heat[0, 0, 5, 5] = 0.4  # below the threshold
+    marks[0, :, 2, 3] = 0.5  # every landmark in the middle of the face
+    faces = centerface.decode(heat, scale, offset, marks, 0.5, (40, 32), (1.0, 1.0))
+    assert [(f.box, round(f.score, 2)) for f in faces] == [
+        ((6, 2, 16, 16), 0.9),
+        ((18, 10, 22, 22), 0.7),  # clipped at the right and bottom edges
+    ]
+    assert faces[0].points == ((14, 10),) * 5
+    # An input twice the frame's size: everything halves.
+    (first, _) = centerface.decode(heat, scale, offset, marks, 0.5, (40, 32), (2.0, 2.0))
+    assert first.box == (3, 1, 8, 8) and first.points == ((7, 5),) * 5
+    assert centerface.decode(heat, scale, offset, marks, 0.95, (40, 32), (1.0, 1.0)) == []
+
+
 @pytest.mark.parametrize(
     "data", [b"", b"not a model at all", bytes(range(256)), b"\x3a\x05abc", b"\xff" * 20]
 )
