@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--input",
         metavar="FILE|INDEX",
-        help="a video file, or a camera index such as 0 (default: a generated clip)",
+        help="a video file, or a camera index such as 0 (default: generated cameras)",
     )
     src.add_argument(
         "--sources",
@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--draw",
         choices=("coordinator", "worker"),
         default="coordinator",
-        help="who draws the boxes: the coordinator (workers get a gray frame and return boxes) "
-        "or the worker (it gets the colour frame and returns it annotated). "
+        help="who draws the boxes: the coordinator (workers get the frame the detector needs "
+        "and return boxes) or the worker (it gets the colour frame and returns it annotated). "
         "Default: %(default)s, the faster one here",
     )
     run.add_argument(
