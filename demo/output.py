@@ -75,38 +75,60 @@ class VideoOut:
 
 
 class ContactSheet:
-    """Keeps a thumbnail of every delivered frame; saves an evenly sampled grid as PNG."""
+    """Keeps a thumbnail of every delivered frame, per source; saves a PNG of evenly spaced
+    ones: a grid for one source, a row per source for several."""
 
     def __init__(self, thumb_width: int = 320, columns: int = 4, rows: int = 3) -> None:
         self.thumb_width = thumb_width
         self.columns = columns
         self.rows = rows
-        self.thumbs: list[np.ndarray] = []
+        self.thumbs: dict[str, list[np.ndarray]] = {}
 
-    def add(self, frame: np.ndarray) -> None:
+    def add(self, frame: np.ndarray, source: str = "") -> None:
         h, w = frame.shape[:2]
         th = max(1, round(h * self.thumb_width / w))
-        self.thumbs.append(cv2.resize(frame, (self.thumb_width, th), interpolation=cv2.INTER_AREA))
+        thumb = cv2.resize(frame, (self.thumb_width, th), interpolation=cv2.INTER_AREA)
+        self.thumbs.setdefault(source, []).append(thumb)
+
+    @property
+    def shown(self) -> int:
+        """How many thumbnails the sheet shows."""
+        if len(self.thumbs) == 1:
+            (only,) = self.thumbs.values()
+            return min(len(only), self.columns * self.rows)
+        return sum(min(len(t), self.columns) for t in self.thumbs.values())
+
+    def _cells(self) -> list[list[np.ndarray]]:
+        """The thumbnails to show, row by row."""
+
+        def pick(thumbs: list[np.ndarray], n: int) -> list[np.ndarray]:
+            n = min(len(thumbs), n)
+            return [thumbs[i] for i in np.linspace(0, len(thumbs) - 1, n).round().astype(int)]
+
+        if len(self.thumbs) == 1:
+            (only,) = self.thumbs.values()
+            chosen = pick(only, self.columns * self.rows)
+            return [chosen[i : i + self.columns] for i in range(0, len(chosen), self.columns)]
+        return [pick(t, self.columns) for t in self.thumbs.values() if t]
 
     def save(self, path: Path, title: str) -> None:
-        if not self.thumbs:
+        rows = self._cells()
+        if not rows:
             return
-        n = min(len(self.thumbs), self.columns * self.rows)
-        picks = np.linspace(0, len(self.thumbs) - 1, n).round().astype(int)
-        th, tw = self.thumbs[0].shape[:2]
+        th, tw = rows[0][0].shape[:2]
         gap, header = 6, 34
-        rows = -(-n // self.columns)
         sheet = np.full(
-            (header + rows * (th + gap) + gap, self.columns * (tw + gap) + gap, 3), 32, np.uint8
+            (header + len(rows) * (th + gap) + gap, self.columns * (tw + gap) + gap, 3),
+            32,
+            np.uint8,
         )
         cv2.putText(
             sheet, title, (gap, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA
         )
-        for k, i in enumerate(picks):
-            r, c = divmod(k, self.columns)
-            y, x = header + gap + r * (th + gap), gap + c * (tw + gap)
-            thumb = self.thumbs[i]
-            sheet[y : y + thumb.shape[0], x : x + tw] = thumb[:th, :tw]
+        for r, row in enumerate(rows):
+            for c, thumb in enumerate(row):
+                y, x = header + gap + r * (th + gap), gap + c * (tw + gap)
+                sheet[y : y + min(th, thumb.shape[0]), x : x + tw] = thumb[:th, :tw]
         path.parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(path), sheet):
             raise RuntimeError(f"cannot write {path}")

@@ -1,9 +1,10 @@
 """``python -m demo --pipeline``: the same detection as three stages of a pytaskqml
-:class:`~pytaskqml.Pipeline` - decode (threads: the frame to gray) -> detect (spawned
-processes) -> annotate (threads: boxes drawn on a copy of the colour frame).
+:class:`~pytaskqml.Pipeline` - decode (threads: the frame the detector needs, colour for the
+network, gray for the Haar cascade) -> detect (spawned processes) -> annotate (threads: boxes
+drawn on a copy of the colour frame).
 
-The decode and annotate stages run in this process and hold the clip, so only the gray frame
-travels to the detector processes and only the boxes come back."""
+The decode and annotate stages run in this process and hold the clip, so only the detector's
+input travels to the detector processes and only the boxes come back."""
 
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ import cv2
 
 from demo.detector import FaceDetector
 from demo.source import Clip
-from demo.vision import DetectParams, draw_boxes
+from demo.vision import DetectParams, annotate
 from pytaskqml import Pipeline, Stage, Worker
 
 
 class Decode(Worker):
-    """Frame index -> the detector's payload (the gray frame)."""
+    """Frame index -> the detector's payload (the colour or the gray frame)."""
 
-    def __init__(self, clip: Clip, params: DetectParams) -> None:
-        self.clip, self.params = clip, params.to_json()
+    def __init__(self, clip: Clip, params: DetectParams, colour: bool = False) -> None:
+        self.clip, self.params, self.colour = clip, params.to_json(), colour
 
     def process(self, index: int) -> dict[str, Any]:
-        gray = cv2.cvtColor(self.clip.frames[index], cv2.COLOR_BGR2GRAY)
-        return {"index": index, "frame": gray, "params": self.params}
+        frame = self.clip.frames[index]
+        if not self.colour:
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        return {"index": index, "frame": frame, "params": self.params}
 
 
 class Annotate(Worker):
@@ -38,7 +41,7 @@ class Annotate(Worker):
 
     def process(self, result: dict[str, Any]) -> dict[str, Any]:
         index = int(result["index"])
-        frame = draw_boxes(self.clip.frames[index].copy(), result["boxes"], index)
+        frame = annotate(self.clip.frames[index].copy(), result)
         return {"index": index, "stamp": result["stamp"], "boxes": result["boxes"], "frame": frame}
 
 
@@ -55,17 +58,24 @@ class PipelineReport:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_steps(clip: Clip, params: DetectParams, workers: int) -> list[Stage]:
+def pipeline_steps(
+    clip: Clip, params: DetectParams, workers: int, model: str = "haar"
+) -> list[Stage]:
+    detector = {"model": model, "frame_size": list(clip.size)}
     return [
-        Stage(Decode(clip, params), threads=2, name="decode", buffersize=16),
-        Stage(FaceDetector, processes=max(1, workers), name="detect", buffersize=16),
+        Stage(Decode(clip, params, colour=model != "haar"), threads=2, name="decode",
+              buffersize=16),
+        Stage(FaceDetector, processes=max(1, workers), name="detect", buffersize=16,
+              kwargs=detector),
         Stage(Annotate(clip), threads=2, name="annotate", buffersize=16),
-    ]
+    ]  # fmt: skip
 
 
-def run_pipeline(clip: Clip, params: DetectParams, workers: int) -> PipelineReport:
+def run_pipeline(
+    clip: Clip, params: DetectParams, workers: int, *, model: str = "haar"
+) -> PipelineReport:
     """Every frame of *clip* through decode -> detect -> annotate, in order."""
-    with Pipeline(pipeline_steps(clip, params, workers), name="demo") as p:
+    with Pipeline(pipeline_steps(clip, params, workers, model), name="demo") as p:
         start = time.perf_counter()
         out = list(p.map(range(len(clip.frames)), buffersize=32))
         seconds = time.perf_counter() - start

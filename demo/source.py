@@ -1,10 +1,12 @@
 """Where the frames come from: a generated clip, a video file or a camera.
 
-The generated clip is the default so the demo needs no download and no camera: the
+The generated clips are the default so the demo needs no download and no camera: the
 public-domain astronaut photo that scikit-image ships (NASA, Eileen Collins) is printed on a
 card that pans, zooms and tilts over a drifting star field, with sensor noise on top, so every
-frame differs. Because the demo moves the photo itself, it knows where the face is in every
-frame (the ground truth used to score the detector).
+frame differs. Several "cameras" (:func:`generate_cameras`) film it differently: mirrored or
+not, nearer or farther, with another colour cast, backdrop, motion and light. Because the demo
+moves the photo itself, it knows where the face is in every frame (the ground truth used to
+score the detector).
 
 Every frame handed to the coordinator carries its index twice: in the task payload, and stamped
 into its pixels (:func:`stamp_index`, 32 black/white pixels in the top-left row). The worker
@@ -65,6 +67,7 @@ class Clip:
     # Ground-truth face box per frame (generated clip only); None where the face is not fully
     # in the picture, or for a file/camera where nothing is known.
     truth: list[Box | None] = field(default_factory=list)
+    label: str = "clip"  # short: a column of the results table, a file name
 
     @property
     def size(self) -> tuple[int, int]:
@@ -82,30 +85,72 @@ def _astronaut_card() -> np.ndarray:
     )
 
 
-def _backdrop(width: int, height: int) -> np.ndarray:
-    top = np.array([70, 30, 20], np.float32)  # BGR: dark blue at the top
-    bottom = np.array([10, 5, 5], np.float32)
+@dataclass(frozen=True)
+class CameraStyle:
+    """How one generated camera films the card."""
+
+    mirror: bool = False
+    scale: float = 1.15  # card size (at 480 lines), around which it zooms by +-15 %
+    pan: float = 0.22  # sideways sweep, a fraction of the width either way
+    pan_period: float = 5.0  # seconds
+    tilt: float = 7.0  # degrees either way
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)  # gain per BGR channel
+    top: tuple[int, int, int] = (70, 30, 20)  # backdrop BGR, dark blue at the top
+    bottom: tuple[int, int, int] = (10, 5, 5)
+    noise: int = 6  # sensor noise, +- levels
+
+
+CAMERAS = (
+    CameraStyle(),
+    CameraStyle(mirror=True, scale=1.0, pan=0.18, pan_period=7.0, tint=(0.9, 1.05, 0.95),
+                top=(40, 60, 25), bottom=(5, 15, 5)),
+    CameraStyle(scale=1.35, pan=0.12, pan_period=4.0, tilt=10.0, tint=(0.75, 0.95, 1.15),
+                top=(25, 35, 70), bottom=(5, 5, 15)),
+    CameraStyle(mirror=True, scale=1.1, pan=0.25, pan_period=6.0, tilt=5.0,
+                tint=(0.7, 0.7, 0.7), top=(30, 30, 30), bottom=(0, 0, 0), noise=10),
+)  # fmt: skip
+
+
+def _backdrop(
+    width: int, height: int, top_bgr: tuple[int, int, int], bottom_bgr: tuple[int, int, int]
+) -> np.ndarray:
+    top = np.array(top_bgr, np.float32)
+    bottom = np.array(bottom_bgr, np.float32)
     ramp = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
     grad = top * (1 - ramp) + bottom * ramp
     return np.ascontiguousarray(np.broadcast_to(grad, (height, width, 3)), dtype=np.uint8)
 
 
 def generate_clip(
-    frames: int = 240, size: tuple[int, int] = (640, 480), fps: float = 30.0, seed: int = 7
+    frames: int = 240,
+    size: tuple[int, int] = (640, 480),
+    fps: float = 30.0,
+    seed: int = 7,
+    camera: int = 0,
 ) -> Clip:
-    """Render *frames* frames of the astronaut card moving over a star field."""
+    """Render *frames* frames of the astronaut card moving over a star field, as filmed by
+    generated camera number *camera* (see :data:`CAMERAS`)."""
     width, height = size
     if width < 64 or height < 48:
         raise ValueError("clip size must be at least 64x48")
+    style = CAMERAS[camera % len(CAMERAS)]
+    seed += camera
+    phase = 1.3 * camera  # the cameras do not move in step
     card = _astronaut_card()
     fx0, fy0, fw, fh = ASTRONAUT_FACE
+    if style.mirror:
+        card = np.ascontiguousarray(card[:, ::-1])
+        fx0 = card.shape[1] - 2 * _BORDER - fx0 - fw
+    if style.tint != (1.0, 1.0, 1.0):
+        card = cv2.multiply(card.astype(np.float32), (*style.tint, 0.0))
+        card = np.clip(card, 0, 255).astype(np.uint8)
     fx0, fy0 = fx0 + _BORDER, fy0 + _BORDER
     face_centre = (fx0 + fw / 2, fy0 + fh / 2)
     corners = np.array(
         [[fx0, fy0, 1], [fx0 + fw, fy0, 1], [fx0, fy0 + fh, 1], [fx0 + fw, fy0 + fh, 1]],
         np.float64,
     )
-    base = _backdrop(width, height)
+    base = _backdrop(width, height, style.top, style.bottom)
     rng = np.random.default_rng(seed)
     stars = rng.random((160, 3))  # x, y, depth
     unit = height / 480.0  # everything scales with the frame height
@@ -113,10 +158,10 @@ def generate_clip(
     truth: list[Box | None] = []
     for i in range(frames):
         t = i / fps
-        scale = unit * (1.15 + 0.17 * math.sin(2 * math.pi * t / 4.0))
-        angle = 7.0 * math.sin(2 * math.pi * t / 3.0)
-        cx = width / 2 + 0.22 * width * math.sin(2 * math.pi * t / 5.0)
-        cy = height / 2 + 0.10 * height * math.sin(2 * math.pi * t / 3.5 + 1.0)
+        scale = unit * style.scale * (1.0 + 0.15 * math.sin(2 * math.pi * t / 4.0 + phase))
+        angle = style.tilt * math.sin(2 * math.pi * t / 3.0 + phase)
+        cx = width / 2 + style.pan * width * math.sin(2 * math.pi * t / style.pan_period + phase)
+        cy = height / 2 + 0.10 * height * math.sin(2 * math.pi * t / 3.5 + 1.0 + phase)
         m = cv2.getRotationMatrix2D(face_centre, angle, scale)
         m[0, 2] += cx - face_centre[0]
         m[1, 2] += cy - face_centre[1]
@@ -133,11 +178,11 @@ def generate_clip(
             card, m, (width, height), dst=frame, flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_TRANSPARENT,
         )  # fmt: skip
-        # Sensor noise (+-6 levels): no two frames are identical even where nothing moves.
-        noise = rng.integers(0, 13, size=frame.shape, dtype=np.uint8)
+        # Sensor noise: no two frames are identical even where nothing moves.
+        noise = rng.integers(0, 2 * style.noise + 1, size=frame.shape, dtype=np.uint8)
         cv2.add(frame, noise, dst=frame)
-        cv2.subtract(frame, (6, 6, 6, 0), dst=frame)
-        label = f"pytaskqml demo  #{i:04d}  {t:5.2f}s"
+        cv2.subtract(frame, (style.noise, style.noise, style.noise, 0), dst=frame)
+        label = f"pytaskqml demo  cam {camera}  #{i:04d}  {t:5.2f}s"
         cv2.putText(
             frame, label, (10, height - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45 * max(unit, 0.6),
             (200, 200, 200), 1, cv2.LINE_AA,
@@ -149,7 +194,15 @@ def generate_clip(
         x1, y1 = pts.max(axis=0)
         inside = x0 >= 0 and y0 >= 0 and x1 <= width and y1 <= height
         truth.append((int(x0), int(y0), int(x1 - x0), int(y1 - y0)) if inside else None)
-    return Clip(out, fps, f"generated clip ({frames} frames, {width}x{height})", truth)
+    name = f"generated camera {camera} ({frames} frames, {width}x{height})"
+    return Clip(out, fps, name, truth, label=f"cam{camera}")
+
+
+def generate_cameras(
+    count: int, frames: int, size: tuple[int, int] = (640, 480), fps: float = 30.0
+) -> list[Clip]:
+    """*count* generated cameras filming the card at once, each its own way."""
+    return [generate_clip(frames, size, fps, camera=k) for k in range(count)]
 
 
 def parse_input(text: str) -> int | str:

@@ -1,9 +1,12 @@
-"""The model: OpenCV's Haar-cascade face detector, and drawing its boxes."""
+"""The detectors' settings, OpenCV's Haar-cascade face detector (the fallback where
+onnxruntime is missing; the neural network is in :mod:`demo.centerface`), and drawing what
+either found."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,24 +18,36 @@ BOX_COLOUR = (0, 255, 0)  # BGR green
 TEXT_COLOUR = (255, 255, 255)
 
 
+MODELS = ("centerface", "haar")
+POINT_COLOUR = (0, 200, 255)  # BGR amber: the network's landmarks
+
+
 @dataclass(frozen=True)
 class DetectParams:
-    """detectMultiScale settings; travel with each task so workers need no configuration."""
+    """Detection settings; travel with each task so workers need no configuration. The
+    network uses ``threshold``, the Haar cascade the other three."""
 
     scale_factor: float = 1.1
     min_neighbors: int = 6  # 5 boxes the shuttle on the astronaut photo now and then
     min_size: int = 80  # smallest face looked for, in pixels
+    threshold: float = 0.5  # the network's face score from which a face counts
 
     def to_json(self) -> dict[str, float | int]:
         return {
             "scale_factor": self.scale_factor,
             "min_neighbors": self.min_neighbors,
             "min_size": self.min_size,
+            "threshold": self.threshold,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, float | int]) -> DetectParams:
-        return cls(float(data["scale_factor"]), int(data["min_neighbors"]), int(data["min_size"]))
+        return cls(
+            float(data["scale_factor"]),
+            int(data["min_neighbors"]),
+            int(data["min_size"]),
+            float(data.get("threshold", 0.5)),
+        )
 
 
 def load_cascade() -> cv2.CascadeClassifier:
@@ -58,17 +73,29 @@ def detect_faces(
     return [[int(v) for v in box] for box in found]
 
 
-def draw_boxes(frame: np.ndarray, boxes: Sequence[Sequence[int]], index: int) -> np.ndarray:
-    """Draw the face boxes and a frame caption onto *frame* in place, and return it."""
+def draw_boxes(
+    frame: np.ndarray,
+    boxes: Sequence[Sequence[int]],
+    index: int,
+    *,
+    scores: Sequence[float] | None = None,
+    points: Sequence[Sequence[Sequence[int]]] | None = None,
+    source: str = "",
+) -> np.ndarray:
+    """Draw the face boxes (with the network's scores and landmarks, when given) and a frame
+    caption onto *frame* in place, and return it."""
     h = frame.shape[0]
     thick = max(2, h // 240)
-    for x, y, w, bh in boxes:
+    for k, (x, y, w, bh) in enumerate(boxes):
         cv2.rectangle(frame, (x, y), (x + w, y + bh), BOX_COLOUR, thick)
+        text = f"face {scores[k]:.2f}" if scores is not None and k < len(scores) else "face"
         cv2.putText(
-            frame, "face", (x, max(y - 6, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, BOX_COLOUR, 1,
+            frame, text, (x, max(y - 6, 12)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, BOX_COLOUR, 1,
             cv2.LINE_AA,
         )  # fmt: skip
-    caption = f"frame {index}  faces: {len(boxes)}"
+        for px, py in points[k] if points is not None and k < len(points) else ():
+            cv2.circle(frame, (int(px), int(py)), thick + 1, POINT_COLOUR, -1, cv2.LINE_AA)
+    caption = f"{source + '  ' if source else ''}frame {index}  faces: {len(boxes)}"
     (tw, th), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 0.55, 1)
     cv2.rectangle(frame, (4, 4), (16 + tw, 12 + th), (0, 0, 0), -1)
     cv2.putText(
@@ -83,3 +110,15 @@ def matches(box: Sequence[int], truth: Box) -> bool:
     tx, ty, tw, th = truth
     cx, cy = x + w / 2, y + h / 2
     return tx <= cx <= tx + tw and ty <= cy <= ty + th
+
+
+def annotate(frame: np.ndarray, result: dict[str, Any], source: str = "") -> np.ndarray:
+    """Draw a detector result (see :mod:`demo.detector`) onto *frame* in place."""
+    return draw_boxes(
+        frame,
+        result["boxes"],
+        int(result["index"]),
+        scores=result.get("scores"),
+        points=result.get("points"),
+        source=source,
+    )

@@ -57,12 +57,15 @@ def launch(
     shared_memory: bool,
     segment_name: str,
     pool: tuple[int, str] | None = None,
+    environ: dict[str, str] | None = None,
 ) -> Child:
     """Start a worker process. With *socketpair* it gets one end of a new pair; otherwise it
     dials back to the address in *dial_back* with that key. With *shared_memory* (and where
     the platform has it) it gets a segment of its own, and the buffer *pool* (its descriptor,
-    which stays ours, and token) if there is one. ``OSError`` if it cannot start."""
+    which stays ours, and token) if there is one. *environ* is set in its environment on top
+    of ours (its seat's device). ``OSError`` if it cannot start."""
     env = dict(os.environ)
+    env.update(environ or {})
     env.pop("PYTASKQML_AUTHKEY", None)  # the child gets its key on stdin, nothing else
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))

@@ -10,7 +10,7 @@ import logging
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _codec, _connection
@@ -27,7 +27,7 @@ from ._handles import LocalHandle, WorkerHandle, WorkerOwner
 from ._links import Dialer
 from ._modelreg import Models
 from ._remote import Heartbeats, RemoteHandle
-from ._seats import Seat
+from ._seats import Seat, assign_devices, check_devices
 from ._stats import WorkerStats
 from ._supervisor import Supervisor
 from ._worker import Worker
@@ -153,6 +153,7 @@ class WorkerPool:
         timeout: float = 60.0,
         scale_up_wait: float = 0.25,
         scale_down_idle: float = 10.0,
+        devices: Sequence[int | str] | None = None,
     ) -> list[int]:
         """Start ``processes`` child processes running *worker_cls*; supervise and restart them.
 
@@ -178,6 +179,17 @@ class WorkerPool:
         :meth:`add_local`. Raises ``ValueError`` for a count or time that is not positive,
         :class:`WorkerStartError` (with ``wait``) when a child cannot start in time, and
         :class:`ClosedError` once the coordinator is shut down.
+
+        ``devices`` gives each process its own GPU (or group of GPUs): a list of device ids
+        such as ``[0, 1]``, ``["0,1", "2,3"]`` or GPU UUIDs (``""``: no GPU). Each process is a
+        *seat* with one entry: its environment has ``CUDA_VISIBLE_DEVICES`` (and
+        ``PYTASKQML_DEVICE``, for frameworks that read something else) set to it before Python
+        starts, so before the class is imported and ``setup()`` runs; inside the process its
+        GPUs are numbered from 0 (``cuda:0``). A process that dies is replaced on the same
+        device. With fewer devices than processes the seats share them round-robin
+        (``processes=4, devices=[0, 1]``: 0, 1, 0, 1); a self-sizing pool places each new
+        process on the device the fewest of its processes use. Without ``devices`` the
+        children inherit this process's environment, ``CUDA_VISIBLE_DEVICES`` included.
         """
         if is_function(worker_cls):
             if kwargs:
@@ -188,17 +200,27 @@ class WorkerPool:
             raise TypeError("spawn() takes a Worker subclass or a module-level function")
         lo, hi = bounds(processes, "processes")
         check_positive("window", window)
+        device_ids = check_devices(devices)
         target, main_path = class_target(worker_cls)
         kw = dict(kwargs or {})
         _codec.encode_str(kw)  # the constructor arguments travel as JSON
         self._check_open()
         sup = self._supervisor
-        seats = sup.add(target, main_path, kw, window, lo, retry_first_start=not wait)
+
+        def place(n: int, group: list[Seat]) -> list[str] | None:
+            if device_ids is None:
+                return None
+            in_use = [s.device for s in group if not s.retired and s.device is not None]
+            return assign_devices(device_ids, in_use, n)
+
+        seats = sup.add(
+            target, main_path, kw, window, lo, retry_first_start=not wait, devices=place(lo, [])
+        )
         if lo != hi:
             group = list(seats)
 
             def grow(n: int) -> None:
-                group.extend(sup.add(target, main_path, kw, window, n))
+                group.extend(sup.add(target, main_path, kw, window, n, devices=place(n, group)))
 
             def shrink(handle: WorkerHandle) -> None:
                 seat = next((s for s in group if s.handle is handle), None)

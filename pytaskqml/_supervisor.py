@@ -22,7 +22,7 @@ import secrets
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _connection
@@ -97,10 +97,13 @@ class Supervisor:
         count: int,
         *,
         retry_first_start: bool = True,
+        devices: Sequence[str] | None = None,
     ) -> list[Seat]:
         """New seats, their processes started from the calling thread. Without
         *retry_first_start* a seat whose first process fails to start is not restarted (the
-        caller reports the failure)."""
+        caller reports the failure). *devices*: one per seat, kept by the seat for good."""
+        if devices is not None and len(devices) != count:
+            raise ValueError(f"{len(devices)} devices for {count} seats")
         with self._cv:
             if self._stopping:
                 return []
@@ -117,8 +120,9 @@ class Supervisor:
                 )
                 self.listener.start()
             seats = []
-            for _ in range(count):
-                seat = Seat(self._next_id, target, main_path, kwargs, window)
+            for i in range(count):
+                device = devices[i] if devices is not None else None
+                seat = Seat(self._next_id, target, main_path, kwargs, window, device)
                 seat.retry_first_start = retry_first_start
                 seats.append(seat)
                 self._next_id += 1
@@ -356,8 +360,13 @@ class Supervisor:
             "kwargs": seat.kwargs,
             "spawn_id": seat.spawn_id,
         }
+        if seat.device is not None:
+            log.info(
+                "starting worker %s (seat %d) on device %s", seat.target, seat.spawn_id, seat.device
+            )
         child = launch(
             config,
+            environ=seat.environ(),
             socketpair=self.use_socketpair,
             dial_back=(self.listener.address, self.spawn_key) if self.listener else None,
             shared_memory=self.shared_memory,
