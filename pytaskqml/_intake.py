@@ -14,6 +14,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from . import _codec
@@ -94,6 +95,28 @@ class Intake:
         return the bytes of raw buffers it holds."""
         if type(payload) in _SCALARS and (type(payload) is not str or len(payload) < 4096):
             return 0  # always encodable, never holds a buffer
+        return self._encoded(payload)[0]
+
+    def _payload_text(self, payload: Any) -> tuple[int, str | None]:
+        """:meth:`check_payload`, keeping the JSON it made when the payload holds no raw
+        buffers: the frame then carries that text as it is instead of encoding the payload a
+        second time. (So a payload changed after submit() travels as it was at submit(), as
+        the items of a chunk always have.) The common scalars get their JSON without the
+        encoder; a float does not (NaN and the infinities have spellings of their own)."""
+        kind = type(payload)
+        if kind is int:
+            if -(1 << 62) < payload < 1 << 62:
+                return 0, int.__repr__(payload)
+            return 0, None
+        if kind is str:
+            return (0, _quote(payload)) if len(payload) < 4096 else self._encoded(payload)
+        if payload is None or kind is bool:
+            return 0, "null" if payload is None else "true" if payload else "false"
+        if kind is float:
+            return 0, None
+        return self._encoded(payload)
+
+    def _encoded(self, payload: Any) -> tuple[int, str | None]:
         text, bufs = _codec.encode(payload)
         nbytes = sum(b.nbytes for b in bufs) if bufs else 0
         if nbytes + len(text) + 64 > self.max_frame_size:
@@ -102,7 +125,7 @@ class Intake:
                 f"{self.max_frame_size}: send big items through a file with pytaskqml.spill() "
                 "(the worker reads them with pytaskqml.load()), or raise max_frame_size"
             )
-        return nbytes
+        return nbytes, None if bufs else text
 
     def plain_json(self, items: list[Any]) -> str | None:
         """The JSON of *items* if it can travel, holds no raw buffers and fits in a frame."""
@@ -137,9 +160,8 @@ class Intake:
         """Admit one task whose deadline (if any) counts from now; *route* says where it may
         run (a model, a key, one worker)."""
         engine = self.engine
-        t = Task(
-            next(engine.core.ids), payload, self.check_payload(payload), sink, seq, engine.clock()
-        )
+        nbytes, text = self._payload_text(payload)
+        t = Task(next(engine.core.ids), payload, nbytes, sink, seq, engine.clock(), 1, text)
         if timeout is not None:
             t.deadline = t.t_submit + timeout
         if route is not None:
