@@ -14,7 +14,6 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable
-from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from . import _codec
@@ -23,6 +22,7 @@ from ._engine import Engine
 from ._tasks import Route, Task
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_NUMBERS = frozenset({int, float})
 # map()'s automatic buffer holds about this much work per worker, and at most MAX_MAP_BUFFER
 # items.
 MAP_BUFFER_TIME = 0.05
@@ -101,19 +101,10 @@ class Intake:
         """:meth:`check_payload`, keeping the JSON it made when the payload holds no raw
         buffers: the frame then carries that text as it is instead of encoding the payload a
         second time. (So a payload changed after submit() travels as it was at submit(), as
-        the items of a chunk always have.) The common scalars get their JSON without the
-        encoder; a float does not (NaN and the infinities have spellings of their own)."""
-        kind = type(payload)
-        if kind is int:
-            if -(1 << 62) < payload < 1 << 62:
-                return 0, int.__repr__(payload)
-            return 0, None
-        if kind is str:
-            return (0, _quote(payload)) if len(payload) < 4096 else self._encoded(payload)
-        if payload is None or kind is bool:
-            return 0, "null" if payload is None else "true" if payload else "false"
-        if kind is float:
-            return 0, None
+        the items of a chunk always have.)"""
+        text = _codec.scalar_json(payload)
+        if text is not None or payload.__class__ in _NUMBERS:
+            return 0, text  # (a float or an int too large: always encodable, encoded when framed)
         return self._encoded(payload)
 
     def _encoded(self, payload: Any) -> tuple[int, str | None]:
