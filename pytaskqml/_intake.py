@@ -203,10 +203,14 @@ class Intake:
                 tasks.extend(
                     Task(next(ids), p, check(p), sink, seq + i + j, now) for j, p in enumerate(part)
                 )
-        elif self.plain_json(items) is not None:
+        elif (text := self.plain_json(items)) is not None:
             # Checking all items in one encoder call is several times cheaper than one call per
             # item; only a batch that fails, or carries raw buffers, is looked at item by item.
-            tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
+            # A lone item's JSON is that text without its brackets, framed as it is.
+            if len(items) == 1:
+                tasks = [Task(next(ids), items[0], 0, sink, seq, now, 1, text[1:-1])]
+            else:
+                tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
             tasks = [Task(next(ids), p, check(p), sink, seq + i, now) for i, p in enumerate(items)]
         if run_timeout is not None:
