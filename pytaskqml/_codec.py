@@ -38,6 +38,7 @@ import json
 import math
 import threading
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Protocol
 
 from ._errors import ProtocolError
@@ -215,6 +216,23 @@ def _through_json(obj: Any) -> Any:
     if not bufs:
         return json.loads(text) if _MARKER_TEXT not in text else decode(text)
     return decode(text, [memoryview(bytearray(b)) for b in bufs])
+
+
+def scalar_json(obj: Any) -> str | None:
+    """The JSON :func:`encode` would make of an int, a short str, a bool or None, made without
+    the encoder (the text of a round trip's typical payload or result); ``None`` for any other
+    value, which takes the encoder. Floats take it too: NaN and the infinities have spellings
+    of their own, and it holds the one place that decides them."""
+    kind = obj.__class__
+    if kind is int:
+        return int.__repr__(obj) if -(1 << 62) < obj < 1 << 62 else None
+    if kind is str:
+        return _quote(obj) if len(obj) < 4096 else None
+    if obj is None:
+        return "null"
+    if kind is bool:
+        return "true" if obj else "false"
+    return None
 
 
 def encode_str(obj: Any) -> str:

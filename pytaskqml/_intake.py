@@ -22,6 +22,7 @@ from ._engine import Engine
 from ._tasks import Route, Task
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_NUMBERS = frozenset({int, float})
 # map()'s automatic buffer holds about this much work per worker, and at most MAX_MAP_BUFFER
 # items.
 MAP_BUFFER_TIME = 0.05
@@ -94,6 +95,19 @@ class Intake:
         return the bytes of raw buffers it holds."""
         if type(payload) in _SCALARS and (type(payload) is not str or len(payload) < 4096):
             return 0  # always encodable, never holds a buffer
+        return self._encoded(payload)[0]
+
+    def _payload_text(self, payload: Any) -> tuple[int, str | None]:
+        """:meth:`check_payload`, keeping the JSON it made when the payload holds no raw
+        buffers: the frame then carries that text as it is instead of encoding the payload a
+        second time. (So a payload changed after submit() travels as it was at submit(), as
+        the items of a chunk always have.)"""
+        text = _codec.scalar_json(payload)
+        if text is not None or payload.__class__ in _NUMBERS:
+            return 0, text  # (a float or an int too large: always encodable, encoded when framed)
+        return self._encoded(payload)
+
+    def _encoded(self, payload: Any) -> tuple[int, str | None]:
         text, bufs = _codec.encode(payload)
         nbytes = sum(b.nbytes for b in bufs) if bufs else 0
         if nbytes + len(text) + 64 > self.max_frame_size:
@@ -102,7 +116,7 @@ class Intake:
                 f"{self.max_frame_size}: send big items through a file with pytaskqml.spill() "
                 "(the worker reads them with pytaskqml.load()), or raise max_frame_size"
             )
-        return nbytes
+        return nbytes, None if bufs else text
 
     def plain_json(self, items: list[Any]) -> str | None:
         """The JSON of *items* if it can travel, holds no raw buffers and fits in a frame."""
@@ -137,9 +151,8 @@ class Intake:
         """Admit one task whose deadline (if any) counts from now; *route* says where it may
         run (a model, a key, one worker)."""
         engine = self.engine
-        t = Task(
-            next(engine.core.ids), payload, self.check_payload(payload), sink, seq, engine.clock()
-        )
+        nbytes, text = self._payload_text(payload)
+        t = Task(next(engine.core.ids), payload, nbytes, sink, seq, engine.clock(), 1, text)
         if timeout is not None:
             t.deadline = t.t_submit + timeout
         if route is not None:
@@ -190,10 +203,14 @@ class Intake:
                 tasks.extend(
                     Task(next(ids), p, check(p), sink, seq + i + j, now) for j, p in enumerate(part)
                 )
-        elif self.plain_json(items) is not None:
+        elif (text := self.plain_json(items)) is not None:
             # Checking all items in one encoder call is several times cheaper than one call per
             # item; only a batch that fails, or carries raw buffers, is looked at item by item.
-            tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
+            # A lone item's JSON is that text without its brackets, framed as it is.
+            if len(items) == 1:
+                tasks = [Task(next(ids), items[0], 0, sink, seq, now, 1, text[1:-1])]
+            else:
+                tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
             tasks = [Task(next(ids), p, check(p), sink, seq + i, now) for i, p in enumerate(items)]
         if run_timeout is not None:

@@ -297,6 +297,10 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         if self._large is None:
+            if not self._buf and n > PREFIX_SIZE:
+                message = self._whole(n)
+                if message is not None:
+                    return [message]
             return self.feed(memoryview(self._scratch)[:n])
         self._filled += n
         if self._filled < len(self._large):
@@ -306,6 +310,38 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._error = exc
             raise
+
+    def _whole(self, n: int) -> Message | None:
+        """The one frame the scratch buffer's first *n* bytes hold, if they hold exactly one
+        small frame without buffers and nothing was pending - the usual shape of a round trip's
+        message - decoded without the general path's accumulation and per-frame copies.
+
+        ``None`` for anything else, valid or not: the general path then decodes it (or refuses
+        it with the precise reason), so this never raises and never changes the decoder's
+        state. That keeps every rule in one place and every split of a stream decoding the
+        same."""
+        scratch = self._scratch
+        magic, version, flags, hlen, nbuf, body = _PREFIX.unpack_from(scratch)
+        if (
+            nbuf
+            or body
+            or magic != MAGIC
+            or version != PROTOCOL_VERSION
+            or flags
+            or hlen < 2
+            or PREFIX_SIZE + hlen != n
+            or n > self.max_frame_size
+            or self.max_depth is not None
+        ):
+            return None
+        try:
+            text = str(memoryview(scratch)[PREFIX_SIZE:n], "utf-8")
+            header = _codec.decode(text, (), self.shared)
+        except (UnicodeDecodeError, ProtocolError):
+            return None
+        if type(header) is not dict or type(header.get("op")) is not str:
+            return None
+        return Message(header)
 
     def _parse(self, frame: bytearray) -> Message:
         _, _, _, hlen, nbuf, body = _PREFIX.unpack_from(frame)

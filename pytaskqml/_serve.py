@@ -508,7 +508,15 @@ class WorkerServer:
         versions: dict[int, str] | None,
     ) -> list[bytes | memoryview]:
         """The ``done`` frame of *results*; ValueError if it would exceed max_frame_size."""
-        text, buffers = encode_results(results)
+        # One plain result (the round-trip case) is written without the encoder.
+        value = None
+        buffers: list[memoryview] = []
+        if len(results) == 1 and results[0][1] == RESULT_OK:
+            value = _codec.scalar_json(results[0][2])
+        if value is not None:
+            text = f"[[{results[0][0]},{RESULT_OK},{value}]]"
+        else:
+            text, buffers = encode_results(results)
         return _protocol.encode_frame(
             '{"op":"done","bt":'
             + repr(round(busy, 7))

@@ -174,6 +174,20 @@ def test_frames_cli_help() -> None:
     assert "raw-socket" in proc.stdout and "--sizes" in proc.stdout
 
 
+def test_window_benchmark_reports_a_rate() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.window", "--workers", "1", "--window", "8",
+         "--n", "200", "--repeats", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "window=8 workers=1: median" in proc.stdout and "tasks/s" in proc.stdout
+
+
 @pytest.mark.slow
 def test_time_limit_fails_the_run_and_cleans_up() -> None:
     before = procstat.descendants(os.getpid())

@@ -59,6 +59,36 @@ def test_submit_returns_a_future() -> None:
         assert coord.submit(7).result(T) == 49
 
 
+class HeldFirst(Worker):
+    """Blocks on its first task ("hold") until the test opens the gate; echoes the rest."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def process(self, payload: Any) -> Any:
+        if payload == "hold":
+            self.started.set()
+            assert self.gate.wait(T), "gate never opened"
+        return payload
+
+
+def test_a_payload_changed_after_submit_runs_as_it_was_submitted() -> None:
+    """submit() encodes the payload once, at admission: a change made while the task waits
+    for the busy worker does not reach the worker."""
+    worker = HeldFirst()
+    with Coordinator() as coord:
+        coord.add_local(worker)
+        first = coord.submit("hold")
+        assert worker.started.wait(T)
+        item = {"k": [1]}
+        fut = coord.submit(item)
+        item["k"].append(2)
+        worker.gate.set()
+        assert first.result(T) == "hold"
+        assert fut.result(T) == {"k": [1]}
+
+
 def test_map_yields_in_submission_order_when_later_items_finish_first() -> None:
     worker = Gated()
     keys = list(range(6))

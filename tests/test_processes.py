@@ -55,6 +55,16 @@ def test_spawned_workers_take_constructor_kwargs_and_binary_payloads() -> None:
     assert np.array_equal(out["img"], img) and out["raw"] == b"\x00\xff"
 
 
+def test_submitted_payloads_of_every_json_shape_arrive_intact() -> None:
+    """submit() encodes a payload once, at admission, and frames that text as it is: every
+    JSON shape arrives intact (a float, a big int and a dict still go through the encoder)."""
+    weird = ["", 'h\u00e9 \u2603 \x00pq "q" \\', 0, -(1 << 62) + 1, 1 << 70, True, False, None]
+    with Coordinator() as coord:
+        coord.spawn(Echo, processes=1)
+        got = [f.result(T) for f in [coord.submit(p) for p in [*weird, 0.5, {"k": [1, "x"]}]]]
+        assert got == [*weird, 0.5, {"k": [1, "x"]}]
+
+
 def test_spawn_reports_a_worker_that_cannot_start() -> None:
     with Coordinator() as coord, pytest.raises(WorkerStartError, match="model file missing"):
         coord.spawn(SetupFails, processes=1, timeout=T)

@@ -310,6 +310,60 @@ def test_receiving_in_place_decodes_the_same(sizes: list[int], data: st.DataObje
     assert dec.buffered == 0
 
 
+def received_whole(data: bytes, **kw: int) -> tuple[FrameDecoder, list[Message]]:
+    """*data* arriving in one recv() on the socket path (recv_target + commit)."""
+    dec = FrameDecoder(**kw)
+    target = dec.recv_target()
+    target[: len(data)] = data
+    return dec, dec.commit(len(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        frame({"op": "done", "r": [[7, 0, "h\u00e9llo"]], "bt": 1e-05}),
+        frame({"op": "run", "t": [[1, "a"]]}) + frame({"op": "ping"}),  # two frames at once
+        frame({"op": "run", "t": [[1, b"raw"]]}),  # a frame with buffers
+    ],
+)
+def test_a_whole_frame_in_one_receive_decodes_as_fed(data: bytes) -> None:
+    _, msgs = received_whole(data)
+    assert [m.header for m in msgs] == [m.header for m in decode_all(data)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        raw_frame(b"not json"),
+        raw_frame(b'{"op": 5}'),
+        raw_frame(b"\xff\xfe{}"),
+        raw_frame(b"[1, 2]"),
+        raw_frame(json.dumps({"op": "a", "x": {_codec.MARKER_KEY: 0}}).encode()),  # no buffer
+        b"PQ\x01\x01" + frame({"op": "a"})[4:],  # flags set
+        b"PQ\x09\x00" + frame({"op": "a"})[4:],  # another version
+    ],
+)
+def test_a_bad_whole_frame_in_one_receive_fails_as_fed(data: bytes) -> None:
+    """The socket path's shortcut for one whole small frame refuses what feed() refuses, with
+    the same reason, and leaves the decoder failed."""
+    with pytest.raises(ProtocolError) as fed:
+        decode_all(data)
+    dec = FrameDecoder()
+    target = dec.recv_target()
+    target[: len(data)] = data
+    with pytest.raises(ProtocolError) as received:
+        dec.commit(len(data))
+    assert str(received.value) == str(fed.value)
+    with pytest.raises(ProtocolError):
+        dec.commit(0)
+
+
+def test_a_whole_frame_over_the_limit_is_refused_on_the_socket_path() -> None:
+    data = frame({"op": "a", "x": "y" * 100})
+    with pytest.raises(ProtocolError, match="exceeds max_frame_size"):
+        received_whole(data, max_frame_size=64)
+
+
 @needs_numpy
 def test_large_frame_is_received_into_its_own_buffer() -> None:
     img = np.zeros((480, 640, 3), dtype=np.uint8)
