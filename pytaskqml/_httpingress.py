@@ -1,9 +1,10 @@
 """The HTTP JSON ingress: ``POST /submit`` and ``POST /map`` on a control endpoint.
 
 ``POST /submit`` takes ``{"payload": ..., "priority": n}`` (``priority`` optional; or any
-other JSON value, taken as the payload itself) and replies ``200 {"result": ...}``; a task that failed replies ``500 {"error",
-"type", "traceback"}``, one that missed its deadline ``504``, a target that no longer takes
-work ``503``. ``POST /map`` takes a JSON array (or ``{"payloads": [...], "priority": n}``) and replies ``200`` with a JSON array of the
+other JSON value, taken as the payload itself) and replies ``200 {"result": ...}``; a task
+that failed replies ``500 {"error", "type", "traceback"}``, one that missed its deadline
+``504``, a target that no longer takes work ``503``. ``POST /map`` takes a JSON array (or
+``{"payloads": [...], "priority": n}``) and replies ``200`` with a JSON array of the
 results in order, a failed item in its place as ``{"error", "type", "traceback"}``. A body that
 is not strict JSON - nested deeper than :data:`~._control.MAX_JSON_DEPTH`, holding ``NaN``,
 ``Infinity`` or a number out of a double's range, or a ``/map`` body that is not an array - is
