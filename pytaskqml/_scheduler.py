@@ -13,6 +13,11 @@ when the sender skips it because it already finished (timed out, cancelled), or 
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
 
+Order. The queue (:class:`~._ordered.FairQueue`) hands out the highest priority first and,
+within a priority, is fair between sources of work (a stream, a map() call, an ingress
+producer; every submit() together): a source that sent little lately goes next, sources with
+a backlog take turns by weight. Each source's own tasks leave in order.
+
 Work-conserving dispatch (:func:`~._workerstate.leader`): while a worker that could take a
 task can start it at once, no worker gets one it would hold; once all are busy, each may hold
 what :meth:`WorkerState.cap` allows by the estimate of that kind of work (``kind_time``, per
