@@ -9,7 +9,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from bisect import insort
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -54,6 +53,10 @@ class Source:
 
 # Latency samples kept per source for its percentiles.
 SOURCE_LAG_SAMPLES = 2048
+
+
+# Lanes kept (those with nothing waiting too) before the idle ones are forgotten.
+MAX_IDLE_LANES = 64
 
 
 class _Lane:
@@ -131,18 +134,24 @@ class FairQueue:
         key = (t.source, t.priority)
         lane = self._lanes.get(key)
         if lane is None:
+            if len(self._lanes) >= MAX_IDLE_LANES:
+                self._forget_idle()
             lane = self._lanes[key] = _Lane(key, t.source or self.default)
         if not lane.tasks:
-            heap = self._levels.get(lane.level)
+            level = lane.level
+            heap = self._levels.get(level)
             if heap is None:
-                heap = self._levels[lane.level] = []
-                insort(self._order, lane.level, key=lambda x: -x)
+                heap = self._levels[level] = []
+            if not heap:
+                self._order.append(level)
+                self._order.sort(reverse=True)
             lane.tag = max(self._now, lane.source.vfinish) if tag is None else tag
             heapq.heappush(heap, (lane.tag, next(self._count), lane))
         return lane
 
     def _retire(self, lane: _Lane) -> None:
-        """*lane* has emptied: out of its level's heap, and forgotten."""
+        """*lane* has emptied: out of its level's heap (the lane itself is kept for the next
+        task of its source, which is usually close behind: see :meth:`_forget_idle`)."""
         heap = self._levels[lane.level]
         if heap[0][2] is lane:
             heapq.heappop(heap)
@@ -150,9 +159,12 @@ class FairQueue:
             heap[:] = [e for e in heap if e[2] is not lane]
             heapq.heapify(heap)
         if not heap:
-            del self._levels[lane.level]
             self._order.remove(lane.level)
-        del self._lanes[lane.key]
+
+    def _forget_idle(self) -> None:
+        """Forget the lanes with nothing waiting (their sources may be long gone)."""
+        self._lanes = {k: ln for k, ln in self._lanes.items() if ln.tasks}
+        self._levels = {lv: h for lv, h in self._levels.items() if h}
 
     def append(self, t: Task) -> None:
         self._lane(t).tasks.append(t)

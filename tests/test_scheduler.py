@@ -588,3 +588,31 @@ def test_drop_oldest_drops_from_the_source_that_fills_the_queue() -> None:
     _, dropped = core.admit([sourced(core, flood, 9)], 0, timed=False)
     assert [t.source for t in dropped] == [flood] and dropped[0].seq == 0
     assert flood.dropped == 1 and light.dropped == 0
+
+
+def test_the_fair_queue_puts_back_the_task_it_just_gave_and_forgets_idle_sources() -> None:
+    import gc
+    import weakref
+
+    from pytaskqml._ordered import MAX_IDLE_LANES, FairQueue, Source
+
+    q = FairQueue()
+    a, b = Source("a"), Source("b")
+    core = Scheduler(max_queue=10, overflow="block", max_retries=1)
+    q.extend([sourced(core, a, i) for i in range(3)])
+    q.extend([sourced(core, b, i) for i in range(3)])
+    first = q.popleft()
+    q.appendleft(first)  # as dispatch does with a task no worker can start at once
+    assert q[0] is first and [q.popleft().seq for _ in range(6)] == [0, 0, 1, 1, 2, 2]
+    q.settle()
+    # Sources come and go (a stream per HTTP request): the lanes of those with nothing
+    # waiting are forgotten, so a source is not kept alive by the queue.
+    ref = weakref.ref(a)
+    del a, first
+    for i in range(MAX_IDLE_LANES + 1):
+        s = Source(f"s{i}")
+        q.append(sourced(core, s, 0))
+        q.popleft()
+    q.settle()
+    gc.collect()
+    assert ref() is None and len(q) == 0
