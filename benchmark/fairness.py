@@ -181,6 +181,9 @@ def case_priority(args: argparse.Namespace) -> None:
             t0 = time.monotonic()
             coord.submit([t0, task], priority=10).result(timeout=30)
             lat.append(time.monotonic() - t0)
+            if len(lat) % 20 == 0:
+                held = [(w.in_flight, w.round_trip) for w in coord.statistics().workers]
+                print(f"  workers' (in flight, round trip): {held}", file=sys.stderr)
             time.sleep(0.05)
         queued = coord.statistics().queued
         stop.set()
