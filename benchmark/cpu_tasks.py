@@ -52,3 +52,11 @@ def spin_for(seconds: float) -> int:
 
 def quick(x: int) -> int:
     return x
+
+
+def frame(item: list[float]) -> float:
+    """*item* is ``[put_time, seconds]``: a frame of *seconds* of CPU work; returns *put_time*
+    (``time.monotonic()`` when the producer put it, one clock for every process here), so the
+    consumer knows its lag."""
+    spin_for(item[1])
+    return item[0]

@@ -36,7 +36,7 @@ from ._progress import Progress
 from ._redisclient import ProducerStats, RedisClient
 from ._redisqueue import RedisQueue
 from ._stages import Branches, Stage
-from ._stats import BufferStats, ModelStats, QueueStats, Statistics, WorkerStats
+from ._stats import BufferStats, ModelStats, QueueStats, SourceStats, Statistics, WorkerStats
 from ._tasks import LateResult, ModelResult, TaskTimeout
 from ._worker import Worker
 
@@ -77,6 +77,7 @@ __all__ = [
     "RedisClient",
     "RedisQueue",
     "RemoteTraceback",
+    "SourceStats",
     "Stage",
     "Statistics",
     "Stream",

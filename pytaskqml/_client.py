@@ -121,9 +121,14 @@ class Client:
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, payload: Any, *, timeout: float | None = None) -> Future[Any]:
+    def submit(
+        self, payload: Any, *, timeout: float | None = None, priority: int | None = None
+    ) -> Future[Any]:
         """Send one item; its future. Blocks while the window is full (``queue.Full`` after
-        *timeout* seconds). A payload that is not JSON (plus bytes/arrays) raises ``TypeError``."""
+        *timeout* seconds). A payload that is not JSON (plus bytes/arrays) raises ``TypeError``.
+        *priority*: the item's priority at the service (higher goes first; default 0)."""
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+            raise TypeError(f"priority must be an int, got {priority!r}")
         fut: Future[Any] = Future()
         with self._cv:
             if not self._cv.wait_for(
@@ -133,7 +138,10 @@ class Client:
                 raise queue.Full("the client's window stayed full")
             self._check_open()
             seq = self._seq
-            text, bufs = _codec.encode({"op": "put", "seq": seq, "payload": payload})
+            msg: dict[str, Any] = {"op": "put", "seq": seq, "payload": payload}
+            if priority is not None:
+                msg["priority"] = priority
+            text, bufs = _codec.encode(msg)
             self._seq += 1
             self._futures[seq] = fut
             # Taken before the seq lock is let go, so frames go out in seq order, while results
@@ -161,17 +169,24 @@ class Client:
         ordered: bool = True,
         on_error: Literal["raise", "return"] = "raise",
         timeout: float | None = None,
+        priority: int | None = None,
     ) -> Iterator[Any]:
         """Results of *iterable*'s items, lazily (at most the window ahead), in order unless
         *ordered* is False. A failed item raises (``on_error="raise"``) or is yielded as its
-        exception (``"return"``); *timeout* bounds the wait for each result (``TimeoutError``)."""
+        exception (``"return"``); *timeout* bounds the wait for each result (``TimeoutError``);
+        *priority* as for :meth:`submit`."""
         if on_error not in ("raise", "return"):
             raise ValueError('on_error must be "raise" or "return"')
         self._check_open()
-        return self._map(iter(iterable), ordered, on_error == "raise", timeout)
+        return self._map(iter(iterable), ordered, on_error == "raise", timeout, priority)
 
     def _map(
-        self, it: Iterator[Any], ordered: bool, raise_errors: bool, timeout: float | None
+        self,
+        it: Iterator[Any],
+        ordered: bool,
+        raise_errors: bool,
+        timeout: float | None,
+        priority: int | None = None,
     ) -> Iterator[Any]:
         pending: deque[Future[Any]] = deque()
         exhausted = False
@@ -183,7 +198,7 @@ class Client:
                     except StopIteration:
                         exhausted = True
                         break
-                    pending.append(self.submit(item))
+                    pending.append(self.submit(item, priority=priority))
                 if not pending:
                     return
                 if ordered:
@@ -199,11 +214,13 @@ class Client:
             for fut in pending:
                 fut.cancel()
 
-    def stream(self, *, on_error: Literal["raise", "return"] = "return") -> ClientStream:
+    def stream(
+        self, *, on_error: Literal["raise", "return"] = "return", priority: int | None = None
+    ) -> ClientStream:
         """A stream: ``put()`` items from one thread, iterate results in order from another,
-        ``close()`` when done."""
+        ``close()`` when done. *priority*: its items' priority (``put(priority=)`` per item)."""
         self._check_open()
-        return ClientStream(self, on_error == "raise")
+        return ClientStream(self, on_error == "raise", priority)
 
     # ------------------------------------------------------------------ results
 
@@ -305,23 +322,27 @@ class ClientStream:
     """:meth:`Client.stream`: ``put(item, timeout=)``, ``put_nowait``, ``close()``, iteration
     in order (a failed item is its exception, or raised with ``on_error="raise"``)."""
 
-    def __init__(self, client: Client, raise_errors: bool) -> None:
+    def __init__(self, client: Client, raise_errors: bool, priority: int | None = None) -> None:
         self._client = client
+        self._priority = priority
         self._raise = raise_errors
         self._cv = threading.Condition(threading.Lock())
         self._send_lock = threading.Lock()
         self._futures: deque[Future[Any]] = deque()
         self._closed = False
 
-    def put(self, item: Any, *, timeout: float | None = None) -> None:
+    def put(self, item: Any, *, timeout: float | None = None, priority: int | None = None) -> None:
         """Send one item; its result comes out of the iteration in its place. Blocks while the
         client's window is full (:class:`queue.Full` after *timeout* seconds); :class:`ClosedError`
         after :meth:`close`. While the service drains, the item is refused: it comes out as a
-        :class:`ClosedError` in its place (raised with ``on_error="raise"``)."""
+        :class:`ClosedError` in its place (raised with ``on_error="raise"``). *priority*
+        overrides the stream's for this item."""
         with self._cv:
             if self._closed:
                 raise ClosedError("put() on a closed stream")
-        fut = self._client.submit(item, timeout=timeout)
+        fut = self._client.submit(
+            item, timeout=timeout, priority=self._priority if priority is None else priority
+        )
         with self._cv:
             self._futures.append(fut)
             self._cv.notify_all()

@@ -53,7 +53,7 @@ from ._endpoints import Acceptor
 from ._engine import Engine
 from ._handles import LocalHandle
 from ._ingress import IngressHost
-from ._intake import Intake, item_routes, route_for
+from ._intake import Intake, check_priority, check_weight, item_routes, route_for
 from ._iterate import Stream, map_results
 from ._links import Dialer
 from ._modelreg import Models
@@ -269,6 +269,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         model: str | None = None,
         key: str | None = None,
         with_meta: bool = False,
+        priority: int = 0,
     ) -> Future[Any]:
         """Queue one task; returns a :class:`concurrent.futures.Future`.
 
@@ -280,14 +281,22 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``model`` sends it to the named model (see :attr:`models`); with ``with_meta`` the
         result is a :class:`ModelResult` saying which version and worker computed it. Tasks
         with the same ``key`` go to the same worker while it lives (per-key state).
-        :class:`ClosedError` once shut down; ``ValueError`` for a bad timeout or model.
+        ``priority``: waiting tasks of a higher priority are dispatched first (see
+        docs/scheduling.md; strict, so a steady flow of high-priority work starves lower
+        ones). :class:`ClosedError` once shut down; ``ValueError`` for a bad timeout or model.
         """
+        check_priority(priority)
         fut = TaskFuture()
         fut._runner = self._runner
         check_positive("timeout", timeout)
         route = self._route(model, key, with_meta)
         self._intake.one(
-            payload, fut, 0, timeout if timeout is not None else self.timeout, route=route
+            payload,
+            fut,
+            0,
+            timeout if timeout is not None else self.timeout,
+            route=route,
+            priority=priority,
         )
         return fut
 
@@ -310,6 +319,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         with_meta: bool = False,
         total_timeout: float | None = None,
         progress: bool | Progress = False,
+        priority: int = 0,
+        weight: int = 1,
     ) -> Iterator[Any]:
         """Yield results for *iterable* in submission order (or as completed with
         ``ordered=False``), keeping at most ``buffersize`` items outstanding.
@@ -345,6 +356,10 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         :class:`Progress` gives it a label, a total for an input without ``len()``, or shows
         it also off a terminal.
 
+        Each call is a source of its own: waiting tasks of different calls, streams and
+        producers take turns (``weight`` tasks per turn), and ``priority`` puts all of its
+        tasks ahead of lower-priority work (as for :meth:`submit`).
+
         Raises ``ValueError`` for a bad size, time, ``on_error`` or model, :class:`ClosedError`
         once shut down; while iterating, ``TypeError`` for a payload that cannot travel.
         """
@@ -356,6 +371,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         if total_timeout is not None and not total_timeout >= 0:
             raise ValueError(f"total_timeout must be 0 or more, got {total_timeout!r}")
         deadline = None if total_timeout is None else time.monotonic() + total_timeout
+        check_priority(priority)
+        check_weight(weight)
         if not isinstance(progress, bool | Progress):
             raise TypeError("progress must be True, False or a pytaskqml.Progress")
         self._check_open()
@@ -375,6 +392,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             progress,
             len(iterable) if progress and isinstance(iterable, Sized) else None,
             model if isinstance(model, str) else None,
+            priority,
+            weight,
         )
 
     def stream(
@@ -387,6 +406,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         overflow: OverflowPolicy | None = None,
         model: str | None = None,
         with_meta: bool = False,
+        priority: int = 0,
+        weight: int = 1,
+        name: str | None = None,
     ) -> Stream:
         """A :class:`Stream` for a live source: a producer thread ``put()``s items and
         ``close()``s, a consumer thread iterates results (in order by default).
@@ -398,6 +420,13 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         ``"reject"`` raises :class:`queue.Full`. ``timeout`` counts from ``put()``: a frame
         older than that gets a :class:`TaskTimeout` marker in its place. ``model`` and
         ``with_meta`` as for :meth:`submit`; ``put(item, key=...)`` for per-key affinity.
+
+        Each stream is a source of its own: the waiting frames of different streams are
+        dispatched in turns, ``weight`` frames per turn, so a flooding source never delays
+        another's next frame by more than a turn, and ``buffersize`` bounds only this
+        stream's own frames. ``priority`` (default 0; ``put(item, priority=)`` per item) puts
+        its frames ahead of lower-priority work. ``name`` labels it in
+        ``statistics().sources`` and ``/metrics`` (default ``stream-N``).
         ``ValueError`` for a bad policy, size, time or model; :class:`ClosedError` once shut down.
         """
         policy = overflow if overflow is not None else self.overflow
@@ -405,6 +434,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             raise ValueError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
+        check_priority(priority)
+        check_weight(weight)
         self._check_open()
         if buffersize is None:
             buffersize = 2 * max(1, len(self.workers)) if policy == "drop_oldest" else 64
@@ -417,6 +448,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
             policy,
             model,
             with_meta and model is not None,
+            priority=priority,
+            weight=weight,
+            name=name,
         )
         if model is not None:
             self._route(model, None, False)  # is the model known?

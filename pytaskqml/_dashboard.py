@@ -198,6 +198,19 @@ def status_document(
             }
             for w in stats.workers
         ],
+        "sources": [
+            {
+                "name": s.name,
+                "weight": s.weight,
+                "items_in": s.items_in,
+                "processed": s.processed,
+                "dropped": s.dropped,
+                "waiting": s.waiting,
+                "lag_p50": s.lag_p50,
+                "lag_p99": s.lag_p99,
+            }
+            for s in stats.sources
+        ],
     }
     if with_history and history is not None:
         doc["history"] = history.series(now)

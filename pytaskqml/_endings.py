@@ -8,7 +8,7 @@ import heapq
 import weakref
 
 from ._delivery import TaskFuture
-from ._ordered import TaskQueue
+from ._ordered import Source, TaskQueue
 from ._routing import Router
 from ._tasks import Task
 from ._workerstate import WorkerState
@@ -17,7 +17,8 @@ from ._workerstate import WorkerState
 class Endings:
     """Cancelling, abandoning, stranding (see the methods); mixed into the Scheduler."""
 
-    queue: TaskQueue[Task]
+    queue: TaskQueue
+    default_source: Source
     router: Router
     workers: list[WorkerState]
     live: int
@@ -32,10 +33,12 @@ class Endings:
         raise NotImplementedError
 
     def _drop_oldest(self, dropped: list[Task]) -> None:
+        # The oldest task of the source that fills the queue the most: a flooding source pays
+        # for its own backlog, not the others.
         items = self.queue.items
         while items:
-            old = items.popleft()
-            if not old.finished:
+            old = items.pop_from_longest()
+            if old is not None and not old.finished:
                 self.drop(old)
                 dropped.append(old)
                 return
@@ -49,6 +52,7 @@ class Endings:
         task.finished = True
         self.live -= 1
         self.dropped += task.count
+        (task.source or self.default_source).dropped += task.count
 
     def cancel_abandoned(self) -> None:
         """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ._delivery import CallbackRunner, Changes, deliver, deliver_all
+from ._delivery import CallbackRunner, Changes, TaskFuture, deliver, deliver_all
 from ._errors import ClosedError, WorkerLostError
 from ._handles import WorkerHandle
 from ._scheduler import FutureOutcomes, Groups, Scheduler
@@ -193,13 +193,51 @@ class Engine(WorkerOps):
         return True
 
     def cancel_abandoned(self) -> None:
-        """A map() or stream was abandoned: its queued tasks are cancelled now."""
+        """A map() or stream was abandoned: its queued tasks are cancelled now, and those
+        running on a worker that takes interrupts are interrupted."""
         with self.lock:
             self.core.cancel_abandoned()
+            stale, gone = self._stale_abandoned()
             if self._blocked:
                 self.not_full.notify_all()
             if not self.core.live:
                 self.changed.notify_all()
+        for handle, ids in stale:
+            handle.interrupt(ids)
+        if gone:
+            deliver_all(gone, CANCELLED, None)
+
+    def _stale(self, tasks: list[Task]) -> list[tuple[WorkerHandle, list[int]]]:
+        """Of *tasks* (just finished: timed out), those a worker that takes interrupts holds,
+        per worker (lock held)."""
+        out: list[tuple[WorkerHandle, list[int]]] = []
+        for ws in self.core.workers:
+            if ws.handle.interrupt_grace is not None and ws.inflight:
+                ids = [t.id for t in tasks if t.id in ws.inflight]
+                if ids:
+                    out.append((ws.handle, ids))
+        return out
+
+    def _stale_abandoned(self) -> tuple[list[tuple[WorkerHandle, list[int]]], list[Task]]:
+        """Tasks of abandoned maps and streams held by workers that take interrupts: finished
+        as cancelled (so a replaced worker's loss does not run them again), per worker (lock
+        held)."""
+        out: list[tuple[WorkerHandle, list[int]]] = []
+        finished: list[Task] = []
+        for ws in self.core.workers:
+            if ws.handle.interrupt_grace is None or not ws.inflight:
+                continue
+            gone = [
+                t
+                for t in ws.inflight.values()
+                if not t.finished and t.sink.__class__ is not TaskFuture and t.sink.abandoned
+            ]
+            for t in gone:
+                self.core._finish_cancelled(t)
+            if gone:
+                out.append((ws.handle, [t.id for t in gone]))
+                finished += gone
+        return out, finished
 
     # ------------------------------------------------------------------ workers
 
@@ -394,6 +432,9 @@ class Engine(WorkerOps):
                 self.not_full.notify_all()
             if not self.core.live:
                 self.changed.notify_all()
+            stale = self._stale(expired)
+        for handle, ids in stale:
+            handle.interrupt(ids)
         for ws in assigned:
             ws.handle.wake(False)
         deliver_all(expired, TIMEOUT, None)

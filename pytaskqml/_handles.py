@@ -104,6 +104,9 @@ class WorkerHandle:
         self.state: WorkerState | None = None
         self.initial_models: dict[str, str] = {}  # models it came with: {name: version}
         self.restarts = 0  # how often its seat's process was started again before this one
+        # Seconds a task no longer wanted may go on running after the worker was told, before
+        # its process is replaced (the worker class's interrupt_grace); None: not interrupted.
+        self.interrupt_grace: float | None = None
         self._cv = threading.Condition(threading.Lock())
         self._idle = 0  # threads waiting in _take()
         self._closing = False
@@ -114,6 +117,10 @@ class WorkerHandle:
 
     def start(self) -> None:
         raise NotImplementedError
+
+    def interrupt(self, task_ids: list[int]) -> None:
+        """These tasks it holds are no longer wanted: tell the worker, and replace it if it
+        still runs one after :attr:`interrupt_grace` (only workers in a process do)."""
 
     def shared_memory(self) -> tuple[int, int, int] | None:
         """(buffers placed, fallbacks to the socket, slots in use), or None without it."""

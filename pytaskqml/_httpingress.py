@@ -1,9 +1,10 @@
 """The HTTP JSON ingress: ``POST /submit`` and ``POST /map`` on a control endpoint.
 
-``POST /submit`` takes ``{"payload": ...}`` (or any other JSON value, taken as the payload
-itself) and replies ``200 {"result": ...}``; a task that failed replies ``500 {"error",
-"type", "traceback"}``, one that missed its deadline ``504``, a target that no longer takes
-work ``503``. ``POST /map`` takes a JSON array and replies ``200`` with a JSON array of the
+``POST /submit`` takes ``{"payload": ..., "priority": n}`` (``priority`` optional; or any
+other JSON value, taken as the payload itself) and replies ``200 {"result": ...}``; a task
+that failed replies ``500 {"error", "type", "traceback"}``, one that missed its deadline
+``504``, a target that no longer takes work ``503``. ``POST /map`` takes a JSON array (or
+``{"payloads": [...], "priority": n}``) and replies ``200`` with a JSON array of the
 results in order, a failed item in its place as ``{"error", "type", "traceback"}``. A body that
 is not strict JSON - nested deeper than :data:`~._control.MAX_JSON_DEPTH`, holding ``NaN``,
 ``Infinity`` or a number out of a double's range, or a ``/map`` body that is not an array - is
@@ -49,8 +50,11 @@ def install_http_ingress(
         except ValueError as exc:
             return Reply(400, {"error": str(exc)})
         payload = body["payload"] if isinstance(body, dict) and "payload" in body else body
+        priority = body.get("priority") if isinstance(body, dict) and "payload" in body else None
+        if not _priority_ok(priority):
+            return Reply(400, {"error": "priority must be an integer"})
         try:
-            (value,) = run(target, [payload], timeout)
+            (value,) = run(target, [payload], timeout, priority)
         except ClosedError as exc:
             return Reply(503, {"error": str(exc)})
         error = error_fields(value)
@@ -64,10 +68,18 @@ def install_http_ingress(
             body = _parse(request.body)
         except ValueError as exc:
             return Reply(400, {"error": str(exc)})
+        priority = None
+        if isinstance(body, dict) and isinstance(body.get("payloads"), list):
+            body, priority = body["payloads"], body.get("priority")
         if not isinstance(body, list):
-            return Reply(400, {"error": "the body of /map is a JSON array of payloads"})
+            return Reply(
+                400,
+                {"error": 'the body of /map is a JSON array of payloads (or {"payloads": [...]})'},
+            )
+        if not _priority_ok(priority):
+            return Reply(400, {"error": "priority must be an integer"})
         try:
-            values = run(target, body, timeout)
+            values = run(target, body, timeout, priority)
         except ClosedError as exc:
             return Reply(503, {"error": str(exc)})
         out = []
@@ -78,6 +90,10 @@ def install_http_ingress(
 
     server.add_route("POST", "/submit", submit, max_body=max_body)
     server.add_route("POST", "/map", map_, max_body=max_body)
+
+
+def _priority_ok(priority: Any) -> bool:
+    return priority is None or (isinstance(priority, int) and not isinstance(priority, bool))
 
 
 def _parse(body: bytes) -> Any:
@@ -98,9 +114,12 @@ def _json_reply(body: Any) -> Reply:
     return Reply(200, data)
 
 
-def run(target: IngressTarget, payloads: list[Any], timeout: float | None) -> list[Any]:
+def run(
+    target: IngressTarget, payloads: list[Any], timeout: float | None, priority: int | None = None
+) -> list[Any]:
     """The outcomes of *payloads* on an ordered stream of *target*, in order: a value, or the
-    error (or ``TaskTimeout``) in its place. ``ClosedError`` when the target takes no work."""
+    error (or ``TaskTimeout``) in its place. ``ClosedError`` when the target takes no work.
+    *priority*: the items' priority (a target whose streams have none refuses them)."""
     stream = target.stream(
         buffersize=max(1, min(len(payloads), MAX_BUFFERSIZE)),
         ordered=True,
@@ -111,8 +130,12 @@ def run(target: IngressTarget, payloads: list[Any], timeout: float | None) -> li
 
     def feed() -> None:
         try:
+            put: Any = stream.put
             for p in payloads:
-                stream.put(p)
+                if priority is None:
+                    put(p)
+                else:
+                    put(p, priority=priority)
         except BaseException as exc:
             refused.append(exc)
         finally:

@@ -127,7 +127,13 @@ class _Producer:
         self.server = server
         self.conn = conn
         self.window = server.max_outstanding
-        self.stream = server.target.stream(buffersize=self.window, ordered=True, on_error="return")
+        target: Any = server.target
+        try:  # a Coordinator's stream takes a name: the producer's, in statistics().sources
+            self.stream = target.stream(
+                buffersize=self.window, ordered=True, on_error="return", name=f"ingress {conn.peer}"
+            )
+        except TypeError:
+            self.stream = target.stream(buffersize=self.window, ordered=True, on_error="return")
         self._lock = threading.Lock()
         self._answered = threading.Condition(self._lock)
         self._outstanding = 0  # received and not yet credited back (see the module's docstring)
@@ -180,8 +186,15 @@ class _Producer:
             self._unwritten += 1
         self._received += 1
         self.server._count("received")
+        priority = header.get("priority")
         try:
-            self.stream.put(header.get("payload"))
+            if priority is None:
+                self.stream.put(header.get("payload"))
+            else:
+                # (An item's priority: a Coordinator's stream takes it; a bad one is the
+                # item's error, as is a target whose streams have no priorities.)
+                stream: Any = self.stream
+                stream.put(header.get("payload"), priority=priority)
         except Exception as exc:  # e.g. ClosedError while the target drains: the item's error
             self._refuse(seq, exc)
 

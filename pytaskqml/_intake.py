@@ -19,6 +19,7 @@ from typing import Any
 from . import _codec
 from ._bufpool import BufferPool
 from ._engine import Engine
+from ._ordered import Source
 from ._tasks import Route, Task
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -147,9 +148,11 @@ class Intake:
         *,
         put_timeout: float | None = None,
         route: Route | None = None,
+        source: Source | None = None,
+        priority: int = 0,
     ) -> Task:
         """Admit one task whose deadline (if any) counts from now; *route* says where it may
-        run (a model, a key, one worker)."""
+        run (a model, a key, one worker); *source* and *priority* its place in the queue."""
         engine = self.engine
         nbytes, text = self._payload_text(payload)
         t = Task(next(engine.core.ids), payload, nbytes, sink, seq, engine.clock(), 1, text)
@@ -157,6 +160,8 @@ class Intake:
             t.deadline = t.t_submit + timeout
         if route is not None:
             t.route = route
+        t.source = source
+        t.priority = priority
         if t.nbytes:
             self.freeze(t)
         engine.admit(
@@ -182,6 +187,8 @@ class Intake:
         run_timeout: float | None,
         chunk: int,
         route: Callable[[Any], Route] | None = None,
+        source: Source | None = None,
+        priority: int = 0,
     ) -> int | None:
         """Admit the items of a map(), *chunk* at a time; a deadline counts from each task's
         start; *route(item or chunk)* says where each task may run. Returns how many of the
@@ -219,6 +226,10 @@ class Intake:
         if route is not None:
             for t in tasks:
                 t.route = route(t.payload)
+        if source is not None or priority:
+            for t in tasks:
+                t.source = source
+                t.priority = priority
         room = None
         for t in tasks:
             if t.nbytes:
@@ -268,6 +279,22 @@ def _pool_arrays(value: Any, pool: BufferPool, found: list[Any], depth: int) -> 
     elif depth < 64 and isinstance(value, list | tuple):
         for v in value:
             _pool_arrays(v, pool, found, depth + 1)
+
+
+def check_priority(priority: Any) -> int:
+    """A task's priority: any int (higher goes first); TypeError for anything else."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"priority must be an int, got {priority!r}")
+    return priority
+
+
+def check_weight(weight: Any) -> int:
+    """A source's weight: an int >= 1 (tasks per turn); ValueError/TypeError otherwise."""
+    if not isinstance(weight, int) or isinstance(weight, bool):
+        raise TypeError(f"weight must be an int, got {weight!r}")
+    if weight < 1:
+        raise ValueError(f"weight must be 1 or more, got {weight!r}")
+    return weight
 
 
 def route_for(

@@ -12,7 +12,7 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from ._errors import ClosedError
-from ._intake import MAX_MAP_BUFFER, Intake
+from ._intake import MAX_MAP_BUFFER, Intake, check_priority
 from ._ordered import ReorderBuffer
 from ._progress import Progress, open_bar
 from ._tasks import CANCELLED, DROPPED, END, ERROR, OK, RUN, TIMEOUT, Route, span
@@ -69,6 +69,8 @@ def map_results(
     progress: bool | Progress | None = None,
     total: int | None = None,
     work: str | None = None,
+    priority: int = 0,
+    weight: int = 1,
 ) -> Iterator[Any]:
     """The generator behind ``Coordinator.map()`` (arguments already checked). *route* says
     where each task may run (``chunksize`` must be 1 when it depends on the item). Past
@@ -76,8 +78,11 @@ def map_results(
     every result that was ready in time has been yielded - and the items not started yet are
     cancelled. *total*: the input's length, if it has one, for the progress bar. *work*: the
     model the items run on (None: the workers' own process()), whose measured time per item
-    sizes the buffer and the chunks."""
+    sizes the buffer and the chunks. *priority* and *weight*: the place of its tasks in the queue
+    (the call is one source of its own)."""
     collector = Collector(ordered, start_only=deadline is not None)
+    with intake.engine.lock:
+        source = intake.engine.core.new_source("map", weight)
     raise_errors = on_error == "raise"
     seq = 0
     outstanding = 0
@@ -124,7 +129,16 @@ def map_results(
             # buffer's size, so that they too spread over every worker.
             share = len(items) if exhausted else buffersize
             chunk = chunksize or (1 if not chunked else intake.auto_chunksize(share, work))
-            fits = intake.many(items, collector, seq, run_timeout=timeout, chunk=chunk, route=route)
+            fits = intake.many(
+                items,
+                collector,
+                seq,
+                run_timeout=timeout,
+                chunk=chunk,
+                route=route,
+                source=source,
+                priority=priority,
+            )
             if fits is not None:
                 pool_cap = max(2, min(fits // 2, pool_cap or fits))
             seq += len(items)
@@ -198,8 +212,16 @@ class Stream:
         overflow: str,
         model: str | None = None,
         with_meta: bool = False,
+        *,
+        priority: int = 0,
+        weight: int = 1,
+        name: str | None = None,
     ) -> None:
         self._intake = intake
+        self._priority = priority
+        # One source of its own: streams take turns in the queue (see _ordered.FairQueue).
+        with intake.engine.lock:
+            self.source = intake.engine.core.new_source("stream", weight, name)
         self._model = model
         self._meta = with_meta
         self._buffersize = buffersize
@@ -217,11 +239,20 @@ class Stream:
         self.rejected = 0
         self.timed_out = 0
 
-    def put(self, item: Any, *, timeout: float | None = None, key: str | None = None) -> None:
+    def put(
+        self,
+        item: Any,
+        *,
+        timeout: float | None = None,
+        key: str | None = None,
+        priority: int | None = None,
+    ) -> None:
         """Submit one item (see the class docstring for when it blocks or raises). Items with
-        the same *key* go to the same worker while it lives."""
+        the same *key* go to the same worker while it lives. *priority* overrides the
+        stream's for this item (higher goes first)."""
         if key is not None and not isinstance(key, str):
             raise TypeError("key must be a str")
+        prio = self._priority if priority is None else check_priority(priority)
         with self._space:
             self._check_open()
             if self._overflow == "block" and not self._space.wait_for(
@@ -245,7 +276,14 @@ class Stream:
                 else None
             )
             task = self._intake.one(
-                item, self._collector, seq, self._timeout, put_timeout=timeout, route=route
+                item,
+                self._collector,
+                seq,
+                self._timeout,
+                put_timeout=timeout,
+                route=route,
+                source=self.source,
+                priority=prio,
             )
         except BaseException as exc:
             if isinstance(exc, queue.Full):

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ._histogram import HistogramSnapshot
-from ._stats import ModelStats, PoolStats, ServeStats, Statistics, WorkerStats
+from ._stats import ModelStats, PoolStats, ServeStats, SourceStats, Statistics, WorkerStats
 
 if TYPE_CHECKING:
     from ._ingress import IngressStats
@@ -192,6 +192,7 @@ def coordinator_metrics(
         out.sample("pytaskqml_workers", n, [("kind", kind)])
     _per_worker(out, stats.workers)
     _models(out, stats.models)
+    _sources(out, stats.sources)
     _pools(out, stats)
     _ingress(out, ingress)
     out.metric(
@@ -250,6 +251,44 @@ def _models(out: Exposition, models: Sequence[ModelStats]) -> None:
         ready = {w for w, _ in m.ready}
         failed = sum(1 for w, _ in m.failed if w not in ready)
         out.sample("pytaskqml_model_workers", failed, [("model", m.name), ("state", "failed")])
+
+
+def _sources(out: Exposition, sources: Sequence[SourceStats]) -> None:
+    # Two sources may share a name (a user's choice): their series are summed, one per name.
+    by_name: dict[str, list[SourceStats]] = {}
+    for s in sources:
+        by_name.setdefault(s.name, []).append(s)
+    for name, field, kind, help_text in (
+        ("pytaskqml_source_items_total", "items_in", "counter", "Items admitted, per source."),
+        (
+            "pytaskqml_source_processed_total",
+            "processed",
+            "counter",
+            "Items whose result or error came back, per source.",
+        ),
+        (
+            "pytaskqml_source_dropped_total",
+            "dropped",
+            "counter",
+            "Items dropped by an overflow policy, per source.",
+        ),
+        ("pytaskqml_source_waiting", "waiting", "gauge", "Items waiting for a worker now."),
+    ):
+        out.family(name, kind, help_text)
+        for src, group in by_name.items():
+            out.sample(name, sum(getattr(s, field) for s in group), [("source", src)])
+    out.family(
+        "pytaskqml_source_lag_seconds",
+        "gauge",
+        "Time from submission to result of a source's recent items, by quantile.",
+    )
+    for src, group in by_name.items():
+        for q, field in (("0.5", "lag_p50"), ("0.99", "lag_p99")):
+            values = [v for v in (getattr(s, field) for s in group) if v is not None]
+            if values:
+                out.sample(
+                    "pytaskqml_source_lag_seconds", max(values), [("source", src), ("quantile", q)]
+                )
 
 
 def _pools(out: Exposition, stats: Statistics) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +80,9 @@ class RemoteHandle(WorkerHandle):
             {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else {}
         )
         self._heartbeats = heartbeats
+        grace = hello.get("interrupt")
+        if isinstance(grace, int | float) and not isinstance(grace, bool) and 0 <= grace <= 3600:
+            self.interrupt_grace = float(grace)
         self._limit = self.batch_size if self.batch_size > 1 else MAX_TASKS_PER_FRAME
         self._sending = threading.Lock()  # one sender at a time: the writer or an inline flush
         self._reader = threading.Thread(
@@ -107,6 +112,52 @@ class RemoteHandle(WorkerHandle):
     def model_command(self, cmd: dict[str, Any]) -> None:
         with contextlib.suppress(ConnectionLost):
             self.conn.send("models", cmd)
+
+    def interrupt(self, task_ids: list[int]) -> None:
+        grace = self.interrupt_grace
+        if grace is None or not task_ids:
+            return
+        try:
+            self.conn.send("cancel", {"ids": task_ids})
+        except ConnectionLost:
+            return
+        self._arm_interrupt(task_ids, grace)
+
+    def _arm_interrupt(self, task_ids: list[int], grace: float) -> None:
+        timer = threading.Timer(grace, self._interrupt_due, (task_ids, grace))
+        timer.name = f"pytaskqml-interrupt-{self.name}"
+        timer.daemon = True
+        timer.start()
+
+    def _interrupt_due(self, task_ids: list[int], grace: float) -> None:
+        """*grace* after the worker was told: if it still runs one of *task_ids*, replace
+        it. Only the task it runs counts (the first it holds): one it has not started yet
+        is looked at again a grace later, so an innocent task running before it is never
+        the one that loses its worker."""
+        try:
+            state = self.state
+            if state is None or self.lost.is_set():
+                return
+            held = list(state.inflight)  # (a copy: the dict changes on other threads)
+            pending = [i for i in task_ids if i in held]
+            if not pending:
+                return
+            if held[0] not in pending:
+                self._arm_interrupt(pending, grace)
+                return
+            log.warning(
+                "worker %s still runs task %d %.1fs after it was told it is no longer wanted; "
+                "replacing it",
+                self.name,
+                held[0],
+                grace,
+            )
+            if self.kind == "spawned" and self.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            self.abort(f"interrupted: a task no longer wanted ran {grace:.1f}s past its cancel")
+        except BaseException:
+            log.exception("interrupt timer of worker %s crashed", self.name)
 
     def abort(self, reason: str) -> None:
         if self.loss_reason is None:

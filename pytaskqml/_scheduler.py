@@ -13,6 +13,11 @@ when the sender skips it because it already finished (timed out, cancelled), or 
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
 
+Order. The queue (:class:`~._ordered.FairQueue`) hands out the highest priority first and,
+within a priority, is fair between sources of work (a stream, a map() call, an ingress
+producer; every submit() together): a source that sent little lately goes next, sources with
+a backlog take turns by weight. Each source's own tasks leave in order.
+
 Work-conserving dispatch (:func:`~._workerstate.leader`): while a worker that could take a
 task can start it at once, no worker gets one it would hold; once all are busy, each may hold
 what :meth:`WorkerState.cap` allows by the estimate of that kind of work (``kind_time``, per
@@ -49,7 +54,7 @@ from ._delivery import TaskFuture
 from ._endings import Endings
 from ._errors import TaskFailed
 from ._histogram import Histogram, bucket
-from ._ordered import TaskQueue
+from ._ordered import Source, TaskQueue
 from ._routing import ModelEvents, Router
 from ._tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
 from ._workerstate import WorkerState, leader
@@ -78,7 +83,7 @@ class Scheduler(ModelEvents, Endings):
     def __init__(self, *, max_queue: int, overflow: str, max_retries: int) -> None:
         self.overflow = overflow
         self.max_retries = max_retries
-        self.queue: TaskQueue[Task] = TaskQueue(max_queue)
+        self.queue: TaskQueue = TaskQueue(max_queue)
         self.workers: list[WorkerState] = []
         self.ids = itertools.count(1)  # task ids; next(ids) is the next one
         self._worker_ids = itertools.count(1)
@@ -98,6 +103,20 @@ class Scheduler(ModelEvents, Endings):
         self.kind_time: dict[str | None, float] = {}
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
         self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
+        # Where work comes from (see _ordered.FairQueue): submit()'s tasks share one source;
+        # streams, map() calls and ingress producers each have theirs, listed while alive.
+        self.default_source = self.queue.items.default
+        self.sources: weakref.WeakValueDictionary[int, Source] = weakref.WeakValueDictionary()
+        self.sources[0] = self.default_source
+        self._source_ids = itertools.count(1)
+
+    def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
+        """A source of work (a stream, a map() call, an ingress producer), listed in the
+        statistics while it is alive; named ``kind-N`` unless *name* is given."""
+        n = next(self._source_ids)
+        src = Source(name if name is not None else f"{kind}-{n}", weight)
+        self.sources[n] = src
+        return src
 
     # ------------------------------------------------------------------ workers
 
@@ -223,7 +242,10 @@ class Scheduler(ModelEvents, Endings):
         ):
             items.extend(tasks)  # the common case: room for all, no deadlines
             self.live += len(tasks)
-            self.submitted += tasks[0].count if len(tasks) == 1 else sum(t.count for t in tasks)
+            n = tasks[0].count if len(tasks) == 1 else sum(t.count for t in tasks)
+            self.submitted += n
+            # (An admission's tasks come from one source: one call of submit, put or map.)
+            (tasks[0].source or self.default_source).items_in += n
             return len(tasks), []
         dropped: list[Task] = []
         for i in range(start, len(tasks)):
@@ -243,6 +265,7 @@ class Scheduler(ModelEvents, Endings):
                 self.router.add(task, self.workers)
             self.live += 1
             self.submitted += task.count
+            (task.source or self.default_source).items_in += task.count
         return len(tasks), dropped
 
     # ---------------------------------------------------------------- dispatch
@@ -319,6 +342,7 @@ class Scheduler(ModelEvents, Endings):
                 if best not in assigned:
                     assigned.append(best)
         self.queue_wait.sum += waited
+        items.settle()
         return assigned
 
     def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:
@@ -409,6 +433,7 @@ class Scheduler(ModelEvents, Endings):
         record = self.latencies.append
         lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
         ok = failed = items = 0
+        default_source = self.default_source
         work: Any = _NO_KIND  # the kind of work these results are of (None: process())
         for tid, kind, value in entries:
             t = pop(tid, None)
@@ -444,6 +469,9 @@ class Scheduler(ModelEvents, Endings):
                 since, b = t.t_submit, bucket(latency)
             lat_counts[b] += t.count
             lat_sum += latency * t.count
+            src = t.source or default_source
+            src.processed += t.count
+            src.lags.append(latency)
             sink = t.sink
             is_future = sink.__class__ is TaskFuture
             if kind == RUN:

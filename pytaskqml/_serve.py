@@ -36,7 +36,7 @@ from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK
 from ._readysend import Flusher, Ready
 from ._results import count_errors, encode_results, valid_row
 from ._stats import ServeStats
-from ._worker import TASK_ERRORS, Worker, run_chunk, worker_info
+from ._worker import TASK_ERRORS, Worker, interrupt_grace, run_chunk, worker_info
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,17 @@ class WorkerServer:
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()  # results: one sender at a time, in order
         self._flushers: dict[Connection, Flusher] = {}
+        # Interrupting stale work (Worker.interrupt_grace): a reader thread reads the
+        # connection while tasks run, so a "cancel" for the running task reaches it at once
+        # (the worker's cancelled() flag); every other message goes to the serve loop through
+        # the inbox. Without it the main thread reads the socket itself, between frames.
+        self._grace = interrupt_grace(worker)
+        self._inbox: queue.SimpleQueue[Any] | None = None
+        self._cancel = threading.Event()
+        self._running: int | None = None  # the id of the task being run, in that mode
+        self._cancelled_ids: dict[int, None] = {}  # recent ones, for a task not started yet
+        if self._grace is not None:
+            worker._pytaskqml_cancel = self._cancel
 
     # ----------------------------------------------------------------- control
 
@@ -279,6 +290,14 @@ class WorkerServer:
             daemon=True,
         )
         beat.start()
+        if self._grace is not None:
+            self._inbox = queue.SimpleQueue()
+            threading.Thread(
+                target=self._read_ahead,
+                args=(conn, self._inbox),
+                name=f"pytaskqml-worker-reader-{conn.peer}",
+                daemon=True,
+            ).start()
         try:
             return self._serve(conn)
         finally:
@@ -302,7 +321,7 @@ class WorkerServer:
                 self._await_close(conn)
                 return "stopped"
             try:
-                msg = conn.recv()
+                msg = conn.recv() if self._inbox is None else self._next()
             except ConnectionLost as exc:
                 if self._stop.is_set():
                     return "stopped"  # the coordinator closed after our goodbye
@@ -343,10 +362,62 @@ class WorkerServer:
                 log.error("unexpected message %r from %s", op, conn.peer)
                 return "lost"
 
+    def _next(self) -> _protocol.Message:
+        """The next message the reader thread passed on (raises what ended its reading)."""
+        assert self._inbox is not None
+        item = self._inbox.get()
+        if isinstance(item, BaseException):
+            self._inbox.put(item)  # the connection stays ended for every later call
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def _read_ahead(self, conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
+        """The reader thread (interruptible workers): "cancel" is acted on here, at once;
+        everything else goes to the serve loop in order."""
+        try:
+            while True:
+                msg = conn.recv()
+                if msg.op == "cancel":
+                    self._on_cancel(msg.header.get("ids"))
+                else:
+                    inbox.put(msg)
+        except (ConnectionLost, ProtocolError) as exc:
+            inbox.put(exc)
+        except BaseException:
+            log.exception("worker reader thread crashed")
+            inbox.put(ConnectionLost("the worker's reader thread crashed"))
+            conn.abort()
+
+    def _on_cancel(self, ids: Any) -> None:
+        if type(ids) is not list:
+            return
+        for tid in ids:
+            if type(tid) is not int:
+                continue
+            # Remembered first, then compared with the running task: _run_frame sets the
+            # running id first, then looks here, so either side sees the other.
+            self._cancelled_ids[tid] = None
+            if len(self._cancelled_ids) > 4096:
+                del self._cancelled_ids[next(iter(self._cancelled_ids))]
+            if self._running == tid:
+                self._cancel.set()
+                log.info("task %d is no longer wanted: cancelled() is now true", tid)
+
     def _await_close(self, conn: Connection) -> None:
         """After our goodbye: read (and drop) until the coordinator closes, at most
         GOODBYE_TIMEOUT, so the goodbye is read before the connection goes."""
         deadline = time.monotonic() + GOODBYE_TIMEOUT
+        inbox = self._inbox
+        if inbox is not None:  # the reader thread reads; wait for it to see the close
+            while time.monotonic() < deadline:
+                try:
+                    item = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return
+                if isinstance(item, BaseException):
+                    inbox.put(item)
+                    return
+            return
         with contextlib.suppress(ConnectionLost, ProtocolError):
             while time.monotonic() < deadline:
                 conn.recv_within(max(0.0, deadline - time.monotonic()))
@@ -419,6 +490,11 @@ class WorkerServer:
             for row in entries:
                 if self._stop.is_set():
                     break  # the rest never start: the coordinator re-queues them after "bye"
+                if self._inbox is not None:
+                    self._running = row[0]
+                    self._cancel.clear()
+                    if row[0] in self._cancelled_ids:
+                        self._cancel.set()
                 if len(row) == 2:
                     try:
                         result = (row[0], RESULT_OK, process(row[1]))
@@ -450,6 +526,7 @@ class WorkerServer:
                     self._flush(conn, ready)
                     batch = now
         finally:
+            self._running = None
             if flusher is not None:
                 flusher.watch(None)
         if ready is not None:

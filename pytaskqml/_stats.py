@@ -91,6 +91,25 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
+class SourceStats:
+    """One source of work - a stream, a ``map()`` call, an ingress producer, or ``"submit"``
+    (every ``submit()``): its ``name`` and ``weight`` (tasks per turn), items admitted
+    (``items_in``), ``processed`` (a result or an error came back), ``dropped`` by an overflow
+    policy, ``waiting`` in the queue now, and the latency from submission to result of its
+    last 2,048 results (``lag_p50``, ``lag_p99``; ``None`` before the first). A source is
+    listed while the object it belongs to is alive."""
+
+    name: str
+    weight: int
+    items_in: int
+    processed: int
+    dropped: int
+    waiting: int
+    lag_p50: float | None
+    lag_p99: float | None
+
+
+@dataclass(frozen=True)
 class Statistics:
     """A snapshot of a coordinator's counters since it started.
 
@@ -117,6 +136,9 @@ class Statistics:
     ``queue_wait`` and ``latency`` are histograms (fixed buckets from 100 us to 10 s) of every
     item's wait from submission to its first dispatch and from submission to its result, since
     the coordinator was created (each item counts; the items of a chunk with the chunk's times).
+
+    ``sources`` has each source of work (:class:`SourceStats`): streams, ``map()`` calls and
+    ingress producers take turns in the queue.
     """
 
     submitted: int
@@ -150,6 +172,7 @@ class Statistics:
     queue_wait: HistogramSnapshot | None = None
     latency: HistogramSnapshot | None = None
     buffers: BufferStats | None = None
+    sources: tuple[SourceStats, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -285,5 +308,29 @@ def snapshot(core: Scheduler, **front: Any) -> Statistics:
         latency_max=None,
         queue_wait=core.queue_wait.snapshot(),
         latency=core.latency.snapshot(),
+        sources=source_stats(core),
         **front,
     )
+
+
+def source_stats(core: Scheduler) -> tuple[SourceStats, ...]:
+    """Every source still alive that has admitted work (scheduler lock held)."""
+    waiting = core.queue.items.waiting()
+    out = []
+    for src in list(core.sources.values()):
+        if not src.items_in:
+            continue
+        lags = sorted(src.lags)
+        out.append(
+            SourceStats(
+                name=src.name,
+                weight=src.weight,
+                items_in=src.items_in,
+                processed=src.processed,
+                dropped=src.dropped,
+                waiting=waiting.get(None if src is core.default_source else src, 0),
+                lag_p50=percentile(lags, 0.50),
+                lag_p99=percentile(lags, 0.99),
+            )
+        )
+    return tuple(out)

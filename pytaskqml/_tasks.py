@@ -9,9 +9,12 @@ The kinds that also travel as result flags on the wire take their values from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
+
+if TYPE_CHECKING:
+    from ._ordered import Source
 
 # Outcome kinds.
 OK = RESULT_OK  # value: the result
@@ -66,10 +69,12 @@ class Task:
         "id",
         "nbytes",
         "payload",
+        "priority",
         "route",
         "run_timeout",
         "seq",
         "sink",
+        "source",
         "started",
         "t_submit",
         "text",
@@ -108,6 +113,10 @@ class Task:
         self.text = text
         # Where it may run, when that is not "any worker" (see _routing); None for most tasks.
         self.route: Route | None = None
+        # Its place in the queue (see _ordered.FairQueue): higher priority first, and turns
+        # between sources (a stream, a map() call, an ingress producer; None: submit()).
+        self.priority = 0
+        self.source: Source | None = None
 
     def __repr__(self) -> str:
         return f"<Task {self.id} seq={self.seq} count={self.count}>"

@@ -7,6 +7,7 @@ all three run tasks and chunks, so a result never depends on where an item ran.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -33,10 +34,27 @@ class Worker:
         :meth:`process_batch` (dynamic batching, for models that prefer a batch, e.g. on a GPU).
     ``max_batch_delay``
         Seconds the coordinator may hold a partial batch back waiting for it to fill.
+    ``interrupt_grace``
+        Opt in to interrupting stale work (``None``, the default: off). When a task this
+        worker is running is no longer wanted - past its deadline, or its stream cancelled -
+        the coordinator tells the worker at once (:meth:`cancelled` turns true while that task
+        runs) and, if the task has not ended this many seconds later, replaces the worker's
+        process (a spawned worker is killed and restarted; the task is not retried). Served
+        in a worker process only (spawned or ``pytaskqml worker``).
     """
 
     max_batch_size: int = 1
     max_batch_delay: float = 0.0
+    interrupt_grace: float | None = None
+    # Set by the serve loop while the running task is no longer wanted (see cancelled()).
+    _pytaskqml_cancel: threading.Event | None = None
+
+    def cancelled(self) -> bool:
+        """True while the task this worker is running is no longer wanted (its deadline
+        passed, its stream was cancelled): a long :meth:`process` checks it now and then and
+        returns early. Always False unless ``interrupt_grace`` is set (see the class)."""
+        flag = self._pytaskqml_cancel
+        return flag is not None and flag.is_set()
 
     def setup(self) -> None:
         """Called once per worker, before its first task (load the model here)."""
@@ -193,4 +211,13 @@ def worker_info(worker: Worker) -> dict[str, Any]:
         "cls": f"{type(worker).__module__}.{type(worker).__qualname__}",
         "batch": batch if (batch > 1 or overridden) else 1,
         "batch_delay": delay,
+        **({"interrupt": grace} if (grace := interrupt_grace(worker)) is not None else {}),
     }
+
+
+def interrupt_grace(worker: Any) -> float | None:
+    """The worker class's ``interrupt_grace`` if it opted in with a usable one."""
+    grace = getattr(worker, "interrupt_grace", None)
+    if isinstance(grace, int | float) and not isinstance(grace, bool) and 0 <= grace <= 3600:
+        return float(grace)
+    return None

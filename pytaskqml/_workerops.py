@@ -105,11 +105,7 @@ class WorkerOps:
         item) - what an autoscaler decides on."""
         with self.lock:
             core = self.core
-            oldest = None
-            for t in core.queue.items:
-                if not t.finished:
-                    oldest = t.t_submit
-                    break
+            oldest = core.queue.items.oldest_submit()
             for q in core.router.by_model.values():
                 for t in q:
                     if not t.finished:

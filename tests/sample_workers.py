@@ -226,3 +226,28 @@ class History(Worker):
     def process(self, payload: Any) -> list[Any]:
         self.seen.append(payload)
         return list(self.seen)
+
+
+class Patient(Worker):
+    """Opts in to interrupts and checks cancelled(): a payload of *n* seconds runs until
+    then or until it is no longer wanted; returns ``[how it ended, pid]``."""
+
+    interrupt_grace = 5.0
+
+    def process(self, payload: Any) -> list[Any]:
+        end = time.monotonic() + float(payload)
+        while time.monotonic() < end:
+            if self.cancelled():
+                return ["interrupted", os.getpid()]
+            time.sleep(0.005)
+        return ["done", os.getpid()]
+
+
+class Stuck(Worker):
+    """Opts in to interrupts but never checks: sleeps *payload* seconds; returns its pid."""
+
+    interrupt_grace = 0.3
+
+    def process(self, payload: Any) -> int:
+        time.sleep(float(payload))
+        return os.getpid()

@@ -74,3 +74,14 @@ class GateModel(Model):
         (Path(self.directory) / "started").touch()
         gate(self.gate)
         return item
+
+
+def logged(payload: list[Any]) -> str:
+    """``[log file, name, gate path or None]``: wait for the gate, if any, then append *name*
+    to the log (one short write: appends of different processes do not interleave)."""
+    log_path, name, gate_path = payload
+    if gate_path is not None:
+        gate(gate_path)
+    with open(log_path, "a") as f:
+        f.write(name + "\n")
+    return str(name)

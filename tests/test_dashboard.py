@@ -59,5 +59,6 @@ def test_rates_wait_for_half_a_second_of_history_and_old_samples_leave() -> None
         "history" not in doc
         and doc["queued"] == 7
         and doc["workers"][0]["host"] == ("this process")
+        and doc["sources"] == []
     )
     assert doc["throughput"] is None  # its samples are long past on the real clock

@@ -425,3 +425,55 @@ def test_the_default_client_over_100k_items_several_rounds_with_and_without_load
         stats = coord.ingress_statistics()[0]
     assert stats.dropped_producers == 0 and stats.abandoned == 0
     assert stats.returned == 350_000
+
+
+class Ordered(Gate):
+    """A Gate that records the order in which it ran its items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[Any] = []
+
+    def __call__(self, x: Any) -> Any:
+        self.order.append(x)
+        return super().__call__(x)
+
+
+def test_priority_through_the_client_and_the_http_ingress() -> None:
+    worker = Ordered()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(worker, 1)
+        addr = coord.serve_ingress()
+        control = coord.serve_control(http_ingress=True)
+        token = _protocol.control_token(KEY.encode(), "act")
+        with Client(addr, authkey=KEY, window=16) as client:
+            first = client.submit("low0")
+            worker.wait_received(1)  # running, held by the gate
+            low = [client.submit(f"low{i}") for i in range(1, 6)]
+            # An HTTP item at priority -1 waits for all of them, although it is a source of
+            # its own (which alone would put it next).
+            reply: list[Any] = []
+            http = threading.Thread(
+                target=lambda: reply.append(
+                    _post(control, "/submit", b'{"payload": "late", "priority": -1}', token)
+                )
+            )
+            http.start()
+            wait_for(lambda: coord.statistics().queued == 6, what="six waiting")
+            high = client.submit("high", priority=3)  # the same producer, a higher priority
+            wait_for(lambda: coord.statistics().queued == 7, what="seven waiting")
+            worker.release.set()
+            assert high.result(T) == "high" and first.result(T) == "low0"
+            assert [f.result(T) for f in low] == [f"low{i}" for i in range(1, 6)]
+            http.join(T)
+            assert reply == [(200, {"result": "late"})]
+            assert worker.order == ["low0", "high"] + [f"low{i}" for i in range(1, 6)] + ["late"]
+            with pytest.raises(TypeError):
+                client.submit(1, priority="high")  # type: ignore[arg-type]
+            # The producer is a source of its own while it is connected.
+            names = [s.name for s in coord.statistics().sources]
+            assert any(n.startswith("ingress ") for n in names), names
+        status, body = _post(control, "/submit", b'{"payload": 1, "priority": "x"}', token)
+        assert status == 400 and "priority" in body["error"]
+        body_map = json.dumps({"payloads": [1, 2], "priority": 2}).encode()
+        assert _post(control, "/map", body_map, token) == (200, [1, 2])

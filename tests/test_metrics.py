@@ -385,3 +385,34 @@ def test_a_served_pipeline_shows_its_stages_in_metrics() -> None:
         fams, "pytaskqml_ingress_items_received", address=service.addresses["ingress"]
     )
     assert received == 20
+
+
+def test_per_source_metrics_match_statistics_sources() -> None:
+    """Two named streams and some submit()s: each source has its series, parsed by
+    prometheus_client, equal to statistics().sources."""
+    with Coordinator() as coord:
+        coord.add_local(Echo(), threads=2)
+        address = coord.serve_control()
+        a, b = coord.stream(name="cam a"), coord.stream(name='cam "b"', weight=2)
+        for i in range(5):
+            a.put(i)
+        for i in range(3):
+            b.put(i)
+        a.close()
+        b.close()
+        assert list(a) == list(range(5)) and list(b) == list(range(3))
+        assert [coord.submit(i).result(T) for i in range(4)] == list(range(4))
+        _, _, text = get(address, "/metrics")
+        sources = {s.name: s for s in coord.statistics().sources}
+    fams = families(text)
+    assert set(sources) == {"cam a", 'cam "b"', "submit"}
+    for name, s in sources.items():
+        assert counter(fams, "pytaskqml_source_items", source=name) == s.items_in
+        assert counter(fams, "pytaskqml_source_processed", source=name) == s.processed
+        assert counter(fams, "pytaskqml_source_dropped", source=name) == 0
+        assert value(fams, "pytaskqml_source_waiting", source=name) == 0
+        assert s.lag_p50 is not None
+        lag = value(fams, "pytaskqml_source_lag_seconds", source=name, quantile="0.5")
+        assert lag == pytest.approx(s.lag_p50)
+    assert (sources["cam a"].processed, sources['cam "b"'].processed) == (5, 3)
+    assert sources['cam "b"'].weight == 2 and sources["submit"].items_in == 4

@@ -479,3 +479,140 @@ def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> Non
     core.admit([make(core, sink, seq=i) for i in range(4)], 0, timed=False)
     core.dispatch(0.0)
     assert len(a.inflight) == 1 and len(core.queue) == 3
+
+
+# ------------------------------------------------------------------ fair share, priorities
+
+
+def sourced(core: Scheduler, src: Any, seq: int, *, priority: int = 0, t: float = 0.0) -> Task:
+    task = Task(next(core.ids), f"{src.name}{seq}", 0, Sink(), seq, t)
+    task.source, task.priority = src, priority
+    return task
+
+
+def finish(core: Scheduler, w: WorkerState, now: float) -> list[Task]:
+    """The worker answers every task it holds; returns them."""
+    done = list(w.inflight.values())
+    core.results(w, [[t.id, OK, None] for t in done], 0.02 * len(done), now)
+    return done
+
+
+def test_a_flooding_source_does_not_delay_the_light_sources_next_task() -> None:
+    core, (a, b) = core_with(2, 2, max_queue=1000)
+    warm(core, 0.02)
+    flood = core.new_source("stream")
+    light = [core.new_source("stream") for _ in range(3)]
+    # The flooder's backlog is there first: 200 frames.
+    core.admit([sourced(core, flood, i) for i in range(200)], 0, timed=False)
+    core.dispatch(0.0)
+    now = 0.0
+    for frame in range(5):
+        # Each light source puts its next frame behind the flooder's backlog.
+        mine = [sourced(core, s, frame, t=now) for s in light]
+        for t in mine:
+            core.admit([t], 0, timed=False)
+        core.admit([sourced(core, flood, 200 + frame, t=now)], 0, timed=False)
+        # The light frames take the next free slots (two per task time here), although
+        # 190-odd frames of the flooder are older: none of those goes before them.
+        flood_sent = 0
+        for _ in range(2):
+            now += 0.02
+            for w in (a, b):
+                finish(core, w, now)
+                flood_sent += sum(1 for t in w.inflight.values() if t.source is flood)
+            if all(t.started for t in mine):
+                break
+        assert all(t.started for t in mine), f"frame {frame}: light sources waited"
+        assert flood_sent <= 1  # (the one slot left over after the third light frame)
+        assert len(core.queue) > 150  # the flooder's backlog is still there
+    assert all(s.processed >= 4 for s in light)
+    assert flood.items_in == 205
+
+
+def test_each_source_keeps_its_own_order_and_sources_take_turns() -> None:
+    core, (a,) = core_with(1, max_queue=1000)
+    x, y = core.new_source("stream"), core.new_source("stream")
+    core.admit([sourced(core, x, i) for i in range(4)], 0, timed=False)
+    core.admit([sourced(core, y, i) for i in range(2)], 0, timed=False)
+    order = []
+    now = 0.0
+    core.dispatch(now)
+    while a.inflight:
+        order += [t.payload for t in finish(core, a, now)]
+        now += 0.02
+    assert order == ["stream-10", "stream-20", "stream-11", "stream-21", "stream-12", "stream-13"]
+
+
+def test_a_weight_gives_a_source_that_share_of_the_turns() -> None:
+    core, (a,) = core_with(1, max_queue=1000)
+    heavy, plain = core.new_source("s", weight=3), core.new_source("s")
+    core.admit([sourced(core, heavy, i) for i in range(6)], 0, timed=False)
+    core.admit([sourced(core, plain, i) for i in range(6)], 0, timed=False)
+    got = []
+    core.dispatch(0.0)
+    while a.inflight:
+        got += [t.source is heavy for t in finish(core, a, 0.0)]
+    assert sum(got[:8]) == 6  # three to one while both have work
+    assert got[8:] == [False] * 4  # (the heavy source has run dry)
+
+
+def test_higher_priority_goes_first_and_low_priority_waits_while_high_keeps_coming() -> None:
+    core, (a,) = core_with(1, max_queue=1000)
+    low, high = core.new_source("low"), core.new_source("high")
+    core.admit([sourced(core, low, i) for i in range(5)], 0, timed=False)
+    core.dispatch(0.0)  # the first low task is running
+    now = 0.0
+    # A sustained flow of high-priority work: one new task per task finished. Priorities are
+    # strict (documented): the waiting low tasks get nothing while it lasts.
+    for i in range(20):
+        core.admit([sourced(core, high, i, priority=5)], 0, timed=False)
+        now += 0.02
+        done = finish(core, a, now)
+        assert all(t.source is high for t in done) or i == 0
+    assert low.processed == 1 and high.processed == 19
+    # Once it stops, the low tasks run, in their order.
+    rest = []
+    while a.inflight:
+        now += 0.02
+        rest += finish(core, a, now)
+    assert [t.seq for t in rest if t.source is low] == [1, 2, 3, 4]
+
+
+def test_drop_oldest_drops_from_the_source_that_fills_the_queue() -> None:
+    core, _ = core_with(1, max_queue=10, overflow="drop_oldest")
+    flood, light = core.new_source("flood"), core.new_source("light")
+    core.admit([sourced(core, light, 0)], 0, timed=False)
+    core.dispatch(0.0)  # runs at once
+    core.admit([sourced(core, light, 1)], 0, timed=False)
+    core.admit([sourced(core, flood, i) for i in range(9)], 0, timed=False)
+    _, dropped = core.admit([sourced(core, flood, 9)], 0, timed=False)
+    assert [t.source for t in dropped] == [flood] and dropped[0].seq == 0
+    assert flood.dropped == 1 and light.dropped == 0
+
+
+def test_the_fair_queue_puts_back_the_task_it_just_gave_and_forgets_idle_sources() -> None:
+    import gc
+    import weakref
+
+    from pytaskqml._ordered import MAX_IDLE_LANES, FairQueue, Source
+
+    q = FairQueue()
+    a, b = Source("a"), Source("b")
+    core = Scheduler(max_queue=10, overflow="block", max_retries=1)
+    q.extend([sourced(core, a, i) for i in range(3)])
+    q.extend([sourced(core, b, i) for i in range(3)])
+    first = q.popleft()
+    q.appendleft(first)  # as dispatch does with a task no worker can start at once
+    assert q[0] is first and [q.popleft().seq for _ in range(6)] == [0, 0, 1, 1, 2, 2]
+    q.settle()
+    # Sources come and go (a stream per HTTP request): the lanes of those with nothing
+    # waiting are forgotten, so a source is not kept alive by the queue.
+    ref = weakref.ref(a)
+    del a, first
+    for i in range(MAX_IDLE_LANES + 1):
+        s = Source(f"s{i}")
+        q.append(sourced(core, s, 0))
+        q.popleft()
+    q.settle()
+    gc.collect()
+    assert ref() is None and len(q) == 0

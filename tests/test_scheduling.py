@@ -217,3 +217,44 @@ def test_submitting_while_a_models_workers_restart_does_not_fail(tmp_path: Path)
         assert coord.wait_until(lambda s: s.workers_lost >= lost + 2, T)
         futures += [coord.submit(i, model="m") for i in range(20, 40)]
         assert sorted(f.result(T) for f in futures) == list(range(40))
+
+
+def test_a_light_streams_frame_goes_before_a_flooding_streams_backlog(tmp_path: Path) -> None:
+    """Two streams on one spawned worker: while it runs the flooder's first frame (held by a
+    gate), the flooder queues 30 more and a light source puts one. The light frame runs next,
+    and each stream's results come back in its own order; statistics().sources counts each."""
+    log, gate_path = str(tmp_path / "log"), str(tmp_path / "gate")
+    with Coordinator() as coord:
+        coord.spawn(sched_funcs.logged, processes=1)
+        coord.wait_workers(1, T)
+        flood = coord.stream(name="flood", buffersize=100)
+        light = coord.stream(name="light")
+        flood.put([log, "f0", gate_path])
+        for i in range(1, 31):
+            flood.put([log, f"f{i}", None])
+        light.put([log, "l0", None])
+        light.close()
+        flood.close()
+        Path(gate_path).touch()
+        assert list(light) == ["l0"]
+        assert list(flood) == [f"f{i}" for i in range(31)]
+        order = Path(log).read_text().split()
+        assert order[:2] == ["f0", "l0"]
+        sources = {s.name: s for s in coord.statistics().sources}
+        assert sources["flood"].items_in == sources["flood"].processed == 31
+        assert sources["light"].items_in == sources["light"].processed == 1
+        assert sources["light"].lag_p50 is not None
+
+
+def test_a_high_priority_task_goes_before_a_queue_of_low_priority_ones(tmp_path: Path) -> None:
+    log, gate_path = str(tmp_path / "log"), str(tmp_path / "gate")
+    with Coordinator() as coord:
+        coord.spawn(sched_funcs.logged, processes=1)
+        coord.wait_workers(1, T)
+        first = coord.submit([log, "low0", gate_path])
+        low = [coord.submit([log, f"low{i}", None]) for i in range(1, 20)]
+        high = coord.submit([log, "high", None], priority=5)
+        Path(gate_path).touch()
+        assert high.result(T) == "high" and first.result(T) == "low0"
+        assert [f.result(T) for f in low] == [f"low{i}" for i in range(1, 20)]
+        assert Path(log).read_text().split()[:2] == ["low0", "high"]

@@ -114,6 +114,13 @@ def test_the_page_shows_the_workers_and_its_numbers_move_while_a_stream_runs(
                     ".some(td => td.textContent !== '0')",
                     "a worker's tasks/s",
                 )
+                # The stream is a source of work: a row with its figures.
+                wait_page(
+                    browser,
+                    "[...document.querySelectorAll('#sources tbody tr td:nth-child(4)')]"
+                    ".some(td => td.textContent !== '0')",
+                    "a source's processed items",
+                )
                 # Five samples make four intervals: a line on the throughput chart.
                 wait_page(
                     browser,
