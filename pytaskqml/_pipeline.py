@@ -21,12 +21,12 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ._errors import ClosedError
 from ._pool import check_positive
-from ._stages import Branches, Join, Stage, StageTimeout, plain
+from ._stages import Branches, Done, Join, Lane, Stage, StageTimeout, plain
 from ._stats import Statistics
 from ._tasks import TaskTimeout
 
@@ -44,38 +44,6 @@ class PipelineStats:
     stages: Mapping[str, Statistics]
     items_in: int
     items_out: int
-
-
-class _Done:
-    """An entry whose outcome is known: a failure carried past the later steps."""
-
-    def __init__(self, ok: bool, value: Any) -> None:
-        self.ok, self.value = ok, value
-
-    def wait(self, deadline: float | None) -> tuple[bool, Any]:
-        return self.ok, self.value
-
-
-class _StageEntry:
-    def __init__(self, future: Future[Any]) -> None:
-        self.future = future
-
-    def wait(self, deadline: float | None) -> tuple[bool, Any]:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            exc = self.future.exception(left)
-        except TimeoutError:
-            self.future.cancel()
-            return False, None  # the stream's deadline: a TaskTimeout marker
-        except CancelledError as cancelled:
-            return False, cancelled
-        return (True, self.future.result()) if exc is None else (False, exc)
-
-
-def _entry(step: Stage | Branches, value: Any, index: int) -> Any:
-    if isinstance(step, Stage):
-        return _StageEntry(step.begin(value))
-    return Join(step, value, index)
 
 
 class PipelineStream:
@@ -106,6 +74,8 @@ class PipelineStream:
         self._closed = False
         self._ended: str | None = None
         self._stop = threading.Event()
+        # A Lane per stage step (None for Branches, whose converge waits on Futures).
+        self._lanes = [Lane(s, self._stop) if isinstance(s, Stage) else None for s in self._steps]
         self._fifos: list[queue.Queue[Any]] = [
             queue.Queue(maxsize=s.buffersize if isinstance(s, Stage) else buffersize)
             for s in self._steps
@@ -143,7 +113,7 @@ class PipelineStream:
                 self._check_open()
                 seq = self._count
                 self._count += 1
-            entry = _entry(self._steps[0], item, seq)
+            entry = self._send(0, item, seq, deadline)
             self._hand(self._fifos[0], (seq, deadline, entry))
 
     def put_nowait(self, item: Any) -> None:
@@ -177,20 +147,31 @@ class PipelineStream:
         """end() and stop the hand-offs: what is outstanding is abandoned."""
         self._stop.set()
         self.end(why)
+        for lane in self._lanes:
+            if lane is not None:
+                lane.collector.abandoned = True  # what is still queued is not run
+
+    def _send(self, k: int, value: Any, seq: int, deadline: float | None) -> Any:
+        lane = self._lanes[k]
+        if lane is not None:
+            return lane.send(value, deadline)
+        step = self._steps[k]
+        assert isinstance(step, Branches)
+        return Join(step, value, seq)
 
     def cancel(self, why: str) -> None:
         """stop(), and cancel the items still waiting between steps: their tasks are taken
         off the stages' queues (what is running finishes; its result is dropped)."""
         self.stop(why)
-        for fifo in self._fifos:
+        for lane in self._lanes:
+            if lane is not None:
+                lane.abandon()
+        for fifo in self._fifos:  # what waits between steps goes no further
             while True:
                 try:
-                    got = fifo.get_nowait()
+                    fifo.get_nowait()
                 except queue.Empty:
                     break
-                future = getattr(got[2], "future", None) if isinstance(got, tuple) else None
-                if future is not None:
-                    future.cancel()
 
     def settle(self, timeout: float | None = None) -> bool:
         """Block until every item put so far has reached the end of the pipeline."""
@@ -240,8 +221,7 @@ class PipelineStream:
                 else:
                     if ok and isinstance(entry, Join):
                         value = plain(value)  # the next stage gets JSON
-                    step = self._steps[k + 1]
-                    nxt = _entry(step, value, seq) if ok else _Done(False, value)
+                    nxt = self._send(k + 1, value, seq, deadline) if ok else Done(False, value)
                     self._hand(self._fifos[k + 1], (seq, deadline, nxt))
         except ClosedError:
             return
