@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
@@ -33,7 +34,61 @@ from ._tasks import TaskTimeout
 log = logging.getLogger(__name__)
 
 _END = object()
+_STOPPED = object()  # what a get returns once the stream was stopped
 _POLL = 0.1  # how often a blocked hand-off looks whether its stream was stopped
+
+
+class _Fifo:
+    """A FIFO between the threads of a stream, bounded by *maxsize* (None: not bounded). A
+    put or get wakes the other side only when it waits (most hand-offs find the other side
+    busy), and every wait gives up once *stopped* is set: a put raises :class:`ClosedError`,
+    a get on an empty FIFO returns :data:`_STOPPED`."""
+
+    __slots__ = ("_cv", "_getters", "_items", "_max", "_putters", "_stopped")
+
+    def __init__(self, maxsize: int | None, stopped: threading.Event) -> None:
+        self._items: deque[Any] = deque()
+        self._max = maxsize
+        self._stopped = stopped
+        self._cv = threading.Condition(threading.Lock())
+        self._putters = 0
+        self._getters = 0
+
+    def put(self, what: Any) -> None:
+        with self._cv:
+            items = self._items
+            while self._max is not None and len(items) >= self._max:
+                if self._stopped.is_set():
+                    raise ClosedError("the stream was stopped")
+                self._putters += 1
+                try:
+                    self._cv.wait(_POLL)
+                finally:
+                    self._putters -= 1
+            items.append(what)
+            if self._getters:
+                self._cv.notify_all()
+
+    def get(self) -> Any:
+        with self._cv:
+            items = self._items
+            while not items:
+                if self._stopped.is_set():
+                    return _STOPPED
+                self._getters += 1
+                try:
+                    self._cv.wait(_POLL)
+                finally:
+                    self._getters -= 1
+            what = items.popleft()
+            if self._putters:
+                self._cv.notify_all()
+            return what
+
+    def clear(self) -> None:
+        with self._cv:
+            self._items.clear()
+            self._cv.notify_all()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +131,11 @@ class PipelineStream:
         self._stop = threading.Event()
         # A Lane per stage step (None for Branches, whose converge waits on Futures).
         self._lanes = [Lane(s, self._stop) if isinstance(s, Stage) else None for s in self._steps]
-        self._fifos: list[queue.Queue[Any]] = [
-            queue.Queue(maxsize=s.buffersize if isinstance(s, Stage) else buffersize)
+        self._fifos = [
+            _Fifo(s.buffersize if isinstance(s, Stage) else buffersize, self._stop)
             for s in self._steps
         ]
-        self._out: queue.Queue[Any] = queue.Queue()  # bounded by put()'s wait
+        self._out = _Fifo(None, self._stop)  # bounded by put()'s wait
         self._pumps = [
             threading.Thread(
                 target=self._pump, args=(k,), name=f"pytaskqml-pump-{name}-{k}", daemon=True
@@ -167,11 +222,7 @@ class PipelineStream:
             if lane is not None:
                 lane.abandon()
         for fifo in self._fifos:  # what waits between steps goes no further
-            while True:
-                try:
-                    fifo.get_nowait()
-                except queue.Empty:
-                    break
+            fifo.clear()
 
     def settle(self, timeout: float | None = None) -> bool:
         """Block until every item put so far has reached the end of the pipeline."""
@@ -180,14 +231,11 @@ class PipelineStream:
                 lambda: self._emitted >= self._count or self._stop.is_set(), timeout
             )
 
-    def _hand(self, fifo: queue.Queue[Any], what: Any) -> None:
-        while True:
-            try:
-                fifo.put(what, timeout=_POLL)
-                return
-            except queue.Full:
-                if self._stop.is_set():
-                    raise ClosedError(f"the stream was stopped: {self._ended}") from None
+    def _hand(self, fifo: _Fifo, what: Any) -> None:
+        try:
+            fifo.put(what)
+        except ClosedError:
+            raise ClosedError(f"the stream was stopped: {self._ended}") from None
 
     # ------------------------------------------------------------ the hand-offs
 
@@ -196,12 +244,9 @@ class PipelineStream:
         last = k + 1 == len(self._steps)
         try:
             while True:
-                try:
-                    got = fifo.get(timeout=_POLL)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        return
-                    continue
+                got = fifo.get()
+                if got is _STOPPED:
+                    return
                 if got is _END:
                     if last:
                         self._out.put(_END)
@@ -242,12 +287,9 @@ class PipelineStream:
         finished = False
         try:
             while True:
-                try:
-                    got = self._out.get(timeout=_POLL)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        raise ClosedError(f"the stream was stopped: {self._ended}") from None
-                    continue
+                got = self._out.get()
+                if got is _STOPPED:
+                    raise ClosedError(f"the stream was stopped: {self._ended}")
                 if got is _END:
                     finished = True
                     return

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
@@ -234,6 +235,7 @@ class Lane:
         self.collector = Collector(True)
         self.stopped = stopped
         self._sent = 0
+        self._ready: deque[tuple[int, int, Any]] = deque()  # taken from the collector at once
 
     def send(self, value: Any, deadline: float | None) -> Done | _Sent:
         """Admit *value* to the stage; its entry. Its deadline is the stage's ``timeout`` from
@@ -258,13 +260,14 @@ class Lane:
     def take(self, by_stage: bool) -> tuple[bool, Any]:
         """The next sent item's outcome: ``(True, result)``, ``(False, exception)`` naming the
         stage, ``(False, StageTimeout)`` or ``(False, None)`` for the stream's deadline."""
-        while True:
+        ready = self._ready
+        while not ready:
             try:
-                _, kind, value = self.collector.get_next(_POLL)
-                break
+                ready.extend(self.collector.get_batch(_POLL))
             except TimeoutError:
                 if self.stopped.is_set():
                     raise ClosedError("the stream was stopped") from None
+        _, kind, value = ready.popleft()
         if kind == OK:
             return True, value
         stage = self.stage
