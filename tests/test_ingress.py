@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -422,3 +423,27 @@ def test_the_default_client_over_100k_items_several_rounds_with_and_without_load
         stats = coord.ingress_statistics()[0]
     assert stats.dropped_producers == 0 and stats.abandoned == 0
     assert stats.returned == 350_000
+
+
+def test_silent_connections_beyond_the_handshake_cap_do_not_lock_out_a_producer() -> None:
+    """100 connections that never start the handshake - more than the 64 that may be in it at
+    once: each new one displaces the one that has waited longest, so a producer with the key
+    is served at once instead of being turned away as busy until they time out (5 s)."""
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 1)
+        host, port = coord.serve_ingress()
+        idle = [socket.create_connection((host, port), timeout=T) for _ in range(100)]
+        try:
+            # Every one of them seen: 36 past the cap were displaced (or, without displacing,
+            # turned away as busy - as the producer would be).
+            wait_for(lambda: coord.ingress_statistics()[0].refused >= 36, what="the cap reached")
+            started = time.monotonic()
+            with Client((host, port), authkey=KEY) as client:
+                assert client.submit(9).result(timeout=T) == 81
+            assert time.monotonic() - started < 3.0
+        finally:
+            for s in idle:
+                s.close()
+        wait_for(
+            lambda: coord.ingress_statistics()[0].refused >= 100, what="every silent one counted"
+        )
