@@ -30,7 +30,9 @@ def register(sub: Any) -> None:
         help="run a pipeline from a TOML/JSON file as a service (ingress port, HTTP ingress)",
         description="Start the pipeline CONFIG describes and serve it on the addresses of its "
         "[service] table: `ingress` (producers using pytaskqml.Client), `http` (POST /submit, "
-        "POST /map, GET /health, POST /shutdown) and `control` (GET /health, POST /shutdown). "
+        "POST /map, GET /health, POST /shutdown) and `control` (GET /health, POST /shutdown); "
+        "both also serve the status page GET /, GET /status (for pytaskqml status: the "
+        "stages as rows) and GET /metrics. "
         "Prints one JSON line with the bound addresses on stdout once serving. On SIGTERM, "
         "SIGINT or POST /shutdown it drains: new work is refused with a clear error, every "
         "accepted item is finished and answered (for at most --drain-timeout seconds), then "

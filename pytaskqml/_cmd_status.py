@@ -1,4 +1,5 @@
-"""``pytaskqml status HOST:PORT``: a coordinator's (or a worker's) ``GET /status`` as a table;
+"""``pytaskqml status HOST:PORT``: a coordinator's, a served pipeline's (its stages as rows) or
+a worker's ``GET /status`` as a table;
 ``--watch`` refreshes it, ``--json`` prints the document for scripts."""
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ def register(sub: Any) -> None:
     s = sub.add_parser(
         "status",
         help="show what a coordinator or worker is doing (from its control endpoint)",
-        description="Print a coordinator's workers, queue, throughput and latency (or a worker "
-        "process's counters) from GET /status of its control endpoint. With a key set "
+        description="Print a coordinator's workers, queue, throughput and latency (a served "
+        "pipeline's stages, or a worker process's counters) from GET /status of its control "
+        "endpoint. With a key set "
         "(PYTASKQML_AUTHKEY or --authkey-file) its token is sent.",
     )
     s.add_argument("address", metavar="HOST:PORT", help="the control endpoint")
@@ -160,6 +162,8 @@ def render(doc: dict[str, Any]) -> str:
     """The terminal view of a ``GET /status`` document."""
     if doc.get("role") == "worker":
         return _render_worker(doc)
+    if doc.get("role") == "pipeline":
+        return _render_pipeline(doc)
     c = doc.get("counts", {})
     lat = doc.get("latency", {})
     workers = doc.get("workers", [])
@@ -213,6 +217,51 @@ def render(doc: dict[str, Any]) -> str:
         "RESTARTS",
     ]
     return head + "\n" + table(header, rows, right={4, 5, 6, 7, 8})
+
+
+def _render_pipeline(doc: dict[str, Any]) -> str:
+    c = doc.get("counts", {})
+    stages = doc.get("stages", [])
+    head = (
+        f"pipeline {doc.get('name', '?')} (pid {doc.get('pid', '?')}), "
+        f"up {_age(doc.get('uptime') or 0)}\n"
+        f"{len(stages)} stages   items in {_n(c.get('submitted'))}   "
+        f"out {_n(c.get('completed'))}   in the pipeline {_n(doc.get('in_flight'))}   "
+        f"{_n(doc.get('throughput'))} items/s   failed {_n(c.get('failed'))}   "
+        f"restarts {_n(c.get('restarts'))}\n"
+    )
+    if doc.get("start_error"):
+        head += f"last start failure: {doc['start_error']}\n"
+    rows = [
+        [
+            st.get("name", "?"),
+            str(st.get("host", "?")),
+            st.get("state", "?"),
+            _n(st.get("queued")),
+            _n(st.get("in_flight")),
+            _n(st.get("tasks_per_s")),
+            _n(st.get("completed")),
+            _n(st.get("failed")),
+            _s(st.get("latency", {}).get("p50")),
+            _s(st.get("latency", {}).get("p99")),
+            _n(st.get("restarts")),
+        ]
+        for st in stages
+    ]
+    header = [
+        "STAGE",
+        "WORKERS",
+        "STATE",
+        "QUEUED",
+        "IN FLIGHT",
+        "ITEMS/S",
+        "COMPLETED",
+        "FAILED",
+        "P50",
+        "P99",
+        "RESTARTS",
+    ]
+    return head + "\n" + table(header, rows, right={3, 4, 5, 6, 7, 8, 9, 10})
 
 
 def _render_worker(doc: dict[str, Any]) -> str:

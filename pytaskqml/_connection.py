@@ -139,6 +139,13 @@ def refuse(sock: socket.socket, goodbye: bytes) -> None:
     close_socket(sock)
 
 
+def shutdown_socket(sock: socket.socket) -> None:
+    """Shut a socket down for both directions: a thread blocked reading it wakes at once
+    (closing it alone would not wake it)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def close_socket(sock: socket.socket) -> None:
     """Close a socket that never became a :class:`Connection`."""
     with contextlib.suppress(OSError):

@@ -28,9 +28,9 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _metrics
 from ._control import ControlServer, Reply, Request
@@ -60,6 +60,74 @@ class _Sample:
     workers: dict[str, int] = field(default_factory=dict)  # name -> completed
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def completed(self) -> int: ...
+
+
+class Snapshot(Protocol):
+    """What the history keeps of a snapshot: a coordinator's :class:`Statistics`, or a
+    pipeline's :class:`PipelineSnapshot` (its stages in place of workers)."""
+
+    @property
+    def completed(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def latency(self) -> HistogramSnapshot | None: ...
+    @property
+    def workers(self) -> Sequence[_Named]: ...
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    name: str
+    completed: int  # items the stage finished (a result or an error)
+    stats: Statistics
+
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """A served pipeline as its status page sees it: ``completed`` items that came out of it
+    (whatever their outcome), ``failed`` items a stage failed, ``queued`` items waiting in
+    the stages' queues, ``in_flight`` items inside the pipeline, one row per stage."""
+
+    name: str
+    uptime: float
+    items_in: int
+    completed: int
+    failed: int
+    queued: int
+    in_flight: int
+    workers: tuple[StageSnapshot, ...]
+    latency: HistogramSnapshot | None = None  # the pipeline does not time items end to end
+
+
+def pipeline_snapshot(pipeline: Pipeline, uptime: float) -> PipelineSnapshot:
+    """One pass over the pipeline's stages (each one :meth:`Coordinator.statistics`)."""
+    s = pipeline.statistics()
+    rows = tuple(
+        StageSnapshot(name, st.completed + st.failed + st.timed_out, st)
+        for name, st in s.stages.items()
+    )
+    return PipelineSnapshot(
+        name=pipeline.name,
+        uptime=uptime,
+        items_in=s.items_in,
+        completed=s.items_out,
+        failed=sum(r.stats.failed + r.stats.timed_out for r in rows),
+        queued=sum(r.stats.queued for r in rows),
+        in_flight=max(0, s.items_in - s.items_out),
+        workers=rows,
+    )
+
+
 class History:
     """The last *seconds* of snapshots, one per :meth:`add`. Thread-safe."""
 
@@ -68,7 +136,7 @@ class History:
         self._samples: deque[_Sample] = deque(maxlen=max(2, int(seconds / interval) + 1))
         self._lock = threading.Lock()
 
-    def add(self, stats: Statistics, now: float) -> None:
+    def add(self, stats: Snapshot, now: float) -> None:
         sample = _Sample(
             now,
             stats.completed,
@@ -115,7 +183,7 @@ class History:
             out["in_flight"].append(b.in_flight)
         return out
 
-    def rate(self, stats: Statistics, now: float) -> tuple[float | None, dict[str, float]]:
+    def rate(self, stats: Snapshot, now: float) -> tuple[float | None, dict[str, float]]:
         """Items/s over about :data:`RATE_WINDOW` up to *stats* (taken at *now*), overall and
         per worker name; ``None`` overall until there is a sample half a second old. A worker
         that came in the window counts from the first sample that shows it."""
@@ -234,11 +302,12 @@ def _page() -> tuple[bytes, str]:
 
 
 class _Sampler:
-    """Takes a snapshot into *history* every :data:`SAMPLE_INTERVAL` until *stopped* is set."""
+    """Takes a snapshot into *history* every :data:`SAMPLE_INTERVAL` until *stopped* is set
+    (none while *snapshot* returns None)."""
 
     def __init__(
         self,
-        snapshot: Callable[[], Statistics],
+        snapshot: Callable[[], Snapshot | None],
         history: History,
         stopped: threading.Event,
         name: str,
@@ -251,7 +320,9 @@ class _Sampler:
         )
 
     def sample(self) -> None:
-        self._history.add(self._snapshot(), time.monotonic())
+        snap = self._snapshot()
+        if snap is not None:
+            self._history.add(snap, time.monotonic())
 
     def _loop(self) -> None:
         try:
@@ -347,16 +418,119 @@ def install_worker(
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
 
 
-def install_service_metrics(
+def _kind_count(kind: str, n: int) -> str:
+    one, many = {"local": ("thread", "threads"), "spawned": ("process", "processes")}.get(
+        kind, (kind, kind)
+    )
+    return f"{n} {one if n == 1 else many}"
+
+
+def _stage_row(row: StageSnapshot, per_stage: dict[str, float]) -> dict[str, Any]:
+    st = row.stats
+    kinds: dict[str, int] = {}
+    for w in st.workers:
+        kinds[w.kind] = kinds.get(w.kind, 0) + 1
+    where = ", ".join(_kind_count(kind, n) for kind, n in kinds.items()) or "no worker"
+    return {
+        # The fields of a coordinator's worker row, so the page draws stages as it draws
+        # workers ...
+        "name": row.name,
+        "kind": "stage",
+        "pid": None,
+        "host": where,
+        "state": "busy" if st.in_flight or st.queued else "idle",
+        "in_flight": st.in_flight,
+        "completed": st.completed,
+        "failed": st.failed + st.timed_out,
+        "tasks_per_s": round(per_stage.get(row.name, 0.0), 3),
+        "restarts": st.restarts,
+        # ... and what a stage has besides.
+        "workers": len(st.workers),
+        "queued": st.queued,
+        "timed_out": st.timed_out,
+        "cancelled": st.cancelled,
+        "dropped": st.dropped,
+        "rejected": st.rejected,
+        "retried": st.retried,
+        "latency": {"p50": st.latency_p50, "p99": st.latency_p99},
+        "start_error": st.start_error,
+    }
+
+
+def pipeline_status_document(
+    snap: PipelineSnapshot, history: History | None, *, with_history: bool = True
+) -> dict[str, Any]:
+    """The JSON of a served pipeline's ``GET /status``: the shape of a coordinator's (so
+    the status page and ``pytaskqml status`` read it the same way), ``role`` ``"pipeline"``,
+    one row per stage in ``stages`` and, for the page, in ``workers``."""
+    now = time.monotonic()
+    throughput, per_stage = history.rate(snap, now) if history else (None, {})
+    rows = [_stage_row(r, per_stage) for r in snap.workers]
+    counts = dict.fromkeys(
+        ("cancelled", "retried", "timed_out", "dropped", "rejected", "restarts", "workers_lost"),
+        0,
+    )
+    for r in snap.workers:
+        for k in counts:
+            counts[k] += getattr(r.stats, k)
+    errors = [f"{r['name']}: {r['start_error']}" for r in rows if r["start_error"]]
+    doc: dict[str, Any] = {
+        "role": "pipeline",
+        "name": snap.name,
+        "pid": os.getpid(),
+        "uptime": round(snap.uptime, 3),
+        "queued": snap.queued,
+        "in_flight": snap.in_flight,
+        "throughput": None if throughput is None else round(throughput, 3),
+        "counts": {
+            "submitted": snap.items_in,
+            "completed": snap.completed,
+            "failed": snap.failed,
+            **counts,
+        },
+        "latency": {"p50": None, "p90": None, "p99": None, "max": None},
+        "start_error": "; ".join(errors) or None,
+        "stages": rows,
+        "workers": rows,
+    }
+    if with_history and history is not None:
+        doc["history"] = history.series(now)
+    return doc
+
+
+def install_service(
     control: ControlServer,
     pipeline: Callable[[], Pipeline | None],
     ingress: Callable[[], list[IngressStats]],
     *,
     open_metrics: bool = False,
 ) -> None:
-    """Add ``/metrics`` to a served pipeline's endpoint: its stages and ingress ports (see
-    :func:`~._metrics.pipeline_metrics`)."""
+    """Add ``/`` (the status page), ``/status`` and ``/metrics`` to a served pipeline's
+    endpoint: its stages and ingress ports (see :func:`~._metrics.pipeline_metrics`), and
+    start sampling them once a second (until the endpoint stops)."""
     started = time.time()
+    clock = time.monotonic()
+
+    def snapshot() -> PipelineSnapshot | None:
+        p = pipeline()
+        return None if p is None else pipeline_snapshot(p, time.monotonic() - clock)
+
+    history = History()
+    sampler = _Sampler(snapshot, history, control.stopped, "service")
+    page, policy = _page()
+    headers = {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+        "Referrer-Policy": "no-referrer",
+    }
+
+    def status(request: Request) -> Reply:
+        snap = snapshot()
+        if snap is None:
+            return Reply(503, {"error": "the pipeline is not running"})
+        doc = pipeline_status_document(snap, history, with_history=_wants_history(request))
+        return Reply(200, doc, headers={"Cache-Control": "no-store"})
 
     def metrics(request: Request) -> Reply:
         p = pipeline()
@@ -369,4 +543,10 @@ def install_service_metrics(
         text += _metrics.ingress_metrics(ingress())
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
+    control.add_route(
+        "GET", "/", lambda request: Reply(200, page, "text/html; charset=utf-8", headers)
+    )
+    control.add_route("GET", "/status", status, auth=not open_metrics)
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
+    control.companions.append(sampler.thread)
+    sampler.thread.start()

@@ -102,9 +102,13 @@ class Acceptor:
 
     Each connection gets its own short-lived thread for TLS (with *ssl_context*) and the
     listening side of the handshake, at most *max_pending* at once; more are closed at once
-    and reported to *on_refused*. An authenticated connection is handed to *on_connection*, in
-    that thread; if it raises :class:`ConnectionLost`, :class:`ProtocolError`,
-    :class:`AuthenticationError` or ``OSError`` the connection is closed and reported too.
+    and reported to *on_refused* - or, with *displace*, the connection that has waited longest
+    in its handshake is cut to make room for the new one, so that silent connections can delay
+    a peer with the key by no more than its own handshake, however many there are (a flood
+    that opens *max_pending* connections within one handshake's time still can). An
+    authenticated connection is handed to *on_connection*, in that thread; if it raises
+    :class:`ConnectionLost`, :class:`ProtocolError`, :class:`AuthenticationError` or
+    ``OSError`` the connection is closed and reported too.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class Acceptor:
         max_frame_size: int,
         name: str = "",
         handshake_timeout: float | None = None,
+        displace: bool = False,
     ) -> None:
         self.listener = listener
         self.address = listener.address
@@ -131,6 +136,11 @@ class Acceptor:
         # None: the module default at the time of each handshake.
         self._timeout = handshake_timeout
         self._pending = threading.BoundedSemaphore(max_pending)
+        self._displace = displace
+        # Sockets in their handshake, oldest first (with displace); a handshake that finds
+        # its socket gone from here was displaced, whatever it read meanwhile.
+        self._waiting: dict[int, Any] = {}
+        self._waiting_lock = threading.Lock()
         self._stopped = False
         self._thread = threading.Thread(
             target=self._loop,
@@ -159,17 +169,39 @@ class Acceptor:
                     log.warning("accept() failed on %s: %s", self.address, exc)
                     time.sleep(0.05)  # e.g. out of file descriptors: do not spin
                     continue
-                if not self._pending.acquire(blocking=False):
+                if not self._pending.acquire(blocking=False) and not self._make_room():
                     self._on_refused(peer, "too many connections waiting for the handshake")
                     _connection.refuse(sock, _protocol.encode_message("denied", {"why": BUSY}))
                     continue
+                if self._displace:
+                    with self._waiting_lock:
+                        self._waiting[id(sock)] = sock
                 threading.Thread(
                     target=self._admit, args=(sock, peer), name="pytaskqml-handshake", daemon=True
                 ).start()
         except BaseException:
             log.exception("acceptor thread for %s crashed", self.address)
 
+    def _make_room(self) -> bool:
+        """With displace: cut the connection longest in its handshake and take its place once
+        its thread has let go (a moment: its next read fails at once)."""
+        if not self._displace:
+            return False
+        with self._waiting_lock:
+            if not self._waiting:
+                return False
+            oldest = self._waiting.pop(next(iter(self._waiting)))
+        _connection.shutdown_socket(oldest)
+        return self._pending.acquire(timeout=1.0)
+
+    def _still_waiting(self, sock: Any) -> bool:
+        if not self._displace:
+            return True
+        with self._waiting_lock:
+            return self._waiting.pop(id(sock), None) is not None
+
     def _admit(self, sock: Any, peer: str) -> None:
+        raw = sock
         conn: Connection | None = None
         timeout = self._timeout
         if timeout is None:
@@ -177,8 +209,14 @@ class Acceptor:
         try:
             if self._ssl_context is not None:
                 sock = _connection.tls_accept(sock, self._ssl_context, timeout=timeout)
+                if self._displace:
+                    with self._waiting_lock:  # the TLS socket is the one to cut now
+                        if id(raw) in self._waiting:
+                            self._waiting[id(raw)] = sock
             conn = Connection(sock, name=self._name, max_frame_size=self._max_frame_size)
             _auth.server_handshake(conn, self._key, timeout=timeout)
+            if not self._still_waiting(raw):
+                raise ConnectionLost("displaced by a newer connection during its handshake")
             self._on_connection(conn)
         except (AuthenticationError, ConnectionLost, ProtocolError, OSError) as exc:
             why: object = exc
@@ -190,6 +228,7 @@ class Acceptor:
             log.exception("handshake thread crashed")
             _close(conn, sock)
         finally:
+            self._still_waiting(raw)
             self._pending.release()
 
 

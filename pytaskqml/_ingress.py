@@ -321,6 +321,7 @@ class IngressServer:
             ssl_context=tls,
             max_frame_size=max_frame_size,
             name=name,
+            displace=True,  # silent connections never lock producers with the key out
         )
         self.address: tuple[str, int] = self._acceptor.address
 

@@ -20,20 +20,75 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ._errors import ClosedError
 from ._pool import check_positive
-from ._stages import Branches, Join, Stage, StageTimeout, plain
+from ._stages import Branches, Done, Join, Lane, Stage, StageTimeout, plain
 from ._stats import Statistics
 from ._tasks import TaskTimeout
 
 log = logging.getLogger(__name__)
 
 _END = object()
+_STOPPED = object()  # what a get returns once the stream was stopped
 _POLL = 0.1  # how often a blocked hand-off looks whether its stream was stopped
+
+
+class _Fifo:
+    """A FIFO between the threads of a stream, bounded by *maxsize* (None: not bounded). A
+    put or get wakes the other side only when it waits (most hand-offs find the other side
+    busy), and every wait gives up once *stopped* is set: a put raises :class:`ClosedError`,
+    a get on an empty FIFO returns :data:`_STOPPED`."""
+
+    __slots__ = ("_cv", "_getters", "_items", "_max", "_putters", "_stopped")
+
+    def __init__(self, maxsize: int | None, stopped: threading.Event) -> None:
+        self._items: deque[Any] = deque()
+        self._max = maxsize
+        self._stopped = stopped
+        self._cv = threading.Condition(threading.Lock())
+        self._putters = 0
+        self._getters = 0
+
+    def put(self, what: Any) -> None:
+        with self._cv:
+            items = self._items
+            while self._max is not None and len(items) >= self._max:
+                if self._stopped.is_set():
+                    raise ClosedError("the stream was stopped")
+                self._putters += 1
+                try:
+                    self._cv.wait(_POLL)
+                finally:
+                    self._putters -= 1
+            items.append(what)
+            if self._getters:
+                self._cv.notify_all()
+
+    def get(self) -> Any:
+        with self._cv:
+            items = self._items
+            while not items:
+                if self._stopped.is_set():
+                    return _STOPPED
+                self._getters += 1
+                try:
+                    self._cv.wait(_POLL)
+                finally:
+                    self._getters -= 1
+            what = items.popleft()
+            if self._putters:
+                self._cv.notify_all()
+            return what
+
+    def clear(self) -> None:
+        with self._cv:
+            self._items.clear()
+            self._cv.notify_all()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,38 +99,6 @@ class PipelineStats:
     stages: Mapping[str, Statistics]
     items_in: int
     items_out: int
-
-
-class _Done:
-    """An entry whose outcome is known: a failure carried past the later steps."""
-
-    def __init__(self, ok: bool, value: Any) -> None:
-        self.ok, self.value = ok, value
-
-    def wait(self, deadline: float | None) -> tuple[bool, Any]:
-        return self.ok, self.value
-
-
-class _StageEntry:
-    def __init__(self, future: Future[Any]) -> None:
-        self.future = future
-
-    def wait(self, deadline: float | None) -> tuple[bool, Any]:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            exc = self.future.exception(left)
-        except TimeoutError:
-            self.future.cancel()
-            return False, None  # the stream's deadline: a TaskTimeout marker
-        except CancelledError as cancelled:
-            return False, cancelled
-        return (True, self.future.result()) if exc is None else (False, exc)
-
-
-def _entry(step: Stage | Branches, value: Any, index: int) -> Any:
-    if isinstance(step, Stage):
-        return _StageEntry(step.begin(value))
-    return Join(step, value, index)
 
 
 class PipelineStream:
@@ -106,11 +129,13 @@ class PipelineStream:
         self._closed = False
         self._ended: str | None = None
         self._stop = threading.Event()
-        self._fifos: list[queue.Queue[Any]] = [
-            queue.Queue(maxsize=s.buffersize if isinstance(s, Stage) else buffersize)
+        # A Lane per stage step (None for Branches, whose converge waits on Futures).
+        self._lanes = [Lane(s, self._stop) if isinstance(s, Stage) else None for s in self._steps]
+        self._fifos = [
+            _Fifo(s.buffersize if isinstance(s, Stage) else buffersize, self._stop)
             for s in self._steps
         ]
-        self._out: queue.Queue[Any] = queue.Queue()  # bounded by put()'s wait
+        self._out = _Fifo(None, self._stop)  # bounded by put()'s wait
         self._pumps = [
             threading.Thread(
                 target=self._pump, args=(k,), name=f"pytaskqml-pump-{name}-{k}", daemon=True
@@ -143,7 +168,7 @@ class PipelineStream:
                 self._check_open()
                 seq = self._count
                 self._count += 1
-            entry = _entry(self._steps[0], item, seq)
+            entry = self._send(0, item, seq, deadline)
             self._hand(self._fifos[0], (seq, deadline, entry))
 
     def put_nowait(self, item: Any) -> None:
@@ -177,20 +202,27 @@ class PipelineStream:
         """end() and stop the hand-offs: what is outstanding is abandoned."""
         self._stop.set()
         self.end(why)
+        for lane in self._lanes:
+            if lane is not None:
+                lane.collector.abandoned = True  # what is still queued is not run
+
+    def _send(self, k: int, value: Any, seq: int, deadline: float | None) -> Any:
+        lane = self._lanes[k]
+        if lane is not None:
+            return lane.send(value, deadline)
+        step = self._steps[k]
+        assert isinstance(step, Branches)
+        return Join(step, value, seq)
 
     def cancel(self, why: str) -> None:
         """stop(), and cancel the items still waiting between steps: their tasks are taken
         off the stages' queues (what is running finishes; its result is dropped)."""
         self.stop(why)
-        for fifo in self._fifos:
-            while True:
-                try:
-                    got = fifo.get_nowait()
-                except queue.Empty:
-                    break
-                future = getattr(got[2], "future", None) if isinstance(got, tuple) else None
-                if future is not None:
-                    future.cancel()
+        for lane in self._lanes:
+            if lane is not None:
+                lane.abandon()
+        for fifo in self._fifos:  # what waits between steps goes no further
+            fifo.clear()
 
     def settle(self, timeout: float | None = None) -> bool:
         """Block until every item put so far has reached the end of the pipeline."""
@@ -199,14 +231,11 @@ class PipelineStream:
                 lambda: self._emitted >= self._count or self._stop.is_set(), timeout
             )
 
-    def _hand(self, fifo: queue.Queue[Any], what: Any) -> None:
-        while True:
-            try:
-                fifo.put(what, timeout=_POLL)
-                return
-            except queue.Full:
-                if self._stop.is_set():
-                    raise ClosedError(f"the stream was stopped: {self._ended}") from None
+    def _hand(self, fifo: _Fifo, what: Any) -> None:
+        try:
+            fifo.put(what)
+        except ClosedError:
+            raise ClosedError(f"the stream was stopped: {self._ended}") from None
 
     # ------------------------------------------------------------ the hand-offs
 
@@ -215,12 +244,9 @@ class PipelineStream:
         last = k + 1 == len(self._steps)
         try:
             while True:
-                try:
-                    got = fifo.get(timeout=_POLL)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        return
-                    continue
+                got = fifo.get()
+                if got is _STOPPED:
+                    return
                 if got is _END:
                     if last:
                         self._out.put(_END)
@@ -240,8 +266,7 @@ class PipelineStream:
                 else:
                     if ok and isinstance(entry, Join):
                         value = plain(value)  # the next stage gets JSON
-                    step = self._steps[k + 1]
-                    nxt = _entry(step, value, seq) if ok else _Done(False, value)
+                    nxt = self._send(k + 1, value, seq, deadline) if ok else Done(False, value)
                     self._hand(self._fifos[k + 1], (seq, deadline, nxt))
         except ClosedError:
             return
@@ -262,12 +287,9 @@ class PipelineStream:
         finished = False
         try:
             while True:
-                try:
-                    got = self._out.get(timeout=_POLL)
-                except queue.Empty:
-                    if self._stop.is_set():
-                        raise ClosedError(f"the stream was stopped: {self._ended}") from None
-                    continue
+                got = self._out.get()
+                if got is _STOPPED:
+                    raise ClosedError(f"the stream was stopped: {self._ended}")
                 if got is _END:
                     finished = True
                     return

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _connection, _pipeconfig
 from ._control import ControlServer
-from ._dashboard import install_service_metrics
+from ._dashboard import install_service
 from ._errors import ClosedError
 from ._httpingress import install_http_ingress
 from ._ingress import IngressServer
@@ -231,7 +231,7 @@ class Service:
             insecure=self.insecure,
             keyless_actions=self.keyless_actions,
         )
-        install_service_metrics(
+        install_service(
             server,
             lambda: self.pipeline,
             lambda: [self._ingress.statistics()] if self._ingress is not None else [],

@@ -3,23 +3,37 @@ own, which becomes a :class:`Coordinator`) and :class:`Branches` (several chains
 on the same item, their results converged into one ``{branch: result}`` dict).
 
 A step's work for one item is an *entry* with ``wait() -> (ok, value)``: the pipeline's pumps
-wait for entries in submission order, so the order of items is the order of the FIFOs."""
+wait for entries in submission order, so the order of items is the order of the FIFOs.
+
+A stream's items reach a stage through a :class:`Lane`: each item is admitted to the stage's
+coordinator with the lane's :class:`~._iterate.Collector` as its sink - no Future and no
+done-callback per item - and its outcome is taken from the collector in the order sent, which
+is the order of the lane's entries in the FIFO. An item that fails before it is sent (a full
+queue under ``reject``, a shut-down stage, a deadline already past) gets an entry with its
+outcome instead and takes no number in the lane, so every sent entry's outcome is the
+collector's next one. (:meth:`Stage.begin`, with a Future per item, remains for the chains of
+:class:`Branches`, whose converge waits on several of them at once.)"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 from ._coordinator import Coordinator
-from ._errors import TaskFailed
+from ._errors import ClosedError, TaskFailed
+from ._iterate import Collector
 from ._models import ModelWorker
 from ._ordered import OVERFLOW_POLICIES, OverflowPolicy
 from ._pool import check_positive
-from ._tasks import TaskTimeout
+from ._tasks import ERROR, OK, TIMEOUT, TaskTimeout
+
+_POLL = 0.1  # how often a lane waiting for an outcome looks whether its stream was stopped
 
 
 class StageTimeout(TimeoutError):
@@ -181,6 +195,95 @@ class Stage:
         # Cancelling the stage's future (PipelineStream.cancel) cancels the task if it waits.
         out.add_done_callback(lambda o: fut.cancel() if o.cancelled() else None)
         return out
+
+
+class Done:
+    """An entry whose outcome is known: a failure carried past the later steps."""
+
+    __slots__ = ("ok", "value")
+
+    def __init__(self, ok: bool, value: Any) -> None:
+        self.ok, self.value = ok, value
+
+    def wait(self, deadline: float | None) -> tuple[bool, Any]:
+        return self.ok, self.value
+
+
+class _Sent:
+    """An item sent through a lane: its outcome is the lane's next one."""
+
+    __slots__ = ("lane", "stage_timeout")
+
+    def __init__(self, lane: Lane, stage_timeout: bool) -> None:
+        self.lane = lane
+        self.stage_timeout = stage_timeout  # its deadline was the stage's, not the stream's
+
+    def wait(self, deadline: float | None) -> tuple[bool, Any]:
+        return self.lane.take(self.stage_timeout)
+
+
+class Lane:
+    """One stream's items on their way through *stage* (see the module docstring). One thread
+    sends (the stream's ``put()`` or the pump before the stage) and one takes (the pump after
+    it); *stopped* ends a wait for an outcome with :class:`ClosedError`."""
+
+    def __init__(self, stage: Stage, stopped: threading.Event) -> None:
+        coord = stage.coordinator
+        assert coord is not None
+        self.stage = stage
+        self.coordinator = coord
+        self.collector = Collector(True)
+        self.stopped = stopped
+        self._sent = 0
+        self._ready: deque[tuple[int, int, Any]] = deque()  # taken from the collector at once
+
+    def send(self, value: Any, deadline: float | None) -> Done | _Sent:
+        """Admit *value* to the stage; its entry. Its deadline is the stage's ``timeout`` from
+        now or the stream's *deadline* (``time.monotonic()``), whichever comes first."""
+        stage, coord = self.stage, self.coordinator
+        timeout = stage.timeout
+        by_stage = True
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Done(False, None)  # the stream's deadline: a TaskTimeout marker
+            if timeout is None or left < timeout:
+                timeout, by_stage = left, False
+        try:
+            route = coord._route(stage.model, None, False) if stage.model is not None else None
+            coord._intake.one(value, self.collector, self._sent, timeout, route=route)
+        except BaseException as exc:
+            return Done(False, mark(exc, stage))
+        self._sent += 1
+        return _Sent(self, by_stage)
+
+    def take(self, by_stage: bool) -> tuple[bool, Any]:
+        """The next sent item's outcome: ``(True, result)``, ``(False, exception)`` naming the
+        stage, ``(False, StageTimeout)`` or ``(False, None)`` for the stream's deadline."""
+        ready = self._ready
+        while not ready:
+            try:
+                ready.extend(self.collector.get_batch(_POLL))
+            except TimeoutError:
+                if self.stopped.is_set():
+                    raise ClosedError("the stream was stopped") from None
+        _, kind, value = ready.popleft()
+        if kind == OK:
+            return True, value
+        stage = self.stage
+        if kind == TIMEOUT:
+            if by_stage and stage.timeout is not None:
+                return False, StageTimeout(stage.name, stage.timeout)
+            return False, None
+        if kind == ERROR and isinstance(value, BaseException):
+            return False, mark(value, stage)
+        # Cancelled, or dropped by the stage's drop_oldest policy.
+        return False, mark(CancelledError(), stage)
+
+    def abandon(self) -> None:
+        """Nobody will take the outcomes: the items still queued are cancelled."""
+        self.collector.abandoned = True
+        self.coordinator._intake.engine.cancel_abandoned()
 
 
 def mark(exc: BaseException, stage: Stage) -> BaseException:

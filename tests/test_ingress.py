@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -477,3 +478,27 @@ def test_priority_through_the_client_and_the_http_ingress() -> None:
         assert status == 400 and "priority" in body["error"]
         body_map = json.dumps({"payloads": [1, 2], "priority": 2}).encode()
         assert _post(control, "/map", body_map, token) == (200, [1, 2])
+
+
+def test_silent_connections_beyond_the_handshake_cap_do_not_lock_out_a_producer() -> None:
+    """100 connections that never start the handshake - more than the 64 that may be in it at
+    once: each new one displaces the one that has waited longest, so a producer with the key
+    is served at once instead of being turned away as busy until they time out (5 s)."""
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(Square(), 1)
+        host, port = coord.serve_ingress()
+        idle = [socket.create_connection((host, port), timeout=T) for _ in range(100)]
+        try:
+            # Every one of them seen: 36 past the cap were displaced (or, without displacing,
+            # turned away as busy - as the producer would be).
+            wait_for(lambda: coord.ingress_statistics()[0].refused >= 36, what="the cap reached")
+            started = time.monotonic()
+            with Client((host, port), authkey=KEY) as client:
+                assert client.submit(9).result(timeout=T) == 81
+            assert time.monotonic() - started < 3.0
+        finally:
+            for s in idle:
+                s.close()
+        wait_for(
+            lambda: coord.ingress_statistics()[0].refused >= 100, what="every silent one counted"
+        )

@@ -14,7 +14,7 @@ import pytest
 from pipeline_workers import FailOdd, Gate, Pause, Tag
 from sample_workers import Echo, Faulty, Square
 
-from pytaskqml import Branches, ClosedError, Pipeline, Stage, TaskFailed, TaskTimeout
+from pytaskqml import Branches, ClosedError, Pipeline, Stage, TaskFailed, TaskTimeout, _delivery
 
 
 def test_items_come_out_in_order_through_every_stage() -> None:
@@ -288,3 +288,35 @@ def test_cancel_takes_waiting_items_off_the_stages_queues() -> None:
         st = coord.statistics()
         assert st.completed + st.cancelled == 5
         assert st.cancelled >= 1  # without cancel() every item would have run
+
+
+def test_items_pass_between_stages_without_a_future_or_a_callback_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stage takes a stream's items through a collector of the stream's own: no Future is
+    made for an item at any stage and no done-callback runs for it (each cost a hop through
+    the coordinator's callback thread), and the items still come out in order."""
+    made: list[object] = []
+    callbacks: list[object] = []
+    make, call = _delivery.TaskFuture.__init__, _delivery.CallbackRunner.call
+
+    def counted_future(self: _delivery.TaskFuture) -> None:
+        made.append(self)
+        make(self)
+
+    def counted_call(self: _delivery.CallbackRunner, fn: Any, *args: Any) -> None:
+        callbacks.append(fn)
+        call(self, fn, *args)
+
+    steps = [Stage(Tag(tag="a"), threads=2), Stage(Tag(tag="b"), threads=2, name="b")]
+    with Pipeline(steps) as p:
+        monkeypatch.setattr(_delivery.TaskFuture, "__init__", counted_future)
+        monkeypatch.setattr(_delivery.CallbackRunner, "call", counted_call)
+        out = list(p.map(range(300)))
+        s = p.stream()
+        for i in range(50):
+            s.put(i)
+        s.close()
+        assert list(s) == [[i, "a", "b"] for i in range(50)]
+    assert out == [[i, "a", "b"] for i in range(300)]
+    assert made == [] and callbacks == []

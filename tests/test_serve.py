@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Procs, read_line_with, wait_for
+from conftest import Procs, child_env, read_line_with, wait_for
 
-from pytaskqml import Client, ClosedError
+from pytaskqml import Client, ClosedError, _connection, _control, _protocol
 from pytaskqml._service import Service
+
+T = 30.0
 
 
 def _config(tmp_path: Path, delay: float, service: dict[str, Any]) -> Path:
@@ -123,3 +129,90 @@ def test_serve_bad_config_exits_2(tmp_path: Path, procs: Procs) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "nope" in err and "bad address" in err
+
+
+SERVE_KEY = "serve-test-key-0123456789"
+
+
+def _half_open(address: str, n: int) -> list[socket.socket]:
+    """*n* connections that never say a word (no handshake, no request)."""
+    host, _, port = address.rpartition(":")
+    return [socket.create_connection((host, int(port)), timeout=T) for _ in range(n)]
+
+
+def test_a_service_with_a_key_serves_keyed_clients_beside_idle_and_vanishing_ones(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A real ``pytaskqml serve`` with a key, its ingress, HTTP and control ports each held by
+    20 connections that never authenticate: a producer with the key, and GET /health with its
+    token, are answered well inside the handshake timeout (a lockout would take it, 5 s).
+    Clients that send POST /map and hang up before the reply leave no traceback in the log,
+    and the control port answers GET /status (the stages as rows), GET / and
+    ``pytaskqml status``."""
+    config = _config(
+        tmp_path,
+        0.001,
+        {"ingress": "127.0.0.1:0", "http": "127.0.0.1:0", "control": "localhost:0"},
+    )
+    env = child_env(PYTASKQML_AUTHKEY=SERVE_KEY)
+    proc = procs.cli("serve", str(config), env=env)
+    addresses = json.loads(_first_stdout_line(proc))
+    assert addresses["http"] != addresses["control"]
+    key = SERVE_KEY.encode()
+    idle = [s for port in ("ingress", "http", "control") for s in _half_open(addresses[port], 20)]
+    try:
+        started = time.monotonic()
+        with Client(addresses["ingress"], authkey=SERVE_KEY) as client:
+            assert client.submit(1).result(timeout=T) == [1, "t"]
+        for port in ("http", "control"):
+            status, body = _control.request(
+                _connection.parse_address(addresses[port]), "GET", "/health", authkey=key
+            )
+            assert (status, body["role"]) == (200, "service")
+        assert time.monotonic() - started < 3.0
+    finally:
+        for s in idle:
+            s.close()
+
+    token = _protocol.control_token(key, "act").encode()
+    body = json.dumps(list(range(2000))).encode()
+    for _ in range(5):  # each hangs up before its reply is written
+        host, _, port = addresses["http"].rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=T) as s:
+            s.sendall(
+                b"POST /map HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + token
+                + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+    where = _connection.parse_address(addresses["control"])
+
+    def stage_a_counted_every_item() -> bool:
+        status, doc = _control.request(where, "GET", "/status?history=0", authkey=key)
+        assert status == 200
+        return bool(doc["stages"][0]["completed"] >= 1 + 5 * 2000)
+
+    wait_for(stage_a_counted_every_item, timeout=60, what="the hung-up maps to run")
+    status, doc = _control.request(where, "GET", "/status", authkey=key)
+    assert (status, doc["role"], doc["name"]) == (200, "pipeline", "svc")
+    assert [s["name"] for s in doc["stages"]] == ["pause", "tag"]
+    assert doc["stages"][1]["host"] == "1 thread"
+    assert doc["counts"]["submitted"] >= 1 + 5 * 2000
+    assert "throughput" in doc["history"]
+    status, page = _control.request(where, "GET", "/")
+    assert status == 200 and "<title>pytaskqml status</title>" in page
+    shown = subprocess.run(
+        [sys.executable, "-m", "pytaskqml", "status", addresses["control"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("pipeline svc (pid ")
+    assert [line.split()[0] for line in lines[lines.index("") + 2 :]] == ["pause", "tag"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

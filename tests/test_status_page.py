@@ -17,8 +17,9 @@ import pytest
 from cdp import Browser, find_chromium
 from sample_workers import Pid
 
-from pytaskqml import Coordinator
+from pytaskqml import Client, Coordinator
 from pytaskqml._protocol import control_token
+from pytaskqml._service import Service
 
 CHROMIUM = find_chromium()
 pytestmark = [
@@ -285,3 +286,71 @@ def test_the_latency_axis_shows_every_digit_of_what_the_data_reach(window_width:
                 assert top <= shown[0] <= top * 1.4, (labels, p99)
     finally:
         canned.close()
+
+
+def test_a_served_pipeline_shows_its_stages_as_rows_and_their_numbers_move() -> None:
+    """``pytaskqml serve``'s control port: the same page, one row per stage, the counts going
+    up while a producer sends items through the ingress port."""
+    assert CHROMIUM is not None
+    doc = {
+        "pipeline": {"name": "svc", "steps": ["pause", "tag"]},
+        "stages": {
+            "pause": {"worker": "pipeline_workers:Pause", "threads": 2, "kwargs": {"delay": 0.002}},
+            "tag": {"worker": "pipeline_workers:Tag", "threads": 1, "kwargs": {"tag": "t"}},
+        },
+        "service": {"ingress": "127.0.0.1:0", "control": "127.0.0.1:0"},
+    }
+    stop = threading.Event()
+    service = Service(doc, authkey=None).start()
+    try:
+        results: list[Any] = []
+
+        def produce() -> None:
+            with Client(service.addresses["ingress"], window=16) as client:
+                i = 0
+                while not stop.is_set():
+                    results.extend(client.map(range(i, i + 50)))
+                    i += 50
+
+        producer = threading.Thread(target=produce, name="test-producer")
+        with Browser(CHROMIUM) as browser:
+            browser.open(f"http://{service.addresses['control']}/")
+            wait_page(
+                browser, "document.querySelectorAll('#workers tbody tr').length === 2", "2 rows"
+            )
+            shown = browser.evaluate(
+                "[...document.querySelectorAll('#workers tbody tr')].map(r => r.dataset.name)"
+            )
+            assert shown == ["pause", "tag"]
+            assert browser.evaluate("document.getElementById('workers-title').textContent") == (
+                "Stages"
+            )
+            assert browser.evaluate("document.getElementById('workers-col').textContent") == (
+                "Stage"
+            )
+            assert number(browser, "workers-count") == 2
+            before = number(browser, "completed")
+            producer.start()
+            try:
+                wait_page(
+                    browser,
+                    f"+document.getElementById('completed').dataset.value > {before}",
+                    "items out going up",
+                )
+                wait_page(
+                    browser, "+document.getElementById('throughput').dataset.value > 0", "a rate"
+                )
+                wait_page(
+                    browser,
+                    "[...document.querySelectorAll('#workers tbody tr td:nth-child(7)')]"
+                    ".every(td => td.textContent !== '0')",
+                    "each stage's completed count",
+                )
+            finally:
+                stop.set()
+                producer.join(T)
+    finally:
+        stop.set()
+        service.stop()
+    assert not producer.is_alive()
+    assert results[:3] == [[0, "t"], [1, "t"], [2, "t"]]
