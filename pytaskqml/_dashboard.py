@@ -285,6 +285,20 @@ def status_document(
     return doc
 
 
+def _add_page(control: ControlServer) -> None:
+    """Serve the status page at ``GET /`` (open: it carries no data, only the page)."""
+    page, policy = _page()
+    headers = {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+        "Referrer-Policy": "no-referrer",
+    }
+    control.add_route(
+        "GET", "/", lambda request: Reply(200, page, "text/html; charset=utf-8", headers)
+    )
+
+
 def _page() -> tuple[bytes, str]:
     """The page and its Content-Security-Policy: nothing but its own inline script and style,
     and requests to the endpoint it came from."""
@@ -351,13 +365,6 @@ def install_coordinator(
     history = History()
     sampler = _Sampler(snapshot, history, control.stopped, name)
     start_time = time.time() - snapshot().uptime
-    page, policy = _page()
-    headers = {
-        "Content-Security-Policy": policy,
-        "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "no-store",
-        "Referrer-Policy": "no-referrer",
-    }
 
     def status(request: Request) -> Reply:
         doc = status_document(snapshot(), history, name=name, with_history=_wants_history(request))
@@ -368,9 +375,7 @@ def install_coordinator(
         text = _metrics.coordinator_metrics(snapshot(), start_time=start_time, ingress=ports)
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
-    control.add_route(
-        "GET", "/", lambda request: Reply(200, page, "text/html; charset=utf-8", headers)
-    )
+    _add_page(control)
     control.add_route("GET", "/status", status, auth=not open_metrics)
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
     control.companions.append(sampler.thread)
@@ -517,13 +522,6 @@ def install_service(
 
     history = History()
     sampler = _Sampler(snapshot, history, control.stopped, "service")
-    page, policy = _page()
-    headers = {
-        "Content-Security-Policy": policy,
-        "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "no-store",
-        "Referrer-Policy": "no-referrer",
-    }
 
     def status(request: Request) -> Reply:
         snap = snapshot()
@@ -543,9 +541,7 @@ def install_service(
         text += _metrics.ingress_metrics(ingress())
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
-    control.add_route(
-        "GET", "/", lambda request: Reply(200, page, "text/html; charset=utf-8", headers)
-    )
+    _add_page(control)
     control.add_route("GET", "/status", status, auth=not open_metrics)
     control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
     control.companions.append(sampler.thread)
