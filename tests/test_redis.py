@@ -150,8 +150,15 @@ def test_shutdown_releases_held_entries_to_another_coordinator(redis_url: str, s
 class _Node:
     """A coordinator process (tests/redis_node.py) whose latest statistics line is kept."""
 
-    def __init__(self, url: str, name: str, claim_idle: float) -> None:
-        args = [url, name, "sample_workers:Slow", "2", str(claim_idle), '{"delay": 0.0005}']
+    def __init__(self, url: str, name: str, claim_idle: float, delay: float = 0.0005) -> None:
+        args = [
+            url,
+            name,
+            "sample_workers:Slow",
+            "2",
+            str(claim_idle),
+            json.dumps({"delay": delay}),
+        ]
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "redis_node.py"), *args],
             env=child_env(),
@@ -458,7 +465,9 @@ def test_a_dead_coordinator_leaves_the_group_once_its_entries_moved(
     redis_url: str,  # noqa: F811
     stream: str,  # noqa: F811
 ) -> None:
-    nodes = [_Node(redis_url, stream, 0.3) for _ in range(2)]
+    # 10 ms tasks: about a second of work for the two nodes, so the victim is seen holding
+    # some (nodes report every 0.1 s) however the entries are shared out.
+    nodes = [_Node(redis_url, stream, 0.3, delay=0.01) for _ in range(2)]
     try:
         victim, survivor = nodes
         q = _queue(redis_url, stream)
