@@ -52,8 +52,11 @@ typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy
 
 # The demo's own test needs OpenCV and scikit-image, so the suite installs them too.
+# Everything: the fast tier on three processes as in `make check`, then the slow tier (heavy
+# runs, multi-host tests, CPython's executor suite) one test at a time.
 unit: $(VENV)/.demo-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow" -n 3
+	$(PY) -m pytest -m slow
 
 # The fast tier: everything not marked slow (heavy runs, deadlines that take seconds to expire),
 # on three processes: its tests mostly wait for the processes they start.
