@@ -104,7 +104,7 @@ def serve(url: str, stream: str, kind: str, workers: int) -> None:
 
     from benchmark.pt_workers import WORKERS
     from pytaskqml import Coordinator, RedisQueue
-    from pytaskqml._bootstrap import tune_malloc
+    from pytaskqml.worker.bootstrap import tune_malloc
 
     logging.basicConfig(level=logging.WARNING)
     tune_malloc()  # as `pytaskqml queue serve` does: a process that moves frames all day

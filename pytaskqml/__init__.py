@@ -5,12 +5,16 @@ worker processes (spawned here, or started elsewhere with ``pytaskqml worker``) 
 thread workers. Results come back in submission order. Standard library only.
 """
 
-from ._auth import tls_client_context, tls_server_context
-from ._broadcast import Broadcast
-from ._client import Client, ClientStats, ClientStream
-from ._control import get_health, request_shutdown
-from ._coordinator import Coordinator
-from ._errors import (
+from .buffers.handoff import load, spill
+from .client import Client, ClientStats, ClientStream
+from .coordinator import Coordinator
+from .core.histogram import HistogramSnapshot
+from .core.stats import BufferStats, ModelStats, QueueStats, SourceStats, Statistics, WorkerStats
+from .core.tasks import LateResult, ModelResult, TaskTimeout
+from .engine.broadcast import Broadcast
+from .engine.iterate import Stream
+from .engine.progress import Progress
+from .errors import (
     AuthenticationError,
     ClosedError,
     ConnectionLost,
@@ -24,21 +28,17 @@ from ._errors import (
     WorkerLostError,
     WorkerStartError,
 )
-from ._executor import Executor
-from ._functions import FunctionWorker
-from ._handoff import load, spill
-from ._histogram import HistogramSnapshot
-from ._ingress import IngressServer, IngressStats
-from ._iterate import Stream
-from ._models import Model, ModelWorker
-from ._pipeline import Pipeline, PipelineStats, PipelineStream
-from ._progress import Progress
-from ._redisclient import ProducerStats, RedisClient
-from ._redisqueue import RedisQueue
-from ._stages import Branches, Stage
-from ._stats import BufferStats, ModelStats, QueueStats, SourceStats, Statistics, WorkerStats
-from ._tasks import LateResult, ModelResult, TaskTimeout
-from ._worker import Worker
+from .executor import Executor
+from .ingress.server import IngressServer, IngressStats
+from .pipeline.pipeline import Pipeline, PipelineStats, PipelineStream
+from .pipeline.stages import Branches, Stage
+from .redis.client import ProducerStats, RedisClient
+from .redis.queue import RedisQueue
+from .wire.auth import tls_client_context, tls_server_context
+from .wire.control import get_health, request_shutdown
+from .worker.base import Worker
+from .worker.functions import FunctionWorker
+from .worker.models import Model, ModelWorker
 
 __version__ = "0.1.0"
 

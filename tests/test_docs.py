@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT, child_env
 
 import pytaskqml
-from pytaskqml.cli import make_parser
+from pytaskqml.cli.main import make_parser
 
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(p for p in DOCS.rglob("*.md") if "hooks" not in p.parts)]

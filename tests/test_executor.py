@@ -33,8 +33,8 @@ from pytaskqml import (
     WorkerLostError,
     WorkerStartError,
 )
-from pytaskqml._executor import caller_error
-from pytaskqml._functions import function_target
+from pytaskqml.executor import caller_error
+from pytaskqml.worker.functions import function_target
 
 T = 30.0
 SPAWN = multiprocessing.get_context("spawn")  # as ours: no fork of a threaded test process
@@ -512,7 +512,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
 ) -> None:
     mark = tmp_path / "imported"
     models = tmp_path / "models.json"  # an operator who lists FunctionModel still gets no
-    models.write_text(json.dumps({"allow": ["pytaskqml._functions:FunctionModel"]}))  # peer
+    models.write_text(json.dumps({"allow": ["pytaskqml.worker.functions:FunctionModel"]}))  # peer
     port = free_port()
     allow = json.dumps({"allow": ["executor_funcs:square", "executor_funcs:add"]})
     worker = procs.cli(
@@ -537,7 +537,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
             coord.submit("not a call").result(T)
         config = {"function": "import_marker:Marked"}
         with pytest.raises(ModelLoadError, match="PermissionError"):
-            coord.models.load("sneaky", "pytaskqml._functions:FunctionModel", config=config)
+            coord.models.load("sneaky", "pytaskqml.worker.functions:FunctionModel", config=config)
     assert not mark.exists(), "the worker imported a module it was not allowed to"
 
 

@@ -38,8 +38,8 @@ from pytaskqml import (
     Worker,
     WorkerStartError,
 )
-from pytaskqml._connection import Connection
-from pytaskqml._protocol import encode_message
+from pytaskqml.wire.connection import Connection
+from pytaskqml.wire.protocol import encode_message
 
 np = pytest.importorskip("numpy")
 

@@ -26,10 +26,10 @@ from pytaskqml import (
     ConnectionLost,
     Coordinator,
     TaskFailed,
-    _ingress,
-    _protocol,
 )
-from pytaskqml._endpoints import dial_once
+from pytaskqml.ingress import server as _ingress
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.endpoints import dial_once
 
 T = 20.0
 KEY = "ingress-test-key"

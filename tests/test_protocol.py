@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytaskqml import ProtocolError, _codec, _protocol
-from pytaskqml._protocol import FrameDecoder, Message
+from pytaskqml import ProtocolError
+from pytaskqml.wire import codec as _codec
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.protocol import FrameDecoder, Message
 
 try:
     import numpy as np
