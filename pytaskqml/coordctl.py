@@ -1,4 +1,4 @@
-"""A coordinator's control endpoint: ``serve_control()`` and its routes.
+"""A coordinator's control routes (the endpoint is started by ``Coordinator.serve_control()``).
 
 ``GET /health`` (open), ``POST /shutdown``; the models of :attr:`Coordinator.models`:
 ``GET /models`` (their status per worker, a read route), ``POST /models/load`` with a JSON
@@ -13,75 +13,31 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol
 
+from .core.stats import Statistics
+from .engine.modelreg import Models
 from .errors import ModelLoadError
-from .ingress.http import install_http_ingress
-from .observe.dashboard import install_coordinator as install_status
 from .wire import connection as _connection
-from .wire.control import ControlServer, ControlStats, Reply, Request, parse_json
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator
-    from .worker.models import Model
+from .wire.control import ControlServer, Reply, Request, parse_json
 
 MAX_MODEL_BODY = 64 * 1024
 
 
-class ControlHost:
-    """:meth:`serve_control` for a :class:`Coordinator`."""
+class Controlled(Protocol):
+    """What the routes use of a :class:`~pytaskqml.Coordinator` (which holds this endpoint:
+    described here rather than imported, so the two modules do not import each other)."""
 
-    def serve_control(
-        self,
-        address: tuple[str, int] | str = ("127.0.0.1", 0),
-        *,
-        insecure: bool = False,
-        open_metrics: bool = False,
-        http_ingress: bool = False,
-        keyless_actions: bool = False,
-        allow_models: Iterable[type[Model] | str] = (),
-    ) -> tuple[str, int]:
-        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
-        (the live status page), ``GET /status`` (JSON), ``GET /metrics`` (Prometheus) and
-        the ``/models`` routes; with ``http_ingress`` also ``POST /submit`` and ``POST /map``
-        (:mod:`._httpingress`).
-
-        With a key, ``/status``, ``/metrics`` and ``GET /models`` need its read token
-        (``pytaskqml token``) unless ``open_metrics`` lets anyone who can reach *address*
-        read the first two (see :mod:`pytaskqml.observe.dashboard`); the routes that act need the
-        act token (``pytaskqml token --act``). Without a key those are refused unless
-        *keyless_actions* opens them to loopback clients (every local user). ``POST
-        /models/load`` may name only the model classes of *allow_models* (class objects or
-        ``"module:Class"``; see :meth:`Models.allow`)."""
-        coord = cast("Coordinator", self)
-        if coord._control is not None:
-            raise RuntimeError("the control endpoint is already running")
-        coord.models.allow(*allow_models)
-        server = coord._control = coordinator_control(
-            coord, address, insecure=insecure, keyless_actions=keyless_actions
-        )
-        install_status(
-            server,
-            coord.statistics,
-            name=coord.name,
-            open_metrics=open_metrics,
-            ingress=coord.ingress_statistics,
-        )
-        if http_ingress:
-            install_http_ingress(server, coord)
-        server.start()
-        return server.address
-
-    def control_statistics(self) -> ControlStats | None:
-        """The control endpoint's counters (connections open, served, refused, turned away
-        with 503, timed out, broken pipes), or None if it is not running."""
-        control = cast("Coordinator", self)._control
-        return None if control is None else control.statistics()
+    @property
+    def authkey(self) -> bytes | None: ...
+    @property
+    def models(self) -> Models: ...
+    def statistics(self) -> Statistics: ...
+    def shutdown(self) -> None: ...
 
 
 def coordinator_control(
-    coord: Coordinator,
+    coord: Controlled,
     address: tuple[str, int] | str,
     *,
     insecure: bool,
@@ -122,7 +78,7 @@ def coordinator_control(
     return server
 
 
-def _models(coord: Coordinator) -> dict[str, Any]:
+def _models(coord: Controlled) -> dict[str, Any]:
     return {"models": coord.models.list(), "status": coord.models.status()}
 
 
@@ -133,7 +89,7 @@ def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-def _load(coord: Coordinator, request: Request) -> Reply:
+def _load(coord: Controlled, request: Request) -> Reply:
     try:
         body = _body(request)
         version = body.get("version")
@@ -155,7 +111,7 @@ def _load(coord: Coordinator, request: Request) -> Reply:
     return Reply(200, {"loaded": result})
 
 
-def _unload(coord: Coordinator, request: Request) -> Reply:
+def _unload(coord: Controlled, request: Request) -> Reply:
     try:
         body = _body(request)
     except ValueError as exc:

@@ -37,13 +37,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Literal
+from concurrent.futures import CancelledError, Future
+from typing import Any, Literal, Protocol
 
 from .buffers.pool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
-from .coordctl import ControlHost
+from .coordctl import coordinator_control
 from .core.ordered import OVERFLOW_POLICIES, OverflowPolicy
-from .core.stats import Statistics
+from .core.stats import QueueStats, Statistics
 from .core.tasks import LateResult, Route
 from .engine.autoscale import Autoscaler, pool_statistics
 from .engine.broadcast import Broadcast, Broadcasts
@@ -58,21 +58,37 @@ from .engine.pool import SpawnHost, WorkerPool, check_positive
 from .engine.progress import Progress
 from .engine.remote import Heartbeats
 from .engine.supervisor import Supervisor
+from .errors import ClosedError
+from .ingress.http import install_http_ingress
 from .ingress.server import IngressHost
-from .shutdown import finish_shutdown, teardown
+from .observe.dashboard import install_coordinator as install_status
 from .wire import protocol as _protocol
 from .wire.auth import resolve_authkey
-from .wire.control import ControlServer
+from .wire.control import ControlServer, ControlStats
 from .wire.endpoints import Acceptor
-from .worker.bootstrap import refuse_in_bootstrap
-
-if TYPE_CHECKING:
-    from .redis.queue import RedisQueue
+from .worker.bootstrap import call_teardown, refuse_in_bootstrap
+from .worker.models import Model
 
 log = logging.getLogger(__name__)
 
 
-class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
+class QueueFeed(Protocol):
+    """A shared queue's feed into one coordinator (``pytaskqml.redis``'s ``QueueFeed``)."""
+
+    def statistics(self) -> QueueStats: ...
+    def stop_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class SharedQueue(Protocol):
+    """A queue shared by coordinators (a :class:`pytaskqml.redis.RedisQueue`): it feeds a
+    coordinator its entries. Described here, not imported: the Redis feature sits above the
+    front."""
+
+    def serve(self, coordinator: Coordinator) -> QueueFeed: ...
+
+
+class Coordinator(WorkerPool, BufferSource, IngressHost):
     """Owns the task queue and the workers; returns results in submission order.
 
     Workers come from :meth:`add_local`, :meth:`spawn`, :meth:`connect` and :meth:`listen`;
@@ -141,7 +157,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         shared_memory: bool = True,
         max_buffer_bytes: int = DEFAULT_POOL_BYTES,
         name: str = "coordinator",
-        queue: RedisQueue | None = None,
+        queue: SharedQueue | None = None,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(
@@ -516,6 +532,55 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         on its control endpoint) and every worker is stopped; False on timeout."""
         return self._stopped.wait(timeout)
 
+    # ================================================================ control endpoint
+
+    def serve_control(
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        insecure: bool = False,
+        open_metrics: bool = False,
+        http_ingress: bool = False,
+        keyless_actions: bool = False,
+        allow_models: Iterable[type[Model] | str] = (),
+    ) -> tuple[str, int]:
+        """Start the HTTP control endpoint: ``GET /health``, ``POST /shutdown``, ``GET /``
+        (the live status page), ``GET /status`` (JSON), ``GET /metrics`` (Prometheus) and
+        the ``/models`` routes; with ``http_ingress`` also ``POST /submit`` and ``POST /map``
+        (:mod:`._httpingress`).
+
+        With a key, ``/status``, ``/metrics`` and ``GET /models`` need its read token
+        (``pytaskqml token``) unless ``open_metrics`` lets anyone who can reach *address*
+        read the first two (see :mod:`pytaskqml.observe.dashboard`); the routes that act need the
+        act token (``pytaskqml token --act``). Without a key those are refused unless
+        *keyless_actions* opens them to loopback clients (every local user). ``POST
+        /models/load`` may name only the model classes of *allow_models* (class objects or
+        ``"module:Class"``; see :meth:`Models.allow`)."""
+        coord = self
+        if coord._control is not None:
+            raise RuntimeError("the control endpoint is already running")
+        coord.models.allow(*allow_models)
+        server = coord._control = coordinator_control(
+            coord, address, insecure=insecure, keyless_actions=keyless_actions
+        )
+        install_status(
+            server,
+            coord.statistics,
+            name=coord.name,
+            open_metrics=open_metrics,
+            ingress=coord.ingress_statistics,
+        )
+        if http_ingress:
+            install_http_ingress(server, coord)
+        server.start()
+        return server.address
+
+    def control_statistics(self) -> ControlStats | None:
+        """The control endpoint's counters (connections open, served, refused, turned away
+        with 503, timed out, broken pipes), or None if it is not running."""
+        control = self._control
+        return None if control is None else control.statistics()
+
     # ================================================================ shutdown
 
     def shutdown(
@@ -530,7 +595,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
         try:
             self._shutdown(wait, cancel_futures, timeout)
         except KeyboardInterrupt:
-            teardown(self, cancel=True)  # once only: returns at once if it already ran
+            self._teardown(cancel=True)  # once only: returns at once if it already ran
             raise
 
     def _shutdown(self, wait: bool, cancel_futures: bool, timeout: float | None) -> None:
@@ -554,10 +619,77 @@ class Coordinator(WorkerPool, BufferSource, IngressHost, ControlHost):
                 daemon=False,
             ).start()
             return
-        finish_shutdown(self, timeout, cancel_futures)
+        self._finish_shutdown(timeout, cancel_futures)
 
     def _finish_shutdown_logged(self, timeout: float | None, cancel: bool) -> None:
         try:
-            finish_shutdown(self, timeout, cancel)
+            self._finish_shutdown(timeout, cancel)
         except BaseException:
             log.exception("background shutdown crashed")
+
+    def _finish_shutdown(self, timeout: float | None, cancel: bool) -> None:
+        """Drain (or, with *cancel*, give running work its grace), then stop everything. (A
+        KeyboardInterrupt while draining goes to the caller, which stops at once.)"""
+        engine = self._engine
+        if cancel:
+            grace = self.cancel_grace if timeout is None else min(timeout, self.cancel_grace)
+            engine.drain(grace, self._can_progress)
+        else:
+            engine.drain(timeout, self._can_progress)
+        self._teardown(cancel=cancel)
+
+    def _teardown(self, *, cancel: bool) -> None:
+        """Stop every worker, thread and endpoint of the coordinator; resolve what is left. Runs
+        once (a later call returns at once); a KeyboardInterrupt while it waits for worker
+        processes kills them instead, and is raised again at the end."""
+        with self._stats_lock:
+            if self._torn_down:
+                return
+            self._torn_down = True
+        engine = self._engine
+        engine.stop()
+        busy = engine.abandon_inflight(CancelledError("abandoned at shutdown")) if cancel else []
+        engine.fail_all(ClosedError("the coordinator shut down before this task ran"))
+        for scaler in self._autoscalers:
+            scaler.stop()
+        seats = self._supervisor.stop()
+        for d in self._dialers:
+            d.stop()
+        for a in self._acceptors:
+            a.stop()
+        handles = [ws.handle for ws in list(engine.core.workers)]
+        if cancel:
+            for s in seats:
+                self._supervisor.kill(s)  # whatever they run is no longer wanted
+        else:
+            for s in seats:
+                if s.handle is not None:
+                    s.handle.request_stop()  # spawned workers leave; standalone ones stay up
+        interrupted = False
+        try:
+            self._supervisor.reap(seats, 0.5 if cancel else 5.0)
+        except KeyboardInterrupt:
+            interrupted = cancel = True
+            for s in seats:
+                self._supervisor.kill(s)
+            self._supervisor.reap(seats, 0.5)
+        for h in handles:
+            h.close()
+        for local in self._locals:
+            local.close()
+            local.join(0.5 if cancel or local in busy else 5.0)
+            call_teardown(local.worker)
+        for h in handles:
+            h.join(2.0)
+        if self._feed is not None:
+            self._feed.close()  # results written, the rest released for other coordinators
+        if self._control is not None:
+            self._control.stop()
+        self._stop_ingress()
+        self._heartbeats.stop()
+        self._buffers.close()
+        engine.stop_timer()
+        self._runner.close()
+        self._stopped.set()
+        if interrupted:
+            raise KeyboardInterrupt

@@ -594,7 +594,8 @@ def test_the_fair_queue_puts_back_the_task_it_just_gave_and_forgets_idle_sources
     import gc
     import weakref
 
-    from pytaskqml.core.ordered import MAX_IDLE_LANES, FairQueue, Source
+    from pytaskqml.core.ordered import MAX_IDLE_LANES, FairQueue
+    from pytaskqml.core.tasks import Source
 
     q = FairQueue()
     a, b = Source("a"), Source("b")

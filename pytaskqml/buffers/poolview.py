@@ -40,7 +40,6 @@ import weakref
 from typing import Any
 
 from ..errors import ProtocolError
-from .shm import SLOT_GRANULE
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,11 @@ def _faults() -> int:
         return -1
     r = _resource.getrusage(_resource.RUSAGE_SELF)
     return int(r.ru_minflt + r.ru_majflt)
+
+
+# Slots are a whole number of these, so frames of one stream share a layout even when their
+# sizes differ a little, and a slot is page-aligned (arrays land on 64-byte boundaries).
+SLOT_GRANULE = 1024 * 1024
 
 
 class PoolView:

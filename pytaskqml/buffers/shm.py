@@ -41,12 +41,11 @@ import os
 import tempfile
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ProtocolError
-
-if TYPE_CHECKING:
-    from .poolview import PoolView
+from .poolview import SLOT_GRANULE as SLOT_GRANULE  # slots are whole granules of the pool
+from .poolview import PoolView
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +54,6 @@ log = logging.getLogger(__name__)
 # on shared memory took 0.66-0.73x the CPU per task at an equal or higher rate (1.9x at 1 MiB);
 # at 16-32 KiB the two were within noise, and a small buffer would take a whole slot (1 MiB).
 MIN_BYTES = 64 * 1024
-# Slots are a whole number of these, so frames of one stream share a layout even when their
-# sizes differ a little, and a slot is page-aligned (arrays land on 64-byte boundaries).
-SLOT_GRANULE = 1024 * 1024
 # Address space reserved per worker. Pages are only backed once written, and freed slots are
 # reused most-recent-first, so the memory actually used follows the number of frames in flight.
 ARENA_BYTES = 256 * 1024 * 1024

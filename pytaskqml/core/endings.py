@@ -7,10 +7,10 @@ from __future__ import annotations
 import heapq
 import weakref
 
-from ..engine.delivery import TaskFuture
-from .ordered import Source, TaskQueue
+from .future import TaskFuture
+from .ordered import TaskQueue
 from .routing import Router
-from .tasks import Task
+from .tasks import Source, Task
 from .workerstate import WorkerState
 
 

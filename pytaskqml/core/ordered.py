@@ -13,46 +13,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
-from .tasks import RUN, Task
+from .tasks import RUN, Source, Task
 
 OverflowPolicy = Literal["block", "drop_oldest", "reject"]
 OVERFLOW_POLICIES: tuple[str, ...] = ("block", "drop_oldest", "reject")
-
-
-class Source:
-    """Where queued work comes from - one stream, one ``map()`` call, one ingress producer, or
-    ``submit()`` - and its own figures. The queue is fair between sources (``weight`` tasks
-    per turn, see :class:`FairQueue`); the counters are kept by the scheduler under its
-    lock."""
-
-    __slots__ = (
-        "__weakref__",
-        "dropped",
-        "items_in",
-        "lags",
-        "name",
-        "processed",
-        "vfinish",
-        "weight",
-    )
-
-    def __init__(self, name: str, weight: int = 1) -> None:
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
-            raise ValueError("weight must be an int >= 1")
-        self.name = name
-        self.weight = weight
-        self.items_in = 0  # admitted
-        self.processed = 0  # a result or an error came back
-        self.dropped = 0  # by an overflow policy
-        self.lags: deque[float] = deque(maxlen=SOURCE_LAG_SAMPLES)  # submission to result
-        self.vfinish = 0.0  # the queue's virtual time at which its last task was served
-
-    def __repr__(self) -> str:
-        return f"<Source {self.name!r} weight={self.weight}>"
-
-
-# Latency samples kept per source for its percentiles.
-SOURCE_LAG_SAMPLES = 2048
 
 
 # Lanes kept (those with nothing waiting too) before the idle ones are forgotten.

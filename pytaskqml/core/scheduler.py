@@ -50,13 +50,13 @@ import weakref
 from collections import deque
 from typing import Any
 
-from ..engine.delivery import TaskFuture
 from ..errors import TaskFailed
 from .endings import Endings
+from .future import TaskFuture
 from .histogram import Histogram, bucket
-from .ordered import Source, TaskQueue
+from .ordered import TaskQueue
 from .routing import ModelEvents, Router
-from .tasks import CHUNK, ERROR, OK, RUN, LateResult, Task, late_results, outcomes
+from .tasks import CHUNK, ERROR, OK, RUN, LateResult, Source, Task, late_results, outcomes
 from .workerstate import WorkerState, leader
 
 log = logging.getLogger(__name__)

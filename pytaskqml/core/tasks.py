@@ -2,29 +2,63 @@
 
 A :class:`Task` lives from admission until its outcome is delivered. An *outcome* is a pair
 ``(kind, value)``; for a sink that wants submission order it travels as ``(seq, kind, value)``.
-The kinds that also travel as result flags on the wire take their values from
-:mod:`._protocol`, so there is one definition of each.
+The kinds that also travel as result flags on the wire (OK, ERROR, CHUNK, RUN) have the
+values of the wire's ``RESULT_*`` flags (:mod:`pytaskqml.wire.protocol`), so a result row's
+flag is its outcome kind; the core imports nothing from the wire, and tests/test_protocol.py
+checks that the two agree.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-from ..wire.protocol import RESULT_CHUNK, RESULT_ERROR, RESULT_OK, RESULT_RUN
-
-if TYPE_CHECKING:
-    from .ordered import Source
+from typing import Any
 
 # Outcome kinds.
-OK = RESULT_OK  # value: the result
-ERROR = RESULT_ERROR  # value: the exception (TaskFailed, WorkerLostError, ...)
-CHUNK = RESULT_CHUNK  # value: [(OK or ERROR, value), ...], one per item of a chunk
+OK = 0  # value: the result
+ERROR = 1  # value: the exception (TaskFailed, WorkerLostError, ...)
+CHUNK = 2  # value: [(OK or ERROR, value), ...], one per item of a chunk
 TIMEOUT = 3  # value: a TaskTimeout marker
 DROPPED = 4  # value: None; dropped by the overflow policy (or never admitted)
 CANCELLED = 5  # value: None or the reason (an exception)
-RUN = RESULT_RUN  # value: [result, ...] of a chunk whose items all succeeded
+RUN = 6  # value: [result, ...] of a chunk whose items all succeeded
 END = 99  # value: None; a stream's end, after its last item
+
+
+class Source:
+    """Where queued work comes from - one stream, one ``map()`` call, one ingress producer, or
+    ``submit()`` - and its own figures. The queue is fair between sources (``weight`` tasks
+    per turn, see :class:`FairQueue`); the counters are kept by the scheduler under its
+    lock."""
+
+    __slots__ = (
+        "__weakref__",
+        "dropped",
+        "items_in",
+        "lags",
+        "name",
+        "processed",
+        "vfinish",
+        "weight",
+    )
+
+    def __init__(self, name: str, weight: int = 1) -> None:
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError("weight must be an int >= 1")
+        self.name = name
+        self.weight = weight
+        self.items_in = 0  # admitted
+        self.processed = 0  # a result or an error came back
+        self.dropped = 0  # by an overflow policy
+        self.lags: deque[float] = deque(maxlen=SOURCE_LAG_SAMPLES)  # submission to result
+        self.vfinish = 0.0  # the queue's virtual time at which its last task was served
+
+    def __repr__(self) -> str:
+        return f"<Source {self.name!r} weight={self.weight}>"
+
+
+# Latency samples kept per source for its percentiles.
+SOURCE_LAG_SAMPLES = 2048
 
 
 def span(kind: int, value: Any) -> int:

@@ -1,1 +1,11 @@
-"""TODO"""
+"""The threaded shell around the core: where workers run and how work reaches them.
+
+The engine (``engine``: one lock, the deadline thread, delivery with the lock released) and
+what the front asks of it about workers (``workerops``); handles (``handles``: the interface,
+thread workers; ``remote``: workers over a connection); spawned pools (``pool``, ``launch``,
+``seats``, ``supervisor``, ``autoscale``), the dialer (``links``); delivery and the callback
+thread (``delivery``), task building (``intake``), ``map()``/``stream()`` iteration
+(``iterate``, ``progress``), named models (``modelreg``) and broadcasts (``broadcast``).
+
+May import: ``pytaskqml.errors``, ``core``, ``wire``, ``buffers`` and ``worker``.
+"""

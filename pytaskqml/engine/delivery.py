@@ -14,15 +14,17 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, InvalidStateError, _base
+from concurrent.futures import InvalidStateError
 from typing import Any
 
+from ..core.future import TaskFuture
 from ..core.tasks import CANCELLED, ERROR, OK, TIMEOUT, Task, outcomes
 from ..errors import ClosedError
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CallbackRunner", "Changes", "TaskFuture", "deliver", "deliver_all"]
 
 
 class CallbackRunner:
@@ -77,54 +79,6 @@ def _run(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         fn(*args)
     except Exception:
         log.exception("callback %r raised", fn)
-
-
-class _Condition(threading.Condition):
-    """A condition on a plain lock, for futures: ``threading.Condition`` binds five methods of
-    its lock to every instance, and with a future per task those bound methods were most of
-    the objects the garbage collector had to walk (200,000 pending futures: ~1,000,000 of
-    them, making each full collection cost a few hundred milliseconds). The class's own
-    methods do the same through ``self._lock``. A future never re-enters its lock, so a plain
-    lock serves."""
-
-    def __init__(self) -> None:  # no super().__init__: nothing to bind
-        self._lock = threading.Lock()
-        self._waiters: deque[Any] = deque()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-
-class TaskFuture(Future[Any]):
-    """The :class:`concurrent.futures.Future` that ``submit()`` returns.
-
-    It behaves as any Future, except that a done-callback added before the future finished runs
-    on the coordinator's callback thread (see the module's docstring); one added to a finished
-    future runs at once in the adding thread, as the standard library documents.
-    """
-
-    # Set by whoever creates it (an attribute, not an __init__ argument: one call less on the
-    # path of every submit()).
-    _runner: CallbackRunner
-
-    def __init__(self) -> None:
-        # Future.__init__'s fields, with the lighter condition.
-        self._condition = _Condition()
-        self._state = _base.PENDING
-        self._result = None
-        self._exception = None
-        self._waiters = []
-        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
-
-    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
-        if self.done():
-            super().add_done_callback(fn)
-            return
-        call = self._runner.call
-        super().add_done_callback(lambda f: call(fn, f))
 
 
 def deliver(task: Task, kind: int, value: Any) -> None:

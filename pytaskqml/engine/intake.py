@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..buffers.pool import BufferPool
-from ..core.ordered import Source
-from ..core.tasks import Route, Task
+from ..core.tasks import Route, Source, Task
 from ..wire import codec as _codec
 from .engine import Engine
 

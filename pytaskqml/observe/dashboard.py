@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,7 +39,6 @@ from . import metrics as _metrics
 
 if TYPE_CHECKING:
     from ..ingress.server import IngressStats
-    from ..pipeline.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,27 @@ class PipelineSnapshot:
     latency: HistogramSnapshot | None = None  # the pipeline does not time items end to end
 
 
-def pipeline_snapshot(pipeline: Pipeline, uptime: float) -> PipelineSnapshot:
+class PipelineCounts(Protocol):
+    """What a served pipeline's statistics give the page (``PipelineStats``)."""
+
+    @property
+    def stages(self) -> Mapping[str, Statistics]: ...
+    @property
+    def items_in(self) -> int: ...
+    @property
+    def items_out(self) -> int: ...
+
+
+class ServedPipeline(Protocol):
+    """What the page reads of a served pipeline (a :class:`pytaskqml.pipeline.Pipeline`; the
+    pipeline layer sits above this one, so its type is described here, not imported)."""
+
+    @property
+    def name(self) -> str: ...
+    def statistics(self) -> PipelineCounts: ...
+
+
+def pipeline_snapshot(pipeline: ServedPipeline, uptime: float) -> PipelineSnapshot:
     """One pass over the pipeline's stages (each one :meth:`Coordinator.statistics`)."""
     s = pipeline.statistics()
     rows = tuple(
@@ -505,7 +524,7 @@ def pipeline_status_document(
 
 def install_service(
     control: ControlServer,
-    pipeline: Callable[[], Pipeline | None],
+    pipeline: Callable[[], ServedPipeline | None],
     ingress: Callable[[], list[IngressStats]],
     *,
     open_metrics: bool = False,

@@ -43,7 +43,7 @@ from .format import (
     result_fields,
     stream_entries,
 )
-from .queue import RedisQueue, require_redis
+from .settings import QueueSettings, require_redis
 from .writer import HeldEntry, Op, ResultWriter, result_of
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class QueueFeed:
 
     abandoned = False  # the sink protocol: nobody abandons a queue's entries
 
-    def __init__(self, q: RedisQueue, coord: Coordinator, consumer: str) -> None:
+    def __init__(self, q: QueueSettings, coord: Coordinator, consumer: str) -> None:
         self.queue = q
         self.consumer = consumer
         self._coord = coord

@@ -65,8 +65,8 @@ from .format import (
     stream_entries,
     task_fields,
 )
-from .queue import RedisQueue, require_redis
 from .results import MapSink, ResumeBuffer, outcomes
+from .settings import QueueSettings, require_redis
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class RedisClient:
 
     def __init__(
         self,
-        queue: RedisQueue,
+        queue: QueueSettings,
         name: str | None = None,
         *,
         max_outstanding: int = 65_536,

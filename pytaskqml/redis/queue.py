@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from ..wire.connection import is_loopback
 from .format import check_name
+from .settings import require_redis
 
 if TYPE_CHECKING:
     from ..coordinator import Coordinator
@@ -47,17 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _warned_plain: set[str] = set()
-
-
-def require_redis() -> Any:
-    """The ``redis`` module, or an ImportError that says how to get it."""
-    try:
-        import redis
-    except ImportError:
-        raise ImportError(
-            "the Redis queue needs redis-py: pip install 'pytaskqml[redis]' (or redis>=5)"
-        ) from None
-    return redis
 
 
 class RedisQueue:

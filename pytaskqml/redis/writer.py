@@ -22,7 +22,7 @@ from ..core.tasks import CANCELLED, DROPPED, ERROR, OK, RUN, TIMEOUT
 from ..errors import ClosedError, NoWorkersError, WorkerStartError
 from ..wire.endpoints import Backoff
 from .format import FLAG_ERROR, FLAG_OK, FLAG_TIMEOUT, TaskEntry, error_value, result_fields
-from .queue import RedisQueue, require_redis
+from .settings import QueueSettings, require_redis
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ResultWriter:
 
     def __init__(
         self,
-        q: RedisQueue,
+        q: QueueSettings,
         consumer: str,
         done: Callable[[list[Op], int, int], None],
         on_error: Callable[[], None],

@@ -1,1 +1,9 @@
-"""TODO"""
+"""The wire: everything that crosses a socket, and nothing that decides what to send.
+
+Framing (``protocol``: versioned length-prefixed frames, sans-IO), payloads (``codec``: JSON
+plus out-of-band buffers), the connection (``connection``: the only code that touches a worker
+connection's socket), the mutual HMAC handshake and TLS (``auth``), acceptor and dialling
+(``endpoints``), and the HTTP control endpoint and its client (``control``).
+
+May import: ``pytaskqml.errors`` only.
+"""

@@ -1,1 +1,8 @@
-"""TODO"""
+"""What runs in a worker: the ``Worker`` base class (``base``), the ``Model`` contract and a
+worker's model table (``models``), plain functions as workers (``functions``), start-up shared
+by spawned children and the CLI (``bootstrap``), a worker process's serve loop (``serve``,
+``readysend``, ``results``) and a spawned worker's entry point (``child``:
+``python -m pytaskqml.worker.child``).
+
+May import: ``pytaskqml.errors``, ``wire``, ``core`` (records) and ``buffers``.
+"""
