@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pytaskqml import Coordinator, Worker, get_health
+from pytaskqml import Coordinator, Worker
 from pytaskqml.wire import codec as _codec
+from pytaskqml.wire import get_health
 from pytaskqml.wire import protocol as _protocol
 
 ROOT = Path(__file__).resolve().parent.parent

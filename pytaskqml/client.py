@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 64
 
+__all__ = ["Client", "ClientStats", "ClientStream"]
+
 
 @dataclass(frozen=True, slots=True)
 class ClientStats:

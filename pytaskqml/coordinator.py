@@ -59,9 +59,7 @@ from .engine.progress import Progress
 from .engine.remote import Heartbeats
 from .engine.supervisor import Supervisor
 from .errors import ClosedError
-from .ingress.http import install_http_ingress
 from .ingress.server import IngressHost
-from .observe.dashboard import install_coordinator as install_status
 from .wire import protocol as _protocol
 from .wire.auth import resolve_authkey
 from .wire.control import ControlServer, ControlStats
@@ -129,7 +127,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
     - ``max_buffer_bytes`` (1 GiB): address space of the :meth:`buffer` pool (memory is used
       only by the buffers written; 0: none).
     - ``name`` (``"coordinator"``): shown in logs, thread names and the status page.
-    - ``queue`` (None): a :class:`~pytaskqml.RedisQueue` whose entries run on these workers,
+    - ``queue`` (None): a :class:`~pytaskqml.redis.RedisQueue` whose entries run on these workers,
       their results going back to their producers.
 
     Raises ``ValueError`` for an unknown ``overflow``, a count or time that is not positive,
@@ -390,7 +388,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         check_priority(priority)
         check_weight(weight)
         if not isinstance(progress, bool | Progress):
-            raise TypeError("progress must be True, False or a pytaskqml.Progress")
+            raise TypeError("progress must be True, False or a pytaskqml.engine.Progress")
         self._check_open()
         route, per_item = item_routes(self._route, model, key, with_meta)
         if per_item:
@@ -556,6 +554,11 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         *keyless_actions* opens them to loopback clients (every local user). ``POST
         /models/load`` may name only the model classes of *allow_models* (class objects or
         ``"module:Class"``; see :meth:`Models.allow`)."""
+        # The status page and the HTTP ingress are imported here, on first use: a coordinator
+        # that serves no endpoint never loads them.
+        from .ingress.http import install_http_ingress
+        from .observe.dashboard import install_coordinator as install_status
+
         coord = self
         if coord._control is not None:
             raise RuntimeError("the control endpoint is already running")

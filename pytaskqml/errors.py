@@ -30,6 +30,21 @@ Timeouts reuse the builtin :class:`TimeoutError`; cancellation reuses
 
 from __future__ import annotations
 
+__all__ = [
+    "AuthenticationError",
+    "ClosedError",
+    "ConnectionLost",
+    "EntryLostError",
+    "ModelLoadError",
+    "NoWorkersError",
+    "ProtocolError",
+    "PyTaskQMLError",
+    "RemoteTraceback",
+    "TaskFailed",
+    "WorkerLostError",
+    "WorkerStartError",
+]
+
 
 class PyTaskQMLError(Exception):
     """Base class of every error pytaskqml raises on purpose."""
@@ -98,7 +113,7 @@ class ModelLoadError(WorkerStartError):
 
 
 class EntryLostError(PyTaskQMLError):
-    """A :class:`~pytaskqml.RedisClient`'s task will not run: Redis lost the entry that held
+    """A :class:`~pytaskqml.redis.RedisClient`'s task will not run: Redis lost the entry that held
     it (a restart without persistence, the stream or group deleted) and the producer was told
     not to submit it again (``on_lost="fail"``), or Redis did not answer for longer than the
     producer's ``lost_timeout``."""

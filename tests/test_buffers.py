@@ -25,12 +25,13 @@ from shm_workers import (  # noqa: E402
     digest,
 )
 
-from pytaskqml import Coordinator, ProtocolError  # noqa: E402
+from pytaskqml import Coordinator  # noqa: E402
 from pytaskqml.buffers import pool as _bufpool  # noqa: E402
 from pytaskqml.buffers import poolview as _poolview  # noqa: E402
 from pytaskqml.buffers import shm as _shm  # noqa: E402
 from pytaskqml.core.tasks import Task  # noqa: E402
 from pytaskqml.engine.intake import Intake  # noqa: E402
+from pytaskqml.errors import ProtocolError  # noqa: E402
 from pytaskqml.wire import codec as _codec  # noqa: E402
 
 MIB = 1 << 20

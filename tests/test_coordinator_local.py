@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 from sample_workers import Batched, Counted, Echo, Faulty, Square
 
-from pytaskqml import (
-    ClosedError,
-    Coordinator,
-    RemoteTraceback,
-    TaskFailed,
-    TaskTimeout,
-    Worker,
-    WorkerStartError,
-)
+from pytaskqml import ClosedError, Coordinator, TaskFailed, TaskTimeout, Worker, WorkerStartError
 from pytaskqml.core.ordered import ReorderBuffer
 from pytaskqml.core.tasks import OK, RUN
+from pytaskqml.errors import RemoteTraceback
 
 T = 10  # seconds: the bound on every blocking call in these tests
 

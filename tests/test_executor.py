@@ -23,17 +23,10 @@ import executor_funcs as f
 import pytest
 from conftest import ROOT, Procs, child_env, free_port, read_line_with
 
-from pytaskqml import (
-    Coordinator,
-    Executor,
-    FunctionWorker,
-    ModelLoadError,
-    RemoteTraceback,
-    TaskFailed,
-    WorkerLostError,
-    WorkerStartError,
-)
+from pytaskqml import Coordinator, Executor, TaskFailed, WorkerLostError, WorkerStartError
+from pytaskqml.errors import ModelLoadError, RemoteTraceback
 from pytaskqml.executor import caller_error
+from pytaskqml.worker import FunctionWorker
 from pytaskqml.worker.functions import function_target
 
 T = 30.0

@@ -19,14 +19,8 @@ import pytest
 from conftest import Procs, read_line_with, wait_for
 from sample_workers import Echo, Faulty, Pid, Square
 
-from pytaskqml import (
-    AuthenticationError,
-    Client,
-    ClosedError,
-    ConnectionLost,
-    Coordinator,
-    TaskFailed,
-)
+from pytaskqml import Client, ClosedError, Coordinator, TaskFailed
+from pytaskqml.errors import AuthenticationError, ConnectionLost
 from pytaskqml.ingress import server as _ingress
 from pytaskqml.wire import protocol as _protocol
 from pytaskqml.wire.endpoints import dial_once

@@ -297,7 +297,8 @@ def test_a_cli_worker_with_a_key_opens_metrics_only_when_told(procs: Procs, tmp_
 def test_metrics_show_models_pools_and_ingress_producers() -> None:
     from model_workers import Broken, Scale
 
-    from pytaskqml import Client, ModelLoadError
+    from pytaskqml import Client
+    from pytaskqml.errors import ModelLoadError
 
     with Coordinator() as coord:
         coord.spawn(Echo, processes=(1, 2))

@@ -17,16 +17,11 @@ import pytest
 from conftest import Procs, child_env, free_port, pid_alive, read_line_with, wait_for
 from sample_workers import Churn, Echo, Hang, Pid, Poison, SetupFails, Square, WordCount
 
-from pytaskqml import (
-    ConnectionLost,
-    Coordinator,
-    WorkerLostError,
-    WorkerStartError,
-    get_health,
-    request_shutdown,
-)
+from pytaskqml import Coordinator, WorkerLostError, WorkerStartError
+from pytaskqml.errors import ConnectionLost
 from pytaskqml.wire import auth as _auth
 from pytaskqml.wire import connection as _connection
+from pytaskqml.wire import get_health, request_shutdown
 from pytaskqml.wire import protocol as _protocol
 
 T = 20.0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytaskqml import ProtocolError
+from pytaskqml.errors import ProtocolError
 from pytaskqml.wire import codec as _codec
 from pytaskqml.wire import protocol as _protocol
 from pytaskqml.wire.protocol import FrameDecoder, Message

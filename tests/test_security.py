@@ -42,17 +42,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sample_workers import Echo
 
-from pytaskqml import (
-    AuthenticationError,
-    ConnectionLost,
-    Coordinator,
-    ProtocolError,
-    get_health,
-    request_shutdown,
-)
+from pytaskqml import Coordinator
+from pytaskqml.errors import AuthenticationError, ConnectionLost, ProtocolError
 from pytaskqml.wire import auth as _auth
 from pytaskqml.wire import codec as _codec
 from pytaskqml.wire import connection as _connection
+from pytaskqml.wire import get_health, request_shutdown
 from pytaskqml.wire import protocol as _protocol
 from pytaskqml.worker.serve import WorkerServer
 

@@ -25,7 +25,7 @@ import os
 import tempfile
 from typing import Any
 
-from ..wire.codec import _np
+from ..wire.codec import import_numpy, loaded_numpy
 
 _KIND = "pytaskqml-file"
 
@@ -35,11 +35,12 @@ def spill(data: Any, *, directory: str | None = None) -> dict[str, Any]:
     in *directory* (default: the system's temporary directory) and return its reference.
     ``TypeError`` for any other type; ``OSError`` if the file cannot be written."""
     ref: dict[str, Any] = {"kind": _KIND}
-    if _np is not None and isinstance(data, _np.ndarray):
+    np = loaded_numpy()
+    if np is not None and isinstance(data, np.ndarray):
         if data.dtype.hasobject or data.dtype.fields is not None:
             raise TypeError(f"arrays of dtype {data.dtype} cannot be handed over")
-        arr = _np.ascontiguousarray(data)
-        view = memoryview(arr.reshape(-1).view(_np.uint8))
+        arr = np.ascontiguousarray(data)
+        view = memoryview(arr.reshape(-1).view(np.uint8))
         ref.update(dtype=arr.dtype.str, shape=list(arr.shape))
     elif isinstance(data, bytes | bytearray | memoryview):
         view = (
@@ -75,12 +76,13 @@ def load(ref: dict[str, Any], *, delete: bool = False) -> Any:
         raise ValueError(f"{path} holds {size} bytes but the reference says {nbytes}")
     try:
         if "dtype" in ref:
-            if _np is None:
+            np = import_numpy()
+            if np is None:
                 raise RuntimeError("loading an array needs NumPy")
-            dtype, shape = _np.dtype(ref["dtype"]), tuple(ref["shape"])
+            dtype, shape = np.dtype(ref["dtype"]), tuple(ref["shape"])
             if delete:
-                return _np.fromfile(path, dtype=dtype).reshape(shape)
-            return _np.memmap(path, dtype=dtype, mode="r", shape=shape)
+                return np.fromfile(path, dtype=dtype).reshape(shape)
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape)
         with open(path, "rb") as f:
             return f.read()
     finally:

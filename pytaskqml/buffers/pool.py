@@ -89,7 +89,7 @@ def pool_supported() -> bool:
     return (
         sys.platform.startswith("linux")
         and hasattr(mmap, "MADV_DONTNEED")
-        and (_codec._np is not None)
+        and (_codec.import_numpy() is not None)
     )
 
 
@@ -261,7 +261,7 @@ class BufferPool:
     def take(self, shape: tuple[int, ...], dtype: Any, wait: float) -> Any:
         """A pool array of *shape* and *dtype*, waiting up to *wait* seconds for a free slot;
         ``None`` when it cannot come from the pool (full, closed, larger than the pool)."""
-        np = _codec._np
+        np = _codec.import_numpy()
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         length = max(1, -(-nbytes // _shm.SLOT_GRANULE))
         started = time.monotonic()
@@ -466,7 +466,7 @@ class Buffers:
         return None if pool is None or pool._closed else (pool.fd, pool.token)
 
     def buffer(self, shape: int | Sequence[int], dtype: Any, wait: float) -> Any:
-        np = _codec._np
+        np = _codec.import_numpy()
         if np is None:
             raise RuntimeError("coord.buffer() needs NumPy (pip install numpy)")
         dt = np.dtype(dtype)

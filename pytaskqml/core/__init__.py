@@ -9,3 +9,20 @@ records (``histogram``, ``stats``).
 
 May import: ``pytaskqml.errors`` only. A higher layer's type it needs is a ``Protocol`` here.
 """
+
+from .histogram import HistogramSnapshot
+from .stats import BufferStats, ModelStats, QueueStats, SourceStats, Statistics, WorkerStats
+from .tasks import LateResult, ModelResult, TaskTimeout
+
+__all__ = [
+    "BufferStats",
+    "HistogramSnapshot",
+    "LateResult",
+    "ModelResult",
+    "ModelStats",
+    "QueueStats",
+    "SourceStats",
+    "Statistics",
+    "TaskTimeout",
+    "WorkerStats",
+]

@@ -9,3 +9,9 @@ thread (``delivery``), task building (``intake``), ``map()``/``stream()`` iterat
 
 May import: ``pytaskqml.errors``, ``core``, ``wire``, ``buffers`` and ``worker``.
 """
+
+from .broadcast import Broadcast
+from .iterate import Stream
+from .progress import Progress
+
+__all__ = ["Broadcast", "Progress", "Stream"]

@@ -268,7 +268,7 @@ class Intake:
 
 def _pool_arrays(value: Any, pool: BufferPool, found: list[Any], depth: int) -> None:
     """Collect the arrays in *value* (an encodable payload) whose memory lies in *pool*."""
-    np = _codec._np
+    np = _codec.loaded_numpy()
     if np is not None and isinstance(value, np.ndarray):
         if value.nbytes and pool.holds(value):
             found.append(value)

@@ -5,3 +5,7 @@ HTTP JSON ingress on a control endpoint (``http``). ``pytaskqml.Client`` is thei
 May import: ``pytaskqml.errors``, ``wire`` and ``core``. (They sit below the front because a
 :class:`~pytaskqml.Coordinator` serves them itself.)
 """
+
+from .server import IngressServer, IngressStats
+
+__all__ = ["IngressServer", "IngressStats"]

@@ -5,3 +5,8 @@ TOML/JSON file (``config``).
 May import: the front (``pytaskqml.coordinator``, ``pytaskqml.errors``), ``engine``,
 ``worker``, ``core`` and ``wire``.
 """
+
+from .pipeline import Pipeline, PipelineStats, PipelineStream
+from .stages import Branches, Stage
+
+__all__ = ["Branches", "Pipeline", "PipelineStats", "PipelineStream", "Stage"]

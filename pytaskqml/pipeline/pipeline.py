@@ -102,7 +102,7 @@ class PipelineStats:
 
 
 class PipelineStream:
-    """The pipeline's counterpart of :class:`pytaskqml.Stream` (same interface): ``put()``
+    """The pipeline's counterpart of :class:`pytaskqml.engine.Stream` (same interface): ``put()``
     blocks while ``buffersize`` items are outstanding and raises :class:`ClosedError` after
     :meth:`close` or :meth:`end`; iterating yields results in submission order. A failed item
     yields its exception (``on_error="return"``) or raises it (``"raise"``), its ``stage``

@@ -76,12 +76,13 @@ class Stage:
     its items to that named model (see :attr:`Coordinator.models`) instead of the worker's
     ``process()``; ``load`` (a :class:`~pytaskqml.Model` subclass or its ``"module:Class"``
     name) with ``config`` and ``version`` loads it on the stage's workers when the stage
-    starts, and *worker* defaults to :class:`~pytaskqml.ModelWorker`. ``timeout`` bounds each item
-    here (from when it enters the stage); ``buffersize`` is how many items may be in this
-    stage at once; ``max_queue``, ``overflow``, ``window``, ``max_retries`` and ``authkey``
-    are the stage coordinator's: with ``overflow="reject"`` an item that finds ``max_queue``
-    items waiting fails with :class:`queue.Full`, with ``"drop_oldest"`` the oldest waiting
-    one is cancelled - either way in its place, marked, and the later stages skip it.
+    starts, and *worker* defaults to :class:`~pytaskqml.worker.ModelWorker`. ``timeout``
+    bounds each item here (from when it enters the stage); ``buffersize`` is how many items
+    may be in this stage at once; ``max_queue``, ``overflow``, ``window``, ``max_retries``
+    and ``authkey`` are the stage coordinator's: with ``overflow="reject"`` an item that
+    finds ``max_queue`` items waiting fails with :class:`queue.Full`, with ``"drop_oldest"``
+    the oldest waiting one is cancelled - either way in its place, marked, and the later
+    stages skip it.
     """
 
     def __init__(

@@ -8,3 +8,8 @@ results it writes back (``writer``), a producer's ``RedisClient`` (``client``) a
 May import: the front (``pytaskqml.coordinator``, ``pytaskqml.errors``), ``engine``, ``core``
 and ``wire``.
 """
+
+from .client import ProducerStats, RedisClient
+from .queue import RedisQueue
+
+__all__ = ["ProducerStats", "RedisClient", "RedisQueue"]

@@ -29,9 +29,9 @@ look, its result has not come: a coordinator deletes an entry only after it wrot
 so a missing entry without a result is not merely finished. A lost entry is submitted again
 under the same numbers (``on_lost="resubmit"``; a result of the first submission that still
 comes is a duplicate, dropped as any other), or its items fail with
-:class:`~pytaskqml.EntryLostError` (``on_lost="fail"``). While Redis does not answer at all,
+:class:`~pytaskqml.errors.EntryLostError` (``on_lost="fail"``). While Redis does not answer at all,
 nothing can be checked: after ``lost_timeout`` seconds of that the outstanding items fail
-with :class:`~pytaskqml.EntryLostError` instead of waiting on.
+with :class:`~pytaskqml.errors.EntryLostError` instead of waiting on.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ class RedisClient:
 
     An entry Redis lost (restarted without persistence, stream deleted) is noticed within
     about a second and submitted again (``on_lost="resubmit"``) or failed with
-    :class:`~pytaskqml.EntryLostError` (``on_lost="fail"``); while Redis does not answer for
+    :class:`~pytaskqml.errors.EntryLostError` (``on_lost="fail"``); while Redis does not answer for
     longer than ``lost_timeout`` seconds (``None``: no limit) the outstanding items fail with
-    :class:`~pytaskqml.EntryLostError`. See the module's docstring.
+    :class:`~pytaskqml.errors.EntryLostError`. See the module's docstring.
     """
 
     def __init__(

@@ -7,3 +7,8 @@ connection's socket), the mutual HMAC handshake and TLS (``auth``), acceptor and
 
 May import: ``pytaskqml.errors`` only.
 """
+
+from .auth import tls_client_context, tls_server_context
+from .control import get_health, request_shutdown
+
+__all__ = ["get_health", "request_shutdown", "tls_client_context", "tls_server_context"]

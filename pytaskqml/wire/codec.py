@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from json.encoder import encode_basestring_ascii as _quote
@@ -43,11 +44,33 @@ from typing import Any, Protocol
 
 from ..errors import ProtocolError
 
-_np: Any
-try:  # numpy is optional: used when importable, never required.
-    import numpy as _np
-except ImportError:  # pragma: no cover - exercised on machines without numpy
-    _np = None
+# numpy is optional: used when importable, never required, and never imported by
+# `import pytaskqml`. An object can only be an array once numpy is loaded, so encoding looks
+# for it in sys.modules (loaded_numpy); decoding an array imports it (import_numpy).
+_np: Any = None
+_np_tried = False
+
+
+def loaded_numpy() -> Any:
+    """numpy if something has imported it already, else None."""
+    global _np
+    if _np is None:
+        _np = sys.modules.get("numpy")
+    return _np
+
+
+def import_numpy() -> Any:
+    """numpy, imported now if it is importable (to build arrays from buffers), else None."""
+    global _np, _np_tried
+    if _np is None and not _np_tried:
+        _np_tried = True
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - exercised on machines without numpy
+            return None
+        _np = numpy
+    return _np
+
 
 MARKER_KEY = "\x00pq"
 # How the key looks inside encoded JSON text (json escapes the NUL byte).
@@ -102,13 +125,14 @@ def _default(obj: Any) -> Any:
                 return {MARKER_KEY: [offset, mv.nbytes]}
         state.bufs.append(mv)
         return {MARKER_KEY: mv.nbytes}
-    if _np is not None:
-        if isinstance(obj, _np.ndarray):
+    np = _np if _np is not None else loaded_numpy()
+    if np is not None:
+        if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
             # (ascontiguousarray would make a 0-d array 1-d: only copy what is not contiguous)
-            arr = obj if obj.flags.c_contiguous else _np.ascontiguousarray(obj)
-            flat = memoryview(arr.reshape(-1).view(_np.uint8))
+            arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
+            flat = memoryview(arr.reshape(-1).view(np.uint8))
             if state.lend is not None and flat.nbytes >= state.min_shared:
                 offset = state.lend(arr)
                 if offset is not None:  # already in the pool: only its place travels
@@ -121,7 +145,7 @@ def _default(obj: Any) -> Any:
                     return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset]}
             state.bufs.append(flat)
             return {MARKER_KEY: [arr.dtype.str, list(arr.shape)]}
-        if isinstance(obj, _np.generic):
+        if isinstance(obj, np.generic):
             return obj.item()
     raise TypeError(
         f"Object of type {type(obj).__name__} is not JSON serializable "
@@ -202,7 +226,8 @@ def _copy(obj: Any) -> Any:
         if MARKER_KEY in out and len(out) == 1:
             raise ValueError(f"a payload dict may not use the reserved key {MARKER_KEY!r}")
         return out
-    if _np is not None and cls is _np.ndarray:
+    np = _np if _np is not None else loaded_numpy()
+    if np is not None and cls is np.ndarray:
         if obj.dtype.hasobject or obj.dtype.fields is not None:
             raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
         return obj.copy(order="C")
@@ -294,7 +319,8 @@ def make_object_hook(
             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in spec[1])
         ):
             try:
-                dtype = _np.dtype(spec[0]) if _np is not None else None
+                np = import_numpy()
+                dtype = np.dtype(spec[0]) if np is not None else None
             except TypeError as exc:
                 raise ProtocolError(f"bad array dtype {spec[0]!r}") from exc
             segment = 0
@@ -320,7 +346,7 @@ def make_object_hook(
                     f"buffer holds {mv.nbytes} bytes, array {spec[0]}{spec[1]} needs "
                     f"{_prod(spec[1]) * dtype.itemsize}"
                 )
-            base = _np.frombuffer(mv, dtype=dtype)
+            base = np.frombuffer(mv, dtype=dtype)
             if len(spec) >= 3:
                 assert shared is not None
                 # every view made from here on keeps `base` alive

@@ -6,3 +6,9 @@ by spawned children and the CLI (``bootstrap``), a worker process's serve loop (
 
 May import: ``pytaskqml.errors``, ``wire``, ``core`` (records) and ``buffers``.
 """
+
+from .base import Worker
+from .functions import FunctionWorker
+from .models import Model, ModelWorker
+
+__all__ = ["FunctionWorker", "Model", "ModelWorker", "Worker"]
