@@ -509,7 +509,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
     port = free_port()
     allow = json.dumps({"allow": ["executor_funcs:square", "executor_funcs:add"]})
     worker = procs.cli(
-        "worker", "pytaskqml:FunctionWorker", "--kwargs", allow, "--models", str(models),
+        "worker", "pytaskqml.worker:FunctionWorker", "--kwargs", allow, "--models", str(models),
         "--listen", f"127.0.0.1:{port}", "--no-control",
         env=child_env(PYTASKQML_TEST_IMPORT_MARK=str(mark)),
     )  # fmt: skip
@@ -547,7 +547,7 @@ def test_the_cli_refuses_a_function_worker_without_a_list_it_can_import(
     kwargs: dict[str, Any], says: str
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pytaskqml", "worker", "pytaskqml:FunctionWorker",
+        [sys.executable, "-m", "pytaskqml", "worker", "pytaskqml.worker:FunctionWorker",
          "--kwargs", json.dumps(kwargs), "--listen", "127.0.0.1:0", "--no-control"],
         cwd=str(ROOT / "tests"), env=child_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -507,7 +507,7 @@ def _pool(spec: dict[str, Any]) -> str:
     if not parts:
         parts.append("1 thread")
     extra = [f"{k} {spec[k]}" for k in ("timeout", "buffersize", "kwargs") if k in spec]
-    what = spec.get("worker", "pytaskqml:ModelWorker")
+    what = spec.get("worker", "pytaskqml.worker:ModelWorker")
     if "model" in spec:
         what += f" serving model {spec['model']}" + (f" ({spec['load']})" if "load" in spec else "")
     return f"{what} on {', '.join(parts)}" + (f" ({'; '.join(extra)})" if extra else "")

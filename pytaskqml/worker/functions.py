@@ -12,7 +12,7 @@ whoever starts it:
 * ``FunctionWorker("myapp:f")`` (what ``Coordinator.spawn(f)`` and ``add_local(f)`` build):
   one function; each task's payload is its one argument.
 * ``FunctionWorker(allow=["myapp:f", "myapp:g"])`` (``pytaskqml worker
-  pytaskqml:FunctionWorker --kwargs '{"allow": [...]}'``): tasks ``["module:function",
+  pytaskqml.worker:FunctionWorker --kwargs '{"allow": [...]}'``): tasks ``["module:function",
   [args...], {kwargs}]`` naming one of those; any other name is refused with
   ``PermissionError`` before anything is imported. ``pytaskqml worker`` runs a FunctionWorker
   only with such a list (see :meth:`FunctionWorker.standalone_problem`).
