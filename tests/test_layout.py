@@ -149,7 +149,7 @@ def test_modules_import_each_other_without_a_cycle() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-def test_the_package_imports_each_layer_from_its_own_folder() -> None:
+def test_only_the_front_lives_at_the_top_of_the_package() -> None:
     # a module's layer is its folder: nothing else is at the top but the front
     top = {p.stem for p in PACKAGE.glob("*.py")}
     assert top == {
