@@ -18,7 +18,7 @@ one JSON line per run goes to stdout, progress and, at the end, a readable table
 ``--sizes`` instead measures pytaskqml's ordered ``map()`` on buffers of 16 KiB to 4 MiB whose
 ``process()`` reads one byte, with shared memory and over the socket: the data behind the
 64 KiB threshold above which the library sends buffers through shared memory
-(``pytaskqml._shm.MIN_BYTES``).
+(``pytaskqml.buffers.shm.MIN_BYTES``).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def verdict(results: list[dict[str, Any]]) -> str:
 def shared_threshold(nbytes: int | None) -> Iterator[None]:
     """Temporarily set the library's shared-memory threshold (None: leave it), so that the
     shared-memory path can be timed below the 64 KiB it normally starts at."""
-    from pytaskqml import _shm
+    from pytaskqml.buffers import shm as _shm
 
     if nbytes is None or not hasattr(_shm, "MIN_BYTES"):
         yield
@@ -384,7 +384,7 @@ def sizes_table(rows: dict[int, dict[bool, dict[str, Any]]], workers: int, repea
             f"{_size_name(size):>8} | {cells[0]} | {cells[1]} | {ratio:>6} {cpu_ratio:>6} "
             f"{'yes' if won else 'no':>6}"
         )
-    from pytaskqml import _shm
+    from pytaskqml.buffers import shm as _shm
 
     threshold = getattr(_shm, "MIN_BYTES", None)
     now = f"{threshold:,} bytes" if threshold is not None else "not found"
@@ -396,7 +396,7 @@ def sizes_table(rows: dict[int, dict[bool, dict[str, Any]]], workers: int, repea
         lines.append(
             f"Shared memory is clearly faster (every repeat beats every socket repeat) at each "
             f"size from {_size_name(sizes[from_here])} up; the library's threshold, "
-            f"pytaskqml._shm.MIN_BYTES, is {now}."
+            f"pytaskqml.buffers.shm.MIN_BYTES, is {now}."
         )
     lines.append(
         "(The shared-memory column lowers the threshold to 1 byte for the run, so that sizes "

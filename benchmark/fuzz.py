@@ -53,7 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from pytaskqml import Coordinator, Worker, _codec, _protocol, get_health
+from pytaskqml import Coordinator, Worker
+from pytaskqml.wire import codec as _codec
+from pytaskqml.wire import get_health
+from pytaskqml.wire import protocol as _protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

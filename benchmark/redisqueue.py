@@ -26,7 +26,7 @@ class RedisQueueSession(Session):
         super().__init__()
         import redis
 
-        from pytaskqml import RedisQueue
+        from pytaskqml.redis import RedisQueue
 
         self.queue = RedisQueue(opts.redis_url, stream=f"pytaskqml-bench-{os.getpid()}")
         probe = redis.Redis.from_url(opts.redis_url, socket_connect_timeout=1, socket_timeout=5)
@@ -103,8 +103,9 @@ def serve(url: str, stream: str, kind: str, workers: int) -> None:
     import logging
 
     from benchmark.pt_workers import WORKERS
-    from pytaskqml import Coordinator, RedisQueue
-    from pytaskqml._bootstrap import tune_malloc
+    from pytaskqml import Coordinator
+    from pytaskqml.redis import RedisQueue
+    from pytaskqml.worker.bootstrap import tune_malloc
 
     logging.basicConfig(level=logging.WARNING)
     tune_malloc()  # as `pytaskqml queue serve` does: a process that moves frames all day

@@ -116,7 +116,8 @@ class PytaskqmlSession(Session):
     ) -> None:
         super().__init__()
         from benchmark.pt_workers import WORKERS
-        from pytaskqml import Coordinator, Progress
+        from pytaskqml import Coordinator
+        from pytaskqml.engine import Progress
 
         cls, kwargs = WORKERS[kind]
         self.mode = mode

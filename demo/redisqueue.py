@@ -21,7 +21,8 @@ import time
 import uuid
 from typing import Any
 
-from pytaskqml import RedisQueue, get_health
+from pytaskqml.redis import RedisQueue
+from pytaskqml.wire import get_health
 
 
 def start_coordinator(url: str, stream: str, claim_idle: float) -> tuple[Any, tuple[str, int]]:

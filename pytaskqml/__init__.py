@@ -3,95 +3,126 @@
 A :class:`Coordinator` owns an in-memory task queue and sends framed tasks over raw TCP to
 worker processes (spawned here, or started elsewhere with ``pytaskqml worker``) and to local
 thread workers. Results come back in submission order. Standard library only.
+
+The names here are what a user types first. The rest live in the subpackages that own them
+(``pytaskqml.errors``, ``pytaskqml.pipeline``, ``pytaskqml.redis``, ``pytaskqml.core`` for the
+statistics records, ...; docs/layout.md has the map). ``import pytaskqml`` imports neither
+NumPy nor the features (pipelines, Redis, the status page, services): ``Pipeline``, ``Stage``
+and ``Branches`` are loaded on first use.
 """
 
-from ._auth import tls_client_context, tls_server_context
-from ._broadcast import Broadcast
-from ._client import Client, ClientStats, ClientStream
-from ._control import get_health, request_shutdown
-from ._coordinator import Coordinator
-from ._errors import (
-    AuthenticationError,
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from .buffers.handoff import load, spill
+from .client import Client
+from .coordinator import Coordinator
+from .core.stats import Statistics
+from .core.tasks import LateResult, TaskTimeout
+from .errors import (
     ClosedError,
-    ConnectionLost,
-    EntryLostError,
-    ModelLoadError,
     NoWorkersError,
-    ProtocolError,
     PyTaskQMLError,
-    RemoteTraceback,
     TaskFailed,
     WorkerLostError,
     WorkerStartError,
 )
-from ._executor import Executor
-from ._functions import FunctionWorker
-from ._handoff import load, spill
-from ._histogram import HistogramSnapshot
-from ._ingress import IngressServer, IngressStats
-from ._iterate import Stream
-from ._models import Model, ModelWorker
-from ._pipeline import Pipeline, PipelineStats, PipelineStream
-from ._progress import Progress
-from ._redisclient import ProducerStats, RedisClient
-from ._redisqueue import RedisQueue
-from ._stages import Branches, Stage
-from ._stats import BufferStats, ModelStats, QueueStats, SourceStats, Statistics, WorkerStats
-from ._tasks import LateResult, ModelResult, TaskTimeout
-from ._worker import Worker
+from .executor import Executor
+from .worker.base import Worker
+from .worker.models import Model
+
+if TYPE_CHECKING:
+    from .pipeline.pipeline import Pipeline
+    from .pipeline.stages import Branches, Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthenticationError",
     "Branches",
-    "Broadcast",
-    "BufferStats",
     "Client",
-    "ClientStats",
-    "ClientStream",
     "ClosedError",
-    "ConnectionLost",
     "Coordinator",
-    "EntryLostError",
     "Executor",
-    "FunctionWorker",
-    "HistogramSnapshot",
-    "IngressServer",
-    "IngressStats",
     "LateResult",
     "Model",
-    "ModelLoadError",
-    "ModelResult",
-    "ModelStats",
-    "ModelWorker",
     "NoWorkersError",
     "Pipeline",
-    "PipelineStats",
-    "PipelineStream",
-    "ProducerStats",
-    "Progress",
-    "ProtocolError",
     "PyTaskQMLError",
-    "QueueStats",
-    "RedisClient",
-    "RedisQueue",
-    "RemoteTraceback",
-    "SourceStats",
     "Stage",
     "Statistics",
-    "Stream",
     "TaskFailed",
     "TaskTimeout",
     "Worker",
     "WorkerLostError",
     "WorkerStartError",
-    "WorkerStats",
     "__version__",
-    "get_health",
     "load",
-    "request_shutdown",
     "spill",
-    "tls_client_context",
-    "tls_server_context",
 ]
+
+# Front-door names that live in a feature, imported when first asked for.
+_LAZY = {
+    "Pipeline": "pytaskqml.pipeline",
+    "Stage": "pytaskqml.pipeline",
+    "Branches": "pytaskqml.pipeline",
+}
+
+# Names this package exported before the subpackages held them: still served, for one
+# release, with a DeprecationWarning that says where they live now.
+_MOVED = {
+    "AuthenticationError": "pytaskqml.errors",
+    "ConnectionLost": "pytaskqml.errors",
+    "EntryLostError": "pytaskqml.errors",
+    "ModelLoadError": "pytaskqml.errors",
+    "ProtocolError": "pytaskqml.errors",
+    "RemoteTraceback": "pytaskqml.errors",
+    "BufferStats": "pytaskqml.core",
+    "HistogramSnapshot": "pytaskqml.core",
+    "ModelResult": "pytaskqml.core",
+    "ModelStats": "pytaskqml.core",
+    "QueueStats": "pytaskqml.core",
+    "SourceStats": "pytaskqml.core",
+    "WorkerStats": "pytaskqml.core",
+    "Broadcast": "pytaskqml.engine",
+    "Progress": "pytaskqml.engine",
+    "Stream": "pytaskqml.engine",
+    "ClientStats": "pytaskqml.client",
+    "ClientStream": "pytaskqml.client",
+    "FunctionWorker": "pytaskqml.worker",
+    "ModelWorker": "pytaskqml.worker",
+    "IngressServer": "pytaskqml.ingress",
+    "IngressStats": "pytaskqml.ingress",
+    "PipelineStats": "pytaskqml.pipeline",
+    "PipelineStream": "pytaskqml.pipeline",
+    "ProducerStats": "pytaskqml.redis",
+    "RedisClient": "pytaskqml.redis",
+    "RedisQueue": "pytaskqml.redis",
+    "get_health": "pytaskqml.wire",
+    "request_shutdown": "pytaskqml.wire",
+    "tls_client_context": "pytaskqml.wire",
+    "tls_server_context": "pytaskqml.wire",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _MOVED:
+        warnings.warn(
+            f"pytaskqml.{name} moved: import it from {_MOVED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        value = getattr(importlib.import_module(_MOVED[name]), name)
+    else:
+        raise AttributeError(f"module 'pytaskqml' has no attribute {name!r}")
+    if name in _LAZY:
+        globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._models import Model
-from ._worker import Worker
+from .worker.base import Worker
+from .worker.models import Model
 
 
 class Echo(Worker):

@@ -14,7 +14,8 @@ import json
 import sys
 import threading
 
-from pytaskqml import Coordinator, RedisQueue
+from pytaskqml import Coordinator
+from pytaskqml.redis import RedisQueue
 
 
 def main() -> None:

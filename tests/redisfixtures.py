@@ -87,7 +87,7 @@ def redis_url() -> str:
 @pytest.fixture
 def stream(redis_url: str) -> Iterator[str]:
     """A stream name of this test's own; every key of its queue is deleted afterwards."""
-    from pytaskqml import RedisQueue
+    from pytaskqml.redis import RedisQueue
 
     name = f"t-{uuid.uuid4().hex[:10]}"
     try:

@@ -25,9 +25,14 @@ from shm_workers import (  # noqa: E402
     digest,
 )
 
-from pytaskqml import Coordinator, ProtocolError, _bufpool, _codec, _poolview, _shm  # noqa: E402
-from pytaskqml._intake import Intake  # noqa: E402
-from pytaskqml._tasks import Task  # noqa: E402
+from pytaskqml import Coordinator  # noqa: E402
+from pytaskqml.buffers import pool as _bufpool  # noqa: E402
+from pytaskqml.buffers import poolview as _poolview  # noqa: E402
+from pytaskqml.buffers import shm as _shm  # noqa: E402
+from pytaskqml.core.tasks import Task  # noqa: E402
+from pytaskqml.engine.intake import Intake  # noqa: E402
+from pytaskqml.errors import ProtocolError  # noqa: E402
+from pytaskqml.wire import codec as _codec  # noqa: E402
 
 MIB = 1 << 20
 pytestmark = pytest.mark.skipif(

@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 from model_workers import Scale
 from sample_workers import Echo
 
-from pytaskqml import Coordinator, Worker, _protocol
-from pytaskqml._control import ControlServer, Reply, Request
-from pytaskqml._coordctl import MAX_MODEL_BODY
-from pytaskqml._functions import FunctionModel
+from pytaskqml import Coordinator, Worker
+from pytaskqml.coordctl import MAX_MODEL_BODY
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.control import ControlServer, Reply, Request
+from pytaskqml.worker.functions import FunctionModel
 
 T = 20.0
 HOST = "127.0.0.1"
@@ -98,7 +99,7 @@ def _attack(tmp_path: Path) -> tuple[Path, bytes]:
     body = {
         "name": "m",
         "spec": {
-            "class": "pytaskqml._functions:FunctionModel",
+            "class": "pytaskqml.worker.functions:FunctionModel",
             "config": {"function": "__main__:x", "main_path": str(script)},
         },
     }
@@ -133,7 +134,7 @@ def test_a_request_cannot_make_any_worker_run_a_file_of_its_choosing(
         assert got == status, reply
         # The same with a class that imports a module named in the request, and one that
         # merely exists but was not allowed.
-        for cls in ("pytaskqml._functions:FunctionModel", "model_workers:Upper"):
+        for cls in ("pytaskqml.worker.functions:FunctionModel", "model_workers:Upper"):
             spec = {"name": "n", "spec": {"class": cls, "config": {}}}
             assert call(port, "POST", "/models/load", json.dumps(spec).encode(), token)[0] in (
                 401,
@@ -155,7 +156,7 @@ def test_the_allow_list_takes_model_classes_and_never_one_that_imports_what_its_
         with pytest.raises(PermissionError, match="cannot be allowed"):
             coord.models.allow(FunctionModel)
         with pytest.raises(PermissionError, match="cannot be allowed"):
-            coord.models.allow("pytaskqml._functions:FunctionModel")
+            coord.models.allow("pytaskqml.worker.functions:FunctionModel")
         with pytest.raises(TypeError, match="not a Model"):
             coord.models.allow(Echo)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="cannot import"):
@@ -216,7 +217,7 @@ def test_every_route_with_no_token_the_read_token_and_the_act_token() -> None:
 def test_without_a_key_acting_routes_are_refused_unless_keyless_actions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="pytaskqml._control")
+    caplog.set_level(logging.INFO, logger="pytaskqml.wire.control")
     coord = Coordinator()
     try:
         coord.add_local(Echo())

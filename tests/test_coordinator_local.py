@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 from sample_workers import Batched, Counted, Echo, Faulty, Square
 
-from pytaskqml import (
-    ClosedError,
-    Coordinator,
-    RemoteTraceback,
-    TaskFailed,
-    TaskTimeout,
-    Worker,
-    WorkerStartError,
-)
-from pytaskqml._ordered import ReorderBuffer
-from pytaskqml._tasks import OK, RUN
+from pytaskqml import ClosedError, Coordinator, TaskFailed, TaskTimeout, Worker, WorkerStartError
+from pytaskqml.core.ordered import ReorderBuffer
+from pytaskqml.core.tasks import OK, RUN
+from pytaskqml.errors import RemoteTraceback
 
 T = 10  # seconds: the bound on every blocking call in these tests
 
@@ -451,7 +444,7 @@ def test_per_task_state_does_not_outlive_the_task() -> None:
         coord.add_local(Echo(), threads=2)
         list(coord.map(range(5000)))
         gc.collect()
-        from pytaskqml._tasks import Task
+        from pytaskqml.core.tasks import Task
 
         alive = [o for o in gc.get_objects() if isinstance(o, Task)]
         assert alive == []

@@ -9,8 +9,8 @@ import pytest
 from sample_workers import Echo
 
 from pytaskqml import Coordinator, Statistics
-from pytaskqml._dashboard import History, status_document
-from pytaskqml._histogram import Histogram
+from pytaskqml.core.histogram import Histogram
+from pytaskqml.observe.dashboard import History, status_document
 
 
 def snapshots() -> tuple[Statistics, Statistics, Statistics]:

@@ -11,7 +11,7 @@ import pytest
 from sample_workers import Echo, Sleepy
 
 from pytaskqml import Coordinator
-from pytaskqml._delivery import CallbackRunner, TaskFuture
+from pytaskqml.engine.delivery import CallbackRunner, TaskFuture
 
 T = 10.0
 

@@ -12,7 +12,7 @@ import pytest
 from device_workers import DeviceProbe
 
 from pytaskqml import Coordinator
-from pytaskqml._seats import assign_devices, check_devices
+from pytaskqml.engine.seats import assign_devices, check_devices
 
 T = 30.0  # seconds: the bound on every blocking call here
 

@@ -23,18 +23,11 @@ import executor_funcs as f
 import pytest
 from conftest import ROOT, Procs, child_env, free_port, read_line_with
 
-from pytaskqml import (
-    Coordinator,
-    Executor,
-    FunctionWorker,
-    ModelLoadError,
-    RemoteTraceback,
-    TaskFailed,
-    WorkerLostError,
-    WorkerStartError,
-)
-from pytaskqml._executor import caller_error
-from pytaskqml._functions import function_target
+from pytaskqml import Coordinator, Executor, TaskFailed, WorkerLostError, WorkerStartError
+from pytaskqml.errors import ModelLoadError, RemoteTraceback
+from pytaskqml.executor import caller_error
+from pytaskqml.worker import FunctionWorker
+from pytaskqml.worker.functions import function_target
 
 T = 30.0
 SPAWN = multiprocessing.get_context("spawn")  # as ours: no fork of a threaded test process
@@ -512,11 +505,11 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
 ) -> None:
     mark = tmp_path / "imported"
     models = tmp_path / "models.json"  # an operator who lists FunctionModel still gets no
-    models.write_text(json.dumps({"allow": ["pytaskqml._functions:FunctionModel"]}))  # peer
+    models.write_text(json.dumps({"allow": ["pytaskqml.worker.functions:FunctionModel"]}))  # peer
     port = free_port()
     allow = json.dumps({"allow": ["executor_funcs:square", "executor_funcs:add"]})
     worker = procs.cli(
-        "worker", "pytaskqml:FunctionWorker", "--kwargs", allow, "--models", str(models),
+        "worker", "pytaskqml.worker:FunctionWorker", "--kwargs", allow, "--models", str(models),
         "--listen", f"127.0.0.1:{port}", "--no-control",
         env=child_env(PYTASKQML_TEST_IMPORT_MARK=str(mark)),
     )  # fmt: skip
@@ -537,7 +530,7 @@ def test_a_cli_function_worker_runs_only_its_allow_list_and_imports_nothing_else
             coord.submit("not a call").result(T)
         config = {"function": "import_marker:Marked"}
         with pytest.raises(ModelLoadError, match="PermissionError"):
-            coord.models.load("sneaky", "pytaskqml._functions:FunctionModel", config=config)
+            coord.models.load("sneaky", "pytaskqml.worker.functions:FunctionModel", config=config)
     assert not mark.exists(), "the worker imported a module it was not allowed to"
 
 
@@ -554,7 +547,7 @@ def test_the_cli_refuses_a_function_worker_without_a_list_it_can_import(
     kwargs: dict[str, Any], says: str
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "pytaskqml", "worker", "pytaskqml:FunctionWorker",
+        [sys.executable, "-m", "pytaskqml", "worker", "pytaskqml.worker:FunctionWorker",
          "--kwargs", json.dumps(kwargs), "--listen", "127.0.0.1:0", "--no-control"],
         cwd=str(ROOT / "tests"), env=child_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -21,7 +21,8 @@ import executor_funcs as f
 import pytest
 from conftest import child_env
 
-from pytaskqml import Executor, RemoteTraceback, TaskFailed
+from pytaskqml import Executor, TaskFailed
+from pytaskqml.errors import RemoteTraceback
 
 T = 60.0
 

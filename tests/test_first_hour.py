@@ -29,17 +29,10 @@ from sample_workers import (
     shape_of,
 )
 
-from pytaskqml import (
-    AuthenticationError,
-    ClosedError,
-    ConnectionLost,
-    Coordinator,
-    TaskTimeout,
-    Worker,
-    WorkerStartError,
-)
-from pytaskqml._connection import Connection
-from pytaskqml._protocol import encode_message
+from pytaskqml import ClosedError, Coordinator, TaskTimeout, Worker, WorkerStartError
+from pytaskqml.errors import AuthenticationError, ConnectionLost
+from pytaskqml.wire.connection import Connection
+from pytaskqml.wire.protocol import encode_message
 
 np = pytest.importorskip("numpy")
 

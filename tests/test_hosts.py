@@ -16,7 +16,8 @@ from conftest import HERE, child_env, read_line_with
 from netns import Host, Hosts, hosts, leftovers, processes, unavailable  # noqa: F401 - fixture
 from test_tls import _run
 
-from pytaskqml import Coordinator, Statistics, tls_server_context
+from pytaskqml import Coordinator, Statistics
+from pytaskqml.wire import tls_server_context
 
 T = 60.0
 KEY = "netns-test-key"

@@ -19,17 +19,11 @@ import pytest
 from conftest import Procs, read_line_with, wait_for
 from sample_workers import Echo, Faulty, Pid, Square
 
-from pytaskqml import (
-    AuthenticationError,
-    Client,
-    ClosedError,
-    ConnectionLost,
-    Coordinator,
-    TaskFailed,
-    _ingress,
-    _protocol,
-)
-from pytaskqml._endpoints import dial_once
+from pytaskqml import Client, ClosedError, Coordinator, TaskFailed
+from pytaskqml.errors import AuthenticationError, ConnectionLost
+from pytaskqml.ingress import server as _ingress
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.endpoints import dial_once
 
 T = 20.0
 KEY = "ingress-test-key"

@@ -1,7 +1,9 @@
-"""The package's shape: the layout table of the docs (docs/layout.md) names every module and
-nothing else, and the modules import each other without a cycle (imports for type checking only
-are not counted). Modules are split by responsibility, never by size, so no line count is
-enforced."""
+"""The package's shape, enforced from the source: every module sits in the layer its folder
+names, imports only from the layers below it (the table below, also in docs/layout.md), and no
+two modules import each other, directly or round a loop. Every import counts: at module level,
+inside a function, and those only for type checking (a lower layer that needs a higher one's
+type declares a ``typing.Protocol`` of its own). Modules are split by responsibility, never by
+size, so no line count is enforced."""
 
 from __future__ import annotations
 
@@ -11,54 +13,146 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pytaskqml"
-LIBRARY_ONLY = {"__init__.py", "__main__.py"}
+
+# layer -> the layers its modules may import (besides their own). A top-level module other
+# than errors is the front; __init__ is the front door (it loads features lazily).
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "wire": {"errors"},
+    "core": {"errors"},
+    "buffers": {"errors", "wire", "core"},
+    "worker": {"errors", "wire", "core", "buffers"},
+    "engine": {"errors", "wire", "core", "buffers", "worker"},
+    "ingress": {"errors", "wire", "core"},
+    "observe": {"errors", "wire", "core", "ingress"},
+    "front": {"errors", "wire", "core", "buffers", "worker", "engine", "ingress", "observe"},
+    "pipeline": {"errors", "wire", "core", "worker", "engine", "front"},
+    "redis": {"errors", "wire", "core", "engine", "front"},
+    "service": {"errors", "wire", "ingress", "observe", "pipeline", "front"},
+    "cli": {
+        "errors", "wire", "core", "buffers", "worker", "engine", "ingress", "observe", "front",
+        "pipeline", "redis", "service", "__init__",
+    },
+    "__init__": {
+        "errors", "wire", "core", "buffers", "worker", "engine", "ingress", "observe", "front",
+        "pipeline", "redis", "service",
+    },
+    "__main__": {"cli"},
+}  # fmt: skip
 
 
-def modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.glob("*.py") if p.name not in LIBRARY_ONLY)
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
-def test_the_docs_layout_table_matches_the_package() -> None:
-    table = (ROOT / "docs" / "layout.md").read_text()
-    listed = set(re.findall(r"`pytaskqml/(\w+\.py)`", table))
-    assert listed == {p.name for p in modules()}
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    if len(parts) == 2 and f"pytaskqml.{parts[1]}" in MODULES and not (PACKAGE / parts[1]).is_dir():
+        return parts[1] if parts[1] in ("errors", "__main__") else "front"
+    return parts[1]
+
+
+def imports(module: str) -> set[str]:
+    """Every module of the package `module` imports, wherever the import statement is."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-
-    def visit(node: ast.AST, typing_only: bool) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.orelse:
-                visit(child, typing_only)
-            return
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and not typing_only:
-            if node.module:
-                found.add(node.module)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pytaskqml"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            elif node.module and node.module.startswith("pytaskqml"):
+                target = node.module
             else:
-                found.update(a.name for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                visit(child, typing_only)
+                continue
+            for alias in node.names:
+                # `from . import x` names a module when x is one
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in MODULES else target)
+    return {m for m in found if m in MODULES and m != module}
 
-    visit(tree, False)
-    return {m for m in found if (PACKAGE / f"{m}.py").exists()}
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_the_docs_layout_table_names_every_layer() -> None:
+    table = (ROOT / "docs" / "layout.md").read_text()
+    listed = set(re.findall(r"^\| `pytaskqml/(\w+)/?", table, re.M))
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert folders <= listed
+    for name in ALLOWED:
+        if name not in ("front", "__init__", "__main__", "errors"):
+            assert (PACKAGE / name / "__init__.py").exists(), name
+            doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
+            assert doc and "import" in doc, f"pytaskqml/{name}/__init__.py: say what it may import"
+
+
+def test_every_module_is_in_a_known_layer() -> None:
+    assert {layer(m) for m in MODULES} <= set(ALLOWED)
+
+
+def test_imports_point_down() -> None:
+    wrong = [
+        f"{m} ({layer(m)}) imports {n} ({layer(n)})"
+        for m, targets in GRAPH.items()
+        for n in sorted(targets)
+        if layer(n) != layer(m) and layer(n) not in ALLOWED[layer(m)]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_layer_table_has_no_cycle() -> None:
+    order: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        assert name not in seen, " -> ".join([*seen, name])
+        for below in sorted(ALLOWED[name]):
+            visit(below, (*seen, name))
+        order.append(name)
+
+    for name in ALLOWED:
+        visit(name, ())
 
 
 def test_modules_import_each_other_without_a_cycle() -> None:
-    graph = {p.stem: _runtime_imports(p) for p in modules()}
     state: dict[str, int] = {}  # 1 visiting, 2 done
+    cycles: list[str] = []
 
     def walk(node: str, path: list[str]) -> None:
         state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
+        for nxt in sorted(GRAPH[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path, node, nxt]))
-            if nxt not in state:
+                cycles.append(
+                    " -> ".join([*path[path.index(nxt) :], node, nxt])
+                    if nxt in path
+                    else f"{node} -> {nxt}"
+                )
+            elif nxt not in state:
                 walk(nxt, [*path, node])
         state[node] = 2
 
-    for name in sorted(graph):
+    for name in sorted(GRAPH):
         if name not in state:
             walk(name, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_only_the_front_lives_at_the_top_of_the_package() -> None:
+    # a module's layer is its folder: nothing else is at the top but the front
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == {
+        "__init__", "__main__", "errors", "coordinator", "coordctl", "executor",
+        "client", "examples",
+    }  # fmt: skip

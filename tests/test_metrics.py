@@ -15,12 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sample_workers import Echo, Faulty
 
 from pytaskqml import Coordinator, TaskFailed
-from pytaskqml._control import request
-from pytaskqml._histogram import DURATION_BOUNDS, Histogram
-from pytaskqml._metrics import Exposition
-from pytaskqml._protocol import control_token
-from pytaskqml._scheduler import Scheduler
-from pytaskqml._tasks import OK, Task
+from pytaskqml.core.histogram import DURATION_BOUNDS, Histogram
+from pytaskqml.core.scheduler import Scheduler
+from pytaskqml.core.tasks import OK, Task
+from pytaskqml.observe.metrics import Exposition
+from pytaskqml.wire.control import request
+from pytaskqml.wire.protocol import control_token
 
 T = 30.0
 
@@ -297,7 +297,8 @@ def test_a_cli_worker_with_a_key_opens_metrics_only_when_told(procs: Procs, tmp_
 def test_metrics_show_models_pools_and_ingress_producers() -> None:
     from model_workers import Broken, Scale
 
-    from pytaskqml import Client, ModelLoadError
+    from pytaskqml import Client
+    from pytaskqml.errors import ModelLoadError
 
     with Coordinator() as coord:
         coord.spawn(Echo, processes=(1, 2))
@@ -353,7 +354,7 @@ def test_metrics_show_models_pools_and_ingress_producers() -> None:
 
 def test_a_served_pipeline_shows_its_stages_in_metrics() -> None:
     from pytaskqml import Client
-    from pytaskqml._service import Service
+    from pytaskqml.service.service import Service
 
     doc = {
         "pipeline": {"steps": ["square", "tag"]},

@@ -16,7 +16,10 @@ from conftest import Procs, child_env, free_port, pid_alive, read_line_with, wai
 from model_workers import Broken, Scale, Tracker, Upper
 from sample_workers import Echo, History
 
-from pytaskqml import Coordinator, ModelLoadError, ModelResult, ModelWorker, WorkerStartError
+from pytaskqml import Coordinator, WorkerStartError
+from pytaskqml.core import ModelResult
+from pytaskqml.errors import ModelLoadError
+from pytaskqml.worker import ModelWorker
 
 T = 30.0
 

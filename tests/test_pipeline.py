@@ -14,7 +14,8 @@ import pytest
 from pipeline_workers import FailOdd, Gate, Pause, Tag
 from sample_workers import Echo, Faulty, Square
 
-from pytaskqml import Branches, ClosedError, Pipeline, Stage, TaskFailed, TaskTimeout, _delivery
+from pytaskqml import Branches, ClosedError, Pipeline, Stage, TaskFailed, TaskTimeout
+from pytaskqml.engine import delivery as _delivery
 
 
 def test_items_come_out_in_order_through_every_stage() -> None:

@@ -15,7 +15,7 @@ import pytest
 from conftest import child_env
 
 from pytaskqml import Pipeline, TaskFailed
-from pytaskqml._pipeconfig import ConfigError, build, check, load, plan, read
+from pytaskqml.pipeline.config import ConfigError, build, check, load, plan, read
 
 GOOD: dict[str, Any] = {
     "pipeline": {"name": "t", "steps": ["square", "fan", "last"], "buffersize": 16},
@@ -348,7 +348,7 @@ def test_an_infinite_timeout_in_toml_is_refused(tmp_path: Path) -> None:
 
 # What the `pytaskqml` console script is: a file outside the user's directory calling main(),
 # so sys.path[0] is that file's folder, not the current directory (unlike `python -m`).
-SCRIPT = "import sys\nfrom pytaskqml.cli import main\nsys.exit(main())\n"
+SCRIPT = "import sys\nfrom pytaskqml.cli.main import main\nsys.exit(main())\n"
 
 
 def _script(tmp_path: Path) -> list[str]:

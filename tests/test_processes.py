@@ -17,17 +17,12 @@ import pytest
 from conftest import Procs, child_env, free_port, pid_alive, read_line_with, wait_for
 from sample_workers import Churn, Echo, Hang, Pid, Poison, SetupFails, Square, WordCount
 
-from pytaskqml import (
-    ConnectionLost,
-    Coordinator,
-    WorkerLostError,
-    WorkerStartError,
-    _auth,
-    _connection,
-    _protocol,
-    get_health,
-    request_shutdown,
-)
+from pytaskqml import Coordinator, WorkerLostError, WorkerStartError
+from pytaskqml.errors import ConnectionLost
+from pytaskqml.wire import auth as _auth
+from pytaskqml.wire import connection as _connection
+from pytaskqml.wire import get_health, request_shutdown
+from pytaskqml.wire import protocol as _protocol
 
 T = 20.0
 
@@ -430,7 +425,7 @@ def test_worker_processes_keep_freed_memory_for_the_next_task() -> None:
         faults = coord.submit(50).result(T)
     # Measured here: 0 with the tuning, ~600 without it (MALLOC_ARENA_MAX set, so skipped).
     assert faults < 150, faults
-    code = "from pytaskqml._bootstrap import tune_malloc; print(tune_malloc())"
+    code = "from pytaskqml.worker.bootstrap import tune_malloc; print(tune_malloc())"
     env = child_env()
     env.pop("MALLOC_ARENA_MAX", None)
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from sample_workers import Echo
 
-from pytaskqml import Coordinator, Progress
+from pytaskqml import Coordinator
+from pytaskqml.engine import Progress
 
 T = 30.0
 

@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytaskqml import ProtocolError, _codec, _protocol
-from pytaskqml._protocol import FrameDecoder, Message
+from pytaskqml.errors import ProtocolError
+from pytaskqml.wire import codec as _codec
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.protocol import FrameDecoder, Message
 
 try:
     import numpy as np
@@ -417,3 +419,16 @@ def test_as_sent_copies_arrays_with_their_shape() -> None:
         _codec.as_sent(np.array([object()], dtype=object))
     with pytest.raises(TypeError):
         _codec.as_sent({"s": {1, 2}})
+
+
+def test_result_flags_are_the_cores_outcome_kinds() -> None:
+    # the core defines its outcome kinds without importing the wire; a result row's flag is
+    # its kind, so the two must agree
+    from pytaskqml.core import tasks
+
+    assert (tasks.OK, tasks.ERROR, tasks.CHUNK, tasks.RUN) == (
+        _protocol.RESULT_OK,
+        _protocol.RESULT_ERROR,
+        _protocol.RESULT_CHUNK,
+        _protocol.RESULT_RUN,
+    )

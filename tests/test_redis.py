@@ -16,7 +16,8 @@ from conftest import HERE, child_env, free_port, read_line_with, wait_for
 from redisfixtures import redis_url, stream  # noqa: F401 - fixtures
 from sample_workers import Faulty, Slow, Square
 
-from pytaskqml import Coordinator, RedisQueue, TaskFailed, TaskTimeout
+from pytaskqml import Coordinator, TaskFailed, TaskTimeout
+from pytaskqml.redis import RedisQueue
 
 T = 30.0
 
@@ -232,7 +233,7 @@ def test_two_coordinators_one_killed_mid_run(redis_url: str, stream: str) -> Non
 
 PRODUCER = """
 import sys
-from pytaskqml import RedisQueue
+from pytaskqml.redis import RedisQueue
 q = RedisQueue(sys.argv[1], stream=sys.argv[2])
 p = q.client("restartable", commit_interval=0.05)
 if sys.argv[3] == "start":

@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from conftest import free_port, wait_for
 
-from pytaskqml import Coordinator, EntryLostError, RedisQueue, Worker
+from pytaskqml import Coordinator, Worker
+from pytaskqml.errors import EntryLostError
+from pytaskqml.redis import RedisQueue
 
 T = 30.0
 SERVER = shutil.which("redis-server")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytaskqml._redisformat import (
+from pytaskqml.redis.format import (
     BadEntry,
     SeqSet,
     encode_body,

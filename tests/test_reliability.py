@@ -22,16 +22,11 @@ from reliability_workers import Crash, FileGate
 from sample_workers import Echo, Pid, Slow
 
 from benchmark.chaos import format_table, run_chaos
-from pytaskqml import (
-    Coordinator,
-    LateResult,
-    TaskTimeout,
-    WorkerLostError,
-    _auth,
-    _connection,
-)
-from pytaskqml._remote import RemoteHandle
-from pytaskqml._tasks import Task
+from pytaskqml import Coordinator, LateResult, TaskTimeout, WorkerLostError
+from pytaskqml.core.tasks import Task
+from pytaskqml.engine.remote import RemoteHandle
+from pytaskqml.wire import auth as _auth
+from pytaskqml.wire import connection as _connection
 
 T = 20.0  # seconds: the bound on every blocking call here
 
@@ -281,7 +276,7 @@ def test_restart_limit_leaves_the_slot_down_and_fails_the_stranded_work() -> Non
     """A crash loop retires the slot after max_restarts; with no worker left and none that can
     come back, the queued work fails with WorkerLostError instead of waiting forever."""
     retired = _Seen("not restarting it again")
-    logger = logging.getLogger("pytaskqml._supervisor")
+    logger = logging.getLogger("pytaskqml.engine.supervisor")
     logger.addHandler(retired)
     coord = Coordinator(max_restarts=2, max_retries=10)  # retries outlast the restarts
     try:

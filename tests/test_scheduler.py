@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from pytaskqml._delivery import CallbackRunner, TaskFuture
-from pytaskqml._errors import TaskFailed
-from pytaskqml._scheduler import Scheduler
-from pytaskqml._tasks import CHUNK, ERROR, OK, RUN, Route, Task
-from pytaskqml._workerstate import WorkerState
+from pytaskqml.core.scheduler import Scheduler
+from pytaskqml.core.tasks import CHUNK, ERROR, OK, RUN, Route, Task
+from pytaskqml.core.workerstate import WorkerState
+from pytaskqml.engine.delivery import CallbackRunner, TaskFuture
+from pytaskqml.errors import TaskFailed
 
 
 class Sink:
@@ -594,7 +594,8 @@ def test_the_fair_queue_puts_back_the_task_it_just_gave_and_forgets_idle_sources
     import gc
     import weakref
 
-    from pytaskqml._ordered import MAX_IDLE_LANES, FairQueue, Source
+    from pytaskqml.core.ordered import MAX_IDLE_LANES, FairQueue
+    from pytaskqml.core.tasks import Source
 
     q = FairQueue()
     a, b = Source("a"), Source("b")

@@ -17,9 +17,10 @@ import sched_funcs
 from conftest import wait_for
 from sched_funcs import GateModel, arrive, gate, quick, ran
 
-from pytaskqml import ClosedError, Coordinator, Executor, Worker, _protocol
-from pytaskqml._connection import Connection
-from pytaskqml._serve import WorkerServer
+from pytaskqml import ClosedError, Coordinator, Executor, Worker
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.wire.connection import Connection
+from pytaskqml.worker.serve import WorkerServer
 
 T = 60.0
 

@@ -42,19 +42,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sample_workers import Echo
 
-from pytaskqml import (
-    AuthenticationError,
-    ConnectionLost,
-    Coordinator,
-    ProtocolError,
-    _auth,
-    _codec,
-    _connection,
-    _protocol,
-    get_health,
-    request_shutdown,
-)
-from pytaskqml._serve import WorkerServer
+from pytaskqml import Coordinator
+from pytaskqml.errors import AuthenticationError, ConnectionLost, ProtocolError
+from pytaskqml.wire import auth as _auth
+from pytaskqml.wire import codec as _codec
+from pytaskqml.wire import connection as _connection
+from pytaskqml.wire import get_health, request_shutdown
+from pytaskqml.wire import protocol as _protocol
+from pytaskqml.worker.serve import WorkerServer
 
 T = 20.0
 KEY = b"security-test-key-7c1f0e9a5b3d2468"
@@ -777,7 +772,7 @@ def test_an_empty_bytes_result_does_not_hang_the_worker(fresh_worker: LiveWorker
 def test_coordinator_releases_workers_that_left() -> None:
     """Authenticated workers that come and go (one vanishing mid-frame each time) leave
     nothing behind: no handle, no connection, no partial frame buffer."""
-    from pytaskqml._remote import RemoteHandle
+    from pytaskqml.engine.remote import RemoteHandle
 
     earlier = set(threading.enumerate())
 

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 from conftest import Procs, child_env, read_line_with, wait_for
 
-from pytaskqml import Client, ClosedError, _connection, _control, _protocol
-from pytaskqml._service import Service
+from pytaskqml import Client, ClosedError
+from pytaskqml.service.service import Service
+from pytaskqml.wire import connection as _connection
+from pytaskqml.wire import control as _control
+from pytaskqml.wire import protocol as _protocol
 
 T = 30.0
 

@@ -15,7 +15,10 @@ from conftest import wait_for  # noqa: E402
 from sample_workers import Echo  # noqa: E402
 from shm_workers import BytesInfo, Describe, Keeper, Scribble, digest  # noqa: E402
 
-from pytaskqml import Coordinator, ProtocolError, _codec, _shm  # noqa: E402
+from pytaskqml import Coordinator  # noqa: E402
+from pytaskqml.buffers import shm as _shm  # noqa: E402
+from pytaskqml.errors import ProtocolError  # noqa: E402
+from pytaskqml.wire import codec as _codec  # noqa: E402
 
 T = 30.0
 

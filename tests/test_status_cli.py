@@ -16,7 +16,7 @@ from conftest import HERE, Procs, child_env, free_port, read_line_with
 from sample_workers import Echo, Pid
 
 from pytaskqml import Coordinator
-from pytaskqml._protocol import control_token
+from pytaskqml.wire.protocol import control_token
 
 T = 30.0
 

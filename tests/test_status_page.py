@@ -18,8 +18,8 @@ from cdp import Browser, find_chromium
 from sample_workers import Pid
 
 from pytaskqml import Client, Coordinator
-from pytaskqml._protocol import control_token
-from pytaskqml._service import Service
+from pytaskqml.service.service import Service
+from pytaskqml.wire.protocol import control_token
 
 CHROMIUM = find_chromium()
 pytestmark = [
@@ -179,7 +179,7 @@ class _Canned:
         import http.server
         import json
 
-        from pytaskqml._dashboard import _page
+        from pytaskqml.observe.dashboard import _page
 
         page, policy = _page()
         self.doc: dict[str, Any] = {}

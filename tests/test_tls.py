@@ -10,7 +10,9 @@ import pytest
 from conftest import Procs, free_port, read_line_with
 from sample_workers import Square
 
-from pytaskqml import Client, ConnectionLost, Coordinator, tls_client_context, tls_server_context
+from pytaskqml import Client, Coordinator
+from pytaskqml.errors import ConnectionLost
+from pytaskqml.wire import tls_client_context, tls_server_context
 
 T = 20.0
 

@@ -23,7 +23,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 def help_text(command: str) -> str:
     """The ``--help`` output of ``pytaskqml COMMAND`` (words separated by spaces), 88 wide."""
-    from pytaskqml.cli import make_parser
+    from pytaskqml.cli.main import make_parser
 
     os.environ["COLUMNS"] = "88"  # argparse wraps to the terminal's width
     parser = make_parser()

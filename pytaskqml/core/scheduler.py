@@ -1,0 +1,542 @@
+"""The scheduling core: a state machine with no threads, sockets, processes or clocks.
+
+It owns the task table - the bounded queue, every worker's in-flight tasks, the deadline heap -
+and the counters. The threaded front (:mod:`._engine`) calls it under one lock, passes the time
+in, and carries out what it returns after releasing the lock: the workers that got new tasks
+(to be woken), the outcomes to deliver, the late results to report. So every transition can be
+driven by a test with fake workers and a fake clock.
+
+Credit. A worker's credit is ``window - len(inflight)``. A task enters ``inflight`` when it is
+assigned (and, in the same step, the worker's ``outbox``, from which the worker's sender takes
+it: so outbox order is in-flight order) and leaves it exactly once: when its result arrives,
+when the sender skips it because it already finished (timed out, cancelled), or when the worker
+is lost and the task goes back to the queue. So a lost worker can never hold credit, and
+:meth:`Scheduler.dispatch` can never hand a worker more than its window.
+
+Order. The queue (:class:`~._ordered.FairQueue`) hands out the highest priority first and,
+within a priority, is fair between sources of work (a stream, a map() call, an ingress
+producer; every submit() together): a source that sent little lately goes next, sources with
+a backlog take turns by weight. Each source's own tasks leave in order.
+
+Work-conserving dispatch (:func:`~._workerstate.leader`): while a worker that could take a
+task can start it at once, no worker gets one it would hold; once all are busy, each may hold
+what :meth:`WorkerState.cap` allows by the estimate of that kind of work (``kind_time``, per
+model; a kind never measured is slow: one per worker). A map's task with a deadline is never
+held.
+
+Retries. A worker runs what it is sent in order, ``batch_size`` tasks at a time, so when it dies
+the first ``batch_size`` tasks of its ``inflight`` were the ones running: only those are charged
+an attempt. The others go back to the front of the queue free of charge. A chunk that was
+running is split into one task per item (so a poison item fails alone). A task charged more
+than ``max_retries`` attempts is poison and fails with :class:`WorkerLostError`.
+
+Exactly-once delivery. Every task has a ``finished`` flag, set once, by whichever of result,
+error, timeout, drop or cancellation comes first; whatever arrives for it later (a duplicate
+execution's result, a result after its deadline) is dropped or becomes a late result. A result
+for a task the worker does not hold is ignored.
+
+Deadlines. A task's deadline counts either from its submission (``submit()``, streams: a frame
+must not get too old) or from the start of its run (``map()``: ``run_timeout``). A task of the
+second kind is sent only to a worker that can start it at once - fewer tasks in hand than it
+runs at a time - so its clock never runs while it waits behind another task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import weakref
+from collections import deque
+from typing import Any
+
+from ..errors import TaskFailed
+from .endings import Endings
+from .future import TaskFuture
+from .histogram import Histogram, bucket
+from .ordered import TaskQueue
+from .routing import ModelEvents, Router
+from .tasks import CHUNK, ERROR, OK, RUN, LateResult, Source, Task, late_results, outcomes
+from .workerstate import WorkerState, leader
+
+log = logging.getLogger(__name__)
+
+# Latency samples kept for the percentiles of statistics().
+LATENCY_SAMPLES = 8192
+# Markers for the kind of work of a results message: none seen yet, several.
+_NO_KIND: Any = object()
+_MIXED: Any = object()
+
+# A task's sink is a TaskFuture (submit) or a results collector of a map() or stream, which has
+# deliver_many(outcomes) and an `abandoned` flag.
+Outcome = tuple[int, int, Any]
+# Results to hand out: (sink, outcomes in arrival order) per sink, and (task, kind, value) for
+# tasks whose sink is a future.
+Groups = list[tuple[Any, list[Outcome]]]
+FutureOutcomes = list[tuple[Task, int, Any]]
+
+
+class Scheduler(ModelEvents, Endings):
+    """The task table and its transitions. Not thread-safe: the front holds a lock around
+    every call. Times (``now``) are seconds on one monotonic clock, passed in."""
+
+    def __init__(self, *, max_queue: int, overflow: str, max_retries: int) -> None:
+        self.overflow = overflow
+        self.max_retries = max_retries
+        self.queue: TaskQueue = TaskQueue(max_queue)
+        self.workers: list[WorkerState] = []
+        self.ids = itertools.count(1)  # task ids; next(ids) is the next one
+        self._worker_ids = itertools.count(1)
+        self.live = 0  # tasks admitted and not yet finished
+        # (deadline, task id, weak reference): a finished task must not be kept alive by its
+        # entry, which stays until the deadline passes or the heap is compacted.
+        self.deadlines: list[tuple[float, int, weakref.ref[Task]]] = []
+        self.stranded = False  # no worker, and none can come back: new work fails at once
+        self.submitted = self.completed = self.failed = self.cancelled = 0
+        self.timed_out = self.late = self.dropped = self.rejected = 0
+        self.retried = self.poisoned = self.workers_lost = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.queue_wait, self.latency = Histogram(), Histogram()  # per item, counted inline
+        self.item_time: float | None = None  # EWMA of worker seconds per item, all kinds
+        # EWMA of worker seconds per item of each kind of work: a model's name, None for the
+        # workers' own process(). A kind never measured is absent, and treated as slow.
+        self.kind_time: dict[str | None, float] = {}
+        self.router = Router()  # tasks for a model, a key, one worker (see _routing)
+        self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
+        # Where work comes from (see _ordered.FairQueue): submit()'s tasks share one source;
+        # streams, map() calls and ingress producers each have theirs, listed while alive.
+        self.default_source = self.queue.items.default
+        self.sources: weakref.WeakValueDictionary[int, Source] = weakref.WeakValueDictionary()
+        self.sources[0] = self.default_source
+        self._source_ids = itertools.count(1)
+
+    def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
+        """A source of work (a stream, a map() call, an ingress producer), listed in the
+        statistics while it is alive; named ``kind-N`` unless *name* is given."""
+        n = next(self._source_ids)
+        src = Source(name if name is not None else f"{kind}-{n}", weight)
+        self.sources[n] = src
+        return src
+
+    # ------------------------------------------------------------------ workers
+
+    def add_worker(
+        self,
+        name: str,
+        *,
+        window: int,
+        now: float = 0.0,
+        preload: list[Task] | tuple[Task, ...] = (),
+        **options: Any,
+    ) -> tuple[WorkerState, list[WorkerState]]:
+        """Register a worker (*options*: those of :class:`WorkerState`); *preload* tasks run
+        on it before anything else (retained broadcasts). Returns its state and the workers
+        that got tasks."""
+        ws = WorkerState(next(self._worker_ids), name, window=window, now=now, **options)
+        self.workers.append(ws)
+        for t in preload:
+            assert t.route is not None
+            t.route.pin = ws
+            self.router.add(t, self.workers)
+            self.live += 1
+            self.submitted += t.count
+        self.stranded = False
+        self.router.worker_added()
+        return ws, self.dispatch(now)
+
+    def remove_worker(
+        self, ws: WorkerState, *, graceful: bool, now: float
+    ) -> tuple[int, list[Task], list[Task], list[WorkerState]] | None:
+        """The worker is gone (``graceful``: it said goodbye, so nothing it held was running).
+
+        Returns ``(tasks re-queued, poison tasks now failed, tasks pinned to it that now fail,
+        workers that got tasks)``, or ``None`` if it had already been removed.
+        """
+        if ws not in self.workers:
+            return None
+        self.workers.remove(ws)
+        ws.accepting = False
+        tasks = list(ws.inflight.values())
+        ws.inflight.clear()
+        ws.outbox.clear()
+        requeue: list[Task] = []
+        poison: list[Task] = []
+        for i, t in enumerate(tasks):
+            if t.finished:
+                continue
+            if not graceful and i < ws.batch_size:
+                t.attempts += 1
+                if t.count > 1:
+                    requeue.extend(self._split(t))
+                    continue
+            if t.attempts > self.max_retries:
+                t.finished = True
+                self.live -= 1
+                self.failed += t.count
+                self.poisoned += t.count
+                poison.append(t)
+            else:
+                requeue.append(t)
+        routed = [t for t in requeue if t.route is not None]
+        back, pinned = self.router.worker_removed(ws, routed)
+        if routed:
+            requeue = [t for t in requeue if t.route is None]
+        self.queue.push_front(requeue)
+        self.router.put_back(back, self.workers)
+        for t in pinned:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        self.retried += len(requeue) + len(back)
+        if not graceful:
+            self.workers_lost += 1
+        return len(requeue) + len(back), poison, pinned, self.dispatch(now)
+
+    def _split(self, chunk: Task) -> list[Task]:
+        """Replace a chunk by one task per item, keeping its place, attempts and deadline."""
+        chunk.finished = True
+        singles = []
+        for i, item in enumerate(chunk.payload):
+            t = Task(next(self.ids), item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
+            t.attempts = chunk.attempts
+            t.started = True
+            t.run_timeout = chunk.run_timeout
+            t.route = chunk.route
+            if chunk.deadline is not None and chunk.run_timeout is None:
+                t.deadline = chunk.deadline
+                self._push_deadline(t)
+            singles.append(t)
+        self.live += len(singles) - 1
+        return singles
+
+    # ---------------------------------------------------------------- admission
+
+    @property
+    def full(self) -> bool:
+        return len(self.queue.items) + self.router.waiting >= self.queue.maxsize
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue.items) + self.router.waiting
+
+    def admit(
+        self, tasks: list[Task], start: int, *, timed: bool, routed: bool = False
+    ) -> tuple[int, list[Task]]:
+        """Admit ``tasks[start:]`` in order, applying the overflow policy.
+
+        *timed*: some task carries a deadline counted from submission (set in ``deadline``);
+        *routed*: some task has a ``route`` (a model, a key, a worker).
+        Returns ``(index of the first task not admitted, tasks dropped to make room)``: the
+        index is ``len(tasks)`` unless the policy is ``block`` and the queue filled up. Under
+        ``reject`` a task that finds the queue full raises :class:`queue.Full` (the ones before
+        it stay admitted).
+        """
+        q = self.queue
+        items = q.items
+        waiting = self.router.waiting
+        if (
+            not timed
+            and not routed
+            and start == 0
+            and len(tasks) + len(items) + waiting <= q.maxsize
+        ):
+            items.extend(tasks)  # the common case: room for all, no deadlines
+            self.live += len(tasks)
+            n = tasks[0].count if len(tasks) == 1 else sum(t.count for t in tasks)
+            self.submitted += n
+            # (An admission's tasks come from one source: one call of submit, put or map.)
+            (tasks[0].source or self.default_source).items_in += n
+            return len(tasks), []
+        dropped: list[Task] = []
+        for i in range(start, len(tasks)):
+            task = tasks[i]
+            if len(items) + self.router.waiting >= q.maxsize:
+                if self.overflow == "reject":
+                    self.rejected += 1
+                    raise queue.Full("the coordinator's queue is full")
+                if self.overflow != "drop_oldest":
+                    return i, dropped
+                self._drop_oldest(dropped)
+            if task.deadline is not None:
+                self._push_deadline(task)
+            if task.route is None:
+                items.append(task)
+            else:
+                self.router.add(task, self.workers)
+            self.live += 1
+            self.submitted += task.count
+            (task.source or self.default_source).items_in += task.count
+        return len(tasks), dropped
+
+    # ---------------------------------------------------------------- dispatch
+
+    def dispatch(self, now: float) -> list[WorkerState]:
+        """Hand queued tasks to workers with free credit, most free credit first; returns the
+        workers that got tasks (each once)."""
+        items = self.queue.items
+        assigned: list[WorkerState] = []
+        if self.router.waiting:
+            self._dispatch_routed(now, assigned)
+        if not items:
+            return assigned
+        workers = self.workers
+        pop = items.popleft
+        # Plain tasks all run the workers' own process(): one kind of work, one estimate.
+        per_item = self.kind_time.get(None)
+        # Queue waits, counted at first dispatch; an admission's tasks share one submission time.
+        waits, waited, since, b = self.queue_wait.counts, 0.0, None, 0
+        while items:
+            head = items[0]
+            if head.run_timeout is not None:
+                if not self._dispatch_timed(now, assigned):
+                    break
+                continue
+            # Work-conserving (see leader); a task of a map with a deadline is never held.
+            sink = head.sink
+            hold = sink.__class__ is TaskFuture or not getattr(sink, "start_only", False)
+            est = None if per_item is None else per_item * head.count
+            best, best_free, second = leader(workers, est, hold)
+            if best is None:
+                break
+            holding = len(best.inflight) >= min(best.concurrency, best.window)
+            # Handing the leader (best - second + 1) tasks at once is the same as handing them
+            # one by one to whoever has the most credit, without rescanning per task. With
+            # many free slots each (tiny tasks) hand out chunks of an eighth of the credit, so a
+            # frame carries many tasks; with a small window it is strict alternation.
+            n = min(max(best_free - second + 1, best_free >> 3), best_free, len(items))
+            tasks = []
+            for _ in range(n):
+                t = pop()
+                if t.run_timeout is not None or (
+                    holding
+                    and t.sink.__class__ is not TaskFuture
+                    and getattr(t.sink, "start_only", False)
+                ):
+                    items.appendleft(t)  # goes only to a worker that can start it at once
+                    break
+                if t.finished:
+                    continue
+                if not t.started:
+                    t.started = True
+                    if t.t_submit is not since:
+                        since, b = t.t_submit, bucket(now - t.t_submit)
+                    waits[b] += t.count
+                    waited += (now - since) * t.count
+                    s = t.sink  # is anyone still waiting for it? (inlined _still_wanted)
+                    if s.__class__ is TaskFuture:
+                        if not s.set_running_or_notify_cancel():
+                            self._finish_cancelled(t)
+                            continue
+                    elif s.abandoned:
+                        self._finish_cancelled(t)
+                        continue
+                tasks.append(t)
+            if tasks:
+                inflight = best.inflight
+                if not inflight:
+                    best.last_progress = now  # the hang clock starts with its first task
+                    best.probe = now  # ... and a round-trip measurement
+                for t in tasks:
+                    inflight[t.id] = t
+                best.outbox.extend(tasks)
+                if best not in assigned:
+                    assigned.append(best)
+        self.queue_wait.sum += waited
+        items.settle()
+        return assigned
+
+    def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:
+        """Dispatch the task at the head of the queue, whose deadline counts from the start of
+        its run, to the worker with the most room to start it at once. False if none can."""
+        best: WorkerState | None = None
+        best_free = 0
+        for w in self.workers:
+            f = min(w.concurrency, w.window) - len(w.inflight) if w.accepting else 0
+            if f > best_free:
+                best, best_free = w, f
+        if best is None:
+            return False
+        t = self.queue.items.popleft()
+        if t.finished:
+            return True
+        if not t.started:
+            t.started = True
+            self.queue_wait.observe(now - t.t_submit, t.count)
+            if not self._still_wanted(t):
+                return True
+        assert t.run_timeout is not None
+        t.deadline = now + t.run_timeout
+        self._push_deadline(t)
+        self._assign(best, [t], now, assigned)
+        return True
+
+    def _dispatch_routed(self, now: float, assigned: list[WorkerState]) -> None:
+        def give(w: WorkerState, t: Task) -> None:
+            if not t.started:
+                t.started = True
+                self.queue_wait.observe(now - t.t_submit, t.count)
+                if not self._still_wanted(t):
+                    return
+            if t.run_timeout is not None:
+                t.deadline = now + t.run_timeout  # its clock starts as it is sent to run
+                self._push_deadline(t)
+            self._assign(w, [t], now, assigned)
+
+        self.router.dispatch(now, self.workers, give, self.kind_time)
+
+    def _still_wanted(self, t: Task) -> bool:
+        """At first dispatch: is anyone still waiting for it? (Finishes it if not.)"""
+        s = t.sink
+        if s.__class__ is TaskFuture:
+            if not s.set_running_or_notify_cancel():
+                self._finish_cancelled(t)
+                return False
+        elif s.abandoned:
+            self._finish_cancelled(t)
+            return False
+        return True
+
+    @staticmethod
+    def _assign(w: WorkerState, tasks: list[Task], now: float, assigned: list[WorkerState]) -> None:
+        inflight = w.inflight
+        if not inflight:
+            w.last_progress = now  # the hang clock starts with its first task in hand
+            w.probe = now
+        for t in tasks:
+            inflight[t.id] = t
+        w.outbox.extend(tasks)
+        if w not in assigned:
+            assigned.append(w)
+
+    # ---------------------------------------------------------------- results
+
+    def results(
+        self,
+        ws: WorkerState,
+        entries: list[Any],
+        busy: float | None,
+        now: float,
+        versions: dict[int, str] | None = None,
+    ) -> tuple[Groups, FutureOutcomes, list[LateResult], list[WorkerState]]:
+        """Results from a worker: ``[task id, OK | ERROR | CHUNK | RUN, value]`` rows,
+        validated; *busy* is the worker's own compute time for them, when it reports one.
+
+        Returns the outcomes to deliver - grouped per results collector, and per future - the
+        late results, and the workers that got tasks with the credit freed.
+        """
+        futures: FutureOutcomes = []
+        groups: Groups = []
+        late: list[LateResult] = []
+        group: list[Outcome] = []
+        group_sink: Any = None
+        pop = ws.inflight.pop
+        record = self.latencies.append
+        lat_counts, lat_sum, since, b = self.latency.counts, 0.0, None, 0
+        ok = failed = items = 0
+        default_source = self.default_source
+        work: Any = _NO_KIND  # the kind of work these results are of (None: process())
+        for tid, kind, value in entries:
+            t = pop(tid, None)
+            if t is None:
+                log.warning(
+                    "worker %s returned a result for task %r it does not hold; ignored",
+                    ws.name,
+                    tid,
+                )
+                continue
+            items += t.count
+            this = t.route.model if t.route is not None else None
+            if work != this:
+                work = this if work is _NO_KIND else _MIXED
+            if kind in (CHUNK, RUN) and (type(value) is not list or len(value) != t.count):
+                kind, value = (
+                    ERROR,
+                    TaskFailed(
+                        "ProtocolError",
+                        f"worker {ws.name} answered a chunk of {t.count} "
+                        f"with {len(value) if type(value) is list else 'no'} results",
+                    ),
+                )
+            if t.route is not None and t.route.model is not None:
+                kind, value = self._model_result(t, kind, value, ws, versions, now)
+            if t.finished:
+                late.extend(late_results(t, kind, value))
+                continue
+            t.finished = True
+            self.live -= 1
+            latency = now - t.t_submit
+            if t.t_submit is not since:  # (one bisect per admission, as in dispatch)
+                since, b = t.t_submit, bucket(latency)
+            lat_counts[b] += t.count
+            lat_sum += latency * t.count
+            src = t.source or default_source
+            src.processed += t.count
+            src.lags.append(latency)
+            sink = t.sink
+            is_future = sink.__class__ is TaskFuture
+            if kind == RUN:
+                ok += t.count
+                record(latency)  # one sample per task: a chunk counts once
+                if is_future:  # only a misbehaving worker sends a run here
+                    futures.append((t, OK, value[0]))
+                    continue
+                outcome = [(t.seq, RUN, value)]
+            elif t.count == 1 and kind != CHUNK:
+                if kind == OK:
+                    ok += 1
+                    record(latency)
+                else:
+                    failed += 1
+                if is_future:
+                    futures.append((t, kind, value))
+                    continue
+                outcome = [(t.seq, kind, value)]
+            else:
+                outcome = outcomes(t, kind, value)
+                for _, k, _v in outcome:
+                    if k == OK:
+                        ok += 1
+                        record(latency)
+                    else:
+                        failed += 1
+                if is_future:  # only a misbehaving worker sends a chunk here
+                    futures.append((t, *outcome[0][1:]))
+                    continue
+            if sink is group_sink:
+                group.extend(outcome)
+            else:
+                group_sink, group = sink, outcome
+                groups.append((sink, group))
+        ws.completed += ok
+        ws.failed += failed
+        self.latency.sum += lat_sum
+        self.completed += ok
+        self.failed += failed
+        self.late += len(late)
+        if busy is not None and entries:
+            ws.observe(busy, len(entries), now)
+            per_item = busy / max(1, items)
+            self.item_time = (
+                per_item if self.item_time is None else 0.7 * self.item_time + 0.3 * per_item
+            )
+            if work is not _MIXED and work is not _NO_KIND:
+                # (Results of several kinds in one message say nothing of each one's time.)
+                kt = self.kind_time.get(work)
+                self.kind_time[work] = per_item if kt is None else 0.7 * kt + 0.3 * per_item
+        else:
+            ws.probe = None  # no compute time to subtract: no round-trip sample
+        ws.last_progress = now
+        assigned = self.dispatch(now)
+        ws.pace(bool(self.queue.items or self.router.waiting))
+        return groups, futures, late, assigned
+
+    def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[WorkerState]:
+        """The worker's sender found these tasks finished before sending them: free their
+        credit."""
+        for t in tasks:
+            ws.inflight.pop(t.id, None)
+        return self.dispatch(now)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(w.inflight) for w in self.workers)

@@ -1,0 +1,524 @@
+"""The scheduler's threaded shell: one lock around the :class:`~._scheduler.Scheduler`, and
+everything done with the lock released.
+
+Callers (``submit``, ``map``, streams) admit tasks here; handles report here, through the
+:class:`~._handles.WorkerEvents` interface this class implements; a timer thread of its own
+expires deadlines. Each of them calls the scheduler under :attr:`Engine.lock`, then - after
+releasing it - wakes the workers that got tasks and delivers the outcomes. Delivery wakes
+waiting threads and never runs user code (a future's done-callbacks and ``on_late`` go to the
+coordinator's callback thread, see :mod:`._delivery`), so the timer and the readers keep time.
+
+Lock order: :attr:`Engine.lock`, then a handle's condition (``wake(inline=False)`` may be called
+with the lock held: it only notifies), then the supervisor's condition (asked whether a worker
+can still come). Nothing here is called with a handle's or the supervisor's lock held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..core.scheduler import FutureOutcomes, Groups, Scheduler
+from ..core.stats import Statistics, WorkerStats, percentile, snapshot, worker_stats
+from ..core.tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
+from ..errors import ClosedError, WorkerLostError
+from .delivery import CallbackRunner, Changes, TaskFuture, deliver, deliver_all
+from .handles import WorkerHandle
+from .workerops import WorkerOps
+
+log = logging.getLogger(__name__)
+
+LATE_KEPT = 10_000
+
+
+def fail_unloaded(tasks: list[Task]) -> None:
+    """Fail tasks whose model was unloaded before they ran."""
+    for t in tasks:
+        model = t.route.model if t.route is not None else None
+        deliver(t, ERROR, ClosedError(f"model {model!r} was unloaded before this task ran"))
+
+
+class Engine(WorkerOps):
+    """Runs one coordinator's scheduler (see the module's docstring)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        max_queue: int,
+        overflow: str,
+        max_retries: int,
+        max_window: int,
+        runner: CallbackRunner,
+        on_late: Callable[[LateResult], None] | None,
+        reinforcements: Callable[[], bool],
+        strand_error: Callable[[], BaseException],
+    ) -> None:
+        self.name = name
+        self.core = Scheduler(max_queue=max_queue, overflow=overflow, max_retries=max_retries)
+        self.max_window = max_window  # what an adaptive window may grow to
+        self.max_models: int | None = None  # per worker, when models load on demand
+        self.clock = time.perf_counter  # the one clock of the scheduler
+        self.lock = threading.Lock()
+        self.not_full = threading.Condition(self.lock)  # a blocked admission may go on
+        self.changed = threading.Condition(self.lock)  # workers came or went, tasks finished
+        self._timer_cv = threading.Condition(self.lock)
+        self._runner = runner
+        self._on_late = on_late
+        self._late: deque[LateResult] = deque(maxlen=LATE_KEPT)
+        self._reinforcements = reinforcements  # could a worker still come?
+        self._strand_error = strand_error  # what work that nothing can run fails with
+        self._blocked = 0  # admissions waiting for room
+        # Set by the model registry: it sends the loads/unloads the core asks for, and hears
+        # what workers report.
+        self.on_model_request: Callable[[str, WorkerHandle, str], None] | None = None
+        self.on_model_status: Callable[[WorkerHandle, dict[str, Any]], None] | None = None
+        self.changes = Changes()  # for wait_until()
+        self.signal = self.changes.signal
+        self.wait_until = self.changes.wait_until
+        self._next_deadline: float | None = None  # what the timer sleeps towards
+        self.closed = False  # no new work
+        self.stopping = False  # shutting down: losses are expected, nothing is restarted
+        self._stopped = False
+        self._timer = threading.Thread(
+            target=self._timer_loop, name=f"pytaskqml-deadlines-{name}", daemon=True
+        )
+        self._timer.start()
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(
+        self,
+        tasks: list[Task],
+        *,
+        timed: bool = False,
+        routed: bool = False,
+        put_timeout: float | None = None,
+    ) -> None:
+        """Admit *tasks* under the overflow policy and dispatch. *timed*: some carry a deadline
+        counted from submission. Raises :class:`ClosedError` after shutdown, ``queue.Full``
+        under ``reject`` (or ``block`` past *put_timeout*)."""
+        core = self.core
+        dropped: list[Task] = []
+        stranded: list[Task] = []
+        with self.lock:
+            if self.closed:
+                raise ClosedError("the coordinator is shut down")
+            i, dropped = core.admit(tasks, 0, timed=timed, routed=routed)
+            if i < len(tasks):
+                dropped = list(dropped)
+                self._admit_blocking(tasks, i, timed, routed, put_timeout, dropped)
+            assigned = core.dispatch(self.clock())
+            if self._blocked:
+                self.not_full.notify_all()
+            if core.stranded:
+                stranded = self._strand_locked()
+            if core.deadlines:
+                self._watch_deadlines()
+            requests = self._requests()
+            orphans = core.take_orphans() if core.router.orphans else []
+        for ws in assigned:
+            ws.handle.wake(True)
+        if requests:
+            self._send_requests(requests)
+        if orphans:
+            fail_unloaded(orphans)
+        if dropped:
+            deliver_all(dropped, DROPPED, None)
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+        if self.changes.watchers:
+            self.signal()
+
+    def _admit_blocking(
+        self,
+        tasks: list[Task],
+        i: int,
+        timed: bool,
+        routed: bool,
+        put_timeout: float | None,
+        dropped: list[Task],
+    ) -> None:
+        """Lock held. Wait for room for ``tasks[i:]`` (the ``block`` policy)."""
+        core = self.core
+        deadline = None if put_timeout is None else time.monotonic() + put_timeout
+        while i < len(tasks):
+            # What this call admitted so far must be able to leave the queue meanwhile.
+            for ws in core.dispatch(self.clock()):
+                ws.handle.wake(False)
+            self._blocked += 1
+            try:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ok = self.not_full.wait_for(lambda: not core.full or self.closed, remaining)
+            finally:
+                self._blocked -= 1
+            if self.closed:
+                raise ClosedError("the coordinator is shut down")
+            if not ok:
+                raise queue.Full("the coordinator's queue stayed full")
+            i, more = core.admit(tasks, i, timed=timed, routed=routed)
+            dropped.extend(more)
+
+    def unload_model(self, name: str) -> None:
+        """*name* was unloaded by name: fail its tasks that wait for a worker (and any that
+        turns up later) - nothing will ever run them."""
+        with self.lock:
+            stuck = self.core.model_unloaded(name)
+            if self._blocked:
+                self.not_full.notify_all()
+            self.changed.notify_all()
+        fail_unloaded(stuck)
+
+    def declare_model(self, name: str) -> None:
+        """*name* is being loaded by name: its tasks wait for a worker that has it."""
+        with self.lock:
+            self.core.model_declared(name)
+
+    def drop(self, task: Task) -> bool:
+        """Drop a queued task (a stream's drop-oldest); False if it already started or ended."""
+        with self.lock:
+            if task.finished or task.started:
+                return False
+            self.core.drop(task)
+            self.core.queue.remove(task)
+            if self._blocked:
+                self.not_full.notify_all()
+        deliver(task, DROPPED, None)
+        return True
+
+    def cancel_abandoned(self) -> None:
+        """A map() or stream was abandoned: its queued tasks are cancelled now, and those
+        running on a worker that takes interrupts are interrupted."""
+        with self.lock:
+            self.core.cancel_abandoned()
+            stale, gone = self._stale_abandoned()
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+        for handle, ids in stale:
+            handle.interrupt(ids)
+        if gone:
+            deliver_all(gone, CANCELLED, None)
+
+    def _stale(self, tasks: list[Task]) -> list[tuple[WorkerHandle, list[int]]]:
+        """Of *tasks* (just finished: timed out), those a worker that takes interrupts holds,
+        per worker (lock held)."""
+        out: list[tuple[WorkerHandle, list[int]]] = []
+        for ws in self.core.workers:
+            if ws.handle.interrupt_grace is not None and ws.inflight:
+                ids = [t.id for t in tasks if t.id in ws.inflight]
+                if ids:
+                    out.append((ws.handle, ids))
+        return out
+
+    def _stale_abandoned(self) -> tuple[list[tuple[WorkerHandle, list[int]]], list[Task]]:
+        """Tasks of abandoned maps and streams held by workers that take interrupts: finished
+        as cancelled (so a replaced worker's loss does not run them again), per worker (lock
+        held)."""
+        out: list[tuple[WorkerHandle, list[int]]] = []
+        finished: list[Task] = []
+        for ws in self.core.workers:
+            if ws.handle.interrupt_grace is None or not ws.inflight:
+                continue
+            gone = [
+                t
+                for t in ws.inflight.values()
+                if not t.finished and t.sink.__class__ is not TaskFuture and t.sink.abandoned
+            ]
+            for t in gone:
+                self.core._finish_cancelled(t)
+            if gone:
+                out.append((ws.handle, [t.id for t in gone]))
+                finished += gone
+        return out, finished
+
+    # ------------------------------------------------------------------ workers
+
+    def attach(self, handle: WorkerHandle, preload: list[Task] | None = None) -> bool:
+        """Register *handle* and start it; False (and nothing started) when shutting down.
+        *preload* tasks run on it before anything else."""
+        window = handle.window
+        with self.lock:
+            if self.stopping:
+                return False
+            ws, assigned = self.core.add_worker(
+                handle.name,
+                window=window if window is not None else self.max_window,
+                adaptive=window is None,
+                batch_size=handle.batch_size,
+                concurrency=handle.concurrency,
+                handle=handle,
+                now=self.clock(),
+                models=handle.initial_models,
+                max_models=self.max_models,
+                preload=preload or (),
+            )
+            handle.state = ws
+            handle.start()
+            self._watch_deadlines()
+            self.changed.notify_all()
+        for w in assigned:
+            w.handle.wake(False)
+        self.signal()
+        return True
+
+    # ------------------------------------------------------------------ WorkerEvents
+
+    def results(
+        self,
+        handle: WorkerHandle,
+        entries: list[Any],
+        busy: float | None,
+        versions: dict[int, str] | None = None,
+    ) -> None:
+        ws = handle.state
+        assert ws is not None
+        with self.lock:
+            groups, futures, late, assigned = self.core.results(
+                ws, entries, busy, self.clock(), versions
+            )
+            requests = self._requests()
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+            if assigned and self.core.deadlines:
+                self._watch_deadlines()
+        for w in assigned:
+            w.handle.wake(False)
+        self._deliver(groups, futures, late)
+        if requests:
+            self._send_requests(requests)
+        if self.changes.watchers:
+            self.signal()
+
+    def skipped(self, handle: WorkerHandle, tasks: list[Task]) -> None:
+        ws = handle.state
+        assert ws is not None
+        with self.lock:
+            assigned = self.core.skipped(ws, tasks, self.clock())
+            self._watch_deadlines()
+        for w in assigned:
+            w.handle.wake(False)
+
+    def lost(self, handle: WorkerHandle, error: BaseException | None, graceful: bool) -> None:
+        ws = handle.state
+        assert ws is not None
+        stranded: list[Task] = []
+        with self.lock:
+            removed = self.core.remove_worker(ws, graceful=graceful, now=self.clock())
+            if removed is None:
+                return
+            requeued, poison, pinned, assigned = removed
+            orphans = self.core.take_orphans() if self.core.router.orphans else []
+            if not self.core.workers and not self.stopping:
+                stranded = self._strand_locked()
+            self._watch_deadlines()
+            if self._blocked:
+                self.not_full.notify_all()
+            self.changed.notify_all()
+        for w in assigned:
+            w.handle.wake(False)
+        handle.close()
+        if graceful:
+            log.info("worker %s left (%d tasks re-queued)", handle.name, requeued)
+        elif not self.stopping:
+            log.warning(
+                "lost worker %s (%s); %d tasks re-queued, %d failed as poison",
+                handle.name,
+                error,
+                requeued,
+                len(poison),
+            )
+        why = f"worker {handle.name} died while running this task ({error})"
+        for t in poison:
+            deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
+        if pinned:
+            gone = WorkerLostError(f"worker {handle.name} left before it ran this broadcast")
+            deliver_all(pinned, ERROR, gone)
+        if orphans:
+            fail_unloaded(orphans)
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+        owner = handle.owner
+        if owner is not None:
+            owner.worker_left(handle, graceful, ws.completed > 0)
+        self.signal()
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, groups: Groups, futures: FutureOutcomes, late: list[LateResult]) -> None:
+        for sink, outcomes in groups:
+            sink.deliver_many(outcomes)
+        for t, kind, value in futures:
+            deliver(t, kind, value)
+        if late:
+            self._emit_late(late)
+
+    def _emit_late(self, items: list[LateResult]) -> None:
+        if self._on_late is None:
+            with self.lock:
+                self._late.extend(items)
+            return
+        for item in items:
+            self._runner.call(self._on_late, item)
+
+    def late_results(self) -> list[LateResult]:
+        with self.lock:
+            out = list(self._late)
+            self._late.clear()
+        return out
+
+    # ------------------------------------------------------------------ stranding
+
+    def check_stranded(self) -> None:
+        """A way for workers to come back has gone (a process seat retired, a dialer gave
+        up): if no worker is left, fail what nothing can run."""
+        with self.lock:
+            stranded = self._strand_locked() if not self.core.workers else []
+            self.changed.notify_all()
+        if stranded:
+            deliver_all(stranded, ERROR, self._strand_error())
+
+    def _strand_locked(self) -> list[Task]:
+        core = self.core
+        if core.workers or self.stopping or self._reinforcements():
+            core.stranded = False
+            return []
+        tasks = core.strand()
+        if tasks:
+            log.error("no workers left and none can come back; failing %d queued tasks", len(tasks))
+        self.changed.notify_all()
+        return tasks
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _watch_deadlines(self) -> None:
+        """Lock held: wake the timer if the earliest deadline is now earlier than what it
+        sleeps towards."""
+        nd = self.core.next_deadline()
+        if nd is not None and (self._next_deadline is None or nd < self._next_deadline):
+            self._timer_cv.notify()
+
+    def _timer_loop(self) -> None:
+        try:
+            while self._timer_once():
+                pass
+        except BaseException:
+            log.exception("deadline thread crashed; failing outstanding work")
+            self.fail_all(ClosedError("the coordinator's deadline thread crashed"))
+
+    def _timer_once(self) -> bool:
+        # One round per call, so no task stays referenced from this frame while it waits.
+        with self.lock:
+            if self._stopped:
+                return False
+            now = self.clock()
+            expired, assigned = self.core.expire(now)
+            if not expired:
+                nd = self.core.next_deadline()
+                self._next_deadline = nd
+                self._timer_cv.wait(None if nd is None else max(0.0, nd - now))
+                self._next_deadline = None
+                return True
+            if self._blocked:
+                self.not_full.notify_all()
+            if not self.core.live:
+                self.changed.notify_all()
+            stale = self._stale(expired)
+        for handle, ids in stale:
+            handle.interrupt(ids)
+        for ws in assigned:
+            ws.handle.wake(False)
+        deliver_all(expired, TIMEOUT, None)
+        self.signal()
+        return True
+
+    # ------------------------------------------------------------------ endings
+
+    def close(self) -> bool:
+        """No new work from now on; returns whether it was already closed."""
+        with self.lock:
+            already, self.closed = self.closed, True
+            self.not_full.notify_all()
+        return already
+
+    def cancel_queued(self) -> None:
+        with self.lock:
+            tasks = self.core.cancel_queued()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, None)
+
+    def abandon_inflight(self, error: BaseException) -> list[WorkerHandle]:
+        """Cancel every task in flight (with *error*); returns the handles that held one."""
+        with self.lock:
+            tasks, busy = self.core.abandon_inflight()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, error)
+        return [ws.handle for ws in busy]
+
+    def fail_all(self, error: BaseException) -> None:
+        with self.lock:
+            tasks = self.core.fail_all()
+            self.changed.notify_all()
+        deliver_all(tasks, CANCELLED, error)
+
+    def drain(self, timeout: float | None, can_progress: Callable[[], bool]) -> bool:
+        """Wait until no task is left, or no worker can run them, or *timeout*; True if none
+        is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while self.core.live and can_progress():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self.changed.wait(0.25 if remaining is None else min(remaining, 0.25))
+            return not self.core.live
+
+    def stop(self) -> None:
+        """Shutting down: worker losses are expected from here on."""
+        with self.lock:
+            self.stopping = True
+
+    def stop_timer(self) -> None:
+        with self.lock:
+            self._stopped = True
+            self._timer_cv.notify_all()
+            self.changed.notify_all()
+        if self._timer is not threading.current_thread():
+            self._timer.join(5.0)
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_for(self, predicate: Callable[[Scheduler], bool], timeout: float | None) -> bool:
+        """Block until *predicate(scheduler)* holds (checked whenever workers come or go or
+        tasks finish); False on timeout."""
+        with self.lock:
+            return self.changed.wait_for(lambda: predicate(self.core), timeout)
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self, **front: Any) -> Statistics:
+        """A snapshot (see :func:`~._stats.snapshot`); *front* adds what the front counts."""
+        with self.lock:
+            lat = list(self.core.latencies)  # sorted below, with the lock released
+            snap = snapshot(self.core, **front)
+        lat.sort()
+        return dataclasses.replace(
+            snap,
+            latency_p50=percentile(lat, 0.50),
+            latency_p90=percentile(lat, 0.90),
+            latency_p99=percentile(lat, 0.99),
+            latency_max=lat[-1] if lat else None,
+        )
+
+    def workers(self) -> tuple[WorkerStats, ...]:
+        with self.lock:
+            return tuple(worker_stats(ws) for ws in self.core.workers)
