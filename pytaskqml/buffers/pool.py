@@ -368,10 +368,7 @@ class BufferPool:
                 if n > 1:
                     holds[holder] = n - 1
                     continue
-                del holds[holder]
-                if not holds:
-                    del self._holds[slot]
-                    freed |= self._maybe_free(slot)
+                freed |= self._let_go(slot, holds, holder)
             if freed:
                 self._cv.notify_all()
         finally:
@@ -379,17 +376,21 @@ class BufferPool:
         if freed:
             self._changed()
 
+    def _let_go(self, slot: int, holds: dict[object, int], holder: object) -> bool:
+        """Lock held. *holder* holds none of *slot*'s views any more; True if that freed it."""
+        del holds[holder]
+        if holds:
+            return False
+        del self._holds[slot]
+        return self._maybe_free(slot)
+
     def forget(self, holder: object) -> None:
         """*holder* (a worker that is gone) holds nothing any more."""
         freed = False
         self._lock_and_drain()
         try:
             for slot in [s for s, h in self._holds.items() if holder in h]:
-                holds = self._holds[slot]
-                del holds[holder]
-                if not holds:
-                    del self._holds[slot]
-                    freed |= self._maybe_free(slot)
+                freed |= self._let_go(slot, self._holds[slot], holder)
             if freed:
                 self._cv.notify_all()
         finally:
