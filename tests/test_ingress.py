@@ -390,27 +390,27 @@ def test_the_default_client_on_the_default_server_is_never_dropped() -> None:
 
 
 @pytest.mark.slow
-def test_the_default_client_over_100k_items_several_rounds_with_and_without_load() -> None:
-    """Each round ~10 s on a shared 2-core machine; the loaded rounds run beside two processes
-    that spin and a second producer."""
+def test_the_default_client_over_many_items_several_rounds_with_and_without_load() -> None:
+    """Each round of 50k items ~5-20 s on a shared 2-core machine; the loaded rounds run beside
+    two processes that spin and a second producer."""
     with Coordinator() as coord:
         coord.add_local(Echo())
         coord.add_local(Echo())
         addr = coord.serve_ingress()
-        _default_client_rounds(addr, 2, 100_000)
+        _default_client_rounds(addr, 2, 50_000)
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
         other: list[BaseException] = []
 
         def second_producer() -> None:
             try:
-                _default_client_rounds(addr, 1, 50_000)
+                _default_client_rounds(addr, 1, 25_000)
             except BaseException as exc:
                 other.append(exc)
 
         neighbour = threading.Thread(target=second_producer, daemon=True)
         try:
             neighbour.start()
-            _default_client_rounds(addr, 1, 100_000)
+            _default_client_rounds(addr, 1, 50_000)
             neighbour.join(120)
         finally:
             for p in spinners:
@@ -419,7 +419,7 @@ def test_the_default_client_over_100k_items_several_rounds_with_and_without_load
         assert not neighbour.is_alive() and not other, other
         stats = coord.ingress_statistics()[0]
     assert stats.dropped_producers == 0 and stats.abandoned == 0
-    assert stats.returned == 350_000
+    assert stats.returned == 175_000
 
 
 class Ordered(Gate):

@@ -500,9 +500,17 @@ def test_listening_worker_survives_a_connection_flood(fresh_worker: LiveWorker) 
     finally:
         for s in flood:
             s.close()
+    # The flood's handshakes end as their sockets close; until they have, a coordinator may be
+    # told the worker is busy (and try again). Wait until no rejection has come for a second.
+    seen, quiet_since = w.count(REJECTED), time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:
+        time.sleep(0.05)
+        if (now := w.count(REJECTED)) != seen:
+            seen, quiet_since = now, time.monotonic()
+    assert 1 <= seen <= 200  # at most one line per flood connection
     run_real_tasks(w.port, timeout=T)
     assert w.alive and w.tasks_done() == 10
-    assert 1 <= w.count(REJECTED) <= 200
+    assert w.count(REJECTED) == seen  # the coordinator with the key was not refused
 
 
 def test_listening_worker_is_not_locked_out_by_two_idle_connections(

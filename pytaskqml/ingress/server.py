@@ -139,6 +139,9 @@ class _Producer:
         self._answered = threading.Condition(self._lock)
         self._outstanding = 0  # received and not yet credited back (see the module's docstring)
         self._unwritten = 0  # received and whose result is not yet written (for drain())
+        # Received and whose result is not yet being written: what a producer that leaves
+        # now abandons (one whose result is on its way when it goes has it already, often).
+        self._unanswered = 0
         self._refused: dict[int, BaseException] = {}
         self._received = 0
         self._gone = False
@@ -185,6 +188,7 @@ class _Producer:
                 raise ProtocolError(f"more than its window of {self.window} items outstanding")
             self._outstanding += 1
             self._unwritten += 1
+            self._unanswered += 1
         self._received += 1
         self.server._count("received")
         priority = header.get("priority")
@@ -207,7 +211,7 @@ class _Producer:
     def _finish(self, why: str) -> None:
         with self._lock:
             self._gone = True
-            pending = self._unwritten
+            pending = self._unanswered
         if pending:
             log.info(
                 "ingress: producer %s %s with %d items outstanding: cancelling them",
@@ -253,6 +257,7 @@ class _Producer:
         # it, possibly before send_json() below has returned here.
         with self._lock:
             self._outstanding -= 1
+            self._unanswered -= 1
         error = error_fields(value)
         try:
             if error is None:
@@ -264,6 +269,7 @@ class _Producer:
                 text, bufs = _codec.encode({"op": "result", "seq": seq, "error": error})
             self.conn.send_json(text, bufs)
         except ConnectionLost:
+            self.server._count("abandoned")  # the producer went before this one was sent
             return
         finally:
             with self._lock:
