@@ -487,3 +487,52 @@ def test_a_dead_coordinator_leaves_the_group_once_its_entries_moved(
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keyless", [False, True])
+def test_queue_serve_control_shutdown_needs_a_token_or_keyless_actions(
+    redis_url: str,  # noqa: F811
+    stream: str,  # noqa: F811
+    keyless: bool,
+) -> None:
+    """`pytaskqml queue serve --control` without a key: POST /shutdown is refused (403) and
+    the coordinator serves on, unless --keyless-actions opens it to loopback clients."""
+    import urllib.error
+    import urllib.request
+
+    ctl = free_port()
+    args = [
+        sys.executable, "-m", "pytaskqml", "queue", "serve", redis_url, "--stream", stream,
+        "--worker", "sample_workers:Square", "--control", f"127.0.0.1:{ctl}",
+    ]  # fmt: skip
+    if keyless:
+        args.append("--keyless-actions")
+    env = child_env()
+    env.pop("PYTASKQML_AUTHKEY", None)
+    proc = subprocess.Popen(
+        args, env=env, cwd=str(HERE), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        read_line_with(proc, "serving", timeout=T)
+        request = urllib.request.Request(f"http://127.0.0.1:{ctl}/shutdown", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=T) as reply:
+                status = reply.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        if keyless:
+            assert status == 202  # accepted: it drains and exits
+            assert proc.wait(T) == 0
+        else:
+            assert status == 403
+            with _queue(redis_url, stream).client() as producer:
+                assert producer.submit(7).result(T) == 49  # still serving
+            assert proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(T)
+        assert proc.stderr is not None
+        proc.stderr.close()

@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--control", metavar="HOST:PORT", help="serve /health and /shutdown here")
     s.add_argument(
+        "--keyless-actions",
+        action="store_true",
+        help="without a key, let loopback clients (every local user) POST /shutdown to "
+        "--control; without this it needs a key's act token",
+    )
+    s.add_argument(
         "--authkey-file", metavar="PATH", help="key for workers (else $PYTASKQML_AUTHKEY)"
     )
     s.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -136,7 +142,9 @@ def serve(args: argparse.Namespace) -> int:
             if args.listen:
                 coord.listen(address(args.listen, "--listen"))
             if args.control:
-                where = coord.serve_control(address(args.control, "--control"))
+                where = coord.serve_control(
+                    address(args.control, "--control"), keyless_actions=args.keyless_actions
+                )
                 print(f"control at http://{where[0]}:{where[1]}", file=sys.stderr, flush=True)
         except (WorkerStartError, ValueError, OSError) as exc:
             raise UserError(str(exc), EXIT_FAILURE) from None
