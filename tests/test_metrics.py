@@ -273,6 +273,10 @@ def test_a_cli_worker_serves_its_own_metrics(procs: Procs) -> None:
         code, body = request(("127.0.0.1", ctl), "GET", "/status")
         assert code == 200 and body["role"] == "worker" and body["tasks_done"] == 40
         assert json.loads(json.dumps(body))["errors"] == 10
+        # The endpoint's own families: this /metrics request was served, none refused.
+        assert counter(fams, "pytaskqml_control_requests_served") == 1
+        assert counter(fams, "pytaskqml_control_requests_refused") == 0
+        assert value(fams, "pytaskqml_control_connections_open") == 1
 
 
 @pytest.mark.slow
@@ -386,6 +390,29 @@ def test_a_served_pipeline_shows_its_stages_in_metrics() -> None:
         fams, "pytaskqml_ingress_items_received", address=service.addresses["ingress"]
     )
     assert received == 20
+    assert counter(fams, "pytaskqml_control_requests_served") >= 1
+
+
+def test_metrics_show_the_http_endpoint_itself() -> None:
+    """Two /health requests, one for a route that does not exist, then /metrics: its
+    pytaskqml_control_* families, parsed by prometheus_client, count them."""
+    with Coordinator() as coord:
+        address = coord.serve_control()
+        assert get(address, "/health")[0] == 200
+        assert get(address, "/health")[0] == 200
+        assert get(address, "/no-such-route")[0] == 404
+        status, _, text = get(address, "/metrics")
+        stats = coord.control_statistics()
+    assert status == 200 and stats is not None
+    fams = families(text)
+    assert counter(fams, "pytaskqml_control_requests_served") == 3  # /metrics counts itself
+    assert counter(fams, "pytaskqml_control_requests_refused") == 1
+    assert value(fams, "pytaskqml_control_connections_open") == 1
+    for family in ("busy", "evicted"):
+        assert counter(fams, f"pytaskqml_control_connections_{family}") == 0
+    assert counter(fams, "pytaskqml_control_requests_timed_out") == 0
+    assert counter(fams, "pytaskqml_control_broken_pipes") == 0
+    assert stats.served >= 3 and stats.refused == 1
 
 
 def test_per_source_metrics_match_statistics_sources() -> None:

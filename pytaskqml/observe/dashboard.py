@@ -392,6 +392,7 @@ def install_coordinator(
     def metrics(request: Request) -> Reply:
         ports = ingress() if ingress is not None else []
         text = _metrics.coordinator_metrics(snapshot(), start_time=start_time, ingress=ports)
+        text += _metrics.control_metrics(control.statistics())
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
     _add_page(control)
@@ -436,6 +437,7 @@ def install_worker(
 
     def metrics(request: Request) -> Reply:
         text = _metrics.worker_process_metrics(snapshot(), target=target, start_time=started)
+        text += _metrics.control_metrics(control.statistics())
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
     control.add_route("GET", "/status", status, auth=not open_metrics)
@@ -558,6 +560,7 @@ def install_service(
             s.stages, items_in=s.items_in, items_out=s.items_out, start_time=started
         )
         text += _metrics.ingress_metrics(ingress())
+        text += _metrics.control_metrics(control.statistics())
         return Reply(200, text, _metrics.CONTENT_TYPE)
 
     _add_page(control)

@@ -13,8 +13,10 @@ Named models (``pytaskqml_model_*``) carry ``model`` and, for results, ``version
 self-sizing pools (``pytaskqml_pool_*``) a ``pool`` label (the worker's ``module:Class``,
 numbered when two pools run the same class); ingress ports (``pytaskqml_ingress_*``) an
 ``address``; a pipeline's stages (:func:`pipeline_metrics`, ``pytaskqml_stage_*``) a
-``stage``. A family with nothing to show (no model loaded) is still declared, empty, so a
-dashboard finds every name from the start.
+``stage``. Every endpoint also shows its own HTTP server (``pytaskqml_control_*``,
+:func:`control_metrics`): connections open, requests served and refused, connections turned
+away at the limit, slow ones evicted or timed out. A family with nothing to show (no model
+loaded) is still declared, empty, so a dashboard finds every name from the start.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..core.stats import ModelStats, PoolStats, ServeStats, SourceStats, Statist
 
 if TYPE_CHECKING:
     from ..ingress.server import IngressStats
+    from ..wire.control import ControlStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -351,6 +354,61 @@ def _ingress(out: Exposition, ports: Sequence[IngressStats]) -> None:
         out.family(name, kind, f"An ingress port: {help_text[0].lower()}{help_text[1:]}")
         for i, port in enumerate(ports):
             out.sample(name, getattr(port, field), [("address", port.address or str(i))])
+
+
+_CONTROL = (
+    ("pytaskqml_control_connections_open", "gauge", "open", "Connections open now."),
+    (
+        "pytaskqml_control_requests_served_total",
+        "counter",
+        "served",
+        "Requests that reached their route.",
+    ),
+    (
+        "pytaskqml_control_requests_refused_total",
+        "counter",
+        "refused",
+        "Requests answered with a 4xx status (bad, unauthorised, unknown route).",
+    ),
+    (
+        "pytaskqml_control_connections_busy_total",
+        "counter",
+        "busy",
+        "Connections answered 503 at the connection limit.",
+    ),
+    (
+        "pytaskqml_control_connections_evicted_total",
+        "counter",
+        "evicted",
+        "Slow requests cut to make room for a new connection.",
+    ),
+    (
+        "pytaskqml_control_requests_timed_out_total",
+        "counter",
+        "timed_out",
+        "Requests that missed their read deadline (answered 408).",
+    ),
+    (
+        "pytaskqml_control_broken_pipes_total",
+        "counter",
+        "broken_pipes",
+        "Replies the client hung up on.",
+    ),
+)
+
+
+def control_metrics(stats: ControlStats) -> str:
+    """The families of the HTTP endpoint serving ``/metrics`` (appended to another
+    exposition)."""
+    out = Exposition()
+    for name, kind, field, help_text in _CONTROL:
+        out.metric(
+            name,
+            kind,
+            f"The HTTP endpoint: {help_text[0].lower()}{help_text[1:]}",
+            getattr(stats, field),
+        )
+    return out.text()
 
 
 def pipeline_metrics(
