@@ -12,10 +12,10 @@
     pytaskqml token --url 127.0.0.1:7100
     pytaskqml run pipeline.toml --input items.jsonl
 
-Each command lives in a module of its own (``_cmd_*``) with ``register(subparsers)``, which
-sets ``run`` as the parser's default. Errors a user can cause (a bad ``module:Class``, a port
-in use, a malformed address, a wrong key) end the command with one line on stderr and a
-non-zero exit code, never a traceback.
+Each command lives in a module of its own (``worker``, ``models``...) with
+``register(subparsers)``, which sets ``run`` as the parser's default. Errors a user can cause
+(a bad ``module:Class``, a port in use, a malformed address, a wrong key) end the command with
+one line on stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,35 +25,36 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
 from ..errors import AuthenticationError, ConnectionLost
 from ..wire import connection as _connection
 from ..wire import control as _control
-from . import models as _cmd_models
-from . import queue as _cmd_queue
-from . import run as _cmd_run
-from . import serve as _cmd_serve
-from . import status as _cmd_status
-from . import token as _cmd_token
-from . import worker as _cmd_worker
 from .common import EXIT_FAILURE, UserError, add_key_args, address, read_key, unreachable
+from .models import register as _register_models
+from .queue import register as _register_queue
+from .run import register as _register_run
+from .serve import register as _register_serve
+from .status import register as _register_status
+from .token import register as _register_token
+from .worker import register as _register_worker
 
 # Commands that import the user's code (MODULE:CLASS, a pipeline file's workers): they find
 # modules in the current directory, as `python -m pytaskqml` does.
 IMPORTING = ("run", "serve", "worker")
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
-COMMANDS: list[Any] = [
-    _cmd_worker,
-    _cmd_models,
-    _cmd_queue,
-    _cmd_run,
-    _cmd_serve,
-    _cmd_status,
-    _cmd_token,
+# Each command's register(subparsers), in the order --help lists them.
+REGISTER: list[Callable[[Any], None]] = [
+    _register_worker,
+    _register_models,
+    _register_queue,
+    _register_run,
+    _register_serve,
+    _register_status,
+    _register_token,
 ]
 
 
@@ -70,8 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pytaskqml {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
-        command.register(sub)
+    for register in REGISTER:
+        register(sub)
 
     s = sub.add_parser(
         "shutdown",

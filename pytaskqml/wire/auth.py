@@ -17,8 +17,16 @@ import ssl
 from collections.abc import Callable
 
 from ..errors import AuthenticationError, ConnectionLost, ProtocolError
-from . import protocol as _protocol
 from .connection import Connection, Deadline
+from .protocol import (
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    TLS_ANSWER,
+    Message,
+    auth_digest,
+    auth_verify,
+    new_nonce,
+)
 
 
 def resolve_authkey(authkey: bytes | str | None) -> bytes | None:
@@ -59,7 +67,7 @@ def tls_client_context(
     return ctx
 
 
-def _expect(conn: Connection, op: str) -> _protocol.Message:
+def _expect(conn: Connection, op: str) -> Message:
     msg = conn.recv()
     if msg.op == "denied":
         why = msg.header.get("why")
@@ -100,7 +108,7 @@ def _handshake(
         raise AuthenticationError(f"{conn.peer} did not complete the handshake in time") from None
     except ProtocolError as exc:
         conn.abort()
-        if dialling and str(exc) == _protocol.TLS_ANSWER:
+        if dialling and str(exc) == TLS_ANSWER:
             raise TLSExpected(
                 f"{conn.peer} answered with TLS: it expects a TLS connection (pass "
                 "ssl_context=tls_client_context(...), or --tls-ca on the command line)"
@@ -115,19 +123,19 @@ def server_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
     """Run the listening side of the mutual HMAC handshake; raise AuthenticationError."""
 
     def steps() -> None:
-        nonce = _protocol.new_nonce()
-        conn.send("challenge", {"nonce": nonce.hex(), "v": _protocol.PROTOCOL_VERSION})
+        nonce = new_nonce()
+        conn.send("challenge", {"nonce": nonce.hex(), "v": PROTOCOL_VERSION})
         msg = conn.recv()
         if msg.op == "hi":  # sent by the dialling side before it saw the challenge
             msg = _expect(conn, "auth")
         elif msg.op != "auth":
             raise AuthenticationError(f"handshake: expected 'auth', got {msg.op!r}")
-        if not _protocol.auth_verify(key, nonce, "client", msg.header.get("proof")):
+        if not auth_verify(key, nonce, "client", msg.header.get("proof")):
             with contextlib.suppress(ConnectionLost):
                 conn.send("denied", {"why": "authentication failed"})
             raise AuthenticationError(f"{conn.peer} failed authentication (wrong or missing key)")
         theirs = _nonce_from(msg.header.get("nonce"))
-        conn.send("welcome", {"proof": _protocol.auth_digest(key, theirs, "server").hex()})
+        conn.send("welcome", {"proof": auth_digest(key, theirs, "server").hex()})
 
     _handshake(conn, timeout, steps, dialling=False)
 
@@ -149,25 +157,25 @@ def client_handshake(conn: Connection, key: bytes, *, timeout: float | None) -> 
     the deadline."""
 
     def steps() -> None:
-        conn.send("hi", {"v": _protocol.PROTOCOL_VERSION})
+        conn.send("hi", {"v": PROTOCOL_VERSION})
         msg = _expect(conn, "challenge")
-        if msg.header.get("v") != _protocol.PROTOCOL_VERSION:
+        if msg.header.get("v") != PROTOCOL_VERSION:
             raise AuthenticationError(f"peer speaks protocol version {msg.header.get('v')!r}")
         theirs = _nonce_from(msg.header.get("nonce"))
-        mine = _protocol.new_nonce()
+        mine = new_nonce()
         conn.send(
             "auth",
-            {"proof": _protocol.auth_digest(key, theirs, "client").hex(), "nonce": mine.hex()},
+            {"proof": auth_digest(key, theirs, "client").hex(), "nonce": mine.hex()},
         )
         reply = _expect(conn, "welcome")
-        if not _protocol.auth_verify(key, mine, "server", reply.header.get("proof")):
+        if not auth_verify(key, mine, "server", reply.header.get("proof")):
             raise AuthenticationError(f"{conn.peer} could not prove it holds the key")
 
     _handshake(conn, timeout, steps, dialling=True)
 
 
 def _nonce_from(value: object) -> bytes:
-    if isinstance(value, str) and len(value) == 2 * _protocol.NONCE_SIZE:
+    if isinstance(value, str) and len(value) == 2 * NONCE_SIZE:
         try:
             return bytes.fromhex(value)
         except ValueError:

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
 
-from . import connection as _connection
-from . import protocol as _protocol
+from .connection import check_bind, format_address, is_loopback, open_listener
+from .protocol import control_token, json_depth_exceeds
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def parse_json(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("the body is not UTF-8") from None
-    if _protocol.json_depth_exceeds(text, max_depth):
+    if json_depth_exceeds(text, max_depth):
         raise ValueError(f"the body nests deeper than {max_depth} levels")
     try:
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
@@ -239,7 +239,7 @@ class ControlServer:
         body_timeout: float = BODY_TIMEOUT,
         evict_after: float = MIN_AGE_TO_EVICT,
     ) -> None:
-        _connection.check_bind(
+        check_bind(
             address[0],
             authkey,
             insecure=insecure,
@@ -248,8 +248,8 @@ class ControlServer:
         )
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        self.token = _protocol.control_token(authkey, "read") if authkey else None
-        self.act_token = _protocol.control_token(authkey, "act") if authkey else None
+        self.token = control_token(authkey, "read") if authkey else None
+        self.act_token = control_token(authkey, "act") if authkey else None
         self.keyless_actions = keyless_actions
         self.max_connections = max_connections
         self.header_timeout = header_timeout
@@ -275,7 +275,7 @@ class ControlServer:
         self.add_route("POST", "/shutdown", stop)
         # A deep backlog: past a full accept queue the kernel may reset a connection before
         # this server sees it, and a client past the limit is owed a 503, not a reset.
-        self._listener = _connection.open_listener(address, backlog=max(1024, max_connections))
+        self._listener = open_listener(address, backlog=max(1024, max_connections))
         self._listener.setblocking(False)
         name = self._listener.getsockname()
         self.address: tuple[str, int] = (str(name[0]), int(name[1]))
@@ -316,7 +316,7 @@ class ControlServer:
 
     @property
     def url(self) -> str:
-        return f"http://{_connection.format_address(self.address)}"
+        return f"http://{format_address(self.address)}"
 
     @property
     def rejected(self) -> int:
@@ -572,7 +572,7 @@ class ControlServer:
         if self.act_token is None:
             if route.access == "read":
                 return None
-            if self.keyless_actions and _connection.is_loopback(client):
+            if self.keyless_actions and is_loopback(client):
                 return None
             return 403, (
                 "this endpoint has no key, so its acting routes are off (start it with a key, "
@@ -747,7 +747,7 @@ def request(
 ) -> tuple[int, Any]:
     """Call a control endpoint route with the act token derived from *authkey* (if given);
     returns (HTTP status, the JSON body decoded, or the text when it is not JSON)."""
-    token = _protocol.control_token(authkey, "act") if authkey else None
+    token = control_token(authkey, "act") if authkey else None
     conn = http.client.HTTPConnection(address[0], address[1], timeout=timeout)
     try:
         headers = {"Content-Length": str(len(body))}
