@@ -379,6 +379,16 @@ def test_a_served_pipeline_shows_its_stages_in_metrics() -> None:
     assert status == 200 and kind.startswith("text/plain")
     fams = families(text)
     assert counter(fams, "pytaskqml_pipeline_items_in") == 20
+    family = "pytaskqml_pipeline_latency_seconds"
+    assert value(fams, family, f"{family}_count") == 20  # each item timed end to end
+    assert value(fams, family, f"{family}_bucket", le="+Inf") == 20
+    stage_sums = sum(
+        value(fams, "pytaskqml_stage_latency_seconds", "pytaskqml_stage_latency_seconds_sum",
+              stage=stage)
+        for stage in ("square", "tag")
+    )  # fmt: skip
+    # End to end covers both stages and the hand-offs between them.
+    assert value(fams, family, f"{family}_sum") >= stage_sums
     for stage in ("square", "tag"):
         assert counter(fams, "pytaskqml_stage_tasks_completed", stage=stage) == 20
         assert counter(fams, "pytaskqml_stage_tasks_failed", stage=stage) == 0

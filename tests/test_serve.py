@@ -202,6 +202,8 @@ def test_a_service_with_a_key_serves_keyed_clients_beside_idle_and_vanishing_one
     assert doc["stages"][1]["host"] == "1 thread"
     assert doc["counts"]["submitted"] >= 1 + 5 * 2000
     assert "throughput" in doc["history"]
+    latency = doc["latency"]  # items timed end to end (estimates from a histogram)
+    assert 0 < latency["p50"] <= latency["p99"] and latency["max"] > 0
     status, page = _control.request(where, "GET", "/")
     assert status == 200 and "<title>pytaskqml status</title>" in page
     shown = subprocess.run(

@@ -346,6 +346,13 @@ def test_a_served_pipeline_shows_its_stages_as_rows_and_their_numbers_move() -> 
                     ".every(td => td.textContent !== '0')",
                     "each stage's completed count",
                 )
+                # Items timed end to end: the latency tiles and chart, as for a coordinator.
+                wait_page(browser, "+document.getElementById('p50').dataset.value > 0", "p50")
+                wait_page(
+                    browser,
+                    "!!document.querySelector('#chart-latency polyline')",
+                    "the latency chart's line",
+                )
             finally:
                 stop.set()
                 producer.join(T)

@@ -88,6 +88,14 @@ class HistogramSnapshot:
             self.sum - earlier.sum,
         )
 
+    def plus(self, other: HistogramSnapshot) -> HistogramSnapshot:
+        """Both counted together (*other* with the same bounds)."""
+        return HistogramSnapshot(
+            self.bounds,
+            tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+            self.sum + other.sum,
+        )
+
     def quantile(self, q: float) -> float | None:
         """An estimate of the *q*-quantile (0..1), interpolated within its bucket; ``None``
         when nothing was counted. Values above the last bound are reported as that bound."""

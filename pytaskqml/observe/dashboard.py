@@ -105,7 +105,8 @@ class PipelineSnapshot:
     queued: int
     in_flight: int
     workers: tuple[StageSnapshot, ...]
-    latency: HistogramSnapshot | None = None  # the pipeline does not time items end to end
+    latency: HistogramSnapshot | None = None  # per item, put() to leaving the last step
+    latency_max: float | None = None
 
 
 class PipelineCounts(Protocol):
@@ -117,6 +118,10 @@ class PipelineCounts(Protocol):
     def items_in(self) -> int: ...
     @property
     def items_out(self) -> int: ...
+    @property
+    def latency(self) -> HistogramSnapshot | None: ...
+    @property
+    def latency_max(self) -> float | None: ...
 
 
 class ServedPipeline(Protocol):
@@ -144,6 +149,8 @@ def pipeline_snapshot(pipeline: ServedPipeline, uptime: float) -> PipelineSnapsh
         queued=sum(r.stats.queued for r in rows),
         in_flight=max(0, s.items_in - s.items_out),
         workers=rows,
+        latency=s.latency,
+        latency_max=s.latency_max,
     )
 
 
@@ -483,6 +490,18 @@ def _stage_row(row: StageSnapshot, per_stage: dict[str, float]) -> dict[str, Any
     }
 
 
+def _histogram_quantiles(
+    h: HistogramSnapshot | None, longest: float | None
+) -> dict[str, float | None]:
+    """The latency tiles of a page from a histogram (estimates within a bucket)."""
+    return {
+        "p50": None if h is None else h.quantile(0.5),
+        "p90": None if h is None else h.quantile(0.9),
+        "p99": None if h is None else h.quantile(0.99),
+        "max": longest,
+    }
+
+
 def pipeline_status_document(
     snap: PipelineSnapshot, history: History | None, *, with_history: bool = True
 ) -> dict[str, Any]:
@@ -514,7 +533,7 @@ def pipeline_status_document(
             "failed": snap.failed,
             **counts,
         },
-        "latency": {"p50": None, "p90": None, "p99": None, "max": None},
+        "latency": _histogram_quantiles(snap.latency, snap.latency_max),
         "start_error": "; ".join(errors) or None,
         "stages": rows,
         "workers": rows,
@@ -557,7 +576,11 @@ def install_service(
             return Reply(503, {"error": "the pipeline is not running"})
         s = p.statistics()
         text = _metrics.pipeline_metrics(
-            s.stages, items_in=s.items_in, items_out=s.items_out, start_time=started
+            s.stages,
+            items_in=s.items_in,
+            items_out=s.items_out,
+            start_time=started,
+            latency=s.latency,
         )
         text += _metrics.ingress_metrics(ingress())
         text += _metrics.control_metrics(control.statistics())

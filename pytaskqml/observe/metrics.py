@@ -412,10 +412,16 @@ def control_metrics(stats: ControlStats) -> str:
 
 
 def pipeline_metrics(
-    stages: Mapping[str, Statistics], *, items_in: int, items_out: int, start_time: float
+    stages: Mapping[str, Statistics],
+    *,
+    items_in: int,
+    items_out: int,
+    start_time: float,
+    latency: HistogramSnapshot | None = None,
 ) -> str:
     """A served pipeline's exposition (from :meth:`Pipeline.statistics`): its items in and
-    out, and per stage the coordinator's main series with a ``stage`` label."""
+    out, their time end to end (*latency*), and per stage the coordinator's main series with
+    a ``stage`` label."""
     out = Exposition()
     out.metric(
         "pytaskqml_pipeline_items_in_total", "counter", "Items put into the pipeline.", items_in
@@ -426,6 +432,13 @@ def pipeline_metrics(
         "Items that came out of the pipeline (a result or an error).",
         items_out,
     )
+    out.family(
+        "pytaskqml_pipeline_latency_seconds",
+        "histogram",
+        "Time from put() until the item's result left the last step, per item.",
+    )
+    if latency is not None:
+        out.histogram_samples("pytaskqml_pipeline_latency_seconds", latency)
     per_stage: tuple[tuple[str, str, str, str], ...] = (
         ("pytaskqml_stage_tasks_submitted_total", "counter", "submitted", "Items admitted."),
         ("pytaskqml_stage_tasks_completed_total", "counter", "completed", "Items completed."),

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
+from ..core.histogram import Histogram, HistogramSnapshot
 from ..core.stats import Statistics
 from ..core.tasks import TaskTimeout
 from ..engine.pool import check_positive
@@ -93,12 +94,18 @@ class _Fifo:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineStats:
-    """A pipeline's counters: each stage coordinator's :class:`Statistics` by stage name, and
-    the items put into and yielded by its streams so far."""
+    """A pipeline's counters: each stage coordinator's :class:`Statistics` by stage name, the
+    items put into and yielded by its streams so far, and the time items took end to end
+    (``latency``: a histogram of seconds from ``put()`` to the result leaving the last step;
+    ``latency_max``, the longest)."""
 
     stages: Mapping[str, Statistics]
     items_in: int
     items_out: int
+    # Per item, from put() until its result (or error) came out of the last step; None before
+    # any item came out.
+    latency: HistogramSnapshot | None = None
+    latency_max: float | None = None
 
 
 class PipelineStream:
@@ -125,6 +132,10 @@ class PipelineStream:
         self._order = threading.RLock()  # one put() at a time begins and queues its item
         self._count = 0
         self._emitted = 0  # items that reached the end of the pipeline
+        # End-to-end times of the items that reached the end, counted by the last step's
+        # hand-off thread (the only writer) and read under _space.
+        self._latency = Histogram()
+        self._latency_max = 0.0
         self._consumed = 0
         self._closed = False
         self._ended: str | None = None
@@ -162,14 +173,15 @@ class PipelineStream:
             ):
                 raise queue.Full("the pipeline stayed full")
             self._check_open()
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        t_in = time.monotonic()
+        deadline = None if self._timeout is None else t_in + self._timeout
         with self._order:
             with self._space:
                 self._check_open()
                 seq = self._count
                 self._count += 1
             entry = self._send(0, item, seq, deadline)
-            self._hand(self._fifos[0], (seq, deadline, entry))
+            self._hand(self._fifos[0], (seq, deadline, t_in, entry))
 
     def put_nowait(self, item: Any) -> None:
         """``put(item, timeout=0)``: :class:`queue.Full` at once when the stream is full."""
@@ -253,21 +265,25 @@ class PipelineStream:
                     else:
                         self._hand(self._fifos[k + 1], _END)
                     return
-                seq, deadline, entry = got
+                seq, deadline, t_in, entry = got
                 ok, value = entry.wait(deadline)
                 if not ok and (value is None or isinstance(value, StageTimeout)):
                     timeout = self._timeout if value is None else value.timeout
                     value = TaskTimeout(seq, float(timeout or 0.0))
                 if last:
+                    took = time.monotonic() - t_in
                     with self._space:
                         self._emitted += 1
+                        self._latency.observe(took)
+                        if took > self._latency_max:
+                            self._latency_max = took
                         self._space.notify_all()
                     self._out.put((ok, value))
                 else:
                     if ok and isinstance(entry, Join):
                         value = plain(value)  # the next stage gets JSON
                     nxt = self._send(k + 1, value, seq, deadline) if ok else Done(False, value)
-                    self._hand(self._fifos[k + 1], (seq, deadline, nxt))
+                    self._hand(self._fifos[k + 1], (seq, deadline, t_in, nxt))
         except ClosedError:
             return
         except BaseException as exc:
@@ -311,6 +327,11 @@ class PipelineStream:
         """``(items put, results taken)`` so far."""
         with self._space:
             return self._count, self._consumed
+
+    def latency(self) -> tuple[HistogramSnapshot, float]:
+        """The end-to-end times of the items that reached the end so far, and the longest."""
+        with self._space:
+            return self._latency.snapshot(), self._latency_max
 
 
 class Pipeline:
@@ -484,11 +505,24 @@ class Pipeline:
         """Each stage's :class:`Statistics` and the item counts of every stream."""
         stages = {st.name: st.coordinator.statistics() for st in self.stages if st.coordinator}
         with self._lock:
-            counts = [s.counts for s in self._streams]
+            streams = list(self._streams)
+        counts = [s.counts for s in streams]
+        latency: HistogramSnapshot | None = None
+        longest: float | None = None
+        for hist, most in (s.latency() for s in streams):
+            if not hist.count:
+                continue
+            if latency is None:
+                latency, longest = hist, most
+            else:
+                latency = latency.plus(hist)
+                longest = max(longest or 0.0, most)
         return PipelineStats(
             stages=stages,
             items_in=sum(c[0] for c in counts),
             items_out=sum(c[1] for c in counts),
+            latency=latency,
+            latency_max=longest,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
