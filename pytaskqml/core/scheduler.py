@@ -43,6 +43,7 @@ runs at a time - so its clock never runs while it waits behind another task.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
@@ -51,12 +52,22 @@ from collections import deque
 from typing import Any
 
 from ..errors import TaskFailed
-from .endings import Endings
 from .future import TaskFuture
 from .histogram import Histogram, bucket
 from .ordered import TaskQueue
-from .routing import ModelEvents, Router
-from .tasks import CHUNK, ERROR, OK, RUN, LateResult, Source, Task, late_results, outcomes
+from .routing import Router
+from .tasks import (
+    CHUNK,
+    ERROR,
+    OK,
+    RUN,
+    LateResult,
+    ModelResult,
+    Source,
+    Task,
+    late_results,
+    outcomes,
+)
 from .workerstate import WorkerState, leader
 
 log = logging.getLogger(__name__)
@@ -76,7 +87,7 @@ Groups = list[tuple[Any, list[Outcome]]]
 FutureOutcomes = list[tuple[Task, int, Any]]
 
 
-class Scheduler(ModelEvents, Endings):
+class Scheduler:
     """The task table and its transitions. Not thread-safe: the front holds a lock around
     every call. Times (``now``) are seconds on one monotonic clock, passed in."""
 
@@ -102,7 +113,9 @@ class Scheduler(ModelEvents, Endings):
         # workers' own process(). A kind never measured is absent, and treated as slow.
         self.kind_time: dict[str | None, float] = {}
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
-        self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
+        # (model, version): results, and their latency summed
+        self.model_counts: dict[tuple[str, str], int] = {}
+        self.model_seconds: dict[tuple[str, str], float] = {}
         # Where work comes from (see _ordered.FairQueue): submit()'s tasks share one source;
         # streams, map() calls and ingress producers each have theirs, listed while alive.
         self.default_source = self.queue.items.default
@@ -540,3 +553,184 @@ class Scheduler(ModelEvents, Endings):
     @property
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
+
+    # ---------------------------------------------------------------- models
+
+    def _model_result(
+        self,
+        t: Task,
+        kind: int,
+        value: Any,
+        ws: WorkerState,
+        versions: dict[int, str] | None,
+        now: float,
+    ) -> tuple[int, Any]:
+        """Count a model task's result and its latency by version; wrap it when the caller
+        wants to know."""
+        route = t.route
+        assert route is not None and route.model is not None
+        version = (versions or {}).get(t.id, "")
+        key = (route.model, version)
+        self.model_counts[key] = self.model_counts.get(key, 0) + t.count
+        seconds = (now - t.t_submit) * t.count
+        self.model_seconds[key] = self.model_seconds.get(key, 0.0) + seconds
+        ws.model_done[route.model] = ws.model_done.get(route.model, 0) + t.count
+        if route.meta and kind == OK:
+            value = ModelResult(value, route.model, version, ws.name)
+        return kind, value
+
+    def model_ready(
+        self, ws: WorkerState, model: str, version: str, now: float
+    ) -> list[WorkerState]:
+        self.router.model_ready(ws, model, version)
+        return self.dispatch(now)
+
+    def model_failed(self, ws: WorkerState, model: str) -> list[Task]:
+        """Returns the waiting tasks of a model nobody can load: the caller fails them."""
+        stuck = self.router.model_failed(ws, model, self.workers)
+        for t in stuck:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return stuck
+
+    def model_gone(self, ws: WorkerState, model: str) -> None:
+        self.router.model_gone(ws, model)
+
+    def model_unloaded(self, model: str) -> list[Task]:
+        """*model* was unloaded by name: its waiting tasks can never run. Returns them,
+        finished, for the caller to fail (and so every task of it that turns up later)."""
+        self.router.gone.add(model)
+        self.router.orphans.extend(
+            self.router.take(self.workers, lambda t: t.route is not None and t.route.model == model)
+        )
+        return self.take_orphans()
+
+    def model_declared(self, model: str) -> None:
+        """*model* is loaded by name (again): its tasks wait for it."""
+        self.router.gone.discard(model)
+
+    def take_orphans(self) -> list[Task]:
+        """Finish and return the tasks of unloaded models that turned up (see Router.gone)."""
+        out, self.router.orphans = self.router.orphans, []
+        for t in out:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return out
+
+    # ---------------------------------------------------------------- endings
+
+    def _drop_oldest(self, dropped: list[Task]) -> None:
+        # The oldest task of the source that fills the queue the most: a flooding source pays
+        # for its own backlog, not the others.
+        items = self.queue.items
+        while items:
+            old = items.pop_from_longest()
+            if old is not None and not old.finished:
+                self.drop(old)
+                dropped.append(old)
+                return
+        routed = self.router.pop_oldest()
+        if routed is not None:
+            self.drop(routed)
+            dropped.append(routed)
+
+    def drop(self, task: Task) -> None:
+        """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
+        task.finished = True
+        self.live -= 1
+        self.dropped += task.count
+        (task.source or self.default_source).dropped += task.count
+
+    def cancel_abandoned(self) -> None:
+        """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""
+        keep = []
+        for t in self.queue.clear():
+            if t.sink.__class__ is not TaskFuture and t.sink.abandoned and not t.finished:
+                self._finish_cancelled(t)
+            else:
+                keep.append(t)
+        self.queue.push_front(keep)
+        if self.router.waiting:
+            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
+            for t in self.router.take(self.workers, gone):
+                self._finish_cancelled(t)
+
+    def _finish_cancelled(self, t: Task) -> None:
+        t.finished = True
+        self.live -= 1
+        self.cancelled += 1
+
+    def cancel_queued(self) -> list[Task]:
+        """Finish every queued task as cancelled (the caller delivers CANCELLED)."""
+        tasks = [t for t in self.queue.clear() if not t.finished]
+        tasks.extend(self.router.take(self.workers))
+        for t in tasks:
+            self._finish_cancelled(t)
+        return tasks
+
+    def abandon_inflight(self) -> tuple[list[Task], list[WorkerState]]:
+        """Finish every task in flight as cancelled; returns them and the workers that were
+        running one (to be stopped: their work is no longer wanted)."""
+        tasks: list[Task] = []
+        busy: list[WorkerState] = []
+        for w in self.workers:
+            held = [t for t in w.inflight.values() if not t.finished]
+            if held:
+                busy.append(w)
+                tasks.extend(held)
+        for t in tasks:
+            self._finish_cancelled(t)
+        return tasks, busy
+
+    def fail_all(self) -> list[Task]:
+        """Finish every unfinished task, queued or in flight, as cancelled."""
+        return self.cancel_queued() + self.abandon_inflight()[0]
+
+    def strand(self) -> list[Task]:
+        """No worker is left and none can come back: fail what is queued (the caller delivers
+        the error) and every later admission, until a worker is added."""
+        self.stranded = True
+        tasks = [t for t in self.queue.clear() if not t.finished]
+        tasks.extend(self.router.take(self.workers))
+        for t in tasks:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return tasks
+
+    def _push_deadline(self, t: Task) -> None:
+        dl = self.deadlines
+        if len(dl) > 2 * self.live + 1024:
+            # Mostly entries of tasks that finished early: drop them (amortised: the heap at
+            # least halves each time).
+            dl[:] = [e for e in dl if _unfinished(e[2])]
+            heapq.heapify(dl)
+        assert t.deadline is not None
+        heapq.heappush(dl, (t.deadline, t.id, weakref.ref(t)))
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0][0] if self.deadlines else None
+
+    def expire(self, now: float) -> tuple[list[Task], list[WorkerState]]:
+        """Finish the tasks whose deadline has passed; the caller delivers their markers.
+        Returns them and the workers that got tasks (a queue that lost tasks may dispatch)."""
+        expired: list[Task] = []
+        dl = self.deadlines
+        while dl and dl[0][0] <= now:
+            t = heapq.heappop(dl)[2]()
+            if t is None or t.finished:
+                continue
+            t.finished = True
+            self.live -= 1
+            self.timed_out += t.count
+            if not t.started and t.route is None:
+                self.queue.remove(t)
+            expired.append(t)
+        return expired, self.dispatch(now) if expired else []
+
+
+def _unfinished(ref: weakref.ref[Task]) -> bool:
+    t = ref()
+    return t is not None and not t.finished
