@@ -32,7 +32,7 @@ RUNNER = CallbackRunner("test")
 
 def make(core: Scheduler, sink: Any = None, *, seq: int = 0, count: int = 1) -> Task:
     payload: Any = list(range(count)) if count > 1 else f"p{seq}"
-    return Task(next(core.ids), payload, 0, sink or Sink(), seq, 0.0, count)
+    return Task(core.new_ids(1)[0], payload, 0, sink or Sink(), seq, 0.0, count)
 
 
 def fut() -> TaskFuture:
@@ -485,7 +485,7 @@ def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> Non
 
 
 def sourced(core: Scheduler, src: Any, seq: int, *, priority: int = 0, t: float = 0.0) -> Task:
-    task = Task(next(core.ids), f"{src.name}{seq}", 0, Sink(), seq, t)
+    task = Task(core.new_ids(1)[0], f"{src.name}{seq}", 0, Sink(), seq, t)
     task.source, task.priority = src, priority
     return task
 

@@ -96,7 +96,7 @@ class Scheduler:
         self.max_retries = max_retries
         self.queue: TaskQueue = TaskQueue(max_queue)
         self.workers: list[WorkerState] = []
-        self.ids = itertools.count(1)  # task ids; next(ids) is the next one
+        self._next_id = 1  # the next task id (see new_ids)
         self._worker_ids = itertools.count(1)
         self.live = 0  # tasks admitted and not yet finished
         # (deadline, task id, weak reference): a finished task must not be kept alive by its
@@ -122,6 +122,12 @@ class Scheduler:
         self.sources: weakref.WeakValueDictionary[int, Source] = weakref.WeakValueDictionary()
         self.sources[0] = self.default_source
         self._source_ids = itertools.count(1)
+
+    def new_ids(self, n: int) -> range:
+        """*n* task ids no task has had."""
+        first = self._next_id
+        self._next_id = first + n
+        return range(first, first + n)
 
     def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
         """A source of work (a stream, a map() call, an ingress producer), listed in the
@@ -209,8 +215,9 @@ class Scheduler:
         """Replace a chunk by one task per item, keeping its place, attempts and deadline."""
         chunk.finished = True
         singles = []
+        ids = self.new_ids(len(chunk.payload))
         for i, item in enumerate(chunk.payload):
-            t = Task(next(self.ids), item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
+            t = Task(ids[i], item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
             t.attempts = chunk.attempts
             t.started = True
             t.run_timeout = chunk.run_timeout

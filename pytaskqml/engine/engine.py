@@ -8,6 +8,11 @@ releasing it - wakes the workers that got tasks and delivers the outcomes. Deliv
 waiting threads and never runs user code (a future's done-callbacks and ``on_late`` go to the
 coordinator's callback thread, see :mod:`._delivery`), so the timer and the readers keep time.
 
+Everything outside this module reaches the scheduler through the engine's methods - task ids
+(:meth:`Engine.new_ids`), sources of work (:meth:`Engine.new_source`), sizing hints
+(:meth:`Engine.worker_count`, :meth:`Engine.item_time`), the handles attached - never through
+:attr:`Engine.core` (``tests/test_layout.py`` checks it).
+
 Lock order: :attr:`Engine.lock`, then a handle's condition (``wake(inline=False)`` may be called
 with the lock held: it only notifies), then the supervisor's condition (asked whether a worker
 can still come). Nothing here is called with a handle's or the supervisor's lock held.
@@ -26,7 +31,7 @@ from typing import Any
 
 from ..core.scheduler import FutureOutcomes, Groups, Scheduler
 from ..core.stats import Statistics, WorkerStats, percentile, snapshot, worker_stats
-from ..core.tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
+from ..core.tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Source, Task
 from ..core.workerstate import WorkerState
 from ..errors import ClosedError, TaskFailed, WorkerLostError
 from .delivery import CallbackRunner, Changes, TaskFuture, deliver, deliver_all
@@ -90,6 +95,35 @@ class Engine:
             target=self._timer_loop, name=f"pytaskqml-deadlines-{name}", daemon=True
         )
         self._timer.start()
+
+    # ------------------------------------------------------------------ for the features
+
+    def new_ids(self, n: int) -> range:
+        """*n* fresh task ids (thread-safe: taken under the lock)."""
+        with self.lock:
+            return self.core.new_ids(n)
+
+    def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
+        """A source of work of its own in the fair queue - a map() call, a stream, an ingress
+        producer - listed in the statistics while it is alive (see
+        :meth:`Scheduler.new_source`)."""
+        with self.lock:
+            return self.core.new_source(kind, weight, name)
+
+    def worker_count(self) -> int:
+        """Workers attached now. Reads one length without the lock, so it may be called with
+        or without it (a hint: it may change the moment after)."""
+        return len(self.core.workers)
+
+    def item_time(self, kind: str | None) -> float | None:
+        """Worker seconds per item measured for *kind* of work (a model's name; None: the
+        workers' own process()), or None while never measured. A hint, read without the lock."""
+        return self.core.kind_time.get(kind)
+
+    def mean_item_time(self) -> float | None:
+        """Worker seconds per item over all kinds of work, or None while never measured. A
+        hint, read without the lock."""
+        return self.core.item_time
 
     # ------------------------------------------------------------------ admission
 
