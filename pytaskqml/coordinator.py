@@ -660,7 +660,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             d.stop()
         for a in self._acceptors:
             a.stop()
-        handles = [ws.handle for ws in list(engine.core.workers)]
+        handles = engine.handles()
         if cancel:
             for s in seats:
                 self._supervisor.kill(s)  # whatever they run is no longer wanted

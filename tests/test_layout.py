@@ -156,3 +156,22 @@ def test_only_the_front_lives_at_the_top_of_the_package() -> None:
         "__init__", "__main__", "errors", "coordinator", "coordctl", "executor",
         "client", "examples",
     }  # fmt: skip
+
+
+def test_only_the_engine_reaches_its_scheduler() -> None:
+    # The engine's scheduler is called under the engine's lock; everything else goes through
+    # the engine's own methods (new_ids, new_source, worker_count, handles, ...). So outside
+    # engine/engine.py no `engine.core` / `self._engine.core` attribute is read.
+    engines = {"engine", "_engine"}
+    found = []
+    for module, path in MODULES.items():
+        if module == "pytaskqml.engine.engine":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and node.attr == "core"):
+                continue
+            owner = node.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", None)
+            if name in engines:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not found, "reaches into the engine's scheduler: " + ", ".join(found)

@@ -64,8 +64,8 @@ def test_queue_wait_and_latency_land_in_their_buckets_on_a_fake_clock() -> None:
     ws, _ = core.add_worker("w", window=10, now=0.0)
     # Plain tasks measured quick, the worker kept busy: it may hold both tasks at once.
     core.kind_time[None], ws.ahead = 1e-6, 10
-    single = Task(next(core.ids), "x", 0, Sink(), 0, 1.0)
-    chunk = Task(next(core.ids), [1, 2, 3], 0, Sink(), 1, 1.0, 3)
+    single = Task(core.new_ids(1)[0], "x", 0, Sink(), 0, 1.0)
+    chunk = Task(core.new_ids(1)[0], [1, 2, 3], 0, Sink(), 1, 1.0, 3)
     core.admit([single, chunk], 0, timed=False)
     assert core.queue_wait.counts == [0] * (len(DURATION_BOUNDS) + 1)  # admitted, not sent
     core.dispatch(1.003)  # waited 3 ms: the (2.5 ms, 5 ms] bucket, 4 items

@@ -13,6 +13,20 @@ from typing import Any
 
 import pytest
 
+from pytaskqml.core.actions import (
+    DROPPED_BY_POLICY,
+    EXPIRED,
+    POISON,
+    UNLOADED,
+    Action,
+    Deliver,
+    Fail,
+    Late,
+    LoadModel,
+    Requeued,
+    Resolve,
+    Send,
+)
 from pytaskqml.core.scheduler import Scheduler
 from pytaskqml.core.tasks import CHUNK, ERROR, OK, RUN, Route, Task
 from pytaskqml.core.workerstate import WorkerState
@@ -32,7 +46,7 @@ RUNNER = CallbackRunner("test")
 
 def make(core: Scheduler, sink: Any = None, *, seq: int = 0, count: int = 1) -> Task:
     payload: Any = list(range(count)) if count > 1 else f"p{seq}"
-    return Task(next(core.ids), payload, 0, sink or Sink(), seq, 0.0, count)
+    return Task(core.new_ids(1)[0], payload, 0, sink or Sink(), seq, 0.0, count)
 
 
 def fut() -> TaskFuture:
@@ -60,15 +74,38 @@ def ids(ws: WorkerState) -> list[int]:
     return list(ws.inflight)
 
 
+def sent(actions: list[Action]) -> list[WorkerState]:
+    """The workers a transition sent tasks to."""
+    return [a.worker for a in actions if isinstance(a, Send)]
+
+
+def told(actions: list[Action]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The outcomes in *actions*: ``(sink, outcomes)`` per collector, ``(task, kind, value)``
+    per future, the late results."""
+    groups = [(a.sink, a.outcomes) for a in actions if isinstance(a, Deliver)]
+    futures = [o for a in actions if isinstance(a, Resolve) for o in a.outcomes]
+    late = [r for a in actions if isinstance(a, Late) for r in a.results]
+    return groups, futures, late
+
+
+def failed(actions: list[Action] | None, why: str) -> list[Task]:
+    return [t for a in actions or [] if isinstance(a, Fail) and a.why == why for t in a.tasks]
+
+
+def requeued(actions: list[Action] | None) -> int:
+    return sum(a.count for a in actions or [] if isinstance(a, Requeued))
+
+
 def test_admit_and_dispatch_fill_the_least_loaded_worker_up_to_its_window() -> None:
     core, (a, b) = core_with(2, 3)
     warm(core)
     tasks = [make(core, seq=i) for i in range(10)]
     assert core.admit(tasks, 0, timed=False) == (10, [])
-    assigned = core.dispatch(1.0)
-    assert set(assigned) == {a, b}
+    actions = core.dispatch(1.0)
+    assert set(sent(actions)) == {a, b} and len(actions) == 2  # one Send per worker
     assert len(a.inflight) == 2 and len(b.inflight) == 3  # never more than the window
-    assert list(a.outbox) == list(a.inflight.values())  # outbox order is in-flight order
+    for s in actions:  # send order is in-flight order
+        assert isinstance(s, Send) and s.tasks == list(s.worker.inflight.values())
     assert len(core.queue) == 5 and core.live == 10 and core.submitted == 10
     assert core.dispatch(2.0) == []  # no credit left: nothing moves
 
@@ -79,7 +116,7 @@ def test_window_one_alternates_strictly() -> None:
     core.dispatch(0.0)
     first = {ids(a)[0], ids(b)[0]}
     assert first == {1, 2}
-    assigned = core.results(a, [[ids(a)[0], OK, "r"]], None, 1.0)[3]
+    assigned = sent(core.results(a, [[ids(a)[0], OK, "r"]], None, 1.0))
     assert assigned == [a] and len(a.inflight) == 1 and ids(a) == [3]
 
 
@@ -91,12 +128,12 @@ def test_a_result_is_delivered_once_and_unknown_or_duplicate_ids_are_ignored(
     t = make(core, sink)
     core.admit([t], 0, timed=False)
     core.dispatch(0.0)
-    groups, futures, late, _ = core.results(a, [[t.id, OK, "x"]], 0.001, 0.5)
+    groups, futures, late = told(core.results(a, [[t.id, OK, "x"]], 0.001, 0.5))
     assert groups == [(sink, [(0, OK, "x")])] and not futures and not late
     assert core.completed == 1 and core.live == 0 and core.latencies[-1] == 0.5
     with caplog.at_level(logging.WARNING, logger="pytaskqml"):
         again = core.results(a, [[t.id, OK, "x"], [999, OK, "y"]], None, 0.6)
-    assert again[:3] == ([], [], []) and core.completed == 1
+    assert again == [] and core.completed == 1
     assert "does not hold" in caplog.text
 
 
@@ -107,7 +144,7 @@ def test_futures_get_their_outcome_apart_from_collectors() -> None:
     core.admit([t], 0, timed=False)
     core.dispatch(0.0)
     assert f.running()  # set_running_or_notify_cancel at first dispatch
-    _, futures, _, _ = core.results(a, [[t.id, ERROR, TaskFailed("E", "m")]], None, 1.0)
+    _, futures, _ = told(core.results(a, [[t.id, ERROR, TaskFailed("E", "m")]], None, 1.0))
     assert futures[0][0] is t and futures[0][1] == ERROR and core.failed == 1
 
 
@@ -127,20 +164,16 @@ def test_a_result_arriving_after_its_worker_was_declared_lost_is_ignored() -> No
     core.admit([t], 0, timed=False)
     core.dispatch(0.0)
     holder, other = (a, b) if t.id in a.inflight else (b, a)
-    requeued, poison, _, assigned = core.remove_worker(holder, graceful=False, now=1.0) or (
-        0,
-        [],
-        [],
-        [],
-    )
-    assert requeued == 1 and not poison and assigned == [other] and t.attempts == 1
+    actions = core.remove_worker(holder, graceful=False, now=1.0)
+    assert requeued(actions) == 1 and not failed(actions, POISON) and t.attempts == 1
+    assert sent(actions or []) == [other]
     assert core.workers_lost == 1 and core.retried == 1
     # The lost worker's result comes in anyway (it was slow, not dead): not delivered.
-    assert core.results(holder, [[t.id, OK, "from the lost worker"]], None, 1.5)[:3] == ([], [], [])
-    groups, _, _, _ = core.results(other, [[t.id, OK, "retry"]], None, 2.0)
+    assert core.results(holder, [[t.id, OK, "from the lost worker"]], None, 1.5) == []
+    groups, _, _ = told(core.results(other, [[t.id, OK, "retry"]], None, 2.0))
     assert groups == [(sink, [(0, OK, "retry")])]
     # A duplicate after the retry finished: not delivered a second time.
-    assert core.results(other, [[t.id, OK, "dup"]], None, 2.5)[:3] == ([], [], [])
+    assert core.results(other, [[t.id, OK, "dup"]], None, 2.5) == []
     assert core.completed == 1
     assert core.remove_worker(holder, graceful=False, now=3.0) is None  # once only
 
@@ -151,14 +184,15 @@ def test_only_the_running_batch_is_charged_and_a_poison_task_fails_alone() -> No
     tasks = [make(core, seq=i) for i in range(3)]
     core.admit(tasks, 0, timed=False)
     core.dispatch(0.0)
-    requeued, poison, _, _ = core.remove_worker(a, graceful=False, now=1.0) or (0, [], [], [])
-    assert requeued == 3 and [t.attempts for t in tasks] == [1, 0, 0]
+    actions = core.remove_worker(a, graceful=False, now=1.0)
+    assert requeued(actions) == 3 and [t.attempts for t in tasks] == [1, 0, 0]
     assert [t.id for t in core.queue.items] == [t.id for t in tasks]  # back at the front, in order
     b, _ = core.add_worker("b", window=4, now=1.0)
     b.ahead = 4
     core.dispatch(1.0)
-    requeued, poison, _, _ = core.remove_worker(b, graceful=False, now=2.0) or (0, [], [], [])
-    assert poison == [tasks[0]] and tasks[0].finished and core.poisoned == 1 and requeued == 2
+    actions = core.remove_worker(b, graceful=False, now=2.0)
+    assert failed(actions, POISON) == [tasks[0]] and tasks[0].finished and core.poisoned == 1
+    assert requeued(actions) == 2
 
 
 def test_a_graceful_departure_charges_nothing() -> None:
@@ -191,8 +225,10 @@ def test_chunk_results_in_one_run_and_with_mixed_outcomes() -> None:
     core.admit([c1, c2], 0, timed=False)
     core.dispatch(0.0)
     err = TaskFailed("E", "m")
-    groups, _, _, _ = core.results(
-        a, [[c1.id, RUN, ["a", "b"]], [c2.id, CHUNK, [(OK, "c"), (ERROR, err)]]], 0.002, 1.0
+    groups, _, _ = told(
+        core.results(
+            a, [[c1.id, RUN, ["a", "b"]], [c2.id, CHUNK, [(OK, "c"), (ERROR, err)]]], 0.002, 1.0
+        )
     )
     assert groups == [(sink, [(0, RUN, ["a", "b"]), (2, OK, "c"), (3, ERROR, err)])]
     assert core.completed == 3 and core.failed == 1 and core.item_time == pytest.approx(0.0005)
@@ -204,7 +240,7 @@ def test_a_chunk_answered_with_the_wrong_number_of_results_fails() -> None:
     c = make(core, sink, count=3)
     core.admit([c], 0, timed=False)
     core.dispatch(0.0)
-    groups, _, _, _ = core.results(a, [[c.id, RUN, ["only one"]]], None, 1.0)
+    groups, _, _ = told(core.results(a, [[c.id, RUN, ["only one"]]], None, 1.0))
     kinds = [k for _, k, _ in groups[0][1]]
     assert kinds == [ERROR] * 3 and "answered a chunk of 3" in str(groups[0][1][0][2])
 
@@ -217,10 +253,10 @@ def test_a_deadline_expiring_between_dispatch_and_result_makes_the_result_late()
     core.admit([t], 0, timed=True)
     core.dispatch(0.0)
     assert core.next_deadline() == 5.0
-    assert core.expire(4.9) == ([], [])
-    expired, _ = core.expire(5.0)
+    assert core.expire(4.9) == []
+    expired = failed(core.expire(5.0), EXPIRED)
     assert expired == [t] and t.finished and core.timed_out == 1 and core.live == 0
-    groups, _, late, _ = core.results(a, [[t.id, OK, "too late"]], None, 6.0)
+    groups, _, late = told(core.results(a, [[t.id, OK, "too late"]], None, 6.0))
     assert not groups and len(late) == 1 and late[0].value == "too late" and core.late == 1
     assert not a.inflight  # its credit came back with the late result
 
@@ -230,8 +266,7 @@ def test_a_queued_task_past_its_deadline_leaves_the_queue() -> None:
     t = make(core)
     t.deadline = 1.0
     core.admit([t], 0, timed=True)
-    expired, _ = core.expire(2.0)
-    assert expired == [t] and len(core.queue) == 0
+    assert failed(core.expire(2.0), EXPIRED) == [t] and len(core.queue) == 0
 
 
 def test_a_run_timeout_starts_at_dispatch_and_only_on_a_worker_that_can_start_it() -> None:
@@ -244,7 +279,7 @@ def test_a_run_timeout_starts_at_dispatch_and_only_on_a_worker_that_can_start_it
     assert ids(a) == [tasks[0].id] and tasks[0].deadline == 11.0 and tasks[1].deadline is None
     core.results(a, [[tasks[0].id, OK, 0]], None, 10.5)
     assert ids(a) == [tasks[1].id] and tasks[1].deadline == 11.5  # its clock starts now
-    assert core.expire(11.4)[0] == []
+    assert core.expire(11.4) == []
 
 
 def test_overflow_block_stops_at_the_bound() -> None:
@@ -265,8 +300,8 @@ def test_overflow_reject_raises_and_counts() -> None:
 def test_overflow_drop_oldest_drops_and_counts() -> None:
     core, _ = core_with(max_queue=2, overflow="drop_oldest")
     tasks = [make(core, seq=i) for i in range(4)]
-    n, dropped = core.admit(tasks, 0, timed=False)
-    assert n == 4 and dropped == tasks[:2] and core.dropped == 2
+    n, actions = core.admit(tasks, 0, timed=False)
+    assert n == 4 and failed(actions, DROPPED_BY_POLICY) == tasks[:2] and core.dropped == 2
     assert list(core.queue.items) == tasks[2:] and core.live == 2
 
 
@@ -275,8 +310,8 @@ def test_skipped_tasks_give_their_credit_back() -> None:
     t1, t2 = make(core), make(core)
     core.admit([t1, t2], 0, timed=False)
     core.dispatch(0.0)
-    t1.finished = True  # e.g. timed out while waiting in the outbox
-    assert core.skipped(a, [t1], 1.0) == [a] and ids(a) == [t2.id]
+    t1.finished = True  # e.g. timed out while waiting in the worker's queue
+    assert sent(core.skipped(a, [t1], 1.0)) == [a] and ids(a) == [t2.id]
 
 
 def test_an_abandoned_collector_loses_its_queued_tasks() -> None:
@@ -362,7 +397,7 @@ def test_a_burst_of_slow_tasks_on_idle_workers_spreads_one_per_worker(n: int) ->
     core, workers = core_with(*[64] * n, adaptive=True)
     tasks = [make(core, seq=i) for i in range(3 * n)]
     core.admit(tasks, 0, timed=False)
-    assert set(core.dispatch(0.0)) == set(workers)
+    assert set(sent(core.dispatch(0.0))) == set(workers)
     assert [len(w.inflight) for w in workers] == [1] * n
     assert len(core.queue) == 2 * n
     # The first to finish takes the next one; nobody else gets one to hold.
@@ -436,16 +471,14 @@ def test_an_idle_worker_loads_an_on_demand_model_whose_tasks_wait() -> None:
     core, (a, b) = core_with(8, 8, max_models=2)
     core.router.on_demand.add("m")
     core.admit([routed(core, "m", i) for i in range(4)], 0, timed=False, routed=True)
-    core.dispatch(0.0)
-    loads = [(w.name, m) for action, w, m in core.router.requests if action == "load"]
+    loads = [(a.worker, a.model) for a in core.dispatch(0.0) if isinstance(a, LoadModel)]
     assert len(loads) == 1  # one load at a time
-    first = a if loads[0][0] == "w0" else b
+    first = loads[0][0]
     other = b if first is a else a
-    core.router.requests.clear()
-    core.model_ready(first, "m", "1", 0.1)
+    actions = core.model_ready(first, "m", "1", 0.1)
     assert len(first.inflight) == 1
     # Tasks wait and the other worker is idle: it is asked to load the model too.
-    assert [(w, m) for action, w, m in core.router.requests if action == "load"] == [(other, "m")]
+    assert [(a.worker, a.model) for a in actions if isinstance(a, LoadModel)] == [(other, "m")]
     core.model_ready(other, "m", "1", 0.2)
     assert len(other.inflight) == 1 and core.queued == 2
 
@@ -456,17 +489,17 @@ def test_unloading_a_model_finishes_its_waiting_tasks_and_any_that_comes_back() 
     core.admit(tasks, 0, timed=False, routed=True)
     core.dispatch(0.0)
     assert len(a.inflight) == 1 and core.queued == 4
-    stuck = core.model_unloaded("m")
+    stuck = failed(core.model_unloaded("m"), UNLOADED)
     assert stuck == tasks[1:] and all(t.finished for t in stuck)
     assert core.queued == 0 and core.live == 1 and core.failed == 4
     # The worker dies: its task comes back for a model that is gone - it fails too.
-    core.remove_worker(a, graceful=False, now=1.0)
-    assert core.take_orphans() == [tasks[0]] and core.live == 0
+    assert failed(core.remove_worker(a, graceful=False, now=1.0), UNLOADED) == [tasks[0]]
+    assert core.live == 0
     # Loaded again by name: its tasks wait for it once more.
     core.model_declared("m")
     late = routed(core, "m", 9)
-    core.admit([late], 0, timed=False, routed=True)
-    assert core.queued == 1 and not core.take_orphans()
+    _, actions = core.admit([late], 0, timed=False, routed=True)
+    assert core.queued == 1 and not failed(actions, UNLOADED)
 
 
 def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> None:
@@ -485,7 +518,7 @@ def test_tasks_of_a_map_with_a_deadline_are_never_held_by_a_busy_worker() -> Non
 
 
 def sourced(core: Scheduler, src: Any, seq: int, *, priority: int = 0, t: float = 0.0) -> Task:
-    task = Task(next(core.ids), f"{src.name}{seq}", 0, Sink(), seq, t)
+    task = Task(core.new_ids(1)[0], f"{src.name}{seq}", 0, Sink(), seq, t)
     task.source, task.priority = src, priority
     return task
 
@@ -585,7 +618,7 @@ def test_drop_oldest_drops_from_the_source_that_fills_the_queue() -> None:
     core.dispatch(0.0)  # runs at once
     core.admit([sourced(core, light, 1)], 0, timed=False)
     core.admit([sourced(core, flood, i) for i in range(9)], 0, timed=False)
-    _, dropped = core.admit([sourced(core, flood, 9)], 0, timed=False)
+    dropped = failed(core.admit([sourced(core, flood, 9)], 0, timed=False)[1], DROPPED_BY_POLICY)
     assert [t.source for t in dropped] == [flood] and dropped[0].seq == 0
     assert flood.dropped == 1 and light.dropped == 0
 

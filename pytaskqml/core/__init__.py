@@ -3,8 +3,9 @@
 The task table and outcomes (``tasks``), the bounded fair queue and the reorder buffer
 (``ordered``), the core's record of a worker (``workerstate``), routing by model, key or worker
 (``routing``), the scheduler (``scheduler``: admission, overflow, dispatch by credit, results,
-worker loss, retries, deadlines; time is passed in), how tasks end without a result
-(``endings``), the Future ``submit()`` returns (``future``), histograms and the statistics
+worker loss, retries, deadlines, model events, how tasks end without a result; time is passed
+in), the action records its transitions return for the engine to carry out (``actions``), the
+Future ``submit()`` returns (``future``), histograms and the statistics
 records (``histogram``, ``stats``).
 
 May import: ``pytaskqml.errors`` only. A higher layer's type it needs is a ``Protocol`` here.

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any
 
-from .tasks import OK, ModelResult, Task
+from .tasks import Task
 from .workerstate import WorkerState, leader
 
 MAX_KEYS = 65_536
@@ -293,81 +293,3 @@ class Router:
 
 def _can_take(w: WorkerState, model: str | None) -> bool:
     return model is None or model in w.models or model in w.loading
-
-
-class ModelEvents:
-    """A scheduler's model events and model results; mixed into the Scheduler (the same lock,
-    the same counters)."""
-
-    router: Router
-    workers: list[WorkerState]
-    live: int
-    failed: int
-    model_counts: dict[tuple[str, str], int]
-    model_seconds: dict[tuple[str, str], float]
-
-    def dispatch(self, now: float) -> list[WorkerState]:
-        raise NotImplementedError
-
-    def _model_result(
-        self,
-        t: Task,
-        kind: int,
-        value: Any,
-        ws: WorkerState,
-        versions: dict[int, str] | None,
-        now: float,
-    ) -> tuple[int, Any]:
-        """Count a model task's result and its latency by version; wrap it when the caller
-        wants to know."""
-        route = t.route
-        assert route is not None and route.model is not None
-        version = (versions or {}).get(t.id, "")
-        key = (route.model, version)
-        self.model_counts[key] = self.model_counts.get(key, 0) + t.count
-        seconds = (now - t.t_submit) * t.count
-        self.model_seconds[key] = self.model_seconds.get(key, 0.0) + seconds
-        ws.model_done[route.model] = ws.model_done.get(route.model, 0) + t.count
-        if route.meta and kind == OK:
-            value = ModelResult(value, route.model, version, ws.name)
-        return kind, value
-
-    def model_ready(
-        self, ws: WorkerState, model: str, version: str, now: float
-    ) -> list[WorkerState]:
-        self.router.model_ready(ws, model, version)
-        return self.dispatch(now)
-
-    def model_failed(self, ws: WorkerState, model: str) -> list[Task]:
-        """Returns the waiting tasks of a model nobody can load: the caller fails them."""
-        stuck = self.router.model_failed(ws, model, self.workers)
-        for t in stuck:
-            t.finished = True
-            self.live -= 1
-            self.failed += t.count
-        return stuck
-
-    def model_gone(self, ws: WorkerState, model: str) -> None:
-        self.router.model_gone(ws, model)
-
-    def model_unloaded(self, model: str) -> list[Task]:
-        """*model* was unloaded by name: its waiting tasks can never run. Returns them,
-        finished, for the caller to fail (and so every task of it that turns up later)."""
-        self.router.gone.add(model)
-        self.router.orphans.extend(
-            self.router.take(self.workers, lambda t: t.route is not None and t.route.model == model)
-        )
-        return self.take_orphans()
-
-    def model_declared(self, model: str) -> None:
-        """*model* is loaded by name (again): its tasks wait for it."""
-        self.router.gone.discard(model)
-
-    def take_orphans(self) -> list[Task]:
-        """Finish and return the tasks of unloaded models that turned up (see Router.gone)."""
-        out, self.router.orphans = self.router.orphans, []
-        for t in out:
-            t.finished = True
-            self.live -= 1
-            self.failed += t.count
-        return out

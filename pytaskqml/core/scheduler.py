@@ -1,14 +1,31 @@
 """The scheduling core: a state machine with no threads, sockets, processes or clocks.
 
 It owns the task table - the bounded queue, every worker's in-flight tasks, the deadline heap -
-and the counters. The threaded front (:mod:`._engine`) calls it under one lock, passes the time
-in, and carries out what it returns after releasing the lock: the workers that got new tasks
-(to be woken), the outcomes to deliver, the late results to report. So every transition can be
-driven by a test with fake workers and a fake clock.
+and the counters. The threaded front (:mod:`pytaskqml.engine.engine`) calls it under one lock
+and passes the time in. Each transition (:meth:`~Scheduler.admit`, :meth:`~Scheduler.dispatch`,
+:meth:`~Scheduler.results`, :meth:`~Scheduler.skipped`, :meth:`~Scheduler.add_worker`,
+:meth:`~Scheduler.remove_worker`, :meth:`~Scheduler.expire`, the model events) returns what the
+engine must do as a list of action records (:mod:`.actions`), in the order to do them:
+
+* ``Send(worker, tasks)`` - tasks for a worker, in the order they entered its ``inflight``;
+* ``Deliver(sink, outcomes)`` - a results collector's outcomes; ``Resolve(outcomes)`` - the
+  futures'; ``Late(results)`` - results for tasks already finished;
+* ``Fail(tasks, why)`` - tasks finished here without a result: expired, dropped by the overflow
+  policy, poison, a broadcast whose worker left, a model unloaded or failing to load, stranded;
+* ``LoadModel(worker, model)``, ``UnloadModel(worker, model)`` - models loaded on demand;
+* ``WatchDeadline(at)`` - a new earliest deadline; ``CheckStranded()`` - no worker is there;
+  ``Requeued(count)`` - what a lost worker's tasks came to.
+
+Nothing else is left for the engine to read. The endings the engine orders at shutdown
+(:meth:`~Scheduler.cancel_queued`, :meth:`~Scheduler.abandon_inflight`,
+:meth:`~Scheduler.fail_all`, :meth:`~Scheduler.strand`) return the tasks they finished, for the
+engine to fail with its own error. So every transition can be driven by a test with fake
+workers and a fake clock.
 
 Credit. A worker's credit is ``window - len(inflight)``. A task enters ``inflight`` when it is
-assigned (and, in the same step, the worker's ``outbox``, from which the worker's sender takes
-it: so outbox order is in-flight order) and leaves it exactly once: when its result arrives,
+assigned (and, in the same step, the ``Send`` record of its dispatch, whose tasks the engine
+puts in the worker's queue before it lets go of the lock: so send order is in-flight order)
+and leaves it exactly once: when its result arrives,
 when the sender skips it because it already finished (timed out, cancelled), or when the worker
 is lost and the task goes back to the queue. So a lost worker can never hold credit, and
 :meth:`Scheduler.dispatch` can never hand a worker more than its window.
@@ -43,6 +60,7 @@ runs at a time - so its clock never runs while it waits behind another task.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
@@ -51,12 +69,42 @@ from collections import deque
 from typing import Any
 
 from ..errors import TaskFailed
-from .endings import Endings
+from .actions import (
+    CHECK_STRANDED,
+    DROPPED_BY_POLICY,
+    EXPIRED,
+    LOAD_FAILED,
+    POISON,
+    UNLOADED,
+    UNPINNED,
+    Action,
+    Deliver,
+    Fail,
+    Late,
+    LoadModel,
+    Outcome,
+    Requeued,
+    Resolve,
+    Send,
+    UnloadModel,
+    WatchDeadline,
+)
 from .future import TaskFuture
 from .histogram import Histogram, bucket
 from .ordered import TaskQueue
-from .routing import ModelEvents, Router
-from .tasks import CHUNK, ERROR, OK, RUN, LateResult, Source, Task, late_results, outcomes
+from .routing import Router
+from .tasks import (
+    CHUNK,
+    ERROR,
+    OK,
+    RUN,
+    LateResult,
+    ModelResult,
+    Source,
+    Task,
+    late_results,
+    outcomes,
+)
 from .workerstate import WorkerState, leader
 
 log = logging.getLogger(__name__)
@@ -69,14 +117,9 @@ _MIXED: Any = object()
 
 # A task's sink is a TaskFuture (submit) or a results collector of a map() or stream, which has
 # deliver_many(outcomes) and an `abandoned` flag.
-Outcome = tuple[int, int, Any]
-# Results to hand out: (sink, outcomes in arrival order) per sink, and (task, kind, value) for
-# tasks whose sink is a future.
-Groups = list[tuple[Any, list[Outcome]]]
-FutureOutcomes = list[tuple[Task, int, Any]]
 
 
-class Scheduler(ModelEvents, Endings):
+class Scheduler:
     """The task table and its transitions. Not thread-safe: the front holds a lock around
     every call. Times (``now``) are seconds on one monotonic clock, passed in."""
 
@@ -85,13 +128,14 @@ class Scheduler(ModelEvents, Endings):
         self.max_retries = max_retries
         self.queue: TaskQueue = TaskQueue(max_queue)
         self.workers: list[WorkerState] = []
-        self.ids = itertools.count(1)  # task ids; next(ids) is the next one
+        self._next_id = 1  # the next task id (see new_ids)
         self._worker_ids = itertools.count(1)
         self.live = 0  # tasks admitted and not yet finished
         # (deadline, task id, weak reference): a finished task must not be kept alive by its
         # entry, which stays until the deadline passes or the heap is compacted.
         self.deadlines: list[tuple[float, int, weakref.ref[Task]]] = []
         self.stranded = False  # no worker, and none can come back: new work fails at once
+        self._earliest: float | None = None  # a new earliest deadline, not yet reported
         self.submitted = self.completed = self.failed = self.cancelled = 0
         self.timed_out = self.late = self.dropped = self.rejected = 0
         self.retried = self.poisoned = self.workers_lost = 0
@@ -102,13 +146,21 @@ class Scheduler(ModelEvents, Endings):
         # workers' own process(). A kind never measured is absent, and treated as slow.
         self.kind_time: dict[str | None, float] = {}
         self.router = Router()  # tasks for a model, a key, one worker (see _routing)
-        self.model_counts, self.model_seconds = {}, {}  # (model, version): results, latency
+        # (model, version): results, and their latency summed
+        self.model_counts: dict[tuple[str, str], int] = {}
+        self.model_seconds: dict[tuple[str, str], float] = {}
         # Where work comes from (see _ordered.FairQueue): submit()'s tasks share one source;
         # streams, map() calls and ingress producers each have theirs, listed while alive.
         self.default_source = self.queue.items.default
         self.sources: weakref.WeakValueDictionary[int, Source] = weakref.WeakValueDictionary()
         self.sources[0] = self.default_source
         self._source_ids = itertools.count(1)
+
+    def new_ids(self, n: int) -> range:
+        """*n* task ids no task has had."""
+        first = self._next_id
+        self._next_id = first + n
+        return range(first, first + n)
 
     def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
         """A source of work (a stream, a map() call, an ingress producer), listed in the
@@ -128,10 +180,9 @@ class Scheduler(ModelEvents, Endings):
         now: float = 0.0,
         preload: list[Task] | tuple[Task, ...] = (),
         **options: Any,
-    ) -> tuple[WorkerState, list[WorkerState]]:
+    ) -> tuple[WorkerState, list[Action]]:
         """Register a worker (*options*: those of :class:`WorkerState`); *preload* tasks run
-        on it before anything else (retained broadcasts). Returns its state and the workers
-        that got tasks."""
+        on it before anything else (retained broadcasts). Returns its state and the actions."""
         ws = WorkerState(next(self._worker_ids), name, window=window, now=now, **options)
         self.workers.append(ws)
         for t in preload:
@@ -144,13 +195,13 @@ class Scheduler(ModelEvents, Endings):
         self.router.worker_added()
         return ws, self.dispatch(now)
 
-    def remove_worker(
-        self, ws: WorkerState, *, graceful: bool, now: float
-    ) -> tuple[int, list[Task], list[Task], list[WorkerState]] | None:
+    def remove_worker(self, ws: WorkerState, *, graceful: bool, now: float) -> list[Action] | None:
         """The worker is gone (``graceful``: it said goodbye, so nothing it held was running).
 
-        Returns ``(tasks re-queued, poison tasks now failed, tasks pinned to it that now fail,
-        workers that got tasks)``, or ``None`` if it had already been removed.
+        Returns the actions - :class:`Requeued` (how many went back), ``Fail`` of the poison
+        tasks (:data:`POISON`) and of the broadcasts pinned to it (:data:`UNPINNED`), what
+        dispatch does next, :class:`CheckStranded` when it was the last worker - or ``None`` if
+        it had already been removed. The engine forgets the tasks it had not yet sent it.
         """
         if ws not in self.workers:
             return None
@@ -158,7 +209,6 @@ class Scheduler(ModelEvents, Endings):
         ws.accepting = False
         tasks = list(ws.inflight.values())
         ws.inflight.clear()
-        ws.outbox.clear()
         requeue: list[Task] = []
         poison: list[Task] = []
         for i, t in enumerate(tasks):
@@ -190,14 +240,23 @@ class Scheduler(ModelEvents, Endings):
         self.retried += len(requeue) + len(back)
         if not graceful:
             self.workers_lost += 1
-        return len(requeue) + len(back), poison, pinned, self.dispatch(now)
+        actions: list[Action] = [Requeued(len(requeue) + len(back))]
+        if poison:
+            actions.append(Fail(poison, POISON))
+        if pinned:
+            actions.append(Fail(pinned, UNPINNED))
+        actions += self.dispatch(now)
+        if not self.workers:
+            actions.append(CHECK_STRANDED)
+        return actions
 
     def _split(self, chunk: Task) -> list[Task]:
         """Replace a chunk by one task per item, keeping its place, attempts and deadline."""
         chunk.finished = True
         singles = []
+        ids = self.new_ids(len(chunk.payload))
         for i, item in enumerate(chunk.payload):
-            t = Task(next(self.ids), item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
+            t = Task(ids[i], item, 0, chunk.sink, chunk.seq + i, chunk.t_submit)
             t.attempts = chunk.attempts
             t.started = True
             t.run_timeout = chunk.run_timeout
@@ -221,13 +280,15 @@ class Scheduler(ModelEvents, Endings):
 
     def admit(
         self, tasks: list[Task], start: int, *, timed: bool, routed: bool = False
-    ) -> tuple[int, list[Task]]:
+    ) -> tuple[int, list[Action]]:
         """Admit ``tasks[start:]`` in order, applying the overflow policy.
 
         *timed*: some task carries a deadline counted from submission (set in ``deadline``);
         *routed*: some task has a ``route`` (a model, a key, a worker).
-        Returns ``(index of the first task not admitted, tasks dropped to make room)``: the
-        index is ``len(tasks)`` unless the policy is ``block`` and the queue filled up. Under
+        Returns ``(index of the first task not admitted, actions)`` - ``Fail`` of the tasks
+        dropped to make room (:data:`DROPPED_BY_POLICY`), :class:`CheckStranded` while no worker
+        can come, :class:`WatchDeadline`: the index is ``len(tasks)`` unless the policy is
+        ``block`` and the queue filled up. Admission dispatches nothing. Under
         ``reject`` a task that finds the queue full raises :class:`queue.Full` (the ones before
         it stay admitted).
         """
@@ -246,7 +307,7 @@ class Scheduler(ModelEvents, Endings):
             self.submitted += n
             # (An admission's tasks come from one source: one call of submit, put or map.)
             (tasks[0].source or self.default_source).items_in += n
-            return len(tasks), []
+            return len(tasks), [CHECK_STRANDED] if self.stranded else []
         dropped: list[Task] = []
         for i in range(start, len(tasks)):
             task = tasks[i]
@@ -255,7 +316,7 @@ class Scheduler(ModelEvents, Endings):
                     self.rejected += 1
                     raise queue.Full("the coordinator's queue is full")
                 if self.overflow != "drop_oldest":
-                    return i, dropped
+                    return i, self._admitted(dropped)
                 self._drop_oldest(dropped)
             if task.deadline is not None:
                 self._push_deadline(task)
@@ -266,19 +327,27 @@ class Scheduler(ModelEvents, Endings):
             self.live += 1
             self.submitted += task.count
             (task.source or self.default_source).items_in += task.count
-        return len(tasks), dropped
+        return len(tasks), self._admitted(dropped)
+
+    def _admitted(self, dropped: list[Task]) -> list[Action]:
+        actions: list[Action] = [Fail(dropped, DROPPED_BY_POLICY)] if dropped else []
+        if self.stranded:
+            actions.append(CHECK_STRANDED)
+        self._notes(actions)
+        return actions
 
     # ---------------------------------------------------------------- dispatch
 
-    def dispatch(self, now: float) -> list[WorkerState]:
+    def dispatch(self, now: float) -> list[Action]:
         """Hand queued tasks to workers with free credit, most free credit first; returns the
-        workers that got tasks (each once)."""
+        actions: a :class:`Send` per worker that got tasks, then model loads and unloads it
+        asks for, tasks of unloaded models to fail, a new earliest deadline."""
         items = self.queue.items
-        assigned: list[WorkerState] = []
+        sends: dict[WorkerState, list[Task]] = {}
         if self.router.waiting:
-            self._dispatch_routed(now, assigned)
+            self._dispatch_routed(now, sends)
         if not items:
-            return assigned
+            return self._sent(sends)
         workers = self.workers
         pop = items.popleft
         # Plain tasks all run the workers' own process(): one kind of work, one estimate.
@@ -288,7 +357,7 @@ class Scheduler(ModelEvents, Endings):
         while items:
             head = items[0]
             if head.run_timeout is not None:
-                if not self._dispatch_timed(now, assigned):
+                if not self._dispatch_timed(now, sends):
                     break
                 continue
             # Work-conserving (see leader); a task of a map with a deadline is never held.
@@ -338,14 +407,49 @@ class Scheduler(ModelEvents, Endings):
                     best.probe = now  # ... and a round-trip measurement
                 for t in tasks:
                     inflight[t.id] = t
-                best.outbox.extend(tasks)
-                if best not in assigned:
-                    assigned.append(best)
+                got = sends.get(best)
+                if got is None:
+                    sends[best] = tasks
+                else:
+                    got += tasks
         self.queue_wait.sum += waited
         items.settle()
-        return assigned
+        return self._sent(sends)
 
-    def _dispatch_timed(self, now: float, assigned: list[WorkerState]) -> bool:
+    def _sent(self, sends: dict[WorkerState, list[Task]]) -> list[Action]:
+        """The actions of a dispatch: what it sends, then the notes of the transition."""
+        router = self.router
+        if self._earliest is None and not router.requests and not router.orphans:
+            if not sends:
+                return []
+            if len(sends) == 1:
+                for w, tasks in sends.items():
+                    return [Send(w, tasks)]
+        actions: list[Action] = [Send(w, tasks) for w, tasks in sends.items()]
+        self._notes(actions)
+        return actions
+
+    def _notes(self, actions: list[Action]) -> None:
+        """Add to *actions* what a transition left to report: the model loads and unloads the
+        router asks for, the tasks of unloaded models that turned up (finished here), a new
+        earliest deadline."""
+        router = self.router
+        if router.requests:
+            for verb, w, model in router.requests:
+                actions.append(LoadModel(w, model) if verb == "load" else UnloadModel(w, model))
+            router.requests = []
+        if router.orphans:
+            orphans, router.orphans = router.orphans, []
+            for t in orphans:
+                t.finished = True
+                self.live -= 1
+                self.failed += t.count
+            actions.append(Fail(orphans, UNLOADED))
+        if self._earliest is not None:
+            actions.append(WatchDeadline(self._earliest))
+            self._earliest = None
+
+    def _dispatch_timed(self, now: float, sends: dict[WorkerState, list[Task]]) -> bool:
         """Dispatch the task at the head of the queue, whose deadline counts from the start of
         its run, to the worker with the most room to start it at once. False if none can."""
         best: WorkerState | None = None
@@ -367,10 +471,10 @@ class Scheduler(ModelEvents, Endings):
         assert t.run_timeout is not None
         t.deadline = now + t.run_timeout
         self._push_deadline(t)
-        self._assign(best, [t], now, assigned)
+        self._assign(best, t, now, sends)
         return True
 
-    def _dispatch_routed(self, now: float, assigned: list[WorkerState]) -> None:
+    def _dispatch_routed(self, now: float, sends: dict[WorkerState, list[Task]]) -> None:
         def give(w: WorkerState, t: Task) -> None:
             if not t.started:
                 t.started = True
@@ -380,7 +484,7 @@ class Scheduler(ModelEvents, Endings):
             if t.run_timeout is not None:
                 t.deadline = now + t.run_timeout  # its clock starts as it is sent to run
                 self._push_deadline(t)
-            self._assign(w, [t], now, assigned)
+            self._assign(w, t, now, sends)
 
         self.router.dispatch(now, self.workers, give, self.kind_time)
 
@@ -397,16 +501,17 @@ class Scheduler(ModelEvents, Endings):
         return True
 
     @staticmethod
-    def _assign(w: WorkerState, tasks: list[Task], now: float, assigned: list[WorkerState]) -> None:
+    def _assign(w: WorkerState, t: Task, now: float, sends: dict[WorkerState, list[Task]]) -> None:
         inflight = w.inflight
         if not inflight:
             w.last_progress = now  # the hang clock starts with its first task in hand
             w.probe = now
-        for t in tasks:
-            inflight[t.id] = t
-        w.outbox.extend(tasks)
-        if w not in assigned:
-            assigned.append(w)
+        inflight[t.id] = t
+        got = sends.get(w)
+        if got is None:
+            sends[w] = [t]
+        else:
+            got.append(t)
 
     # ---------------------------------------------------------------- results
 
@@ -417,15 +522,16 @@ class Scheduler(ModelEvents, Endings):
         busy: float | None,
         now: float,
         versions: dict[int, str] | None = None,
-    ) -> tuple[Groups, FutureOutcomes, list[LateResult], list[WorkerState]]:
+    ) -> list[Action]:
         """Results from a worker: ``[task id, OK | ERROR | CHUNK | RUN, value]`` rows,
         validated; *busy* is the worker's own compute time for them, when it reports one.
 
-        Returns the outcomes to deliver - grouped per results collector, and per future - the
-        late results, and the workers that got tasks with the credit freed.
+        Returns the actions: what the credit freed dispatches (first: a worker gets its next
+        tasks before anyone is told), then the outcomes - a :class:`Deliver` per results
+        collector, one :class:`Resolve` for the futures - and the :class:`Late` results.
         """
-        futures: FutureOutcomes = []
-        groups: Groups = []
+        futures: list[tuple[Task, int, Any]] = []
+        groups: list[Action] = []
         late: list[LateResult] = []
         group: list[Outcome] = []
         group_sink: Any = None
@@ -506,7 +612,7 @@ class Scheduler(ModelEvents, Endings):
                 group.extend(outcome)
             else:
                 group_sink, group = sink, outcome
-                groups.append((sink, group))
+                groups.append(Deliver(sink, group))
         ws.completed += ok
         ws.failed += failed
         self.latency.sum += lat_sum
@@ -526,11 +632,17 @@ class Scheduler(ModelEvents, Endings):
         else:
             ws.probe = None  # no compute time to subtract: no round-trip sample
         ws.last_progress = now
-        assigned = self.dispatch(now)
+        actions = self.dispatch(now)
         ws.pace(bool(self.queue.items or self.router.waiting))
-        return groups, futures, late, assigned
+        if groups:
+            actions += groups
+        if futures:
+            actions.append(Resolve(futures))
+        if late:
+            actions.append(Late(late))
+        return actions
 
-    def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[WorkerState]:
+    def skipped(self, ws: WorkerState, tasks: list[Task], now: float) -> list[Action]:
         """The worker's sender found these tasks finished before sending them: free their
         credit."""
         for t in tasks:
@@ -540,3 +652,188 @@ class Scheduler(ModelEvents, Endings):
     @property
     def in_flight(self) -> int:
         return sum(len(w.inflight) for w in self.workers)
+
+    # ---------------------------------------------------------------- models
+
+    def _model_result(
+        self,
+        t: Task,
+        kind: int,
+        value: Any,
+        ws: WorkerState,
+        versions: dict[int, str] | None,
+        now: float,
+    ) -> tuple[int, Any]:
+        """Count a model task's result and its latency by version; wrap it when the caller
+        wants to know."""
+        route = t.route
+        assert route is not None and route.model is not None
+        version = (versions or {}).get(t.id, "")
+        key = (route.model, version)
+        self.model_counts[key] = self.model_counts.get(key, 0) + t.count
+        seconds = (now - t.t_submit) * t.count
+        self.model_seconds[key] = self.model_seconds.get(key, 0.0) + seconds
+        ws.model_done[route.model] = ws.model_done.get(route.model, 0) + t.count
+        if route.meta and kind == OK:
+            value = ModelResult(value, route.model, version, ws.name)
+        return kind, value
+
+    def model_ready(self, ws: WorkerState, model: str, version: str, now: float) -> list[Action]:
+        self.router.model_ready(ws, model, version)
+        return self.dispatch(now)
+
+    def model_failed(self, ws: WorkerState, model: str) -> list[Action]:
+        """A load failed: the waiting tasks of a model nobody has or loads now fail
+        (:data:`LOAD_FAILED`)."""
+        stuck = self.router.model_failed(ws, model, self.workers)
+        for t in stuck:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return [Fail(stuck, LOAD_FAILED, model)] if stuck else []
+
+    def model_gone(self, ws: WorkerState, model: str) -> None:
+        self.router.model_gone(ws, model)
+
+    def model_unloaded(self, model: str) -> list[Action]:
+        """*model* was unloaded by name: its waiting tasks can never run, they fail
+        (:data:`UNLOADED`) - and so every task of it that turns up later."""
+        self.router.gone.add(model)
+        self.router.orphans.extend(
+            self.router.take(self.workers, lambda t: t.route is not None and t.route.model == model)
+        )
+        actions: list[Action] = []
+        self._notes(actions)
+        return actions
+
+    def set_on_demand(self, model: str, on: bool, now: float) -> list[Action]:
+        """Let the core load *model* where it needs it (workers with ``max_models``), or not."""
+        (self.router.on_demand.add if on else self.router.on_demand.discard)(model)
+        return self.dispatch(now)
+
+    def model_declared(self, model: str) -> None:
+        """*model* is loaded by name (again): its tasks wait for it."""
+        self.router.gone.discard(model)
+
+    # ---------------------------------------------------------------- endings
+
+    def _drop_oldest(self, dropped: list[Task]) -> None:
+        # The oldest task of the source that fills the queue the most: a flooding source pays
+        # for its own backlog, not the others.
+        items = self.queue.items
+        while items:
+            old = items.pop_from_longest()
+            if old is not None and not old.finished:
+                self.drop(old)
+                dropped.append(old)
+                return
+        routed = self.router.pop_oldest()
+        if routed is not None:
+            self.drop(routed)
+            dropped.append(routed)
+
+    def drop(self, task: Task) -> None:
+        """Finish a task as dropped by an overflow policy (the caller delivers DROPPED)."""
+        task.finished = True
+        self.live -= 1
+        self.dropped += task.count
+        (task.source or self.default_source).dropped += task.count
+
+    def cancel_abandoned(self) -> None:
+        """A map() or stream was abandoned: finish its queued tasks now, not at dispatch."""
+        keep = []
+        for t in self.queue.clear():
+            if t.sink.__class__ is not TaskFuture and t.sink.abandoned and not t.finished:
+                self._finish_cancelled(t)
+            else:
+                keep.append(t)
+        self.queue.push_front(keep)
+        if self.router.waiting:
+            gone = lambda t: t.sink.__class__ is not TaskFuture and t.sink.abandoned  # noqa: E731
+            for t in self.router.take(self.workers, gone):
+                self._finish_cancelled(t)
+
+    def _finish_cancelled(self, t: Task) -> None:
+        t.finished = True
+        self.live -= 1
+        self.cancelled += 1
+
+    def cancel_queued(self) -> list[Task]:
+        """Finish every queued task as cancelled (the caller delivers CANCELLED)."""
+        tasks = [t for t in self.queue.clear() if not t.finished]
+        tasks.extend(self.router.take(self.workers))
+        for t in tasks:
+            self._finish_cancelled(t)
+        return tasks
+
+    def abandon_inflight(self) -> tuple[list[Task], list[WorkerState]]:
+        """Finish every task in flight as cancelled; returns them and the workers that were
+        running one (to be stopped: their work is no longer wanted)."""
+        tasks: list[Task] = []
+        busy: list[WorkerState] = []
+        for w in self.workers:
+            held = [t for t in w.inflight.values() if not t.finished]
+            if held:
+                busy.append(w)
+                tasks.extend(held)
+        for t in tasks:
+            self._finish_cancelled(t)
+        return tasks, busy
+
+    def fail_all(self) -> list[Task]:
+        """Finish every unfinished task, queued or in flight, as cancelled."""
+        return self.cancel_queued() + self.abandon_inflight()[0]
+
+    def strand(self) -> list[Task]:
+        """No worker is left and none can come back: fail what is queued (the caller delivers
+        the error) and every later admission, until a worker is added."""
+        self.stranded = True
+        tasks = [t for t in self.queue.clear() if not t.finished]
+        tasks.extend(self.router.take(self.workers))
+        for t in tasks:
+            t.finished = True
+            self.live -= 1
+            self.failed += t.count
+        return tasks
+
+    def _push_deadline(self, t: Task) -> None:
+        dl = self.deadlines
+        if len(dl) > 2 * self.live + 1024:
+            # Mostly entries of tasks that finished early: drop them (amortised: the heap at
+            # least halves each time).
+            dl[:] = [e for e in dl if _unfinished(e[2])]
+            heapq.heapify(dl)
+        at = t.deadline
+        assert at is not None
+        # A new earliest deadline is reported (WatchDeadline), so the timer does not sleep past.
+        if (not dl or at < dl[0][0]) and (self._earliest is None or at < self._earliest):
+            self._earliest = at
+        heapq.heappush(dl, (at, t.id, weakref.ref(t)))
+
+    def next_deadline(self) -> float | None:
+        return self.deadlines[0][0] if self.deadlines else None
+
+    def expire(self, now: float) -> list[Action]:
+        """Finish the tasks whose deadline has passed: returns ``Fail`` of them
+        (:data:`EXPIRED`, first) and what dispatch does next (a queue that lost tasks may
+        dispatch); nothing if none expired."""
+        expired: list[Task] = []
+        dl = self.deadlines
+        while dl and dl[0][0] <= now:
+            t = heapq.heappop(dl)[2]()
+            if t is None or t.finished:
+                continue
+            t.finished = True
+            self.live -= 1
+            self.timed_out += t.count
+            if not t.started and t.route is None:
+                self.queue.remove(t)
+            expired.append(t)
+        if not expired:
+            return []
+        return [Fail(expired, EXPIRED), *self.dispatch(now)]
+
+
+def _unfinished(ref: weakref.ref[Task]) -> bool:
+    t = ref()
+    return t is not None and not t.finished

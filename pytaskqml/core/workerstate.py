@@ -40,7 +40,6 @@ class WorkerState:
         "model_used",
         "models",
         "name",
-        "outbox",
         "own",
         "probe",
         "round_trip",
@@ -76,7 +75,6 @@ class WorkerState:
         # busy, back to none once it runs dry with nothing queued.
         self.ahead = 0
         self.inflight: dict[int, Task] = {}  # assigned, not answered, in dispatch order
-        self.outbox: deque[Task] = deque()  # assigned, not yet taken by the worker's sender
         self.accepting = True
         self.completed = 0
         self.failed = 0

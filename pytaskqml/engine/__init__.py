@@ -1,7 +1,7 @@
 """The threaded shell around the core: where workers run and how work reaches them.
 
-The engine (``engine``: one lock, the deadline thread, delivery with the lock released) and
-what the front asks of it about workers (``workerops``); handles (``handles``: the interface,
+The engine (``engine``: one lock, the deadline thread, delivery with the lock released, and
+what the front asks of it about workers); handles (``handles``: the interface,
 thread workers; ``remote``: workers over a connection); spawned pools (``pool``, ``launch``,
 ``seats``, ``supervisor``, ``autoscale``), the dialer (``links``); delivery and the callback
 thread (``delivery``), task building (``intake``), ``map()``/``stream()`` iteration

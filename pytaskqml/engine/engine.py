@@ -3,13 +3,32 @@ everything done with the lock released.
 
 Callers (``submit``, ``map``, streams) admit tasks here; handles report here, through the
 :class:`~._handles.WorkerEvents` interface this class implements; a timer thread of its own
-expires deadlines. Each of them calls the scheduler under :attr:`Engine.lock`, then - after
-releasing it - wakes the workers that got tasks and delivers the outcomes. Delivery wakes
-waiting threads and never runs user code (a future's done-callbacks and ``on_late`` go to the
-coordinator's callback thread, see :mod:`._delivery`), so the timer and the readers keep time.
+expires deadlines. Each of them calls the scheduler under :attr:`Engine.lock` and carries out
+the action records it returns (:mod:`pytaskqml.core.actions`) in two steps:
+
+* still holding the lock (``_locked``): a ``Send``'s tasks are appended to its
+  worker's handle's ``queue`` - so a worker is sent its tasks in the order they entered its
+  ``inflight``, which retry accounting relies on; a ``WatchDeadline`` wakes the timer if it
+  sleeps past the new deadline; a ``CheckStranded`` asks whether a worker can still come, and
+  strands the queued work if none can;
+* after releasing it (``_carry_out``), in the order given: the workers that got
+  tasks are woken, outcomes delivered (``Deliver``, ``Resolve``), failures delivered as the
+  marker or error their reason stands for (``Fail``), late results reported (``Late``), model
+  commands sent (``LoadModel``, ``UnloadModel``).
+
+Delivery wakes waiting threads and never runs user code (a future's done-callbacks and
+``on_late`` go to the coordinator's callback thread, see :mod:`._delivery`), so the timer and
+the readers keep time.
+
+Everything outside this module reaches the scheduler through the engine's methods - task ids
+(:meth:`Engine.new_ids`), sources of work (:meth:`Engine.new_source`), sizing hints
+(:meth:`Engine.worker_count`, :meth:`Engine.item_time`), the handles attached - never through
+:attr:`Engine.core` (``tests/test_layout.py`` checks it).
 
 Lock order: :attr:`Engine.lock`, then a handle's condition (``wake(inline=False)`` may be called
-with the lock held: it only notifies), then the supervisor's condition (asked whether a worker
+with the lock held: it only notifies; a handle's ``queue`` is appended to under the lock, and
+taken from under the handle's condition - each ``popleft`` is atomic), then the supervisor's
+condition (asked whether a worker
 can still come). Nothing here is called with a handle's or the supervisor's lock held.
 """
 
@@ -24,13 +43,32 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..core.scheduler import FutureOutcomes, Groups, Scheduler
+from ..core.actions import (
+    DROPPED_BY_POLICY,
+    EXPIRED,
+    LOAD_FAILED,
+    POISON,
+    STRANDED,
+    UNLOADED,
+    UNPINNED,
+    Action,
+    CheckStranded,
+    Deliver,
+    Fail,
+    Late,
+    LoadModel,
+    Requeued,
+    Resolve,
+    Send,
+    UnloadModel,
+    WatchDeadline,
+)
+from ..core.scheduler import Scheduler
 from ..core.stats import Statistics, WorkerStats, percentile, snapshot, worker_stats
-from ..core.tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Task
-from ..errors import ClosedError, WorkerLostError
+from ..core.tasks import CANCELLED, DROPPED, ERROR, TIMEOUT, LateResult, Source, Task
+from ..errors import ClosedError, TaskFailed, WorkerLostError
 from .delivery import CallbackRunner, Changes, TaskFuture, deliver, deliver_all
 from .handles import WorkerHandle
-from .workerops import WorkerOps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +82,7 @@ def fail_unloaded(tasks: list[Task]) -> None:
         deliver(t, ERROR, ClosedError(f"model {model!r} was unloaded before this task ran"))
 
 
-class Engine(WorkerOps):
+class Engine:
     """Runs one coordinator's scheduler (see the module's docstring)."""
 
     def __init__(
@@ -91,6 +129,35 @@ class Engine(WorkerOps):
         )
         self._timer.start()
 
+    # ------------------------------------------------------------------ for the features
+
+    def new_ids(self, n: int) -> range:
+        """*n* fresh task ids (thread-safe: taken under the lock)."""
+        with self.lock:
+            return self.core.new_ids(n)
+
+    def new_source(self, kind: str, weight: int = 1, name: str | None = None) -> Source:
+        """A source of work of its own in the fair queue - a map() call, a stream, an ingress
+        producer - listed in the statistics while it is alive (see
+        :meth:`Scheduler.new_source`)."""
+        with self.lock:
+            return self.core.new_source(kind, weight, name)
+
+    def worker_count(self) -> int:
+        """Workers attached now. Reads one length without the lock, so it may be called with
+        or without it (a hint: it may change the moment after)."""
+        return len(self.core.workers)
+
+    def item_time(self, kind: str | None) -> float | None:
+        """Worker seconds per item measured for *kind* of work (a model's name; None: the
+        workers' own process()), or None while never measured. A hint, read without the lock."""
+        return self.core.kind_time.get(kind)
+
+    def mean_item_time(self) -> float | None:
+        """Worker seconds per item over all kinds of work, or None while never measured. A
+        hint, read without the lock."""
+        return self.core.item_time
+
     # ------------------------------------------------------------------ admission
 
     def admit(
@@ -105,34 +172,17 @@ class Engine(WorkerOps):
         counted from submission. Raises :class:`ClosedError` after shutdown, ``queue.Full``
         under ``reject`` (or ``block`` past *put_timeout*)."""
         core = self.core
-        dropped: list[Task] = []
-        stranded: list[Task] = []
         with self.lock:
             if self.closed:
                 raise ClosedError("the coordinator is shut down")
-            i, dropped = core.admit(tasks, 0, timed=timed, routed=routed)
+            i, actions = core.admit(tasks, 0, timed=timed, routed=routed)
             if i < len(tasks):
-                dropped = list(dropped)
-                self._admit_blocking(tasks, i, timed, routed, put_timeout, dropped)
-            assigned = core.dispatch(self.clock())
+                self._admit_blocking(tasks, i, timed, routed, put_timeout, actions)
+            actions += core.dispatch(self.clock())
             if self._blocked:
                 self.not_full.notify_all()
-            if core.stranded:
-                stranded = self._strand_locked()
-            if core.deadlines:
-                self._watch_deadlines()
-            requests = self._requests()
-            orphans = core.take_orphans() if core.router.orphans else []
-        for ws in assigned:
-            ws.handle.wake(True)
-        if requests:
-            self._send_requests(requests)
-        if orphans:
-            fail_unloaded(orphans)
-        if dropped:
-            deliver_all(dropped, DROPPED, None)
-        if stranded:
-            deliver_all(stranded, ERROR, self._strand_error())
+            self._locked(actions)
+        self._carry_out(actions, inline=True)
         if self.changes.watchers:
             self.signal()
 
@@ -143,15 +193,21 @@ class Engine(WorkerOps):
         timed: bool,
         routed: bool,
         put_timeout: float | None,
-        dropped: list[Task],
+        actions: list[Action],
     ) -> None:
-        """Lock held. Wait for room for ``tasks[i:]`` (the ``block`` policy)."""
+        """Lock held. Wait for room for ``tasks[i:]`` (the ``block`` policy); adds to
+        *actions* what admitting them asks for."""
         core = self.core
         deadline = None if put_timeout is None else time.monotonic() + put_timeout
         while i < len(tasks):
             # What this call admitted so far must be able to leave the queue meanwhile.
-            for ws in core.dispatch(self.clock()):
-                ws.handle.wake(False)
+            sent = core.dispatch(self.clock())
+            self._locked(sent)
+            for a in sent:
+                if isinstance(a, Send):
+                    a.worker.handle.wake(False)
+                else:
+                    actions.append(a)
             self._blocked += 1
             try:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -163,17 +219,17 @@ class Engine(WorkerOps):
             if not ok:
                 raise queue.Full("the coordinator's queue stayed full")
             i, more = core.admit(tasks, i, timed=timed, routed=routed)
-            dropped.extend(more)
+            actions += more
 
     def unload_model(self, name: str) -> None:
         """*name* was unloaded by name: fail its tasks that wait for a worker (and any that
         turns up later) - nothing will ever run them."""
         with self.lock:
-            stuck = self.core.model_unloaded(name)
+            actions = self.core.model_unloaded(name)
             if self._blocked:
                 self.not_full.notify_all()
             self.changed.notify_all()
-        fail_unloaded(stuck)
+        self._carry_out(actions)
 
     def declare_model(self, name: str) -> None:
         """*name* is being loaded by name: its tasks wait for a worker that has it."""
@@ -248,7 +304,7 @@ class Engine(WorkerOps):
         with self.lock:
             if self.stopping:
                 return False
-            ws, assigned = self.core.add_worker(
+            ws, actions = self.core.add_worker(
                 handle.name,
                 window=window if window is not None else self.max_window,
                 adaptive=window is None,
@@ -261,11 +317,10 @@ class Engine(WorkerOps):
                 preload=preload or (),
             )
             handle.state = ws
+            self._locked(actions)
             handle.start()
-            self._watch_deadlines()
             self.changed.notify_all()
-        for w in assigned:
-            w.handle.wake(False)
+        self._carry_out(actions)
         self.signal()
         return True
 
@@ -281,21 +336,13 @@ class Engine(WorkerOps):
         ws = handle.state
         assert ws is not None
         with self.lock:
-            groups, futures, late, assigned = self.core.results(
-                ws, entries, busy, self.clock(), versions
-            )
-            requests = self._requests()
+            actions = self.core.results(ws, entries, busy, self.clock(), versions)
             if self._blocked:
                 self.not_full.notify_all()
             if not self.core.live:
                 self.changed.notify_all()
-            if assigned and self.core.deadlines:
-                self._watch_deadlines()
-        for w in assigned:
-            w.handle.wake(False)
-        self._deliver(groups, futures, late)
-        if requests:
-            self._send_requests(requests)
+            self._locked(actions)
+        self._carry_out(actions)
         if self.changes.watchers:
             self.signal()
 
@@ -303,29 +350,29 @@ class Engine(WorkerOps):
         ws = handle.state
         assert ws is not None
         with self.lock:
-            assigned = self.core.skipped(ws, tasks, self.clock())
-            self._watch_deadlines()
-        for w in assigned:
-            w.handle.wake(False)
+            actions = self.core.skipped(ws, tasks, self.clock())
+            self._locked(actions)
+        self._carry_out(actions)
 
     def lost(self, handle: WorkerHandle, error: BaseException | None, graceful: bool) -> None:
         ws = handle.state
         assert ws is not None
-        stranded: list[Task] = []
         with self.lock:
-            removed = self.core.remove_worker(ws, graceful=graceful, now=self.clock())
-            if removed is None:
+            actions = self.core.remove_worker(ws, graceful=graceful, now=self.clock())
+            if actions is None:
                 return
-            requeued, poison, pinned, assigned = removed
-            orphans = self.core.take_orphans() if self.core.router.orphans else []
-            if not self.core.workers and not self.stopping:
-                stranded = self._strand_locked()
-            self._watch_deadlines()
+            handle.queue.clear()  # re-queued by the core with the rest of what it held
+            self._locked(actions)
             if self._blocked:
                 self.not_full.notify_all()
             self.changed.notify_all()
-        for w in assigned:
-            w.handle.wake(False)
+        requeued = poison = 0
+        for a in actions:
+            if isinstance(a, Requeued):
+                requeued += a.count
+            elif isinstance(a, Fail) and a.why == POISON:
+                poison += len(a.tasks)
+        self._carry_out([a for a in actions if isinstance(a, Send)])
         handle.close()
         if graceful:
             log.info("worker %s left (%d tasks re-queued)", handle.name, requeued)
@@ -335,18 +382,9 @@ class Engine(WorkerOps):
                 handle.name,
                 error,
                 requeued,
-                len(poison),
+                poison,
             )
-        why = f"worker {handle.name} died while running this task ({error})"
-        for t in poison:
-            deliver(t, ERROR, WorkerLostError(f"{why}; it had killed {t.attempts} workers"))
-        if pinned:
-            gone = WorkerLostError(f"worker {handle.name} left before it ran this broadcast")
-            deliver_all(pinned, ERROR, gone)
-        if orphans:
-            fail_unloaded(orphans)
-        if stranded:
-            deliver_all(stranded, ERROR, self._strand_error())
+        self._carry_out([a for a in actions if not isinstance(a, Send)], lost=(handle, error))
         owner = handle.owner
         if owner is not None:
             owner.worker_left(handle, graceful, ws.completed > 0)
@@ -354,13 +392,80 @@ class Engine(WorkerOps):
 
     # ------------------------------------------------------------------ delivery
 
-    def _deliver(self, groups: Groups, futures: FutureOutcomes, late: list[LateResult]) -> None:
-        for sink, outcomes in groups:
-            sink.deliver_many(outcomes)
-        for t, kind, value in futures:
-            deliver(t, kind, value)
-        if late:
-            self._emit_late(late)
+    def _locked(self, actions: list[Action]) -> None:
+        """Lock held: what must be done before it is released. A ``Send``'s tasks join its
+        worker's queue - so the order a worker is sent its tasks is the order they entered its
+        ``inflight``; a ``WatchDeadline`` wakes the timer if it sleeps past it; a
+        ``CheckStranded`` strands the queued work if no worker can come (adding a ``Fail``)."""
+        stranded: list[Task] = []
+        for a in actions:
+            if type(a) is Send:
+                a.worker.handle.queue.extend(a.tasks)
+            elif type(a) is WatchDeadline:
+                nd = self._next_deadline
+                if nd is None or a.at < nd:
+                    self._timer_cv.notify()
+            elif type(a) is CheckStranded:
+                stranded += self._strand_locked()
+        if stranded:
+            actions.append(Fail(stranded, STRANDED))
+
+    def _carry_out(
+        self,
+        actions: list[Action],
+        *,
+        inline: bool = False,
+        lost: tuple[WorkerHandle, BaseException | None] | None = None,
+        load_error: str = "it failed to load",
+    ) -> None:
+        """Lock released: the rest of *actions*, in order - wake the workers that got tasks
+        (*inline*: the caller's thread may send), deliver outcomes and failures, report late
+        results, send model commands. *lost*: the handle whose loss this is and why (the
+        error of its poison tasks); *load_error*: why a model failed to load."""
+        for a in actions:
+            if type(a) is Send:
+                a.worker.handle.wake(inline)
+            elif type(a) is Resolve:
+                for t, kind, value in a.outcomes:
+                    deliver(t, kind, value)
+            elif type(a) is Deliver:
+                a.sink.deliver_many(a.outcomes)
+            elif type(a) is Fail:
+                self._fail(a, lost, load_error)
+            elif type(a) is Late:
+                self._emit_late(a.results)
+            elif type(a) is LoadModel or type(a) is UnloadModel:
+                send = self.on_model_request
+                if send is not None:
+                    verb = "load" if type(a) is LoadModel else "unload"
+                    send(verb, a.worker.handle, a.model)
+
+    def _fail(
+        self, a: Fail, lost: tuple[WorkerHandle, BaseException | None] | None, load_error: str
+    ) -> None:
+        why = a.why
+        if why == EXPIRED:
+            deliver_all(a.tasks, TIMEOUT, None)
+        elif why == DROPPED_BY_POLICY:
+            deliver_all(a.tasks, DROPPED, None)
+        elif why == UNLOADED:
+            fail_unloaded(a.tasks)
+        elif why == STRANDED:
+            deliver_all(a.tasks, ERROR, self._strand_error())
+        elif why == LOAD_FAILED:
+            msg = f"model {a.model!r} could not be loaded: {load_error}"
+            deliver_all(a.tasks, ERROR, TaskFailed("ModelLoadError", msg))
+        elif why in (POISON, UNPINNED):
+            name, error = (lost[0].name, lost[1]) if lost is not None else ("?", None)
+            if why == UNPINNED:
+                gone = WorkerLostError(f"worker {name} left before it ran this broadcast")
+                deliver_all(a.tasks, ERROR, gone)
+                return
+            died = f"worker {name} died while running this task ({error})"
+            for t in a.tasks:
+                deliver(t, ERROR, WorkerLostError(f"{died}; it had killed {t.attempts} workers"))
+        else:  # pragma: no cover - every reason is listed above
+            raise AssertionError(why)
 
     def _emit_late(self, items: list[LateResult]) -> None:
         if self._on_late is None:
@@ -400,13 +505,6 @@ class Engine(WorkerOps):
 
     # ------------------------------------------------------------------ deadlines
 
-    def _watch_deadlines(self) -> None:
-        """Lock held: wake the timer if the earliest deadline is now earlier than what it
-        sleeps towards."""
-        nd = self.core.next_deadline()
-        if nd is not None and (self._next_deadline is None or nd < self._next_deadline):
-            self._timer_cv.notify()
-
     def _timer_loop(self) -> None:
         try:
             while self._timer_once():
@@ -421,8 +519,8 @@ class Engine(WorkerOps):
             if self._stopped:
                 return False
             now = self.clock()
-            expired, assigned = self.core.expire(now)
-            if not expired:
+            actions = self.core.expire(now)
+            if not actions:
                 nd = self.core.next_deadline()
                 self._next_deadline = nd
                 self._timer_cv.wait(None if nd is None else max(0.0, nd - now))
@@ -432,12 +530,13 @@ class Engine(WorkerOps):
                 self.not_full.notify_all()
             if not self.core.live:
                 self.changed.notify_all()
-            stale = self._stale(expired)
+            self._locked(actions)
+            expired = actions[0]
+            assert isinstance(expired, Fail)
+            stale = self._stale(expired.tasks)
         for handle, ids in stale:
             handle.interrupt(ids)
-        for ws in assigned:
-            ws.handle.wake(False)
-        deliver_all(expired, TIMEOUT, None)
+        self._carry_out(actions)
         self.signal()
         return True
 
@@ -522,3 +621,111 @@ class Engine(WorkerOps):
     def workers(self) -> tuple[WorkerStats, ...]:
         with self.lock:
             return tuple(worker_stats(ws) for ws in self.core.workers)
+
+    # ------------------------------------------------------------------ models
+
+    def model_status(self, handle: WorkerHandle, status: dict[str, Any]) -> None:
+        """A worker reports a model loaded, failed or unloaded (see _models.ModelTable)."""
+        ws = handle.state
+        name, state = status.get("name"), status.get("state")
+        if ws is None or not isinstance(name, str):
+            return
+        actions: list[Action] = []
+        with self.lock:
+            if state == "loaded":
+                actions = self.core.model_ready(
+                    ws, name, str(status.get("version") or ""), self.clock()
+                )
+            elif state == "failed":
+                actions = self.core.model_failed(ws, name)
+            elif state == "unloaded":
+                self.core.model_gone(ws, name)
+            self._locked(actions)
+            self.changed.notify_all()
+        self._carry_out(actions, load_error=status.get("error") or "it failed to load")
+        if self.on_model_status is not None:
+            self.on_model_status(handle, status)
+        self.signal()
+
+    def set_on_demand(self, model: str, on: bool) -> None:
+        """Let the core load *model* where it needs it (workers with max_models)."""
+        with self.lock:
+            actions = self.core.set_on_demand(model, on, self.clock())
+            self._locked(actions)
+        self._carry_out(actions)
+
+    # ------------------------------------------------------------------ pools
+
+    def model_seconds(self) -> dict[tuple[str, str], float]:
+        """Latency summed over the results counted by :meth:`model_counts`, in seconds."""
+        with self.lock:
+            return dict(self.core.model_seconds)
+
+    def model_counts(self) -> dict[tuple[str, str], int]:
+        with self.lock:
+            return dict(self.core.model_counts)
+
+    def handles(self) -> list[WorkerHandle]:
+        with self.lock:
+            return [ws.handle for ws in self.core.workers]
+
+    def starvation(self, now: float) -> tuple[float, int, float | None]:
+        """(seconds the oldest waiting task has waited, tasks waiting, worker seconds per
+        item) - what an autoscaler decides on."""
+        with self.lock:
+            core = self.core
+            oldest = core.queue.items.oldest_submit()
+            for q in core.router.by_model.values():
+                for t in q:
+                    if not t.finished:
+                        oldest = t.t_submit if oldest is None else min(oldest, t.t_submit)
+                        break
+            waited = 0.0 if oldest is None else now - oldest
+            return waited, core.queued, core.item_time
+
+    def idle_for(self, handle: WorkerHandle, now: float) -> float:
+        """How long the worker has had nothing to do (0 while it holds a task)."""
+        with self.lock:
+            ws = handle.state
+            if ws is None or ws.inflight or ws.own or not ws.accepting:
+                return 0.0
+            return now - ws.last_progress
+
+    def dismiss(self, handle: WorkerHandle) -> None:
+        """The worker takes no more tasks (it is about to leave; what it holds finishes)."""
+        with self.lock:
+            if handle.state is not None:
+                handle.state.accepting = False
+
+    def resize(self, handle: WorkerHandle, concurrency: int, window: int) -> None:
+        """The worker now runs *concurrency* tasks at a time (a thread pool that grew or
+        shrank) with room for *window*."""
+        with self.lock:
+            ws = handle.state
+            if ws is None:
+                return
+            ws.concurrency = max(1, concurrency)
+            ws.window = ws.max_window = max(1, window)
+            actions = self.core.dispatch(self.clock())
+            self._locked(actions)
+        self._carry_out(actions)
+
+    def model_loading(self, handle: WorkerHandle, name: str) -> None:
+        """A load of *name* was sent to the worker: its tasks wait for it rather than fail."""
+        with self.lock:
+            if handle.state is not None:
+                handle.state.loading.add(name)
+
+    def has_model(self, name: str) -> bool:
+        with self.lock:
+            return any(name in w.models or name in w.loading for w in self.core.workers)
+
+    def model_presence(self, name: str) -> tuple[bool, list[str]]:
+        """(whether a worker has *name* ready or is loading it - and it was not unloaded since -,
+        the names of the workers attached now)."""
+        with self.lock:
+            workers = self.core.workers
+            there = name not in self.core.router.gone and any(
+                name in w.models or name in w.loading for w in workers
+            )
+            return there, [w.name for w in workers]

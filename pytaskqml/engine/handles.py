@@ -1,7 +1,7 @@
 """Coordinator-side drivers of workers: the one place that knows *where* a worker runs.
 
-A handle takes the tasks the scheduler put in its worker's ``outbox`` (see
-:class:`~._scheduler.WorkerState`) and gets them run - by threads of this process
+A handle takes the tasks the engine put in its ``queue`` (the scheduler's ``Send`` records, see
+:mod:`pytaskqml.core.actions`) and gets them run - by threads of this process
 (:class:`LocalHandle`) or over a connection (:class:`~._remote.RemoteHandle`) - and reports back
 through a :class:`WorkerEvents` object. The coordinator sees only this interface:
 
@@ -9,14 +9,16 @@ through a :class:`WorkerEvents` object. The coordinator sees only this interface
   ``window``/``adaptive`` (the window it asked for) - read once, to register the worker;
 * ``state`` - its :class:`~._scheduler.WorkerState`, set when it is registered;
 * ``owner`` - whoever keeps it alive (a process seat, a dialer), told when it leaves;
-* ``start()``; ``wake(inline)`` after tasks were added to its outbox; ``request_stop()`` (leave
+* ``queue`` - the tasks sent to it, not yet taken: the engine appends to it under its lock, in
+  the worker's in-flight order, and clears it when the worker is lost;
+* ``start()``; ``wake(inline)`` after tasks were added to its queue; ``request_stop()`` (leave
   gracefully: finish what is running, hand back the rest); ``abort(reason)`` (drop it now);
   ``close()``; ``join(timeout)``; ``shared_memory()`` (counters, or ``None``); ``traffic()``
   (bytes through the socket and shared memory, or ``None``); ``restarts`` (of its process).
 
 Lock order: the coordinator's lock, then a handle's condition. A handle never calls its
 :class:`WorkerEvents` while holding its own condition, and ``wake`` is called with the
-coordinator's lock released.
+coordinator's lock released (``wake(inline=False)`` may be called with it held).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.tasks import CHUNK, ERROR, OK, Task
@@ -62,7 +65,7 @@ class WorkerEvents(Protocol):
         """A model loaded, failed to load, or was unloaded on the worker."""
 
     def skipped(self, handle: WorkerHandle, tasks: list[Task]) -> None:
-        """Tasks taken from the outbox but not sent, because they had finished meanwhile."""
+        """Tasks taken from the queue but not sent, because they had finished meanwhile."""
 
     def lost(self, handle: WorkerHandle, error: BaseException | None, graceful: bool) -> None:
         """The worker is gone: *graceful* if it said goodbye (nothing it held was running).
@@ -77,7 +80,7 @@ class WorkerOwner(Protocol):
 
 
 class WorkerHandle:
-    """The part every handle shares: taking tasks from the outbox, with batching."""
+    """The part every handle shares: taking tasks from its queue, with batching."""
 
     kind = "?"
 
@@ -107,6 +110,8 @@ class WorkerHandle:
         # Seconds a task no longer wanted may go on running after the worker was told, before
         # its process is replaced (the worker class's interrupt_grace); None: not interrupted.
         self.interrupt_grace: float | None = None
+        # Sent to it, not yet taken (the engine appends under its lock; see the module's doc).
+        self.queue: deque[Task] = deque()
         self._cv = threading.Condition(threading.Lock())
         self._idle = 0  # threads waiting in _take()
         self._closing = False
@@ -132,10 +137,10 @@ class WorkerHandle:
         return None
 
     def wake(self, inline: bool = False) -> None:
-        """Tasks were added to the outbox: make sure a thread takes them. With *inline* the
+        """Tasks were added to the queue: make sure a thread takes them. With *inline* the
         caller's thread may do the work itself where that saves a hand-off.
 
-        Why no wake-up is lost: a taker announces ``_idle`` *before* it looks at the outbox,
+        Why no wake-up is lost: a taker announces ``_idle`` *before* it looks at the queue,
         under ``_cv``, and the tasks were appended before this call. So either it sees them, or
         we see it idle and notify - and the notify cannot slip in between its look and its
         wait, because it holds ``_cv`` for both.
@@ -145,11 +150,9 @@ class WorkerHandle:
                 self._cv.notify()
 
     def _take(self, limit: int) -> list[Task] | None:
-        """Wait for tasks in the outbox; ``None`` once closing. Holds back a partial batch for up
+        """Wait for tasks in the queue; ``None`` once closing. Holds back a partial batch for up
         to ``batch_delay`` so it can fill."""
-        state = self.state
-        assert state is not None
-        out = state.outbox
+        out = self.queue
         with self._cv:
             if self._leaving:
                 self._leaving -= 1
@@ -171,7 +174,7 @@ class WorkerHandle:
                 )
                 if self._closing:
                     return None
-            # popleft one by one: the scheduler may append concurrently (without _cv), and each
+            # popleft one by one: the engine may append concurrently (without _cv), and each
             # popleft is atomic where a copy-then-clear would not be.
             pop = out.popleft
             taken = [pop() for _ in range(min(len(out), limit))]

@@ -154,7 +154,7 @@ class Intake:
         run (a model, a key, one worker); *source* and *priority* its place in the queue."""
         engine = self.engine
         nbytes, text = self._payload_text(payload)
-        t = Task(next(engine.core.ids), payload, nbytes, sink, seq, engine.clock(), 1, text)
+        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, seq, engine.clock(), 1, text)
         if timeout is not None:
             t.deadline = t.t_submit + timeout
         if route is not None:
@@ -172,7 +172,7 @@ class Intake:
         """A task not admitted yet (retained broadcasts for a joining worker)."""
         engine = self.engine
         t = Task(
-            next(engine.core.ids), payload, self.check_payload(payload), sink, 0, engine.clock()
+            engine.new_ids(1)[0], payload, self.check_payload(payload), sink, 0, engine.clock()
         )
         t.route = route
         return t
@@ -193,7 +193,7 @@ class Intake:
         start; *route(item or chunk)* says where each task may run. Returns how many of the
         largest pool buffer among the items the pool holds (``None``: they hold none)."""
         engine = self.engine
-        ids, now = engine.core.ids, engine.clock()
+        ids, now = iter(engine.new_ids(len(items))), engine.clock()  # enough for one per item
         check = self.check_payload
         if chunk > 1:
             # Each chunk is encoded once, here: that checks it can travel, and the text is what
@@ -245,10 +245,10 @@ class Intake:
         item measured for this *kind* of work (a model's name; None: the workers' own
         process()). Items that travel one per task (a deadline, chunksize=1) cost a task
         object each, so fewer of them."""
-        core = self.engine.core
-        workers = max(1, len(core.workers))
+        engine = self.engine
+        workers = max(1, engine.worker_count())
         floor = max(64, 16 * workers)
-        per = core.kind_time.get(kind)
+        per = engine.item_time(kind)
         if per is None:
             return max(256, floor)
         want = int(workers * MAP_BUFFER_TIME / max(per, 1e-7))
@@ -258,11 +258,11 @@ class Intake:
         """Items per chunk, for *items* about to be admitted: about CHUNK_BUDGET seconds of
         work by the time measured for this *kind* of work, leaving every worker a share of
         them. 1 until a result has shown how long an item of this kind takes."""
-        core = self.engine.core
-        per = core.kind_time.get(kind)
+        engine = self.engine
+        per = engine.item_time(kind)
         if per is None or per >= CHUNK_BUDGET:
             return 1
-        share = items // (4 * max(1, len(core.workers)))
+        share = items // (4 * max(1, engine.worker_count()))
         return max(1, min(int(CHUNK_BUDGET / max(per, 1e-7)), MAX_CHUNK, share))
 
 

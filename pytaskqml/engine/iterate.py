@@ -81,8 +81,7 @@ def map_results(
     sizes the buffer and the chunks. *priority* and *weight*: the place of its tasks in the queue
     (the call is one source of its own)."""
     collector = Collector(ordered, start_only=deadline is not None)
-    with intake.engine.lock:
-        source = intake.engine.core.new_source("map", weight)
+    source = intake.engine.new_source("map", weight)
     raise_errors = on_error == "raise"
     seq = 0
     outstanding = 0
@@ -220,8 +219,7 @@ class Stream:
         self._intake = intake
         self._priority = priority
         # One source of its own: streams take turns in the queue (see _ordered.FairQueue).
-        with intake.engine.lock:
-            self.source = intake.engine.core.new_source("stream", weight, name)
+        self.source = intake.engine.new_source("stream", weight, name)
         self._model = model
         self._meta = with_meta
         self._buffersize = buffersize

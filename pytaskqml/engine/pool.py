@@ -407,7 +407,7 @@ class WorkerPool:
 
     def _can_progress(self) -> bool:
         return (
-            bool(self._engine.core.workers)
+            self._engine.worker_count() > 0
             or self._supervisor.can_progress()
             or any(d.active for d in self._dialers)
         )

@@ -1,6 +1,6 @@
 """Workers in other processes, reached over a :class:`~._connection.Connection`.
 
-A :class:`RemoteHandle` has a writer thread (tasks from the outbox, framed, many per frame) and
+A :class:`RemoteHandle` has a writer thread (tasks from its queue, framed, many per frame) and
 a reader thread (results, heartbeats, goodbye). :class:`Heartbeats`, one thread per
 coordinator, pings idle connections and drops those that fell silent or hung; it never runs
 user code and never waits on a process.
@@ -210,7 +210,7 @@ class RemoteHandle(WorkerHandle):
         Otherwise the writer thread gathers what piles up into one frame."""
         state = self.state
         assert state is not None
-        out = state.outbox
+        out = self.queue
         if not out or not self._idle:
             return  # the writer is awake and will take them
         if not inline or len(state.inflight) > len(out):

@@ -236,11 +236,10 @@ class QueueFeed:
     def _room(self) -> int:
         """How many more entries to take now (lock held): none without workers; otherwise
         about HOLD_TIME of the workers' work and HOLD_BYTES, at most READ_BATCH at a time."""
-        core = self._engine.core
-        workers = len(core.workers)
+        workers = self._engine.worker_count()
         if not workers:
             return 0
-        per = core.item_time
+        per = self._engine.mean_item_time()
         want_items = 64 * workers if per is None else max(16 * workers, workers * HOLD_TIME / per)
         if self._held_items >= want_items or self._held_bytes >= HOLD_BYTES:
             return 0
@@ -302,7 +301,7 @@ class QueueFeed:
             if t.count > 1:
                 chunks.append((e, t))
                 continue
-            task = Task(next(engine.core.ids), t.payload, nbytes, self, e.base, now)
+            task = Task(engine.new_ids(1)[0], t.payload, nbytes, self, e.base, now)
             task.run_timeout = t.run_timeout
             if t.deadline is not None:
                 task.deadline = now + max(0.0, t.deadline - time.time())
