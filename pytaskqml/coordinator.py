@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Future
 from typing import Any, Literal, Protocol
 
-from .buffers.pool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
+from .buffers.pool import DEFAULT_POOL_BYTES, Buffers, check_pool_bytes
 from .coordctl import coordinator_control
 from .core.ordered import OVERFLOW_POLICIES, OverflowPolicy
 from .core.stats import QueueStats, Statistics
@@ -59,9 +60,11 @@ from .engine.progress import Progress
 from .engine.remote import Heartbeats
 from .engine.supervisor import Supervisor
 from .errors import ClosedError
-from .ingress.server import IngressHost
+from .ingress.ports import IngressPorts
+from .ingress.server import DEFAULT_MAX_OUTSTANDING, IngressStats
 from .wire import protocol as _protocol
 from .wire.auth import resolve_authkey
+from .wire.connection import Address
 from .wire.control import ControlServer, ControlStats
 from .wire.endpoints import Acceptor
 from .worker.bootstrap import call_teardown, refuse_in_bootstrap
@@ -86,7 +89,7 @@ class SharedQueue(Protocol):
     def serve(self, coordinator: Coordinator) -> QueueFeed: ...
 
 
-class Coordinator(WorkerPool, BufferSource, IngressHost):
+class Coordinator(WorkerPool):
     """Owns the task queue and the workers; returns results in submission order.
 
     Workers come from :meth:`add_local`, :meth:`spawn`, :meth:`connect` and :meth:`listen`;
@@ -245,6 +248,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         self._autoscalers: list[Autoscaler] = []
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._control: ControlServer | None = None
+        self._ingress = IngressPorts(
+            self, key=self.authkey, max_frame_size=max_frame_size, name=name
+        )
         # Last: the feed starts taking entries as soon as workers are attached.
         self._feed = queue.serve(self) if queue is not None else None
 
@@ -471,6 +477,40 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         self._streams.add(stream)
         return stream
 
+    def buffer(self, shape: int | Sequence[int], dtype: Any = "uint8", *, wait: float = 0.0) -> Any:
+        """A writable NumPy array to produce a frame into - ``cap.read(image=buf)``,
+        ``np.copyto(buf, x)``, ``cv2.cvtColor(src, code, dst=buf)``, a decoder writing in
+        place - and then submit (``submit(buf)``, in ``map()``, ``put()``, also as a value in
+        a dict payload). Its contents are undefined until written, as with ``numpy.empty``.
+
+        It lies in shared memory that every worker process of this coordinator maps, so it
+        reaches the worker without being copied: the frame on the socket only names its place.
+        Thread workers get a copy, workers elsewhere the bytes, as for any array.
+
+        Once submitted it belongs to the coordinator until its task is over: the array you
+        submitted is read-only until then (writing the next frame into it raises
+        ``ValueError: assignment destination is read-only`` instead of changing what the
+        worker computes on - take a new buffer for each frame), and writable again once its
+        result is in (to draw on it). Only the array object submitted is made read-only: do
+        not write through another view of it meanwhile. Its memory is reused only once the
+        array is gone from this process (its task finished and nothing here refers to it) and
+        every worker that received it has let go, so a kept array is never overwritten, here
+        or in a worker; a worker's writes to the array it receives stay its own. A buffer
+        never submitted comes back when it is garbage-collected.
+
+        Buffers of any size share the pool (each slot is the size rounded up to whole MiB),
+        and ``map()`` reads no further ahead than half the pool holds of its items, so a
+        generator producing a fresh buffer per frame is never short of pool buffers because
+        of ``map()``. It never fails for lack of room: when the pool has no room left it waits
+        up to *wait* seconds (default 0) for a buffer to come back, then returns a plain
+        ``numpy.empty`` array, which travels the usual way (one copy). So do a coordinator
+        without a pool (``shared_memory=False``, no shared memory on this platform, not Linux)
+        and buffers under 64 KiB or larger than half the pool. ``statistics().buffers``
+        counts both kinds. (Waiting by default could wait on itself: a producer holding the
+        buffers that fill the pool.) Needs NumPy.
+        """
+        return self._buffers.buffer(shape, dtype, wait)
+
     def broadcast(
         self,
         payload: Any,
@@ -584,6 +624,28 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         control = self._control
         return None if control is None else control.statistics()
 
+    # ================================================================ ingress
+
+    def serve_ingress(
+        self,
+        address: Address | str = ("127.0.0.1", 0),
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+        insecure: bool = False,
+    ) -> tuple[str, int]:
+        """Accept producers (:class:`pytaskqml.Client`) on *address*, authenticated with this
+        coordinator's key, TLS first with *tls* (see :func:`tls_server_context`); each gets its
+        own ordered stream with at most *max_outstanding* items in flight. Returns the bound
+        address. A non-loopback *address* needs an ``authkey`` (or ``insecure=True``)."""
+        return self._ingress.start(
+            address, tls=tls, max_outstanding=max_outstanding, insecure=insecure
+        )
+
+    def ingress_statistics(self) -> list[IngressStats]:
+        """The statistics of each ingress port, in the order they were started."""
+        return self._ingress.statistics()
+
     # ================================================================ shutdown
 
     def shutdown(
@@ -688,7 +750,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             self._feed.close()  # results written, the rest released for other coordinators
         if self._control is not None:
             self._control.stop()
-        self._stop_ingress()
+        self._ingress.stop()
         self._heartbeats.stop()
         self._buffers.close()
         engine.stop_timer()
