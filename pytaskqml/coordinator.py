@@ -448,7 +448,7 @@ class Coordinator:
         fut = TaskFuture()
         fut._runner = self._runner
         check_positive("timeout", timeout)
-        route = self._route(model, key, with_meta)
+        route = self.route_for(model, key, with_meta)
         self._intake.one(
             payload,
             fut,
@@ -462,11 +462,6 @@ class Coordinator:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("the coordinator is shut down")
-
-    def _route(self, model: str | None, key: Any, with_meta: bool) -> Route | None:
-        if model is not None:
-            self._check_open()  # ClosedError, not "no such model", once shut down
-        return make_route(self.models.check, model, key, with_meta)
 
     def map(
         self,
@@ -539,7 +534,7 @@ class Coordinator:
         if not isinstance(progress, bool | Progress):
             raise TypeError("progress must be True, False or a pytaskqml.engine.Progress")
         self._check_open()
-        route, per_item = item_routes(self._route, model, key, with_meta)
+        route, per_item = item_routes(self.route_for, model, key, with_meta)
         if per_item:
             chunksize = 1  # a model, a key or a version per item
         return map_results(
@@ -616,7 +611,7 @@ class Coordinator:
             name=name,
         )
         if model is not None:
-            self._route(model, None, False)  # is the model known?
+            self.route_for(model, None, False)  # is the model known?
         self._streams.add(stream)
         return stream
 
@@ -682,6 +677,30 @@ class Coordinator:
     def late_results(self) -> list[LateResult]:
         """Drain and return results that arrived after their deadline (when no ``on_late``)."""
         return self._engine.late_results()
+
+    # ================================================================ for features
+
+    # Features that send tasks of their own (pipeline stages, the Redis feed) build on these
+    # two, under the coordinator's scheduling, retries and deadlines. They are left out of the
+    # API reference (docs/api/coordinator.md): application code uses submit(), map(), stream().
+
+    @property
+    def intake(self) -> Intake:
+        """Where tasks enter the engine: ``intake.one(payload, sink, seq, timeout, route=)``
+        admits a task whose outcome goes to *sink* (a reorder buffer, a collector) instead of
+        a future; ``intake.engine.cancel_abandoned()`` drops the queued tasks of sinks marked
+        abandoned."""
+        return self._intake
+
+    def route_for(
+        self, model: str | None, key: Any = None, with_meta: bool = False
+    ) -> Route | None:
+        """The route of a task for *model* and *key* (None: any worker), as :meth:`submit`
+        makes it: ``ValueError`` for a model that cannot run here, ``TypeError`` for a key
+        that is not a string, :class:`ClosedError` for a model once shut down."""
+        if model is not None:
+            self._check_open()  # ClosedError, not "no such model", once shut down
+        return make_route(self.models.check, model, key, with_meta)
 
     # ================================================================ statistics
 
