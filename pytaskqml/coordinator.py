@@ -8,7 +8,7 @@ Data flow::
                                                ▼
          Engine (one lock) ──▶ Scheduler: bounded queue (block | drop_oldest | reject),
                                           credit dispatch to the least-loaded worker
-                                               │  each worker's outbox
+                                               │  Send actions: each handle's queue
                      ┌─────────────────────────┼──────────────────────────┐
                      ▼                         ▼                          ▼
              RemoteHandle writer       RemoteHandle writer          LocalHandle threads
@@ -27,44 +27,53 @@ Beside them: the deadline thread (:mod:`._engine`, timeout markers in order), th
 thread (:mod:`._remote`, silent and hung workers), the supervisor (:mod:`._supervisor`,
 restarting spawned processes), and the callback thread (:mod:`._delivery`), the only one that
 runs users' done-callbacks and ``on_late``.
+
+The Coordinator is one class that holds its parts, each an object with its own state: the
+engine (:mod:`.engine.engine`) and its intake, the :class:`~.engine.pool.WorkerPool` (where
+workers come from: threads, spawned processes and their supervisor, dialled and dialling-in
+workers, the heartbeat thread), the buffer pool (:class:`~.buffers.pool.Buffers`), the named
+models, the broadcasts, the ingress ports (:class:`~.ingress.ports.IngressPorts`), the control
+endpoint and a shared queue's feed. Its methods keep the user-facing contract (arguments
+checked, defaults, docstrings) and hand the work to the part it belongs to; shutting down stops
+the parts in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import CancelledError, Future
 from typing import Any, Literal, Protocol
 
-from .buffers.pool import DEFAULT_POOL_BYTES, Buffers, BufferSource, check_pool_bytes
+from .buffers.pool import DEFAULT_POOL_BYTES, Buffers, check_pool_bytes
 from .coordctl import coordinator_control
 from .core.ordered import OVERFLOW_POLICIES, OverflowPolicy
-from .core.stats import QueueStats, Statistics
+from .core.stats import QueueStats, Statistics, WorkerStats
 from .core.tasks import LateResult, Route
-from .engine.autoscale import Autoscaler, pool_statistics
 from .engine.broadcast import Broadcast, Broadcasts
 from .engine.delivery import CallbackRunner, TaskFuture
 from .engine.engine import Engine
-from .engine.handles import LocalHandle
-from .engine.intake import Intake, check_priority, check_weight, item_routes, route_for
+from .engine.handles import WorkerHandle
+from .engine.intake import Intake, check_priority, check_weight, item_routes
+from .engine.intake import route_for as make_route
 from .engine.iterate import Stream, map_results
-from .engine.links import Dialer
 from .engine.modelreg import Models
-from .engine.pool import SpawnHost, WorkerPool, check_positive
+from .engine.pool import WorkerPool, check_positive
 from .engine.progress import Progress
-from .engine.remote import Heartbeats
-from .engine.supervisor import Supervisor
 from .errors import ClosedError
-from .ingress.server import IngressHost
+from .ingress.ports import IngressPorts
+from .ingress.server import DEFAULT_MAX_OUTSTANDING, IngressStats
 from .wire import protocol as _protocol
 from .wire.auth import resolve_authkey
+from .wire.connection import Address
 from .wire.control import ControlServer, ControlStats
-from .wire.endpoints import Acceptor
-from .worker.bootstrap import call_teardown, refuse_in_bootstrap
+from .worker.base import Worker
+from .worker.bootstrap import refuse_in_bootstrap
 from .worker.models import Model
 
 log = logging.getLogger(__name__)
@@ -86,7 +95,7 @@ class SharedQueue(Protocol):
     def serve(self, coordinator: Coordinator) -> QueueFeed: ...
 
 
-class Coordinator(WorkerPool, BufferSource, IngressHost):
+class Coordinator:
     """Owns the task queue and the workers; returns results in submission order.
 
     Workers come from :meth:`add_local`, :meth:`spawn`, :meth:`connect` and :meth:`listen`;
@@ -197,8 +206,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         self._started = time.monotonic()
         self._closed = False
         self._stopped = threading.Event()
-        self._rejected_peers = 0
-        self._stats_lock = threading.Lock()
+        self._teardown_lock = threading.Lock()
         self._torn_down = False
         self._runner = CallbackRunner(name)
         self._engine = Engine(
@@ -209,8 +217,8 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             max_window=window,
             runner=self._runner,
             on_late=on_late,
-            reinforcements=self._reinforcements,
-            strand_error=self._strand_error,
+            reinforcements=lambda: self._pool.reinforcements(),
+            strand_error=lambda: self._pool.strand_error(),
         )
         self._intake = Intake(
             self._engine, max_frame_size=max_frame_size, pool=lambda: self._buffers.existing
@@ -222,29 +230,26 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         self._buffers = Buffers(
             enabled=self.shared_memory, max_bytes=max_buffer_bytes, changed=self._engine.signal
         )
-        self._heartbeats = Heartbeats(
-            name,
+        self._pool = WorkerPool(
+            self._engine,
+            name=name,
+            authkey=self.authkey,
+            max_frame_size=max_frame_size,
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
             hang_timeout=hang_timeout,
-            clock=self._engine.clock,
-        )
-        self._supervisor = Supervisor(
-            SpawnHost(self),
-            name=name,
-            config=self._child_config,
             max_restarts=max_restarts,
             max_start_failures=max_start_failures,
             shared_memory=self.shared_memory,
-            max_frame_size=max_frame_size,
-            pool=self._buffers.for_child,
+            buffers=self._buffers,
+            models=self.models,
+            broadcasts=self._broadcasts,
         )
-        self._acceptors: list[Acceptor] = []
-        self._dialers: list[Dialer] = []
-        self._locals: list[LocalHandle] = []  # torn down at shutdown
-        self._autoscalers: list[Autoscaler] = []
         self._streams: weakref.WeakSet[Stream] = weakref.WeakSet()
         self._control: ControlServer | None = None
+        self._ingress = IngressPorts(
+            self, key=self.authkey, max_frame_size=max_frame_size, name=name
+        )
         # Last: the feed starts taking entries as soon as workers are attached.
         self._feed = queue.serve(self) if queue is not None else None
 
@@ -272,6 +277,146 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         depend on changes (a worker comes or goes, a process restarts or fails to start, a
         peer is refused, results arrive); False on timeout."""
         return self._engine.wait_until(lambda: predicate(self.statistics()), timeout)
+
+    # ================================================================ workers
+
+    def add_local(
+        self,
+        worker: Worker | Callable[[Any], Any],
+        threads: int | tuple[int, int] = 1,
+        *,
+        window: int | None = None,
+        scale_up_wait: float = 0.25,
+        scale_down_idle: float = 10.0,
+    ) -> WorkerHandle:
+        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here).
+        A plain function is run as ``function(payload)`` for each task.
+
+        ``threads=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml.engine.autoscale`):
+        a thread more while work waits longer than ``scale_up_wait`` seconds (default 0.25),
+        one less after ``scale_down_idle`` seconds (default 10) with nothing to do.
+        ``window`` is how many tasks the pool may hold at once (default: 2 per thread).
+
+        Returns the pool's handle. Raises ``TypeError`` for anything but a Worker instance or a
+        function, ``ValueError`` for a count or time that is not positive, whatever ``setup()``
+        raises, and :class:`ClosedError` once the coordinator is shut down.
+        """
+        return self._pool.add_local(
+            worker,
+            threads,
+            window=window,
+            scale_up_wait=scale_up_wait,
+            scale_down_idle=scale_down_idle,
+        )
+
+    def spawn(
+        self,
+        worker_cls: type[Worker] | Callable[[Any], Any],
+        processes: int | tuple[int, int] = 1,
+        *,
+        kwargs: dict[str, Any] | None = None,
+        window: int | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+        scale_up_wait: float = 0.25,
+        scale_down_idle: float = 10.0,
+        devices: Sequence[int | str] | None = None,
+    ) -> list[int]:
+        """Start ``processes`` child processes running *worker_cls*; supervise and restart them.
+
+        The class must be importable by the child (module level). ``kwargs`` (JSON) are passed
+        to its constructor. With ``wait`` (default) this returns once every child has run
+        ``setup()`` and connected, and raises :class:`WorkerStartError` if one fails. Without
+        it, a child that fails to start is started again with backoff; after
+        ``max_start_failures`` failures in a row its place is given up, and tasks nothing else
+        can run fail with that :class:`WorkerStartError`. Returns the children's process ids.
+
+        ``processes=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml.engine.autoscale`):
+        it starts with ``min`` and grows while work waits longer than ``scale_up_wait``
+        seconds; a worker with nothing to do for ``scale_down_idle`` seconds finishes what it
+        holds and leaves, never below ``min``.
+
+        A plain module-level function instead of a class is run as ``function(payload)`` for
+        each task (by import path, in a :class:`FunctionWorker`; ``TypeError`` for a lambda,
+        a nested function or a bound method).
+
+        ``window`` fixes how many tasks each of these workers may hold (default: adaptive,
+        see :class:`Coordinator`); ``timeout`` (seconds, default 60) bounds the wait for the
+        children to start; ``scale_up_wait`` (0.25 s) and ``scale_down_idle`` (10 s) as for
+        :meth:`add_local`. Raises ``ValueError`` for a count or time that is not positive,
+        :class:`WorkerStartError` (with ``wait``) when a child cannot start in time, and
+        :class:`ClosedError` once the coordinator is shut down.
+
+        ``devices`` gives each process its own GPU (or group of GPUs): a list of device ids
+        such as ``[0, 1]``, ``["0,1", "2,3"]`` or GPU UUIDs (``""``: no GPU). Each process is a
+        *seat* with one entry: its environment has ``CUDA_VISIBLE_DEVICES`` (and
+        ``PYTASKQML_DEVICE``, for frameworks that read something else) set to it before Python
+        starts, so before the class is imported and ``setup()`` runs; inside the process its
+        GPUs are numbered from 0 (``cuda:0``). A process that dies is replaced on the same
+        device. With fewer devices than processes the seats share them round-robin
+        (``processes=4, devices=[0, 1]``: 0, 1, 0, 1); a self-sizing pool places each new
+        process on the device the fewest of its processes use. Without ``devices`` the
+        children inherit this process's environment, ``CUDA_VISIBLE_DEVICES`` included.
+        """
+        return self._pool.spawn(
+            worker_cls,
+            processes,
+            kwargs=kwargs,
+            window=window,
+            wait=wait,
+            timeout=timeout,
+            scale_up_wait=scale_up_wait,
+            scale_down_idle=scale_down_idle,
+            devices=devices,
+        )
+
+    def connect(
+        self,
+        address: tuple[str, int] | str,
+        *,
+        window: int | None = None,
+        wait: bool = True,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Connect to a worker listening at *address*; reconnect with backoff whenever it drops.
+
+        With ``wait`` (default) block until the first connection is up, or raise
+        :class:`ConnectionLost` (and stop trying) after ``timeout``. A worker that refuses our
+        key raises :class:`AuthenticationError` at once, and a TLS certificate that does not
+        verify :class:`ConnectionLost` at once: retrying could not help. ``timeout`` is in
+        seconds (default 10); ``window`` fixes how many tasks the worker may hold (default:
+        adaptive); *ssl_context* (see :func:`tls_client_context`) makes the connection TLS.
+        *address* is ``(host, port)`` or ``"host:port"`` (``ValueError`` if malformed).
+        """
+        self._pool.connect(
+            address, window=window, wait=wait, timeout=timeout, ssl_context=ssl_context
+        )
+
+    def listen(
+        self,
+        address: tuple[str, int] | str = ("127.0.0.1", 0),
+        *,
+        window: int | None = None,
+        insecure: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> tuple[str, int]:
+        """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
+        address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``).
+        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first.
+        ``window`` fixes how many tasks each of these workers may hold (default: adaptive).
+        Raises ``ValueError`` for a non-loopback address without a key, ``OSError`` when the
+        address cannot be bound, :class:`ClosedError` once the coordinator is shut down."""
+        return self._pool.listen(address, window=window, insecure=insecure, ssl_context=ssl_context)
+
+    def wait_workers(self, n: int, timeout: float | None = None) -> bool:
+        """Block until at least *n* workers are attached; False on timeout."""
+        return self._pool.wait_workers(n, timeout)
+
+    @property
+    def workers(self) -> tuple[WorkerStats, ...]:
+        """The workers attached now."""
+        return self._engine.workers()
 
     # ================================================================ submitting
 
@@ -303,7 +448,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         fut = TaskFuture()
         fut._runner = self._runner
         check_positive("timeout", timeout)
-        route = self._route(model, key, with_meta)
+        route = self.route_for(model, key, with_meta)
         self._intake.one(
             payload,
             fut,
@@ -314,10 +459,9 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         )
         return fut
 
-    def _route(self, model: str | None, key: Any, with_meta: bool) -> Route | None:
-        if model is not None:
-            self._check_open()  # ClosedError, not "no such model", once shut down
-        return route_for(self.models.check, model, key, with_meta)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the coordinator is shut down")
 
     def map(
         self,
@@ -390,7 +534,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         if not isinstance(progress, bool | Progress):
             raise TypeError("progress must be True, False or a pytaskqml.engine.Progress")
         self._check_open()
-        route, per_item = item_routes(self._route, model, key, with_meta)
+        route, per_item = item_routes(self.route_for, model, key, with_meta)
         if per_item:
             chunksize = 1  # a model, a key or a version per item
         return map_results(
@@ -467,9 +611,43 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             name=name,
         )
         if model is not None:
-            self._route(model, None, False)  # is the model known?
+            self.route_for(model, None, False)  # is the model known?
         self._streams.add(stream)
         return stream
+
+    def buffer(self, shape: int | Sequence[int], dtype: Any = "uint8", *, wait: float = 0.0) -> Any:
+        """A writable NumPy array to produce a frame into - ``cap.read(image=buf)``,
+        ``np.copyto(buf, x)``, ``cv2.cvtColor(src, code, dst=buf)``, a decoder writing in
+        place - and then submit (``submit(buf)``, in ``map()``, ``put()``, also as a value in
+        a dict payload). Its contents are undefined until written, as with ``numpy.empty``.
+
+        It lies in shared memory that every worker process of this coordinator maps, so it
+        reaches the worker without being copied: the frame on the socket only names its place.
+        Thread workers get a copy, workers elsewhere the bytes, as for any array.
+
+        Once submitted it belongs to the coordinator until its task is over: the array you
+        submitted is read-only until then (writing the next frame into it raises
+        ``ValueError: assignment destination is read-only`` instead of changing what the
+        worker computes on - take a new buffer for each frame), and writable again once its
+        result is in (to draw on it). Only the array object submitted is made read-only: do
+        not write through another view of it meanwhile. Its memory is reused only once the
+        array is gone from this process (its task finished and nothing here refers to it) and
+        every worker that received it has let go, so a kept array is never overwritten, here
+        or in a worker; a worker's writes to the array it receives stay its own. A buffer
+        never submitted comes back when it is garbage-collected.
+
+        Buffers of any size share the pool (each slot is the size rounded up to whole MiB),
+        and ``map()`` reads no further ahead than half the pool holds of its items, so a
+        generator producing a fresh buffer per frame is never short of pool buffers because
+        of ``map()``. It never fails for lack of room: when the pool has no room left it waits
+        up to *wait* seconds (default 0) for a buffer to come back, then returns a plain
+        ``numpy.empty`` array, which travels the usual way (one copy). So do a coordinator
+        without a pool (``shared_memory=False``, no shared memory on this platform, not Linux)
+        and buffers under 64 KiB or larger than half the pool. ``statistics().buffers``
+        counts both kinds. (Waiting by default could wait on itself: a producer holding the
+        buffers that fill the pool.) Needs NumPy.
+        """
+        return self._buffers.buffer(shape, dtype, wait)
 
     def broadcast(
         self,
@@ -500,25 +678,40 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         """Drain and return results that arrived after their deadline (when no ``on_late``)."""
         return self._engine.late_results()
 
+    # ================================================================ for features
+
+    # Features that send tasks of their own (pipeline stages, the Redis feed) build on these
+    # two, under the coordinator's scheduling, retries and deadlines. They are left out of the
+    # API reference (docs/api/coordinator.md): application code uses submit(), map(), stream().
+
+    @property
+    def intake(self) -> Intake:
+        """Where tasks enter the engine: ``intake.one(payload, sink, seq, timeout, route=)``
+        admits a task whose outcome goes to *sink* (a reorder buffer, a collector) instead of
+        a future; ``intake.engine.cancel_abandoned()`` drops the queued tasks of sinks marked
+        abandoned."""
+        return self._intake
+
+    def route_for(
+        self, model: str | None, key: Any = None, with_meta: bool = False
+    ) -> Route | None:
+        """The route of a task for *model* and *key* (None: any worker), as :meth:`submit`
+        makes it: ``ValueError`` for a model that cannot run here, ``TypeError`` for a key
+        that is not a string, :class:`ClosedError` for a model once shut down."""
+        if model is not None:
+            self._check_open()  # ClosedError, not "no such model", once shut down
+        return make_route(self.models.check, model, key, with_meta)
+
     # ================================================================ statistics
 
     def statistics(self) -> Statistics:
         """A snapshot of the coordinator's counters and workers (see :class:`Statistics`)."""
-        sup = self._supervisor
-        with self._stats_lock:
-            rejected = self._rejected_peers
         stats = self._engine.statistics(
-            restarts=sup.restarts,
-            rejected_peers=rejected,
-            start_failures=sup.start_failures,
-            start_error=sup.last_error,
+            **self._pool.statistics(),
             uptime=time.monotonic() - self._started,
             models=self.models.statistics(
                 self._engine.model_counts(), self._engine.model_seconds()
             ),
-            scale_ups=sum(a.ups for a in self._autoscalers),
-            scale_downs=sum(a.downs for a in self._autoscalers),
-            pools=pool_statistics(self._autoscalers),
             buffers=self._buffers.statistics(),
         )
         if self._feed is not None:
@@ -584,6 +777,28 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         control = self._control
         return None if control is None else control.statistics()
 
+    # ================================================================ ingress
+
+    def serve_ingress(
+        self,
+        address: Address | str = ("127.0.0.1", 0),
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+        insecure: bool = False,
+    ) -> tuple[str, int]:
+        """Accept producers (:class:`pytaskqml.Client`) on *address*, authenticated with this
+        coordinator's key, TLS first with *tls* (see :func:`tls_server_context`); each gets its
+        own ordered stream with at most *max_outstanding* items in flight. Returns the bound
+        address. A non-loopback *address* needs an ``authkey`` (or ``insecure=True``)."""
+        return self._ingress.start(
+            address, tls=tls, max_outstanding=max_outstanding, insecure=insecure
+        )
+
+    def ingress_statistics(self) -> list[IngressStats]:
+        """The statistics of each ingress port, in the order they were started."""
+        return self._ingress.statistics()
+
     # ================================================================ shutdown
 
     def shutdown(
@@ -606,6 +821,7 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
             self._feed.stop_reading()  # no new entries; what it holds finishes or is released
         already = self._engine.close()
         self._closed = True
+        self._pool.close()
         for stream in list(self._streams):
             stream.end("coordinator shut down")
         if already:
@@ -636,16 +852,16 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         engine = self._engine
         if cancel:
             grace = self.cancel_grace if timeout is None else min(timeout, self.cancel_grace)
-            engine.drain(grace, self._can_progress)
+            engine.drain(grace, self._pool.can_progress)
         else:
-            engine.drain(timeout, self._can_progress)
+            engine.drain(timeout, self._pool.can_progress)
         self._teardown(cancel=cancel)
 
     def _teardown(self, *, cancel: bool) -> None:
         """Stop every worker, thread and endpoint of the coordinator; resolve what is left. Runs
         once (a later call returns at once); a KeyboardInterrupt while it waits for worker
         processes kills them instead, and is raised again at the end."""
-        with self._stats_lock:
+        with self._teardown_lock:
             if self._torn_down:
                 return
             self._torn_down = True
@@ -653,43 +869,13 @@ class Coordinator(WorkerPool, BufferSource, IngressHost):
         engine.stop()
         busy = engine.abandon_inflight(CancelledError("abandoned at shutdown")) if cancel else []
         engine.fail_all(ClosedError("the coordinator shut down before this task ran"))
-        for scaler in self._autoscalers:
-            scaler.stop()
-        seats = self._supervisor.stop()
-        for d in self._dialers:
-            d.stop()
-        for a in self._acceptors:
-            a.stop()
         handles = engine.handles()
-        if cancel:
-            for s in seats:
-                self._supervisor.kill(s)  # whatever they run is no longer wanted
-        else:
-            for s in seats:
-                if s.handle is not None:
-                    s.handle.request_stop()  # spawned workers leave; standalone ones stay up
-        interrupted = False
-        try:
-            self._supervisor.reap(seats, 0.5 if cancel else 5.0)
-        except KeyboardInterrupt:
-            interrupted = cancel = True
-            for s in seats:
-                self._supervisor.kill(s)
-            self._supervisor.reap(seats, 0.5)
-        for h in handles:
-            h.close()
-        for local in self._locals:
-            local.close()
-            local.join(0.5 if cancel or local in busy else 5.0)
-            call_teardown(local.worker)
-        for h in handles:
-            h.join(2.0)
+        interrupted = self._pool.stop(handles, cancel=cancel, busy=busy)
         if self._feed is not None:
             self._feed.close()  # results written, the rest released for other coordinators
         if self._control is not None:
             self._control.stop()
-        self._stop_ingress()
-        self._heartbeats.stop()
+        self._ingress.stop()
         self._buffers.close()
         engine.stop_timer()
         self._runner.close()

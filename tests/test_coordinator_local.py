@@ -500,7 +500,7 @@ def test_a_new_map_does_not_read_far_ahead_on_an_old_measurement() -> None:
     with Coordinator() as coord:
         coord.add_local(Echo(), threads=2)
         assert sum(coord.map(range(200_000))) == sum(range(200_000))
-        assert coord._intake.auto_buffersize(True) > 10_000  # what the tiny items taught it
+        assert coord.intake.auto_buffersize(True) > 10_000  # what the tiny items taught it
         it = coord.map(frames())
         assert next(it) == 0
         assert next(pulled) <= 256 + 1

@@ -8,7 +8,12 @@ size, so no line count is enforced."""
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +180,134 @@ def test_only_the_engine_reaches_its_scheduler() -> None:
             if name in engines:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not found, "reaches into the engine's scheduler: " + ", ".join(found)
+
+
+# ---------------------------------------------------------------- one class, one concern
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _ours(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "pytaskqml"
+
+
+def _stdlib(cls: type) -> bool:
+    return cls.__module__.split(".")[0] in sys.stdlib_module_names
+
+
+def _self_attributes(cls: type, *, stored: bool) -> set[str]:
+    """The names its methods read from ``self`` (or, with *stored*, set on it)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    names: set[str] = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or not fn.args.args:
+            continue
+        me = fn.args.args[0].arg
+        for node in ast.walk(fn):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == me
+                and isinstance(node.ctx, ast.Store) == stored
+            ):
+                names.add(node.attr)
+    return names
+
+
+def relies_on_its_subclass(base: type) -> set[str]:
+    """What *base*'s methods read from ``self`` that neither it nor its own bases provide (a
+    bare annotation does not provide it): the state a mixin expects its host to set up."""
+    provided: set[str] = set()
+    for cls in base.__mro__:
+        provided |= set(vars(cls))
+        if _stdlib(cls):
+            provided |= set(dir(cls))
+        else:
+            provided |= _self_attributes(cls, stored=True)
+    return _self_attributes(base, stored=False) - provided
+
+
+def is_exempt(base: type) -> bool:
+    """Exceptions, Protocols and classes deriving from the standard library's."""
+    return (
+        issubclass(base, BaseException)
+        or bool(getattr(base, "_is_protocol", False))
+        or any(_stdlib(c) for c in base.__mro__[1:-1])
+    )
+
+
+def mixins(classes: list[type], ours: Callable[[type], bool] = _ours) -> set[tuple[str, str]]:
+    """(class, base) for each base of ours from another module that is a mixin of the class."""
+    found = set()
+    for cls in classes:
+        for base in cls.__mro__[1:]:
+            if (
+                ours(base)
+                and base.__module__ != cls.__module__
+                and not is_exempt(base)
+                and relies_on_its_subclass(base)
+            ):
+                found.add((_qualname(cls), _qualname(base)))
+    return found
+
+
+def _package_classes() -> list[type]:
+    classes = []
+    for name in MODULES:
+        if name.endswith("__main__"):
+            continue
+        module = importlib.import_module(name)
+        classes += [
+            c for c in vars(module).values() if isinstance(c, type) and c.__module__ == name
+        ]
+    return classes
+
+
+class _SampleMixin:
+    """A mixin: it uses state that its host class sets up."""
+
+    limit: int
+
+    def over(self, n: int) -> bool:
+        return n > self.limit
+
+
+class _SampleHost(_SampleMixin):
+    __module__ = "elsewhere"
+
+    def __init__(self) -> None:
+        self.limit = 3
+
+
+class _SampleBase:
+    """A base class with its own state: not a mixin."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def over(self, n: int) -> bool:
+        return n > self.limit
+
+
+class _SampleChild(_SampleBase):
+    __module__ = "elsewhere"
+
+
+def test_the_mixin_check_finds_a_mixin_and_only_that() -> None:
+    assert relies_on_its_subclass(_SampleMixin) == {"limit"}
+    assert relies_on_its_subclass(_SampleBase) == set()
+    found = mixins([_SampleHost, _SampleChild], ours=lambda c: c.__module__ == __name__)
+    assert found == {("elsewhere._SampleHost", f"{__name__}._SampleMixin")}
+
+
+def test_the_coordinator_holds_its_parts() -> None:
+    from pytaskqml import Coordinator
+
+    assert Coordinator.__mro__ == (Coordinator, object)
+
+
+def test_no_class_is_a_mixin_of_a_class_in_another_module() -> None:
+    found = mixins(_package_classes())
+    assert found == set(), "mixins: fold them back or hold them as parts"

@@ -444,9 +444,9 @@ def test_spawned_workers_reach_the_coordinator_either_way(socketpair: bool) -> N
     """POSIX: each child gets its end of a socketpair and nothing listens. The fallback (for
     platforms without fd passing): children dial a loopback listener with a key from stdin."""
     with Coordinator() as coord:
-        coord._supervisor.use_socketpair = socketpair
+        coord._pool.supervisor.use_socketpair = socketpair
         pids = coord.spawn(Pid, processes=2)
-        assert (coord._supervisor.listener is None) == socketpair
+        assert (coord._pool.supervisor.listener is None) == socketpair
         out = list(coord.map([[i, 0.001] for i in range(100)]))
         assert [o[0] for o in out] == list(range(100))
         os.kill(pids[0], signal.SIGKILL)  # a replacement connects the same way

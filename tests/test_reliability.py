@@ -418,7 +418,7 @@ def test_a_restart_that_cannot_start_a_process_is_tried_again(
     tried again with backoff instead of taking the coordinator down."""
     with Coordinator() as coord:
         (pid,) = coord.spawn(Echo, processes=1)
-        real = coord._supervisor._start
+        real = coord._pool.supervisor._start
         calls: list[int] = []
 
         def flaky(slot: Any) -> None:
@@ -427,7 +427,7 @@ def test_a_restart_that_cannot_start_a_process_is_tried_again(
                 raise OSError(24, "Too many open files")
             real(slot)
 
-        coord._supervisor._start = flaky  # type: ignore[method-assign]
+        coord._pool.supervisor._start = flaky  # type: ignore[method-assign]
         with caplog.at_level(logging.ERROR, logger="pytaskqml"):
             os.kill(pid, signal.SIGKILL)
             wait_for(

@@ -975,7 +975,9 @@ def test_spawned_children_never_see_a_key_on_the_command_line_or_in_the_environm
     user_key = b"user-key-d41d8cd98f00b204e980"
     with Coordinator(authkey=user_key) as coord:
         pids = coord.spawn(Echo, processes=1)
-        spawn_key = coord._supervisor.spawn_key  # the per-coordinator key the children get on stdin
+        spawn_key = (
+            coord._pool.supervisor.spawn_key
+        )  # the per-coordinator key the children get on stdin
         for pid in pids:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             environ = Path(f"/proc/{pid}/environ").read_bytes()

@@ -1,7 +1,9 @@
 """Where a coordinator's workers come from: threads of this process, processes it spawns,
-workers it dials, workers that dial in. :class:`WorkerPool` is the part of
-:class:`~._coordinator.Coordinator` that attaches them; every kind ends up as a handle
-registered with the engine, and nothing here looks at a handle's kind again.
+workers it dials, workers that dial in. A :class:`WorkerPool` attaches them for one
+coordinator (which holds it and documents each way in its own methods): every kind ends up as
+a handle registered with the engine, and nothing here looks at a handle's kind again. It owns
+what brings workers - the supervisor of the spawned processes, the listeners, the dialers, the
+autoscalers - and the heartbeat thread of their connections, and stops them all.
 """
 
 from __future__ import annotations
@@ -9,21 +11,21 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from ..buffers.pool import Buffers
-from ..core.stats import WorkerStats
 from ..errors import ClosedError, ConnectionLost, NoWorkersError, RemoteTraceback, WorkerStartError
 from ..wire import codec as _codec
 from ..wire import connection as _connection
 from ..wire.connection import Connection
 from ..wire.endpoints import Acceptor, read_hello
 from ..worker.base import Worker
-from ..worker.bootstrap import call_setup, class_target
+from ..worker.bootstrap import call_setup, call_teardown, class_target
 from ..worker.functions import FunctionWorker, function_target, is_function
-from .autoscale import Autoscaler, bounds
+from .autoscale import Autoscaler, bounds, pool_statistics
 from .broadcast import Broadcasts
 from .engine import Engine
 from .handles import LocalHandle, WorkerHandle, WorkerOwner
@@ -46,31 +48,77 @@ def check_positive(name: str, value: float | None, *, allow_none: bool = True) -
 
 
 class WorkerPool:
-    """Adding workers; mixed into :class:`~._coordinator.Coordinator`, which sets these up."""
+    """The workers of one coordinator's *engine*, and everything that brings them.
 
-    name: str
-    authkey: bytes | None
-    window: int
-    heartbeat_interval: float
-    heartbeat_timeout: float
-    max_frame_size: int
-    _closed: bool
-    _engine: Engine
-    _supervisor: Supervisor
-    _heartbeats: Heartbeats
-    _acceptors: list[Acceptor]
-    _dialers: list[Dialer]
-    _locals: list[LocalHandle]
-    _rejected_peers: int
-    _stats_lock: Any
-    _broadcasts: Broadcasts
-    _autoscalers: list[Autoscaler]
-    _buffers: Buffers
-    models: Models
+    The coordinator's ``add_local()``, ``spawn()``, ``connect()``, ``listen()`` and
+    ``wait_workers()`` are these methods (their arguments are documented there). A worker
+    attached here gets the retained broadcasts of *broadcasts* first, then the named models of
+    *models*. It is also the :class:`~.seats.SupervisorHost` of its supervisor, whose processes
+    map *buffers*' pool. After :meth:`close` no worker is added (:class:`ClosedError`);
+    :meth:`stop` ends every worker and thread it holds.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        authkey: bytes | None,
+        max_frame_size: int,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        hang_timeout: float | None,
+        max_restarts: int,
+        max_start_failures: int,
+        shared_memory: bool,
+        buffers: Buffers,
+        models: Models,
+        broadcasts: Broadcasts,
+    ) -> None:
+        self._engine = engine
+        self.name = name
+        self.authkey = authkey
+        self.max_frame_size = max_frame_size
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._buffers = buffers
+        self._models = models
+        self._broadcasts = broadcasts
+        self._closed = False
+        self._lock = threading.Lock()
+        self._rejected_peers = 0
+        self._heartbeats = Heartbeats(
+            name,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            hang_timeout=hang_timeout,
+            clock=engine.clock,
+        )
+        #: Starts, restarts and reaps the spawned processes.
+        self.supervisor = Supervisor(
+            self,
+            name=name,
+            config=self._child_config,
+            max_restarts=max_restarts,
+            max_start_failures=max_start_failures,
+            shared_memory=shared_memory,
+            max_frame_size=max_frame_size,
+            pool=buffers.for_child,
+        )
+        self._acceptors: list[Acceptor] = []
+        self._dialers: list[Dialer] = []
+        self._locals: list[LocalHandle] = []  # torn down at stop()
+        self._autoscalers: list[Autoscaler] = []
+
+    def close(self) -> None:
+        """No worker is added from now on (the coordinator is shutting down)."""
+        self._closed = True
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("the coordinator is shut down")
+
+    # ---------------------------------------------------------------- adding workers
 
     def add_local(
         self,
@@ -81,18 +129,7 @@ class WorkerPool:
         scale_up_wait: float = 0.25,
         scale_down_idle: float = 10.0,
     ) -> WorkerHandle:
-        """Run *worker* in ``threads`` threads of this process (``setup()`` is called here).
-        A plain function is run as ``function(payload)`` for each task.
-
-        ``threads=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml.engine.autoscale`):
-        a thread more while work waits longer than ``scale_up_wait`` seconds (default 0.25),
-        one less after ``scale_down_idle`` seconds (default 10) with nothing to do.
-        ``window`` is how many tasks the pool may hold at once (default: 2 per thread).
-
-        Returns the pool's handle. Raises ``TypeError`` for anything but a Worker instance or a
-        function, ``ValueError`` for a count or time that is not positive, whatever ``setup()``
-        raises, and :class:`ClosedError` once the coordinator is shut down.
-        """
+        """``Coordinator.add_local()``."""
         if not isinstance(worker, Worker):
             if not is_function(worker):
                 raise TypeError("add_local() takes a Worker instance or a function")
@@ -140,7 +177,7 @@ class WorkerPool:
         """Register a worker: retained broadcasts first, then every named model."""
         if not self._engine.attach(handle, self._broadcasts.preload(handle)):
             return False
-        self.models.worker_attached(handle)
+        self._models.worker_attached(handle)
         return True
 
     def spawn(
@@ -156,42 +193,7 @@ class WorkerPool:
         scale_down_idle: float = 10.0,
         devices: Sequence[int | str] | None = None,
     ) -> list[int]:
-        """Start ``processes`` child processes running *worker_cls*; supervise and restart them.
-
-        The class must be importable by the child (module level). ``kwargs`` (JSON) are passed
-        to its constructor. With ``wait`` (default) this returns once every child has run
-        ``setup()`` and connected, and raises :class:`WorkerStartError` if one fails. Without
-        it, a child that fails to start is started again with backoff; after
-        ``max_start_failures`` failures in a row its place is given up, and tasks nothing else
-        can run fail with that :class:`WorkerStartError`. Returns the children's process ids.
-
-        ``processes=(min, max)`` sizes the pool by itself (see :mod:`pytaskqml.engine.autoscale`):
-        it starts with ``min`` and grows while work waits longer than ``scale_up_wait``
-        seconds; a worker with nothing to do for ``scale_down_idle`` seconds finishes what it
-        holds and leaves, never below ``min``.
-
-        A plain module-level function instead of a class is run as ``function(payload)`` for
-        each task (by import path, in a :class:`FunctionWorker`; ``TypeError`` for a lambda,
-        a nested function or a bound method).
-
-        ``window`` fixes how many tasks each of these workers may hold (default: adaptive,
-        see :class:`Coordinator`); ``timeout`` (seconds, default 60) bounds the wait for the
-        children to start; ``scale_up_wait`` (0.25 s) and ``scale_down_idle`` (10 s) as for
-        :meth:`add_local`. Raises ``ValueError`` for a count or time that is not positive,
-        :class:`WorkerStartError` (with ``wait``) when a child cannot start in time, and
-        :class:`ClosedError` once the coordinator is shut down.
-
-        ``devices`` gives each process its own GPU (or group of GPUs): a list of device ids
-        such as ``[0, 1]``, ``["0,1", "2,3"]`` or GPU UUIDs (``""``: no GPU). Each process is a
-        *seat* with one entry: its environment has ``CUDA_VISIBLE_DEVICES`` (and
-        ``PYTASKQML_DEVICE``, for frameworks that read something else) set to it before Python
-        starts, so before the class is imported and ``setup()`` runs; inside the process its
-        GPUs are numbered from 0 (``cuda:0``). A process that dies is replaced on the same
-        device. With fewer devices than processes the seats share them round-robin
-        (``processes=4, devices=[0, 1]``: 0, 1, 0, 1); a self-sizing pool places each new
-        process on the device the fewest of its processes use. Without ``devices`` the
-        children inherit this process's environment, ``CUDA_VISIBLE_DEVICES`` included.
-        """
+        """``Coordinator.spawn()``."""
         if is_function(worker_cls):
             if kwargs:
                 raise ValueError("kwargs= is for a Worker class; a function gets the payload")
@@ -206,7 +208,7 @@ class WorkerPool:
         kw = dict(kwargs or {})
         _codec.encode_str(kw)  # the constructor arguments travel as JSON
         self._check_open()
-        sup = self._supervisor
+        sup = self.supervisor
 
         def place(n: int, group: list[Seat]) -> list[str] | None:
             if device_ids is None:
@@ -265,16 +267,7 @@ class WorkerPool:
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Connect to a worker listening at *address*; reconnect with backoff whenever it drops.
-
-        With ``wait`` (default) block until the first connection is up, or raise
-        :class:`ConnectionLost` (and stop trying) after ``timeout``. A worker that refuses our
-        key raises :class:`AuthenticationError` at once, and a TLS certificate that does not
-        verify :class:`ConnectionLost` at once: retrying could not help. ``timeout`` is in
-        seconds (default 10); ``window`` fixes how many tasks the worker may hold (default:
-        adaptive); *ssl_context* (see :func:`tls_client_context`) makes the connection TLS.
-        *address* is ``(host, port)`` or ``"host:port"`` (``ValueError`` if malformed).
-        """
+        """``Coordinator.connect()``."""
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         check_positive("window", window)
         self._check_open()
@@ -310,12 +303,7 @@ class WorkerPool:
         insecure: bool = False,
         ssl_context: ssl.SSLContext | None = None,
     ) -> tuple[str, int]:
-        """Accept workers that dial in (``pytaskqml worker ... --connect``); returns the bound
-        address. Binding a non-loopback address needs an ``authkey`` (or ``insecure=True``).
-        With *ssl_context* (see :func:`tls_server_context`) every connection is TLS first.
-        ``window`` fixes how many tasks each of these workers may hold (default: adaptive).
-        Raises ``ValueError`` for a non-loopback address without a key, ``OSError`` when the
-        address cannot be bound, :class:`ClosedError` once the coordinator is shut down."""
+        """``Coordinator.listen()``."""
         addr = _connection.parse_address(address) if isinstance(address, str) else address
         check_positive("window", window)
         self._check_open()
@@ -383,7 +371,7 @@ class WorkerPool:
         return self._attach_remote(conn, hello, kind="remote", window=dialer.window, owner=dialer)
 
     def _peer_rejected(self, peer: str, why: object) -> None:
-        with self._stats_lock:
+        with self._lock:
             self._rejected_peers += 1
         log.warning("rejected connection from %s: %s", peer, why)
         self._engine.signal()
@@ -397,65 +385,127 @@ class WorkerPool:
             "log_level": logging.getLogger("pytaskqml").getEffectiveLevel(),
         }
 
-    def _reinforcements(self) -> bool:
+    # ---------------------------------------------------------------- the engine's questions
+
+    def reinforcements(self) -> bool:
         """Could a worker still come: a process seat not given up, a listener, a dialer?"""
         return (
             bool(self._acceptors)
             or any(d.active for d in self._dialers)
-            or self._supervisor.active()
+            or self.supervisor.active()
         )
 
-    def _can_progress(self) -> bool:
+    def can_progress(self) -> bool:
+        """Could queued work still run: a worker attached, or one that may come back?"""
         return (
             self._engine.worker_count() > 0
-            or self._supervisor.can_progress()
+            or self.supervisor.can_progress()
             or any(d.active for d in self._dialers)
         )
 
-    def _strand_error(self) -> BaseException:
-        error = self._supervisor.retired_error
+    def strand_error(self) -> BaseException:
+        """What work nothing can run fails with."""
+        error = self.supervisor.retired_error
         if error is not None:
             err = WorkerStartError(f"no worker can run this task: {error}")
-            err.remote_traceback = self._supervisor.retired_traceback
+            err.remote_traceback = self.supervisor.retired_traceback
             return err
         return NoWorkersError("no workers left: every worker process died and was not restarted")
 
     def wait_workers(self, n: int, timeout: float | None = None) -> bool:
-        """Block until at least *n* workers are attached; False on timeout."""
+        """``Coordinator.wait_workers()``."""
         return self._engine.wait_for(
             lambda core: len(core.workers) >= n or self._closed, timeout
-        ) and (len(self.workers) >= n)
+        ) and (len(self._engine.workers()) >= n)
 
-    @property
-    def workers(self) -> tuple[WorkerStats, ...]:
-        """The workers attached now."""
-        return self._engine.workers()
+    def statistics(self) -> dict[str, Any]:
+        """What :class:`~pytaskqml.core.stats.Statistics` shows of the pool: restarts, failed
+        starts and the last start error, peers refused, autoscaling (keyword arguments for
+        :meth:`Engine.statistics`)."""
+        sup = self.supervisor
+        with self._lock:
+            rejected = self._rejected_peers
+        return {
+            "restarts": sup.restarts,
+            "rejected_peers": rejected,
+            "start_failures": sup.start_failures,
+            "start_error": sup.last_error,
+            "scale_ups": sum(a.ups for a in self._autoscalers),
+            "scale_downs": sum(a.downs for a in self._autoscalers),
+            "pools": pool_statistics(self._autoscalers),
+        }
 
+    # ---------------------------------------------------------------- stopping
 
-class SpawnHost:
-    """The coordinator as its supervisor sees it."""
+    def stop(
+        self,
+        handles: Sequence[WorkerHandle],
+        *,
+        cancel: bool,
+        busy: Collection[WorkerHandle] = (),
+    ) -> bool:
+        """Stop every worker and what brings them, once the engine is stopping (it attaches
+        nothing more) and *handles* are the workers it had: spawned processes leave (killed,
+        with *cancel*: what they run is no longer wanted) and are reaped, connections close,
+        thread workers finish (those in *busy* given half a second) and are torn down, then
+        the heartbeat thread stops. A KeyboardInterrupt while the processes are reaped kills
+        them instead; returns whether that happened, for the caller to raise it once
+        everything else is stopped too."""
+        for scaler in self._autoscalers:
+            scaler.stop()
+        seats = self.supervisor.stop()
+        for d in self._dialers:
+            d.stop()
+        for a in self._acceptors:
+            a.stop()
+        if cancel:
+            for s in seats:
+                self.supervisor.kill(s)  # whatever they run is no longer wanted
+        else:
+            for s in seats:
+                if s.handle is not None:
+                    s.handle.request_stop()  # spawned workers leave; standalone ones stay up
+        interrupted = False
+        try:
+            self.supervisor.reap(seats, 0.5 if cancel else 5.0)
+        except KeyboardInterrupt:
+            interrupted = cancel = True
+            for s in seats:
+                self.supervisor.kill(s)
+            self.supervisor.reap(seats, 0.5)
+        for h in handles:
+            h.close()
+        for local in self._locals:
+            local.close()
+            local.join(0.5 if cancel or local in busy else 5.0)
+            call_teardown(local.worker)
+        for h in handles:
+            h.join(2.0)
+        self._heartbeats.stop()
+        return interrupted
 
-    def __init__(self, coord: WorkerPool) -> None:
-        self._coord = coord
+    # ---------------------------------------------------------------- the supervisor's host
 
     def attach_spawned(
         self, seat: Seat, conn: Connection, hello: dict[str, Any]
     ) -> WorkerHandle | None:
-        c = self._coord
-        return c._attach_remote(
+        """Register a spawned process's connection; None if it is not wanted (closed)."""
+        return self._attach_remote(
             conn,
             hello,
             kind="spawned",
             window=seat.window,
             arena=seat.arena,
-            owner=c._supervisor,
+            owner=self.supervisor,
             restarts=seat.restarts,
-            pool=c._buffers.pool,
+            pool=self._buffers.pool,
         )
 
     def seat_retired(self, seat: Seat) -> None:
-        self._coord._engine.check_stranded()
-        self._coord._engine.signal()
+        """Work that only the retired seat could run fails now."""
+        self._engine.check_stranded()
+        self._engine.signal()
 
     def changed(self) -> None:
-        self._coord._engine.signal()
+        """A restart or a failed start: wake whoever waits on statistics."""
+        self._engine.signal()

@@ -99,7 +99,7 @@ class Seat:
 
 
 class SupervisorHost(Protocol):
-    """What the supervisor needs of the coordinator."""
+    """What the supervisor needs of the worker pool that holds it."""
 
     def attach_spawned(
         self, seat: Seat, conn: Connection, hello: dict[str, Any]

@@ -251,8 +251,8 @@ class Lane:
             if timeout is None or left < timeout:
                 timeout, by_stage = left, False
         try:
-            route = coord._route(stage.model, None, False) if stage.model is not None else None
-            coord._intake.one(value, self.collector, self._sent, timeout, route=route)
+            route = coord.route_for(stage.model) if stage.model is not None else None
+            coord.intake.one(value, self.collector, self._sent, timeout, route=route)
         except BaseException as exc:
             return Done(False, mark(exc, stage))
         self._sent += 1
@@ -284,7 +284,7 @@ class Lane:
     def abandon(self) -> None:
         """Nobody will take the outcomes: the items still queued are cancelled."""
         self.collector.abandoned = True
-        self.coordinator._intake.engine.cancel_abandoned()
+        self.coordinator.intake.engine.cancel_abandoned()
 
 
 def mark(exc: BaseException, stage: Stage) -> BaseException:

@@ -82,8 +82,8 @@ class QueueFeed:
         self.queue = q
         self.consumer = consumer
         self._coord = coord
-        self._engine = coord._engine
-        self._intake = coord._intake
+        self._intake = coord.intake
+        self._engine = self._intake.engine
         self._redis = require_redis()
         self._lock = threading.Condition(threading.Lock())
         self._entries: dict[int, HeldEntry] = {}  # by base number
