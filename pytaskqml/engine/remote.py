@@ -318,18 +318,22 @@ class RemoteHandle(WorkerHandle):
         """Frame *tasks* and send them. Each payload was encoded once already, at admission,
         when its task carries the JSON (``text``); only the others are encoded here."""
         flag = ',"b":1' if self.batch_size > 1 else ""
-        plain = sum(1 for t in tasks if t.text is None)
+        if len(tasks) == 1 and tasks[0].text is not None:  # (a round trip's frame)
+            header = '{"op":"run"' + flag + ',"t":[' + _text_row(tasks[0]) + "]}"
+            self.conn.send_frame(_protocol.encode_frame(header))
+            return
+        plain = [t for t in tasks if t.text is None]
         if not plain:
             # Encoded at admission (tiny items, chunks of them): only the rows are put around.
             header = '{"op":"run"' + flag + ',"t":[' + ",".join(map(_text_row, tasks)) + "]}"
             self.conn.send_frame(_protocol.encode_frame(header))
             return
         try:
-            if plain == len(tasks):
+            if len(plain) == len(tasks):
                 # One encoder call for the whole frame: the C encoder does the per-task work.
                 text, buffers = self._encode([_row(t) for t in tasks])
             else:
-                text, buffers = self._encode_mixed(tasks)
+                text, buffers = self._encode_mixed(tasks, plain)
         except (TypeError, ValueError):
             # A payload was mutated into something unencodable after submit: fail just those.
             good, failed = [], []
@@ -350,11 +354,10 @@ class RemoteHandle(WorkerHandle):
             _protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers)
         )
 
-    def _encode_mixed(self, tasks: list[Task]) -> tuple[str, list[memoryview]]:
-        """A frame of tasks encoded at admission and others: only the others' rows go through
-        the encoder, each to a text of its own, and the rows are joined in order. (Buffers
-        stay in document order: the rows that carry text carry no buffers.)"""
-        plain = [t for t in tasks if t.text is None]
+    def _encode_mixed(self, tasks: list[Task], plain: list[Task]) -> tuple[str, list[memoryview]]:
+        """A frame of tasks encoded at admission and others (*plain*): only the others' rows
+        go through the encoder, each to a text of its own, and the rows are joined in order.
+        (Buffers stay in document order: the rows that carry text carry no buffers.)"""
         texts, bufs = self._encode_each([_row(t) for t in plain])
         encoded = iter(texts)
         rows = [_text_row(t) if t.text is not None else next(encoded) for t in tasks]
