@@ -221,13 +221,19 @@ class RemoteHandle(WorkerHandle):
             return
         try:
             with self._cv:
-                pop = out.popleft
-                tasks = [pop() for _ in range(min(len(out), self._limit))]
-            live = [t for t in tasks if not t.finished]
-            if len(live) != len(tasks):
-                self.events.skipped(self, [t for t in tasks if t.finished])
-            if live:
-                self._send_sized(live)
+                if len(out) == 1:  # (a round trip's task)
+                    tasks = [out.popleft()]
+                else:
+                    pop = out.popleft
+                    tasks = [pop() for _ in range(min(len(out), self._limit))]
+            if len(tasks) == 1 and not tasks[0].finished:
+                self._send(tasks)  # one task: nothing to split by size
+            else:
+                live = [t for t in tasks if not t.finished]
+                if len(live) != len(tasks):
+                    self.events.skipped(self, [t for t in tasks if t.finished])
+                if live:
+                    self._send_sized(live)
         except ConnectionLost:
             pass  # the reader reports the loss
         finally:
