@@ -31,6 +31,8 @@ from concurrent.futures import Future, _base
 from typing import Any, Protocol
 
 _FINISHED = _base.FINISHED
+_PENDING = _base.PENDING
+_RUNNING = _base.RUNNING
 _CANCELLED = frozenset({_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED})
 _allocate_lock = threading.Lock
 
@@ -112,15 +114,27 @@ class TaskFuture(Future[Any]):
             self._condition._waiters.append(waiter)
         if timeout is None:
             waiter.acquire()
-        elif not waiter.acquire(True, timeout) and self._state is not _FINISHED:
-            with lock, contextlib.suppress(ValueError):  # (released meanwhile)
-                self._condition._waiters.remove(waiter)
+        else:
+            # (A timeout of 0 or less looks once, as threading.Condition.wait does.)
+            got = waiter.acquire(True, timeout) if timeout > 0 else waiter.acquire(False)
+            if not got and self._state is not _FINISHED:
+                with lock, contextlib.suppress(ValueError):  # (released meanwhile)
+                    self._condition._waiters.remove(waiter)
         state = self._state
         if state is _FINISHED:
             return
         if state in _CANCELLED:
             raise _base.CancelledError()
         raise _base.TimeoutError()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        # The scheduler calls it for every task it dispatches: the usual case without the
+        # Condition's Python-level enter and exit.
+        with self._condition._lock:
+            if self._state is _PENDING:
+                self._state = _RUNNING
+                return True
+        return super().set_running_or_notify_cancel()  # cancelled (or misused): as always
 
     def set_result(self, result: Any) -> None:
         self._finish(result, None)
