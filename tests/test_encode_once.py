@@ -30,8 +30,8 @@ class _Counting:
         self.real = real
         self.seen: collections.Counter[int] = collections.Counter()
 
-    def encode(self, obj: Any) -> str:
-        text: str = self.real.encode(obj)
+    def __call__(self, obj: Any) -> str:
+        text: str = self.real(obj)
         self.seen.update(int(n) for n in _TAG.findall(text))
         return text
 
@@ -45,8 +45,8 @@ def coord() -> Iterator[Coordinator]:
 
 @pytest.fixture
 def encoder() -> Iterator[_Counting]:
-    counting = _Counting(_codec._ENCODER)
-    with mock.patch.object(_codec, "_ENCODER", counting):
+    counting = _Counting(_codec._encode_json)
+    with mock.patch.object(_codec, "_encode_json", counting):
         yield counting
 
 
