@@ -56,14 +56,14 @@ class Broadcasts:
     ) -> Broadcast:
         if mode not in ("all", "any"):
             raise ValueError("mode must be 'all' or 'any'")
-        self._intake.check_payload(payload)
+        encoded = self._intake.payload_text(payload)  # checked and encoded once for all
         engine = self._intake.engine
         handles = engine.handles()
         if not handles:
             raise NoWorkersError("no workers to broadcast to")
         if mode == "any":
             handles = [min(handles, key=lambda h: len(h.state.inflight) if h.state else 0)]
-        futures = [(h.name, self._pinned(payload, model, h)) for h in handles]
+        futures = [(h.name, self._pinned(payload, encoded, model, h)) for h in handles]
         bid = None
         if retain:
             with self._lock:
@@ -101,9 +101,16 @@ class Broadcasts:
             tasks.append(t)
         return tasks
 
-    def _pinned(self, payload: Any, model: str | None, handle: WorkerHandle) -> TaskFuture:
+    def _pinned(
+        self,
+        payload: Any,
+        encoded: tuple[int, str | None],
+        model: str | None,
+        handle: WorkerHandle,
+    ) -> TaskFuture:
         fut = self._future()
-        self._intake.one(payload, fut, 0, None, route=Route(model=model, pin=handle.state))
+        route = Route(model=model, pin=handle.state)
+        self._intake.one(payload, fut, 0, None, route=route, encoded=encoded)
         return fut
 
     def _future(self) -> TaskFuture:

@@ -88,13 +88,14 @@ def deliver(task: Task, kind: int, value: Any) -> None:
     if sink.__class__ is not TaskFuture:
         sink.deliver_many(outcomes(task, kind, value))
         return
-    if sink.done():
-        return
     try:
+        # (A future the caller cancelled meanwhile refuses it: InvalidStateError, below.)
         if kind == OK:
             sink.set_result(value)
         elif kind == ERROR:
             sink.set_exception(value)
+        elif sink.done():
+            return
         elif kind == TIMEOUT:
             sink.set_exception(
                 TimeoutError(f"task {task.id} missed its {task.timeout:.3f}s deadline")

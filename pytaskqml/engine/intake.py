@@ -97,18 +97,51 @@ class Intake:
             return 0  # always encodable, never holds a buffer
         return self._encoded(payload)[0]
 
-    def _payload_text(self, payload: Any) -> tuple[int, str | None]:
+    def payload_text(self, payload: Any) -> tuple[int, str | None]:
         """:meth:`check_payload`, keeping the JSON it made when the payload holds no raw
         buffers: the frame then carries that text as it is instead of encoding the payload a
-        second time. (So a payload changed after submit() travels as it was at submit(), as
-        the items of a chunk always have.)"""
+        second time (so the payload is encoded once on its way to a worker process, and a
+        thread worker decodes that text instead of copying the payload). A payload changed
+        after submit() travels as it was at submit(), as the items of a chunk always have.
+
+        ``None`` for a float or an int too large for the fast path (always encodable: encoded
+        once, when framed) and for a payload holding buffers (encoded again when framed: where
+        its buffers go - the frame, or shared memory with a spawned worker - is the sending
+        connection's to decide)."""
         text = _codec.scalar_json(payload)
         if text is not None or payload.__class__ in _NUMBERS:
-            return 0, text  # (a float or an int too large: always encodable, encoded when framed)
+            return 0, text
         return self._encoded(payload)
 
+    def payload_texts(self, items: list[Any]) -> list[tuple[int, str | None]]:
+        """:meth:`payload_text` of each item, with one encoder set-up for all of them; raises
+        for the first item that cannot travel."""
+        out: list[tuple[int, str | None]] = []
+        rest: list[int] = []  # the items that need the encoder
+        scalar = _codec.scalar_json
+        for i, p in enumerate(items):
+            text = scalar(p)
+            if text is None and p.__class__ not in _NUMBERS:
+                rest.append(i)
+            out.append((0, text))
+        if not rest:
+            return out
+        try:
+            texts, bufs = _codec.encode_each([items[i] for i in rest])
+        except (TypeError, ValueError):
+            for i in rest:
+                self._encoded(items[i])  # raises for the first that cannot travel
+            raise  # (the items changed meanwhile)
+        for i, text, b in zip(rest, texts, bufs, strict=True):
+            out[i] = self._sized(text, b)
+        return out
+
     def _encoded(self, payload: Any) -> tuple[int, str | None]:
-        text, bufs = _codec.encode(payload)
+        return self._sized(*_codec.encode(payload))
+
+    def _sized(self, text: str, bufs: list[memoryview]) -> tuple[int, str | None]:
+        """Refuse an encoded payload too large for a frame; its buffer bytes, and its text if
+        it holds no buffers."""
         nbytes = sum(b.nbytes for b in bufs) if bufs else 0
         if nbytes + len(text) + 64 > self.max_frame_size:
             raise ValueError(
@@ -149,11 +182,14 @@ class Intake:
         route: Route | None = None,
         source: Source | None = None,
         priority: int = 0,
+        encoded: tuple[int, str | None] | None = None,
     ) -> Task:
         """Admit one task whose deadline (if any) counts from now; *route* says where it may
-        run (a model, a key, one worker); *source* and *priority* its place in the queue."""
+        run (a model, a key, one worker); *source* and *priority* its place in the queue;
+        *encoded*: the payload's :meth:`payload_text`, when the caller made it already (one
+        broadcast, many tasks)."""
         engine = self.engine
-        nbytes, text = self._payload_text(payload)
+        nbytes, text = self.payload_text(payload) if encoded is None else encoded
         t = Task(engine.new_ids(1)[0], payload, nbytes, sink, seq, engine.clock(), 1, text)
         if timeout is not None:
             t.deadline = t.t_submit + timeout
@@ -171,9 +207,8 @@ class Intake:
     def task(self, payload: Any, sink: Any, route: Route) -> Task:
         """A task not admitted yet (retained broadcasts for a joining worker)."""
         engine = self.engine
-        t = Task(
-            engine.new_ids(1)[0], payload, self.check_payload(payload), sink, 0, engine.clock()
-        )
+        nbytes, text = self.payload_text(payload)
+        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, 0, engine.clock(), 1, text)
         t.route = route
         return t
 
@@ -194,7 +229,6 @@ class Intake:
         largest pool buffer among the items the pool holds (``None``: they hold none)."""
         engine = self.engine
         ids, now = iter(engine.new_ids(len(items))), engine.clock()  # enough for one per item
-        check = self.check_payload
         if chunk > 1:
             # Each chunk is encoded once, here: that checks it can travel, and the text is what
             # the frame will carry. A chunk holding raw buffers, or one that fails, is looked at
@@ -207,18 +241,17 @@ class Intake:
                     tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
                     continue
                 tasks.extend(
-                    Task(next(ids), p, check(p), sink, seq + i + j, now) for j, p in enumerate(part)
+                    Task(next(ids), p, n, sink, seq + i + j, now, 1, t)
+                    for j, (p, (n, t)) in enumerate(
+                        zip(part, self.payload_texts(part), strict=True)
+                    )
                 )
-        elif (text := self.plain_json(items)) is not None:
-            # Checking all items in one encoder call is several times cheaper than one call per
-            # item; only a batch that fails, or carries raw buffers, is looked at item by item.
-            # A lone item's JSON is that text without its brackets, framed as it is.
-            if len(items) == 1:
-                tasks = [Task(next(ids), items[0], 0, sink, seq, now, 1, text[1:-1])]
-            else:
-                tasks = [Task(next(ids), p, 0, sink, seq + i, now) for i, p in enumerate(items)]
         else:
-            tasks = [Task(next(ids), p, check(p), sink, seq + i, now) for i, p in enumerate(items)]
+            # Each item keeps its own JSON, framed as it is: encoded once on its way.
+            tasks = [
+                Task(next(ids), p, n, sink, seq + i, now, 1, t)
+                for i, (p, (n, t)) in enumerate(zip(items, self.payload_texts(items), strict=True))
+            ]
         if run_timeout is not None:
             for t in tasks:
                 t.run_timeout = run_timeout

@@ -221,13 +221,19 @@ class RemoteHandle(WorkerHandle):
             return
         try:
             with self._cv:
-                pop = out.popleft
-                tasks = [pop() for _ in range(min(len(out), self._limit))]
-            live = [t for t in tasks if not t.finished]
-            if len(live) != len(tasks):
-                self.events.skipped(self, [t for t in tasks if t.finished])
-            if live:
-                self._send_sized(live)
+                if len(out) == 1:  # (a round trip's task)
+                    tasks = [out.popleft()]
+                else:
+                    pop = out.popleft
+                    tasks = [pop() for _ in range(min(len(out), self._limit))]
+            if len(tasks) == 1 and not tasks[0].finished:
+                self._send(tasks)  # one task: nothing to split by size
+            else:
+                live = [t for t in tasks if not t.finished]
+                if len(live) != len(tasks):
+                    self.events.skipped(self, [t for t in tasks if t.finished])
+                if live:
+                    self._send_sized(live)
         except ConnectionLost:
             pass  # the reader reports the loss
         finally:
@@ -269,9 +275,19 @@ class RemoteHandle(WorkerHandle):
             start = end
 
     def _encode(self, rows: list[list[Any]]) -> tuple[str, list[memoryview]]:
+        """Encode *rows* in one encoder call (see :meth:`_placing`)."""
+        return self._placing(_codec.encode, rows)  # type: ignore[no-any-return]
+
+    def _encode_each(self, rows: list[list[Any]]) -> tuple[list[str], list[list[memoryview]]]:
+        """Encode each of *rows* to a text of its own (see :meth:`_placing`)."""
+        return self._placing(_codec.encode_each, rows)  # type: ignore[no-any-return]
+
+    def _placing(self, encode: Callable[..., Any], rows: list[list[Any]]) -> Any:
+        """*encode* (:func:`~._codec.encode` or :func:`~._codec.encode_each`) *rows*, their
+        buffers placed in shared memory where this worker maps it."""
         arena, pool = self.arena, self.pool
         if arena is None and pool is None:
-            return _codec.encode(rows)
+            return encode(rows)
         placed: list[int] = []
         lent: list[int] = []
 
@@ -290,7 +306,7 @@ class RemoteHandle(WorkerHandle):
             return offset
 
         try:
-            return _codec.encode(
+            return encode(
                 rows,
                 place=place if arena is not None else None,
                 min_shared=_shm.MIN_BYTES,
@@ -305,42 +321,53 @@ class RemoteHandle(WorkerHandle):
             raise
 
     def _send(self, tasks: list[Task]) -> None:
+        """Frame *tasks* and send them. Each payload was encoded once already, at admission,
+        when its task carries the JSON (``text``); only the others are encoded here."""
         flag = ',"b":1' if self.batch_size > 1 else ""
-        if all(t.text is not None for t in tasks):
-            # Encoded at admission (tiny items, chunks of them): only the rows are put around.
-            rows = ",".join(
-                [
-                    f"[{t.id},{t.text},{_codec.encode_str(t.route.options(t.count > 1))}]"
-                    if t.route is not None
-                    else f"[{t.id},{t.text},{CHUNK_ROW}]"
-                    if t.count > 1
-                    else f"[{t.id},{t.text}]"
-                    for t in tasks
-                ]
-            )
-            header = '{"op":"run"' + flag + ',"t":[' + rows + "]}"
+        if len(tasks) == 1 and tasks[0].text is not None:  # (a round trip's frame)
+            header = '{"op":"run"' + flag + ',"t":[' + _text_row(tasks[0]) + "]}"
             self.conn.send_frame(_protocol.encode_frame(header))
             return
-        # One encoder call for the whole frame: the C encoder does the per-task work.
+        plain = [t for t in tasks if t.text is None]
+        if not plain:
+            # Encoded at admission (tiny items, chunks of them): only the rows are put around.
+            header = '{"op":"run"' + flag + ',"t":[' + ",".join(map(_text_row, tasks)) + "]}"
+            self.conn.send_frame(_protocol.encode_frame(header))
+            return
         try:
-            text, buffers = self._encode([_row(t) for t in tasks])
+            if len(plain) == len(tasks):
+                # One encoder call for the whole frame: the C encoder does the per-task work.
+                text, buffers = self._encode([_row(t) for t in tasks])
+            else:
+                text, buffers = self._encode_mixed(tasks, plain)
         except (TypeError, ValueError):
             # A payload was mutated into something unencodable after submit: fail just those.
             good, failed = [], []
             for t in tasks:
+                if t.text is not None:
+                    good.append(t)
+                    continue
                 try:
                     _codec.encode(t.payload)
                     good.append(t)
                 except (TypeError, ValueError) as exc:
                     failed.append((t.id, ERROR, TaskFailed(type(exc).__name__, str(exc))))
             self.events.results(self, failed, None)
-            if not good:
-                return
-            tasks = good
-            text, buffers = self._encode([_row(t) for t in tasks])
+            if good:
+                self._send(good)
+            return
         self.conn.send_frame(
             _protocol.encode_frame('{"op":"run"' + flag + ',"t":' + text + "}", buffers)
         )
+
+    def _encode_mixed(self, tasks: list[Task], plain: list[Task]) -> tuple[str, list[memoryview]]:
+        """A frame of tasks encoded at admission and others (*plain*): only the others' rows
+        go through the encoder, each to a text of its own, and the rows are joined in order.
+        (Buffers stay in document order: the rows that carry text carry no buffers.)"""
+        texts, bufs = self._encode_each([_row(t) for t in plain])
+        encoded = iter(texts)
+        rows = [_text_row(t) if t.text is not None else next(encoded) for t in tasks]
+        return "[" + ",".join(rows) + "]", [b for mine in bufs for b in mine]
 
     # ------------------------------------------------------------------ reader
 
@@ -414,6 +441,13 @@ class RemoteHandle(WorkerHandle):
                 self.pool.returned(self, offsets)
         elif self.arena is not None:
             self.arena.release(offsets)
+
+
+def _text_row(t: Task) -> str:
+    """The row of a task whose payload (or chunk) was encoded at admission."""
+    if t.route is not None:
+        return f"[{t.id},{t.text},{_codec.encode_str(t.route.options(t.count > 1))}]"
+    return f"[{t.id},{t.text},{CHUNK_ROW}]" if t.count > 1 else f"[{t.id},{t.text}]"
 
 
 def _row(t: Task) -> list[Any]:

@@ -347,7 +347,10 @@ class Connection:
                 raise ConnectionLost(f"{self.peer} closed the connection")
             self.bytes_in += n
             self.last_recv = time.monotonic()
-            self._ready.extend(decoder.commit(n))
+            got = decoder.commit(n)
+            if len(got) == 1:
+                return got[0]  # (nothing was waiting: the loop ran)
+            self._ready.extend(got)
         return self._ready.popleft()
 
     def recv_within(self, timeout: float | None, what: str = "message") -> _protocol.Message:
