@@ -623,6 +623,22 @@ def test_drop_oldest_drops_from_the_source_that_fills_the_queue() -> None:
     assert flood.dropped == 1 and light.dropped == 0
 
 
+def test_drop_oldest_between_live_sources_keeps_each_ones_newest() -> None:
+    """Two cameras, a queue of 2, a worker far slower than they are: whichever source's new
+    frame needs the room drops its own older one when the two hold as many, so each source
+    always has its newest frame waiting (none is starved of results)."""
+    core, _ = core_with(1, max_queue=2, overflow="drop_oldest")
+    a, b = core.new_source("a"), core.new_source("b")
+    core.admit([sourced(core, a, 0)], 0, timed=False)
+    core.dispatch(0.0)  # the worker is busy with a's first frame from here on
+    for i in range(1, 8):
+        for src in (a, b) if i % 3 else (b, a):  # either may come first
+            core.admit([sourced(core, src, i)], 0, timed=False)
+        waiting = {(t.source is a, t.seq) for t in core.queue.items}
+        assert waiting == {(True, i), (False, i)}
+    assert a.dropped == 6 and b.dropped == 6
+
+
 def test_the_fair_queue_puts_back_the_task_it_just_gave_and_forgets_idle_sources() -> None:
     import gc
     import weakref

@@ -204,13 +204,19 @@ class FairQueue:
         self._order.clear()
         self._n = 0
 
-    def pop_from_longest(self) -> Task | None:
+    def pop_from_longest(self, incoming: Task | None = None) -> Task | None:
         """The oldest task of the longest lane at the lowest priority (what an overflow policy
-        drops: the source that fills the queue pays for it, not the others)."""
+        drops: the source that fills the queue pays for it, not the others). Between lanes as
+        long as each other, the lane of *incoming*'s source - the new task that needs the room
+        - pays: so live sources that each keep one frame waiting each keep their newest."""
         if not self._n:
             return None
         heap = self._levels[self._order[-1]]
         lane = max((e[2] for e in heap), key=lambda ln: len(ln.tasks))
+        if incoming is not None:
+            own = self._lanes.get((incoming.source, lane.level))
+            if own is not None and len(own.tasks) == len(lane.tasks):
+                lane = own
         t = lane.tasks.popleft()
         self._n -= 1
         if not lane.tasks:

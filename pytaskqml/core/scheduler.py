@@ -317,7 +317,7 @@ class Scheduler:
                     raise queue.Full("the coordinator's queue is full")
                 if self.overflow != "drop_oldest":
                     return i, self._admitted(dropped)
-                self._drop_oldest(dropped)
+                self._drop_oldest(dropped, task)
             if task.deadline is not None:
                 self._push_deadline(task)
             if task.route is None:
@@ -717,12 +717,12 @@ class Scheduler:
 
     # ---------------------------------------------------------------- endings
 
-    def _drop_oldest(self, dropped: list[Task]) -> None:
+    def _drop_oldest(self, dropped: list[Task], incoming: Task) -> None:
         # The oldest task of the source that fills the queue the most: a flooding source pays
-        # for its own backlog, not the others.
+        # for its own backlog, not the others (on a tie, the source of *incoming*).
         items = self.queue.items
         while items:
-            old = items.pop_from_longest()
+            old = items.pop_from_longest(incoming)
             if old is not None and not old.finished:
                 self.drop(old)
                 dropped.append(old)
