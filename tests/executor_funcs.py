@@ -81,8 +81,11 @@ def die_once(marker: str, value: Any) -> Any:
     return value
 
 
-def wait_for_file(path: str, timeout: float = 30.0) -> str:
-    """Blocks until *path* exists (a gate another process opens)."""
+def wait_for_file(path: str, timeout: float = 30.0, started: str | None = None) -> str:
+    """Blocks until *path* exists (a gate another process opens); first creates *started*,
+    if given, to say it is running."""
+    if started is not None:
+        open(started, "w").close()
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() > deadline:

@@ -151,7 +151,13 @@ def p_callbacks(ex: Any, tmp: Path) -> Any:
 
 def p_cancel(ex: Any, tmp: Path) -> Any:
     gate = tmp / "gate"
-    blockers = [ex.submit(f.wait_for_file, str(gate)) for _ in range(2)]
+    starts = [tmp / f"started{i}" for i in range(2)]
+    blockers = [ex.submit(f.wait_for_file, str(gate), 30.0, str(s)) for s in starts]
+    # Both workers busy before the calls are queued (none of them can run, and a worker holds
+    # at most its window of them): the last one has not started when it is cancelled.
+    deadline = time.monotonic() + T
+    while not all(s.exists() for s in starts) and time.monotonic() < deadline:
+        time.sleep(0.01)
     queued = [ex.submit(f.square, i) for i in range(300)]
     cancelled = queued[-1].cancel()
     gate.touch()
