@@ -377,6 +377,34 @@ def _wants_history(request: Request) -> bool:
     return request.query.get("history", "1") not in ("0", "false", "no")
 
 
+def _install(
+    control: ControlServer,
+    status: Callable[[Request], Reply],
+    exposition: Callable[[], str | Reply],
+    *,
+    open_metrics: bool,
+    sampler: _Sampler | None = None,
+) -> None:
+    """``/status`` and ``/metrics`` (*exposition*, followed by the endpoint's own families) on
+    *control*; with a *sampler*, also the page, and the sampler started (it ends with the
+    endpoint)."""
+
+    def metrics(request: Request) -> Reply:
+        text = exposition()
+        if isinstance(text, Reply):
+            return text
+        text += _metrics.control_metrics(control.statistics())
+        return Reply(200, text, _metrics.CONTENT_TYPE)
+
+    if sampler is not None:
+        _add_page(control)
+    control.add_route("GET", "/status", status, auth=not open_metrics)
+    control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
+    if sampler is not None:
+        control.companions.append(sampler.thread)
+        sampler.thread.start()
+
+
 def install_coordinator(
     control: ControlServer,
     snapshot: Callable[[], Statistics],
@@ -396,17 +424,11 @@ def install_coordinator(
         doc = status_document(snapshot(), history, name=name, with_history=_wants_history(request))
         return Reply(200, doc, headers={"Cache-Control": "no-store"})
 
-    def metrics(request: Request) -> Reply:
+    def exposition() -> str:
         ports = ingress() if ingress is not None else []
-        text = _metrics.coordinator_metrics(snapshot(), start_time=start_time, ingress=ports)
-        text += _metrics.control_metrics(control.statistics())
-        return Reply(200, text, _metrics.CONTENT_TYPE)
+        return _metrics.coordinator_metrics(snapshot(), start_time=start_time, ingress=ports)
 
-    _add_page(control)
-    control.add_route("GET", "/status", status, auth=not open_metrics)
-    control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
-    control.companions.append(sampler.thread)
-    sampler.thread.start()
+    _install(control, status, exposition, open_metrics=open_metrics, sampler=sampler)
     return history
 
 
@@ -442,13 +464,10 @@ def install_worker(
             },
         )
 
-    def metrics(request: Request) -> Reply:
-        text = _metrics.worker_process_metrics(snapshot(), target=target, start_time=started)
-        text += _metrics.control_metrics(control.statistics())
-        return Reply(200, text, _metrics.CONTENT_TYPE)
+    def exposition() -> str:
+        return _metrics.worker_process_metrics(snapshot(), target=target, start_time=started)
 
-    control.add_route("GET", "/status", status, auth=not open_metrics)
-    control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
+    _install(control, status, exposition, open_metrics=open_metrics)
 
 
 def _kind_count(kind: str, n: int) -> str:
@@ -570,7 +589,7 @@ def install_service(
         doc = pipeline_status_document(snap, history, with_history=_wants_history(request))
         return Reply(200, doc, headers={"Cache-Control": "no-store"})
 
-    def metrics(request: Request) -> Reply:
+    def exposition() -> str | Reply:
         p = pipeline()
         if p is None:
             return Reply(503, {"error": "the pipeline is not running"})
@@ -582,12 +601,6 @@ def install_service(
             start_time=started,
             latency=s.latency,
         )
-        text += _metrics.ingress_metrics(ingress())
-        text += _metrics.control_metrics(control.statistics())
-        return Reply(200, text, _metrics.CONTENT_TYPE)
+        return text + _metrics.ingress_metrics(ingress())
 
-    _add_page(control)
-    control.add_route("GET", "/status", status, auth=not open_metrics)
-    control.add_route("GET", "/metrics", metrics, auth=not open_metrics)
-    control.companions.append(sampler.thread)
-    sampler.thread.start()
+    _install(control, status, exposition, open_metrics=open_metrics, sampler=sampler)
