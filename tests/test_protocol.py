@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -472,3 +473,45 @@ def test_encode_each_is_encode_per_value() -> None:
         _codec.encode_each([1, {2}])
     with pytest.raises(ValueError, match="reserved key"):
         _codec.encode_each([1, {_codec.MARKER_KEY: 1}])
+
+
+@needs_numpy
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values, st.lists(st.integers(0, 40), max_size=4), st.integers(0, 48), st.data())
+def test_a_kept_encoding_places_as_encode_does(
+    value: object, arrays: list[int], min_shared: int, data: st.DataObject
+) -> None:
+    """A payload encoded at admission and framed later (encode_kept, then placed) gives the
+    text and buffers that encoding it when framed would give, whichever buffers the placer
+    takes (some fit, some do not) and whichever arrays the pool lends."""
+    payload = [value, *(np.arange(n, dtype=np.int16) for n in arrays)]
+    takes = data.draw(st.lists(st.booleans(), min_size=16, max_size=16))
+    lends = data.draw(st.lists(st.booleans(), min_size=16, max_size=16))
+
+    def placer() -> Callable[[memoryview], int | None]:
+        calls = iter(range(100))
+
+        def place(mv: memoryview) -> int | None:
+            i = next(calls)
+            return 1000 * i + mv.nbytes if takes[i % 16] else None
+
+        return place
+
+    def lender() -> Callable[[Any], int | None]:
+        calls = iter(range(100))
+
+        def lend(arr: Any) -> int | None:
+            i = next(calls)
+            return 7 + i if lends[i % 16] else None
+
+        return lend
+
+    texts, _, kept = _codec.encode_kept([payload])
+    assert kept[0] is not None
+    want = _codec.encode(payload, place=placer(), min_shared=min_shared, lend=lender())
+    got = _codec.placed(texts[0], kept[0], place=placer(), min_shared=min_shared, lend=lender())
+    assert got[0] == want[0]
+    assert [bytes(b) for b in got[1]] == [bytes(b) for b in want[1]]
+    # Without a placer or a lender the text is used as it is.
+    plain = _codec.placed(texts[0], kept[0])
+    assert plain[0] == texts[0] == _codec.encode(payload)[0]

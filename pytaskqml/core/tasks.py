@@ -97,6 +97,7 @@ class Task:
     __slots__ = (
         "__weakref__",
         "attempts",
+        "buffers",
         "count",
         "deadline",
         "finished",
@@ -124,6 +125,7 @@ class Task:
         t_submit: float,
         count: int = 1,
         text: str | None = None,
+        buffers: list[Any] | None = None,
     ) -> None:
         self.id = tid
         # Checked encodable at admission; encoded again when framed unless `text` holds its
@@ -142,9 +144,11 @@ class Task:
         self.finished = False  # its outcome was delivered (result, error, timeout, drop...)
         self.started = False  # dispatched at least once
         self.t_submit = t_submit
-        # The payload's JSON, when it was encoded at admission and holds no buffers: framed as
-        # it is instead of being encoded a second time.
+        # The payload's JSON, when it was encoded at admission: framed as it is instead of being
+        # encoded a second time. With `buffers`, the sources of the raw buffers its markers
+        # stand for, in order (see _codec.encode_kept); None when it holds none.
         self.text = text
+        self.buffers = buffers
         # Where it may run, when that is not "any worker" (see _routing); None for most tasks.
         self.route: Route | None = None
         # Its place in the queue (see _ordered.FairQueue): higher priority first, and turns

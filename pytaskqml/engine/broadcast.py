@@ -22,7 +22,7 @@ from ..core.tasks import Route, Task
 from ..errors import NoWorkersError
 from .delivery import CallbackRunner, TaskFuture
 from .handles import WorkerHandle
-from .intake import Intake
+from .intake import Encoded, Intake
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Broadcasts:
     def _pinned(
         self,
         payload: Any,
-        encoded: tuple[int, str | None],
+        encoded: Encoded,
         model: str | None,
         handle: WorkerHandle,
     ) -> TaskFuture:

@@ -297,7 +297,10 @@ class LocalHandle(WorkerHandle):
         failed: list[Any] = []
         for t in live:
             try:
-                payload = json.loads(t.text) if t.text is not None else as_sent(t.payload)
+                if t.text is not None and t.buffers is None:
+                    payload = json.loads(t.text)
+                else:
+                    payload = as_sent(t.payload)
             except (TypeError, ValueError) as exc:  # mutated after submit
                 failed.append((t.id, ERROR, TaskFailed(type(exc).__name__, str(exc))))
                 continue

@@ -31,6 +31,11 @@ MAX_MAP_BUFFER = 65_536
 CHUNK_BUDGET = 0.002
 MAX_CHUNK = 4096
 
+# What admission made of a payload: the bytes of its raw buffers; its JSON text, when the frame
+# can carry that as it is (None: it is encoded when framed); and the sources of the buffers
+# its text's markers stand for (None: it holds none; see _codec.encode_kept).
+Encoded = tuple[int, "str | None", "list[Any] | None"]
+
 
 class Intake:
     """Builds and admits the tasks of one coordinator."""
@@ -97,51 +102,56 @@ class Intake:
             return 0  # always encodable, never holds a buffer
         return self._encoded(payload)[0]
 
-    def payload_text(self, payload: Any) -> tuple[int, str | None]:
-        """:meth:`check_payload`, keeping the JSON it made when the payload holds no raw
-        buffers: the frame then carries that text as it is instead of encoding the payload a
-        second time (so the payload is encoded once on its way to a worker process, and a
-        thread worker decodes that text instead of copying the payload). A payload changed
-        after submit() travels as it was at submit(), as the items of a chunk always have.
+    def payload_text(self, payload: Any) -> Encoded:
+        """:meth:`check_payload`, keeping the JSON it made: the frame then carries that text
+        as it is instead of encoding the payload a second time (so the payload is encoded once
+        on its way to a worker process, and a thread worker decodes that text instead of
+        copying the payload). A payload changed after submit() travels as it was at submit(),
+        as the items of a chunk always have - but for the contents of its buffers, which are
+        read when it is sent.
 
+        A payload holding buffers keeps their sources with its text: where each buffer goes -
+        in the frame, or through shared memory to a spawned worker - is the sending
+        connection's to decide, and it rewrites only those buffers' markers. The text is
         ``None`` for a float or an int too large for the fast path (always encodable: encoded
-        once, when framed) and for a payload holding buffers (encoded again when framed: where
-        its buffers go - the frame, or shared memory with a spawned worker - is the sending
-        connection's to decide)."""
+        once, when framed) and for a payload holding a buffer that had to be copied to be
+        sent (a non-contiguous array: encoded again when framed rather than holding the
+        copy while it waits)."""
         text = _codec.scalar_json(payload)
         if text is not None or payload.__class__ in _NUMBERS:
-            return 0, text
+            return 0, text, None
         return self._encoded(payload)
 
-    def payload_texts(self, items: list[Any]) -> list[tuple[int, str | None]]:
+    def payload_texts(self, items: list[Any]) -> list[Encoded]:
         """:meth:`payload_text` of each item, with one encoder set-up for all of them; raises
         for the first item that cannot travel."""
-        out: list[tuple[int, str | None]] = []
+        out: list[Encoded] = []
         rest: list[int] = []  # the items that need the encoder
         scalar = _codec.scalar_json
         for i, p in enumerate(items):
             text = scalar(p)
             if text is None and p.__class__ not in _NUMBERS:
                 rest.append(i)
-            out.append((0, text))
+            out.append((0, text, None))
         if not rest:
             return out
         try:
-            texts, bufs = _codec.encode_each([items[i] for i in rest])
+            texts, bufs, kept = _codec.encode_kept([items[i] for i in rest])
         except (TypeError, ValueError):
             for i in rest:
                 self._encoded(items[i])  # raises for the first that cannot travel
             raise  # (the items changed meanwhile)
-        for i, text, b in zip(rest, texts, bufs, strict=True):
-            out[i] = self._sized(text, b)
+        for i, text, b, k in zip(rest, texts, bufs, kept, strict=True):
+            out[i] = self._sized(text, b, k)
         return out
 
-    def _encoded(self, payload: Any) -> tuple[int, str | None]:
-        return self._sized(*_codec.encode(payload))
+    def _encoded(self, payload: Any) -> Encoded:
+        texts, bufs, kept = _codec.encode_kept([payload])
+        return self._sized(texts[0], bufs[0], kept[0])
 
-    def _sized(self, text: str, bufs: list[memoryview]) -> tuple[int, str | None]:
-        """Refuse an encoded payload too large for a frame; its buffer bytes, and its text if
-        it holds no buffers."""
+    def _sized(self, text: str, bufs: list[memoryview], kept: list[Any] | None) -> Encoded:
+        """Refuse an encoded payload too large for a frame; what admission keeps of it (see
+        :data:`Encoded`)."""
         nbytes = sum(b.nbytes for b in bufs) if bufs else 0
         if nbytes + len(text) + 64 > self.max_frame_size:
             raise ValueError(
@@ -149,7 +159,9 @@ class Intake:
                 f"{self.max_frame_size}: send big items through a file with pytaskqml.spill() "
                 "(the worker reads them with pytaskqml.load()), or raise max_frame_size"
             )
-        return nbytes, None if bufs else text
+        if not bufs:
+            return 0, text, None
+        return (nbytes, text, kept) if kept is not None else (nbytes, None, None)
 
     def plain_json(self, items: list[Any]) -> str | None:
         """The JSON of *items* if it can travel, holds no raw buffers and fits in a frame."""
@@ -182,15 +194,15 @@ class Intake:
         route: Route | None = None,
         source: Source | None = None,
         priority: int = 0,
-        encoded: tuple[int, str | None] | None = None,
+        encoded: Encoded | None = None,
     ) -> Task:
         """Admit one task whose deadline (if any) counts from now; *route* says where it may
         run (a model, a key, one worker); *source* and *priority* its place in the queue;
         *encoded*: the payload's :meth:`payload_text`, when the caller made it already (one
         broadcast, many tasks)."""
         engine = self.engine
-        nbytes, text = self.payload_text(payload) if encoded is None else encoded
-        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, seq, engine.clock(), 1, text)
+        nbytes, text, kept = self.payload_text(payload) if encoded is None else encoded
+        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, seq, engine.clock(), 1, text, kept)
         if timeout is not None:
             t.deadline = t.t_submit + timeout
         if route is not None:
@@ -207,8 +219,8 @@ class Intake:
     def task(self, payload: Any, sink: Any, route: Route) -> Task:
         """A task not admitted yet (retained broadcasts for a joining worker)."""
         engine = self.engine
-        nbytes, text = self.payload_text(payload)
-        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, 0, engine.clock(), 1, text)
+        nbytes, text, kept = self.payload_text(payload)
+        t = Task(engine.new_ids(1)[0], payload, nbytes, sink, 0, engine.clock(), 1, text, kept)
         t.route = route
         return t
 
@@ -241,16 +253,18 @@ class Intake:
                     tasks.append(Task(next(ids), part, 0, sink, seq + i, now, len(part), text))
                     continue
                 tasks.extend(
-                    Task(next(ids), p, n, sink, seq + i + j, now, 1, t)
-                    for j, (p, (n, t)) in enumerate(
+                    Task(next(ids), p, n, sink, seq + i + j, now, 1, t, k)
+                    for j, (p, (n, t, k)) in enumerate(
                         zip(part, self.payload_texts(part), strict=True)
                     )
                 )
         else:
             # Each item keeps its own JSON, framed as it is: encoded once on its way.
             tasks = [
-                Task(next(ids), p, n, sink, seq + i, now, 1, t)
-                for i, (p, (n, t)) in enumerate(zip(items, self.payload_texts(items), strict=True))
+                Task(next(ids), p, n, sink, seq + i, now, 1, t, k)
+                for i, (p, (n, t, k)) in enumerate(
+                    zip(items, self.payload_texts(items), strict=True)
+                )
             ]
         if run_timeout is not None:
             for t in tasks:

@@ -278,13 +278,9 @@ class RemoteHandle(WorkerHandle):
         """Encode *rows* in one encoder call (see :meth:`_placing`)."""
         return self._placing(_codec.encode, rows)  # type: ignore[no-any-return]
 
-    def _encode_each(self, rows: list[list[Any]]) -> tuple[list[str], list[list[memoryview]]]:
-        """Encode each of *rows* to a text of its own (see :meth:`_placing`)."""
-        return self._placing(_codec.encode_each, rows)  # type: ignore[no-any-return]
-
-    def _placing(self, encode: Callable[..., Any], rows: list[list[Any]]) -> Any:
-        """*encode* (:func:`~._codec.encode` or :func:`~._codec.encode_each`) *rows*, their
-        buffers placed in shared memory where this worker maps it."""
+    def _placing(self, encode: Callable[..., Any], rows: Any) -> Any:
+        """*encode* *rows* (:func:`~._codec.encode`, or a function taking the same keywords),
+        their buffers placed in shared memory where this worker maps it."""
         arena, pool = self.arena, self.pool
         if arena is None and pool is None:
             return encode(rows)
@@ -324,14 +320,17 @@ class RemoteHandle(WorkerHandle):
         """Frame *tasks* and send them. Each payload was encoded once already, at admission,
         when its task carries the JSON (``text``); only the others are encoded here."""
         flag = ',"b":1' if self.batch_size > 1 else ""
-        if len(tasks) == 1 and tasks[0].text is not None:  # (a round trip's frame)
-            header = '{"op":"run"' + flag + ',"t":[' + _text_row(tasks[0]) + "]}"
+        first = tasks[0]
+        if len(tasks) == 1 and first.text is not None and first.buffers is None:
+            # (a round trip's frame)
+            header = '{"op":"run"' + flag + ',"t":[' + _text_row(first, first.text) + "]}"
             self.conn.send_frame(_protocol.encode_frame(header))
             return
         plain = [t for t in tasks if t.text is None]
-        if not plain:
+        if not plain and all(t.buffers is None for t in tasks):
             # Encoded at admission (tiny items, chunks of them): only the rows are put around.
-            header = '{"op":"run"' + flag + ',"t":[' + ",".join(map(_text_row, tasks)) + "]}"
+            rows = ",".join([_text_row(t, t.text) for t in tasks])  # type: ignore[arg-type]
+            header = '{"op":"run"' + flag + ',"t":[' + rows + "]}"
             self.conn.send_frame(_protocol.encode_frame(header))
             return
         try:
@@ -362,12 +361,43 @@ class RemoteHandle(WorkerHandle):
 
     def _encode_mixed(self, tasks: list[Task], plain: list[Task]) -> tuple[str, list[memoryview]]:
         """A frame of tasks encoded at admission and others (*plain*): only the others' rows
-        go through the encoder, each to a text of its own, and the rows are joined in order.
-        (Buffers stay in document order: the rows that carry text carry no buffers.)"""
-        texts, bufs = self._encode_each([_row(t) for t in plain])
-        encoded = iter(texts)
-        rows = [_text_row(t) if t.text is not None else next(encoded) for t in tasks]
-        return "[" + ",".join(rows) + "]", [b for mine in bufs for b in mine]
+        go through the encoder, each to a text of its own; of the admitted ones holding
+        buffers, only the markers of the buffers placed in shared memory are rewritten
+        (:func:`~._codec.placed`). The rows are joined in order and their buffers in the same
+        order, which is the order the worker's decoder claims them in."""
+
+        def build(
+            _: list[Task],
+            place: _codec.Placer | None = None,
+            min_shared: int = 0,
+            lend: _codec.Lender | None = None,
+        ) -> tuple[str, list[memoryview]]:
+            texts, bufs = (
+                _codec.encode_each(
+                    [_row(t) for t in plain], place=place, min_shared=min_shared, lend=lend
+                )
+                if plain
+                else ([], [])
+            )
+            encoded = iter(zip(texts, bufs, strict=True))
+            rows: list[str] = []
+            out: list[memoryview] = []
+            for t in tasks:
+                if t.text is None:
+                    row, mine = next(encoded)
+                elif t.buffers is None:
+                    rows.append(_text_row(t, t.text))
+                    continue
+                else:
+                    text, mine = _codec.placed(
+                        t.text, t.buffers, place=place, min_shared=min_shared, lend=lend
+                    )
+                    row = _text_row(t, text)
+                rows.append(row)
+                out.extend(mine)
+            return "[" + ",".join(rows) + "]", out
+
+        return self._placing(build, tasks)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ reader
 
@@ -443,11 +473,11 @@ class RemoteHandle(WorkerHandle):
             self.arena.release(offsets)
 
 
-def _text_row(t: Task) -> str:
-    """The row of a task whose payload (or chunk) was encoded at admission."""
+def _text_row(t: Task, text: str) -> str:
+    """The row of a task whose payload (or chunk) was encoded at admission to *text*."""
     if t.route is not None:
-        return f"[{t.id},{t.text},{_codec.encode_str(t.route.options(t.count > 1))}]"
-    return f"[{t.id},{t.text},{CHUNK_ROW}]" if t.count > 1 else f"[{t.id},{t.text}]"
+        return f"[{t.id},{text},{_codec.encode_str(t.route.options(t.count > 1))}]"
+    return f"[{t.id},{text},{CHUNK_ROW}]" if t.count > 1 else f"[{t.id},{text}]"
 
 
 def _row(t: Task) -> list[Any]:

@@ -284,7 +284,9 @@ class QueueFeed:
             try:
                 t = parse_task(fields)
                 # (Checked by encoding it; the text is what the frame carries.)
-                nbytes, text = intake.payload_text(t.payload) if t.count == 1 else (0, None)
+                nbytes, text, kept = (
+                    intake.payload_text(t.payload) if t.count == 1 else (0, None, None)
+                )
             except (BadEntry, TypeError, ValueError) as exc:
                 self._dead_letter(r, eid, fields, str(exc))
                 continue
@@ -302,7 +304,7 @@ class QueueFeed:
             if t.count > 1:
                 chunks.append((e, t))
                 continue
-            task = Task(engine.new_ids(1)[0], t.payload, nbytes, self, e.base, now, 1, text)
+            task = Task(engine.new_ids(1)[0], t.payload, nbytes, self, e.base, now, 1, text, kept)
             task.run_timeout = t.run_timeout
             if t.deadline is not None:
                 task.deadline = now + max(0.0, t.deadline - time.time())

@@ -99,7 +99,7 @@ class SharedMemory(Protocol):
 
 
 class _EncodeState:
-    __slots__ = ("bufs", "lend", "min_shared", "place", "shared")
+    __slots__ = ("bufs", "copied", "kept", "lend", "min_shared", "place", "shared")
 
     def __init__(self, place: Placer | None, min_shared: int, lend: Lender | None) -> None:
         self.bufs: list[memoryview] = []
@@ -107,6 +107,10 @@ class _EncodeState:
         self.lend = lend
         self.min_shared = min_shared
         self.shared = 0  # markers that point into shared memory
+        # With `kept` a list: each buffer's source (see encode_kept), in document order, and
+        # whether one of them had to be copied to be sent (then it is not worth keeping).
+        self.kept: list[Any] | None = None
+        self.copied = False
 
 
 _tls = threading.local()
@@ -119,40 +123,61 @@ def _default(obj: Any) -> Any:
         mv = memoryview(obj)
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
+            state.copied = True
         mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
-        if state.place is not None and mv.nbytes >= state.min_shared:
-            offset = state.place(mv)
-            if offset is not None:
-                state.shared += 1
-                return {MARKER_KEY: [offset, mv.nbytes]}
-        state.bufs.append(mv)
-        return {MARKER_KEY: mv.nbytes}
+        if state.kept is not None:
+            state.kept.append(mv)
+        return _bytes_marker(state, mv)
     np = _np if _np is not None else loaded_numpy()
     if np is not None:
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise TypeError(f"numpy arrays of dtype {obj.dtype} cannot be sent (object/struct)")
             # (ascontiguousarray would make a 0-d array 1-d: only copy what is not contiguous)
-            arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
-            flat = memoryview(arr.reshape(-1).view(np.uint8))
-            if state.lend is not None and flat.nbytes >= state.min_shared:
-                offset = state.lend(arr)
-                if offset is not None:  # already in the pool: only its place travels
-                    state.shared += 1
-                    return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset, POOL_SEGMENT]}
-            if state.place is not None and flat.nbytes >= state.min_shared:
-                offset = state.place(flat)
-                if offset is not None:
-                    state.shared += 1
-                    return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset]}
-            state.bufs.append(flat)
-            return {MARKER_KEY: [arr.dtype.str, list(arr.shape)]}
+            if obj.flags.c_contiguous:
+                arr = obj
+            else:
+                arr = np.ascontiguousarray(obj)
+                state.copied = True
+            if state.kept is not None:
+                state.kept.append(arr)
+            return _array_marker(state, arr, np)
         if isinstance(obj, np.generic):
             return obj.item()
     raise TypeError(
         f"Object of type {type(obj).__name__} is not JSON serializable "
         "(payloads must be JSON types, bytes/bytearray/memoryview or numpy arrays)"
     )
+
+
+def _bytes_marker(state: _EncodeState, mv: memoryview) -> dict[str, Any]:
+    """The marker of a 1-d byte buffer: placed in shared memory if *state* can, else sent in
+    the frame (appended to ``state.bufs``)."""
+    if state.place is not None and mv.nbytes >= state.min_shared:
+        offset = state.place(mv)
+        if offset is not None:
+            state.shared += 1
+            return {MARKER_KEY: [offset, mv.nbytes]}
+    state.bufs.append(mv)
+    return {MARKER_KEY: mv.nbytes}
+
+
+def _array_marker(state: _EncodeState, arr: Any, np: Any) -> dict[str, Any]:
+    """The marker of a C-contiguous array: its place in the buffer pool if it lies there, else
+    placed in shared memory if *state* can, else sent in the frame."""
+    flat = memoryview(arr.reshape(-1).view(np.uint8))
+    if state.lend is not None and flat.nbytes >= state.min_shared:
+        offset = state.lend(arr)
+        if offset is not None:  # already in the pool: only its place travels
+            state.shared += 1
+            return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset, POOL_SEGMENT]}
+    if state.place is not None and flat.nbytes >= state.min_shared:
+        offset = state.place(flat)
+        if offset is not None:
+            state.shared += 1
+            return {MARKER_KEY: [arr.dtype.str, list(arr.shape), offset]}
+    state.bufs.append(flat)
+    return {MARKER_KEY: [arr.dtype.str, list(arr.shape)]}
 
 
 # check_circular=False: the C encoder's own recursion guard turns a circular payload into a
@@ -223,8 +248,27 @@ def encode_each(
     each of which must keep a JSON text of its own. Raises as :func:`encode` does for the
     first value that cannot travel (what the others made is lost: the caller looks at the
     values one by one then)."""
+    return _encode_each(objs, _EncodeState(place, min_shared, lend), None)
+
+
+def encode_kept(
+    objs: Sequence[Any],
+) -> tuple[list[str], list[list[memoryview]], list[list[Any] | None]]:
+    """:func:`encode_each`, also keeping for each value the sources of its buffers (the
+    C-contiguous arrays and 1-d byte views its markers stand for, in document order), so that
+    its text can be framed later without encoding it again, :func:`placed` rewriting the
+    markers of the buffers that go through shared memory. A value with a buffer that had to
+    be copied to be sent (not contiguous) keeps ``None``: holding its copy until it is framed
+    would cost more memory than encoding it again then."""
+    kept: list[list[Any] | None] = []
+    texts, bufs = _encode_each(objs, _EncodeState(None, 0, None), kept)
+    return texts, bufs, kept
+
+
+def _encode_each(
+    objs: Sequence[Any], state: _EncodeState, kept: list[list[Any] | None] | None
+) -> tuple[list[str], list[list[memoryview]]]:
     outer = getattr(_tls, "state", None)
-    state = _EncodeState(place, min_shared, lend)
     _tls.state = state
     enc = _encode_json
     texts: list[str] = []
@@ -234,16 +278,71 @@ def encode_each(
             mine: list[memoryview] = []
             state.bufs = mine
             state.shared = 0
+            if kept is not None:
+                state.kept = []
+                state.copied = False
             text = enc(obj)
             if _MARKER_TEXT in text and text.count(_MARKER_TEXT) != len(mine) + state.shared:
                 raise ValueError(f"a payload dict may not use the reserved key {MARKER_KEY!r}")
             texts.append(text)
             bufs.append(mine)
+            if kept is not None:
+                kept.append(None if state.copied else state.kept)
     except RecursionError:
         raise ValueError("payload is circular or nested too deeply") from None
     finally:
         _tls.state = outer
     return texts, bufs
+
+
+# How a marker begins in encoded text (the encoder writes dicts compactly).
+_MARKER_OPEN = "{" + _MARKER_TEXT + ":"
+
+
+def placed(
+    text: str,
+    kept: Sequence[Any],
+    *,
+    place: Placer | None = None,
+    min_shared: int = 0,
+    lend: Lender | None = None,
+) -> tuple[str, list[memoryview]]:
+    """The text and buffers of a value kept by :func:`encode_kept` (*text*, and *kept*: the
+    sources of its buffers), as :func:`encode` with these *place*, *min_shared* and *lend*
+    would make them: only the markers of the buffers that go through shared memory are
+    rewritten; the rest of the text is used as it is.
+
+    Markers are found by their key: :func:`encode` refused any value where the key appears
+    other than in a marker, and a marker holds no ``}`` (its items are numbers, a dtype's
+    string and a shape)."""
+    state = _EncodeState(place, min_shared, lend)
+    np = None
+    if (place is None and lend is None) or all(_size(k) < min_shared for k in kept):
+        for k in kept:
+            if k.__class__ is memoryview:
+                state.bufs.append(k)
+            else:
+                np = np or loaded_numpy()
+                state.bufs.append(memoryview(k.reshape(-1).view(np.uint8)))
+        return text, state.bufs
+    parts: list[str] = []
+    pos = 0
+    for k in kept:
+        start = text.index(_MARKER_OPEN, pos)
+        parts.append(text[pos:start])
+        if k.__class__ is memoryview:
+            marker = _bytes_marker(state, k)
+        else:
+            np = np or loaded_numpy()
+            marker = _array_marker(state, k, np)
+        parts.append(_encode_json(marker))
+        pos = text.index("}", start) + 1
+    parts.append(text[pos:])
+    return "".join(parts), state.bufs
+
+
+def _size(kept: Any) -> int:
+    return kept.nbytes  # type: ignore[no-any-return]
 
 
 _IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes})
