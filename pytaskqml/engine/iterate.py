@@ -186,7 +186,47 @@ def map_results(
             intake.engine.cancel_abandoned()
 
 
-class Stream:
+class Inlet:
+    """The producer's side every stream has - a coordinator's :class:`Stream`, a pipeline's
+    stream: the items put and the results taken (at most ``buffersize`` outstanding, waited
+    for on ``_space``), closed by ``close()``, or ended by :meth:`end` (the consumer stopped,
+    the coordinator shut down), after which ``put()`` raises :class:`ClosedError` - also a
+    ``put()`` blocked at that moment."""
+
+    def __init__(self, buffersize: int) -> None:
+        self._buffersize = buffersize
+        self._space = threading.Condition(threading.Lock())
+        self._count = 0  # items put
+        self._consumed = 0  # results taken
+        self._closed = False
+        self._ended: str | None = None  # why put() is refused although close() was not called
+
+    def put(self, item: Any, *, timeout: float | None = None) -> None:
+        """Submit one item, waiting up to *timeout* seconds for room (None: as long as it
+        takes)."""
+        raise NotImplementedError
+
+    def put_nowait(self, item: Any) -> None:
+        """``put(item, timeout=0)``: :class:`queue.Full` at once when the stream is full (and
+        the overflow policy is to wait)."""
+        self.put(item, timeout=0)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("put() on a closed stream")
+        if self._ended is not None:
+            raise ClosedError(f"put() on a stream whose {self._ended}")
+
+    def end(self, why: str) -> None:
+        """Refuse further put()s (and wake a blocked one) with ClosedError saying *why*: the
+        consumer stopped, or the coordinator shut down."""
+        with self._space:
+            if self._ended is None:
+                self._ended = why
+            self._space.notify_all()
+
+
+class Stream(Inlet):
     """Put items in from a producer thread; iterate results from a consumer thread.
 
     ``put()`` blocks while ``buffersize`` items are outstanding (put, and their results not yet
@@ -216,22 +256,17 @@ class Stream:
         weight: int = 1,
         name: str | None = None,
     ) -> None:
+        super().__init__(buffersize)
         self._intake = intake
         self._priority = priority
         # One source of its own: streams take turns in the queue (see _ordered.FairQueue).
         self.source = intake.engine.new_source("stream", weight, name)
         self._model = model
         self._meta = with_meta
-        self._buffersize = buffersize
         self._timeout = timeout
         self._raise = on_error == "raise"
         self._overflow = overflow
         self._collector = Collector(ordered)
-        self._space = threading.Condition(threading.Lock())
-        self._count = 0
-        self._consumed = 0
-        self._closed = False
-        self._ended: str | None = None  # why put() is refused although close() was not called
         self._waiting: list[Any] = []  # our tasks that may still be queued (drop_oldest)
         self.dropped = 0
         self.rejected = 0
@@ -303,17 +338,6 @@ class Stream:
         for t in drop:
             engine.drop(t)  # counted in `dropped` when the consumer passes it
 
-    def put_nowait(self, item: Any) -> None:
-        """``put(item, timeout=0)``: under ``block``, :class:`queue.Full` at once when the stream
-        is full."""
-        self.put(item, timeout=0)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("put() on a closed stream")
-        if self._ended is not None:
-            raise ClosedError(f"put() on a stream whose {self._ended}")
-
     def close(self) -> None:
         """No more items; iteration ends after the last outstanding result."""
         with self._space:
@@ -323,14 +347,6 @@ class Stream:
             end = self._count
             self._space.notify_all()
         self._collector.deliver(end, END, None)
-
-    def end(self, why: str) -> None:
-        """Refuse further put()s (and wake a blocked one) with ClosedError saying *why*: the
-        consumer stopped, or the coordinator shut down."""
-        with self._space:
-            if self._ended is None:
-                self._ended = why
-            self._space.notify_all()
 
     def cancel(self, why: str) -> None:
         """Abandon the stream from any thread: put()s are refused saying *why* and the items

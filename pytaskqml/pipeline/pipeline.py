@@ -28,6 +28,7 @@ from typing import Any, Literal
 from ..core.histogram import Histogram, HistogramSnapshot
 from ..core.stats import Statistics
 from ..core.tasks import TaskTimeout
+from ..engine.iterate import Inlet
 from ..engine.pool import check_positive
 from ..errors import ClosedError
 from .stages import Branches, Done, Join, Lane, Stage, StageTimeout, plain
@@ -108,7 +109,7 @@ class PipelineStats:
     latency_max: float | None = None
 
 
-class PipelineStream:
+class PipelineStream(Inlet):
     """The pipeline's counterpart of :class:`pytaskqml.engine.Stream` (same interface): ``put()``
     blocks while ``buffersize`` items are outstanding and raises :class:`ClosedError` after
     :meth:`close` or :meth:`end`; iterating yields results in submission order. A failed item
@@ -124,21 +125,16 @@ class PipelineStream:
         timeout: float | None,
         name: str,
     ) -> None:
+        super().__init__(buffersize)
         self._steps = list(steps)
-        self._buffersize = buffersize
         self._raise = on_error == "raise"
         self._timeout = timeout
-        self._space = threading.Condition(threading.Lock())
         self._order = threading.RLock()  # one put() at a time begins and queues its item
-        self._count = 0
         self._emitted = 0  # items that reached the end of the pipeline
         # End-to-end times of the items that reached the end, counted by the last step's
         # hand-off thread (the only writer) and read under _space.
         self._latency = Histogram()
         self._latency_max = 0.0
-        self._consumed = 0
-        self._closed = False
-        self._ended: str | None = None
         self._stop = threading.Event()
         # A Lane per stage step (None for Branches, whose converge waits on Futures).
         self._lanes = [Lane(s, self._stop) if isinstance(s, Stage) else None for s in self._steps]
@@ -183,16 +179,6 @@ class PipelineStream:
             entry = self._send(0, item, seq, deadline)
             self._hand(self._fifos[0], (seq, deadline, t_in, entry))
 
-    def put_nowait(self, item: Any) -> None:
-        """``put(item, timeout=0)``: :class:`queue.Full` at once when the stream is full."""
-        self.put(item, timeout=0)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("put() on a closed stream")
-        if self._ended is not None:
-            raise ClosedError(f"put() on a stream whose {self._ended}")
-
     def close(self) -> None:
         """No more items; iteration ends after the last outstanding result."""
         with self._order:
@@ -202,13 +188,6 @@ class PipelineStream:
                 self._closed = True
                 self._space.notify_all()
             self._hand(self._fifos[0], _END)
-
-    def end(self, why: str) -> None:
-        """Refuse further put()s (and wake a blocked one) with ClosedError saying *why*."""
-        with self._space:
-            if self._ended is None:
-                self._ended = why
-            self._space.notify_all()
 
     def stop(self, why: str) -> None:
         """end() and stop the hand-offs: what is outstanding is abandoned."""
