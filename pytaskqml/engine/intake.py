@@ -82,18 +82,45 @@ class Intake:
         _pool_arrays(task.payload, pool, found, 0)
         if not found:
             return None
+        weakref.finalize(task, self._thaw, self._freeze(found))
+        return pool.capacity_for(max(a.nbytes for a in found))
+
+    def hold(self, item: Any) -> list[int] | None:
+        """Make the pool buffers in *item* read-only now - an item ``map()`` has just read
+        from the caller's iterator and will admit with the rest of its batch - so that a
+        producer writing the next item into the same buffer is stopped at that write
+        (``ValueError``), not left to change what this item's task computes on. Returns
+        what :meth:`unhold` takes once the batch is admitted (its tasks hold the buffers
+        from then on), or ``None`` when *item* holds none."""
+        pool = self._pool()
+        if pool is None:
+            return None
+        found: list[Any] = []
+        _pool_arrays(item, pool, found, 0)
+        return self._freeze(found) if found else None
+
+    def unhold(self, held: list[list[int]]) -> None:
+        """Undo :meth:`hold` for each of *held* (a buffer stays read-only while a task holds
+        it)."""
+        for ids in held:
+            self._thaw(ids)
+
+    def pooled(self) -> bool:
+        """Whether this coordinator has a buffer pool yet (see :meth:`hold`)."""
+        return self._pool() is not None
+
+    def _freeze(self, arrays: list[Any]) -> list[int]:
+        """Make *arrays* read-only, counted: the same array submitted twice is writable again
+        only once both are let go (:meth:`_thaw` of what this returns)."""
         with self._frozen_lock:
-            for a in found:
+            for a in arrays:
                 entry = self._frozen.get(id(a))
                 if entry is None:
-                    # Counted: the same array submitted twice is writable again only once
-                    # both tasks are over.
                     self._frozen[id(a)] = [a, 1, a.flags.writeable]
                     a.flags.writeable = False
                 else:
                     entry[1] += 1
-        weakref.finalize(task, self._thaw, [id(a) for a in found])
-        return pool.capacity_for(max(a.nbytes for a in found))
+        return [id(a) for a in arrays]
 
     def check_payload(self, payload: Any) -> int:
         """Raise TypeError/ValueError here, in the caller, for a payload that cannot travel;

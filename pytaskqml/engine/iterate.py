@@ -100,14 +100,39 @@ def map_results(
     pool_cap: int | None = None
     first = True
 
+    def read(n: int, held: list[list[int]]) -> list[Any]:
+        # Up to n items. With a buffer pool, each item's pool buffers are made read-only as
+        # it is read, before the next is asked for: a producer writing every frame into one
+        # buffer is stopped at its second write instead of changing the frames read before
+        # (the items of a batch are admitted, and so held, only once all are read). The first
+        # item is looked at whatever happens: producing it may be what made the pool.
+        if n > 1 and not intake.pooled():
+            return list(itertools.islice(it, n))
+        out = []
+        hold = intake.hold
+        for item in itertools.islice(it, n):
+            out.append(item)
+            h = hold(item)
+            if h is not None:
+                held.append(h)
+        return out
+
     def top_up() -> None:
+        held: list[list[int]] = []
+        try:
+            fill(held)
+        finally:
+            if held:
+                intake.unhold(held)
+
+    def fill(held: list[list[int]]) -> None:
         # Refill once a quarter of the buffer is free: called after every result handed out,
         # so the workers keep busy while the caller works through a batch of them.
         nonlocal seq, outstanding, exhausted, cap, pool_cap, first
         items: list[Any] = []
         if first:
             first = False
-            items = list(itertools.islice(it, 1))
+            items = read(1, held)
             exhausted = not items
             fits = intake.pool_fits(items[0]) if items else None
             if fits is not None:
@@ -120,7 +145,7 @@ def map_results(
             return
         cap = min(8 * cap, MAX_MAP_BUFFER)
         if not exhausted and room > 0:
-            more = list(itertools.islice(it, room))
+            more = read(room, held)
             exhausted = len(more) < room
             items += more
         if items:
