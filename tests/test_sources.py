@@ -1,0 +1,122 @@
+"""Sources of work through the public API: map() calls and ingress producers take turns (by
+weight), map(priority=) goes first, and a keyed submit() honours its priority in the key's own
+queue. One worker thread, held by a gate on its first task, so the order in which it runs the
+waiting tasks is the scheduler's choice and nothing else."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pytaskqml import Client, Coordinator
+
+T = 20.0
+KEY = "sources-test-key"
+
+
+class Ordered:
+    """Blocks on its first task until released; records the order it ran its items in."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.cv = threading.Condition()
+        self.order: list[Any] = []
+
+    def __call__(self, x: Any) -> Any:
+        with self.cv:
+            self.order.append(x)
+            self.cv.notify_all()
+        assert self.release.wait(T)
+        return x
+
+    def wait_received(self, n: int) -> None:
+        with self.cv:
+            assert self.cv.wait_for(lambda: len(self.order) >= n, T), self.order
+
+
+def consume(coord: Coordinator, items: list[Any], out: dict[str, list[Any]], **kw: Any) -> None:
+    out[str(items[0])] = list(coord.map(items, **kw))
+
+
+def start_map(coord: Coordinator, items: list[Any], out: dict[str, list[Any]], **kw: Any) -> Any:
+    th = threading.Thread(target=consume, args=(coord, items, out), kwargs=kw)
+    th.start()
+    return th
+
+
+def test_a_second_map_call_does_not_wait_behind_the_first_ones_backlog() -> None:
+    worker = Ordered()
+    out: dict[str, list[Any]] = {}
+    with Coordinator() as coord:
+        coord.add_local(worker, 1)
+        flood = [f"a{i}" for i in range(30)]
+        th_a = start_map(coord, flood, out)
+        worker.wait_received(1)  # a0 runs, held by the gate
+        assert coord.wait_until(lambda s: s.queued == 29, T)
+        th_b = start_map(coord, ["b0", "b1"], out)
+        assert coord.wait_until(lambda s: s.queued == 31, T)
+        worker.release.set()
+        th_a.join(T)
+        th_b.join(T)
+        assert out == {"a0": flood, "b0": ["b0", "b1"]}  # each in its own order
+        # The two calls take turns: b's items do not wait for a's 29.
+        assert worker.order[:5] == ["a0", "b0", "a1", "b1", "a2"]
+
+
+def test_map_weight_and_priority() -> None:
+    worker = Ordered()
+    out: dict[str, list[Any]] = {}
+    with Coordinator() as coord:
+        coord.add_local(worker, 1)
+        th_x = start_map(coord, [f"x{i}" for i in range(10)], out)
+        worker.wait_received(1)
+        assert coord.wait_until(lambda s: s.queued == 9, T)
+        th_y = start_map(coord, [f"y{i}" for i in range(10)], out, weight=2)
+        assert coord.wait_until(lambda s: s.queued == 19, T)
+        th_z = start_map(coord, ["z0", "z1"], out, priority=1)
+        assert coord.wait_until(lambda s: s.queued == 21, T)
+        worker.release.set()
+        for th in (th_x, th_y, th_z):
+            th.join(T)
+        assert out["z0"] == ["z0", "z1"] and out["y0"] == [f"y{i}" for i in range(10)]
+        # The priority-1 map first; then two of y's (weight 2) for one of x's.
+        assert worker.order[:3] == ["x0", "z0", "z1"]
+        rest = worker.order[3:12]
+        assert sum(1 for v in rest if v.startswith("y")) == 6, rest
+        names = {s.name: s for s in coord.statistics().sources}
+        assert {s.weight for n, s in names.items() if n.startswith("map-")} == {1, 2}
+
+
+def test_two_client_producers_take_turns() -> None:
+    worker = Ordered()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(worker, 1)
+        addr = coord.serve_ingress()
+        with Client(addr, authkey=KEY, window=32) as busy, Client(addr, authkey=KEY) as quiet:
+            first = busy.submit("busy0")
+            worker.wait_received(1)
+            backlog = [busy.submit(f"busy{i}") for i in range(1, 20)]
+            assert coord.wait_until(lambda s: s.queued == 19, T)
+            mine = quiet.submit("quiet0")
+            assert coord.wait_until(lambda s: s.queued == 20, T)
+            worker.release.set()
+            assert mine.result(T) == "quiet0" and first.result(T) == "busy0"
+            assert [f.result(T) for f in backlog] == [f"busy{i}" for i in range(1, 20)]
+            assert worker.order[:3] == ["busy0", "quiet0", "busy1"]
+            ingress = [s for s in coord.statistics().sources if s.name.startswith("ingress ")]
+            assert len(ingress) == 2 and sorted(s.processed for s in ingress) == [1, 20]
+
+
+def test_a_keyed_submit_of_a_higher_priority_goes_first_in_its_keys_queue() -> None:
+    worker = Ordered()
+    with Coordinator() as coord:
+        coord.add_local(worker, 1)
+        first = coord.submit("k0", key="cam")
+        worker.wait_received(1)
+        low = [coord.submit(f"k{i}", key="cam") for i in range(1, 5)]
+        urgent = coord.submit("urgent", key="cam", priority=3)
+        assert coord.wait_until(lambda s: s.queued == 5, T)
+        worker.release.set()
+        assert urgent.result(T) == "urgent" and first.result(T) == "k0"
+        assert [f.result(T) for f in low] == [f"k{i}" for i in range(1, 5)]
+        assert worker.order == ["k0", "urgent", "k1", "k2", "k3", "k4"]
