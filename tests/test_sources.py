@@ -5,10 +5,13 @@ waiting tasks is the scheduler's choice and nothing else."""
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 from typing import Any
 
 from pytaskqml import Client, Coordinator
+from pytaskqml.wire import protocol as _protocol
 
 T = 20.0
 KEY = "sources-test-key"
@@ -120,3 +123,39 @@ def test_a_keyed_submit_of_a_higher_priority_goes_first_in_its_keys_queue() -> N
         assert urgent.result(T) == "urgent" and first.result(T) == "k0"
         assert [f.result(T) for f in low] == [f"k{i}" for i in range(1, 5)]
         assert worker.order == ["k0", "urgent", "k1", "k2", "k3", "k4"]
+
+
+def post(addr: tuple[str, int], path: str, body: Any, token: str) -> Any:
+    req = urllib.request.Request(
+        f"http://{addr[0]}:{addr[1]}{path}", data=json.dumps(body).encode(), method="POST"
+    )
+    req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=T) as resp:
+        return json.loads(resp.read())
+
+
+def test_http_requests_are_sources_of_their_own() -> None:
+    """A big /map request does not hold up a later /submit: each request takes its turn."""
+    worker = Ordered()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(worker, 1)
+        addr = coord.serve_control(http_ingress=True)
+        token = _protocol.control_token(KEY.encode(), "act")
+        replies: dict[str, Any] = {}
+
+        def call(name: str, path: str, body: Any) -> None:
+            replies[name] = post(addr, path, body, token)
+
+        big = [f"m{i}" for i in range(20)]
+        th_map = threading.Thread(target=call, args=("map", "/map", {"payloads": big}))
+        th_map.start()
+        worker.wait_received(1)
+        assert coord.wait_until(lambda s: s.queued == 19, T)
+        th_one = threading.Thread(target=call, args=("one", "/submit", {"payload": "s0"}))
+        th_one.start()
+        assert coord.wait_until(lambda s: s.queued == 20, T)
+        worker.release.set()
+        th_map.join(T)
+        th_one.join(T)
+        assert replies == {"map": big, "one": {"result": "s0"}}
+        assert worker.order[:3] == ["m0", "s0", "m1"]
