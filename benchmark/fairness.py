@@ -95,12 +95,22 @@ def run_sources(
 
     threads = [threading.Thread(target=produce, args=(i,)) for i in range(len(rates))]
     threads += [threading.Thread(target=consume, args=(i,)) for i in range(len(rates))]
+    busy0, count0 = _worker_time(coord)
     for t in threads:
         t.start()
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.monotonic() - t_start
-    return {"lags": lags, "done": done, "elapsed": elapsed}
+    busy1, count1 = _worker_time(coord)
+    # What a frame took the workers here (on a loaded machine, more than --task-ms of CPU).
+    per_frame = (busy1 - busy0) / (count1 - count0) if count1 > count0 else None
+    return {"lags": lags, "done": done, "elapsed": elapsed, "per_frame": per_frame}
+
+
+def _worker_time(coord: pytaskqml.Coordinator) -> tuple[float, int]:
+    """The workers' busy seconds and tasks completed so far, all together."""
+    ws = coord.statistics().workers
+    return sum(w.busy_seconds for w in ws), sum(w.completed for w in ws)
 
 
 def case_sources(args: argparse.Namespace) -> None:
@@ -127,10 +137,16 @@ def case_sources(args: argparse.Namespace) -> None:
                 "vs_alone": round(fps / alone_fps, 3),
                 "done": r["done"],
                 "task_ms": args.task_ms,
+                "frame_worker_ms": None
+                if r["per_frame"] is None
+                else round(r["per_frame"] * 1000, 1),
             }
             emit(row)
+            per = r["per_frame"]
+            times = "" if per is None else f" ({(pct(light, 0.5) or 0) / per:.1f} frame times"
+            times += "" if per is None else f" of {per * 1000:.1f} ms measured at the workers)"
             print(
-                f"{row['mode']:>12}: light lag p50 {ms(pct(light, 0.5))} p99 "
+                f"{row['mode']:>12}: light lag p50 {ms(pct(light, 0.5))}{times} p99 "
                 f"{ms(pct(light, 0.99))}, flooder p50 {ms(pct(r['lags'][0], 0.5))}; "
                 f"{fps:.1f} frames/s ({fps / alone_fps:.1%} of one source alone)",
                 file=sys.stderr,
