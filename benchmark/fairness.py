@@ -263,7 +263,13 @@ def case_interrupt(args: argparse.Namespace) -> None:
         print(
             f"interrupt ({'cooperative' if row['cooperative'] else 'stuck'} task, grace "
             f"{row['grace']} s): the worker serves again {row['back_s'] * 1000:.0f} ms after "
-            f"the cancellation",
+            f"the cancellation"
+            + (
+                f" (process declared lost at {row['lost_s'] * 1000:.0f} ms, its replacement "
+                f"serving {row['restart_s'] * 1000:.0f} ms later)"
+                if "lost_s" in row
+                else ""
+            ),
             file=sys.stderr,
         )
 
