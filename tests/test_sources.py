@@ -6,9 +6,12 @@ waiting tasks is the scheduler's choice and nothing else."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import urllib.request
 from typing import Any
+
+import pytest
 
 from pytaskqml import Client, Coordinator
 from pytaskqml.wire import protocol as _protocol
@@ -159,3 +162,28 @@ def test_http_requests_are_sources_of_their_own() -> None:
         th_one.join(T)
         assert replies == {"map": big, "one": {"result": "s0"}}
         assert worker.order[:3] == ["m0", "s0", "m1"]
+
+
+def test_a_full_stream_holds_back_only_its_own_producer() -> None:
+    """A stream with as many items outstanding as its buffersize refuses more (put_nowait
+    raises) while another stream on the same coordinator takes items and delivers them; once
+    its consumer takes a result, it takes items again."""
+    worker = Ordered()
+    with Coordinator() as coord:
+        coord.add_local(worker, 1)
+        full = coord.stream(buffersize=3)
+        other = coord.stream(buffersize=3)
+        for i in range(3):
+            full.put(f"f{i}")
+        worker.wait_received(1)
+        with pytest.raises(queue.Full):
+            full.put_nowait("f3")
+        other.put_nowait("o0")  # not held back by the other stream's bound
+        worker.release.set()
+        other.close()
+        assert list(other) == ["o0"]
+        results = iter(full)
+        assert next(results) == "f0"
+        full.put("f3", timeout=T)
+        full.close()
+        assert list(results) == ["f1", "f2", "f3"]
