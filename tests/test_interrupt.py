@@ -56,3 +56,21 @@ def test_a_worker_that_did_not_opt_in_is_never_told() -> None:
             coord.submit(["x", 1.0], timeout=0.2).result(T)
         assert coord.submit("y").result(T) == ["y", pid]  # after the slow one ended
         assert coord.statistics().workers_lost == 0
+
+
+def test_the_running_task_of_an_abandoned_map_sees_cancelled() -> None:
+    """A map() whose caller stops reading (closes the iterator) abandons its tasks: the one
+    running on a worker that opted in is told, ends early, and the process serves on."""
+    with Coordinator() as coord:
+        (pid,) = coord.spawn(Patient, processes=1)
+        coord.wait_workers(1, T)
+        results = coord.map([0.0, 10.0], buffersize=2)
+        assert next(results) == ["done", pid]
+        assert coord.wait_until(lambda s: s.in_flight == 1, T)  # the 10 s item is at the worker
+        t0 = time.monotonic()
+        results.close()  # type: ignore[attr-defined]
+        # Interrupted, not run to its end (10 s) nor replaced (the grace is 5 s).
+        assert coord.submit(0.0).result(T) == ["done", pid]
+        assert time.monotonic() - t0 < 5.0
+        stats = coord.statistics()
+        assert stats.workers_lost == 0 and stats.restarts == 0

@@ -20,6 +20,10 @@ same ``max_queue``):
 Keyed and pinned tasks wait in their worker's own queue (``WorkerState.own``), which is served
 before anything else: a retained broadcast replayed to a joining worker runs before its first
 task.
+
+Each routed queue keeps its tasks by priority (``Task.priority``, higher first; first come
+within a priority), as the main queue does; a task never goes ahead of a pinned task waiting
+before it. The turns between sources of the main queue do not apply here.
 """
 
 from __future__ import annotations
@@ -62,22 +66,22 @@ class Router:
             return
         self.waiting += 1
         if r.pin is not None:
-            (r.pin.own.appendleft if front else r.pin.own.append)(t)
+            _put(r.pin.own, t, front)
         elif r.key is not None:
             owner = self._owner(r.key, r.model, workers)
             if owner is None:
-                (self.unrouted.appendleft if front else self.unrouted.append)(t)
+                _put(self.unrouted, t, front)
                 return
             if r.key in self.moved_keys:
                 self.moved_keys.discard(r.key)
                 r.moved = True
-            (owner.own.appendleft if front else owner.own.append)(t)
+            _put(owner.own, t, front)
         else:
             assert r.model is not None
             q = self.by_model.get(r.model)
             if q is None:
                 q = self.by_model[r.model] = deque()
-            (q.appendleft if front else q.append)(t)
+            _put(q, t, front)
 
     def _owner(self, key: str, model: str | None, workers: list[WorkerState]) -> WorkerState | None:
         ws = self.key_owner.get(key)
@@ -279,16 +283,51 @@ class Router:
         return out
 
     def pop_oldest(self) -> Task | None:
-        """The first unfinished task of the longest model queue (drop_oldest when the main
-        queue is empty)."""
+        """The oldest unfinished task of the lowest priority in the longest model queue
+        (drop_oldest when the main queue is empty)."""
         queues = sorted(self.by_model.values(), key=len, reverse=True)
         for q in queues:
             while q:
-                t = q.popleft()
+                low = q[-1].priority
+                if q[0].priority == low:
+                    t = q.popleft()
+                else:  # the first of the lowest priority, at the back (see _put)
+                    i = len(q) - 1
+                    while q[i - 1].priority == low:
+                        i -= 1
+                    t = q[i]
+                    del q[i]
                 self.waiting -= 1
                 if not t.finished:
                     return t
         return None
+
+
+def _put(q: deque[Task], t: Task, front: bool) -> None:
+    """Put *t* in a routed queue by priority: behind the tasks of its priority and higher, or,
+    with *front* (tasks taken back from a lost worker), ahead of those of its priority and
+    lower. A task does not go ahead of a pinned task that waits before it. With one priority
+    (the usual case) this is append or appendleft."""
+    p = t.priority
+    if front:
+        if not q or q[0].priority <= p:
+            q.appendleft(t)
+            return
+        i = 1
+        while i < len(q) and q[i].priority > p:
+            i += 1
+        q.insert(i, t)
+        return
+    if not q or q[-1].priority >= p:
+        q.append(t)
+        return
+    i = len(q)
+    while i > 0:
+        prev = q[i - 1]
+        if prev.priority >= p or (prev.route is not None and prev.route.pin is not None):
+            break
+        i -= 1
+    q.insert(i, t)
 
 
 def _can_take(w: WorkerState, model: str | None) -> bool:
