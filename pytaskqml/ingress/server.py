@@ -87,7 +87,7 @@ class IngressStats:
     """``producers`` connected now; ``accepted`` producers ever; ``refused`` connections that
     failed the handshake; ``dropped_producers`` disconnected for a protocol violation or a bad
     frame; ``received`` items; ``returned`` results sent back; ``abandoned`` items whose
-    producer went away before their result."""
+    producer went away before their result; ``address`` where it listens (``HOST:PORT``)."""
 
     producers: int
     accepted: int
