@@ -222,7 +222,11 @@ class Client:
         self, *, on_error: Literal["raise", "return"] = "return", priority: int | None = None
     ) -> ClientStream:
         """A stream: ``put()`` items from one thread, iterate results in order from another,
-        ``close()`` when done. *priority*: its items' priority (``put(priority=)`` per item)."""
+        ``close()`` when done. *on_error*: a failed item's :class:`TaskFailed` is yielded in
+        its place (``"return"``, the default) or raised at its position (``"raise"``).
+        *priority*: its items' priority (default ``None``: the server's; ``put(priority=)``
+        per item). :class:`ClosedError` once the client is closed, :class:`ConnectionLost`
+        once its connection is lost."""
         self._check_open()
         return ClientStream(self, on_error == "raise", priority)
 

@@ -569,7 +569,10 @@ class Coordinator:
         name: str | None = None,
     ) -> Stream:
         """A :class:`Stream` for a live source: a producer thread ``put()``s items and
-        ``close()``s, a consumer thread iterates results (in order by default).
+        ``close()``s, a consumer thread iterates results - in submission order
+        (``ordered=True``, the default) or as they complete (``ordered=False``). A failed
+        item's exception is yielded in its place (``on_error="return"``, the default) or
+        raised at its position (``"raise"``).
 
         ``overflow`` (default: the coordinator's) is what a full stream does to ``put()``:
         ``"block"`` waits while ``buffersize`` items (default 64) are outstanding;
@@ -645,7 +648,8 @@ class Coordinator:
         without a pool (``shared_memory=False``, no shared memory on this platform, not Linux)
         and buffers under 64 KiB or larger than half the pool. ``statistics().buffers``
         counts both kinds. (Waiting by default could wait on itself: a producer holding the
-        buffers that fill the pool.) Needs NumPy.
+        buffers that fill the pool.) *shape* and *dtype* (default ``"uint8"``) as for
+        ``numpy.empty``. Needs NumPy (``ImportError`` without it).
         """
         return self._buffers.buffer(shape, dtype, wait)
 
@@ -671,7 +675,8 @@ class Coordinator:
         )
 
     def withdraw(self, broadcast_id: int) -> bool:
-        """Stop replaying a retained broadcast to joining workers."""
+        """Stop replaying the retained broadcast whose ``Broadcast.id`` is *broadcast_id*
+        to joining workers; False if there was none with that id (or it was withdrawn)."""
         return self._broadcasts.withdraw(broadcast_id)
 
     def late_results(self) -> list[LateResult]:
@@ -746,7 +751,14 @@ class Coordinator:
         act token (``pytaskqml token --act``). Without a key those are refused unless
         *keyless_actions* opens them to loopback clients (every local user). ``POST
         /models/load`` may name only the model classes of *allow_models* (class objects or
-        ``"module:Class"``; see :meth:`Models.allow`)."""
+        ``"module:Class"``; see :meth:`Models.allow`).
+
+        *address* defaults to ``127.0.0.1`` and a free port; returns the address bound.
+        Raises ``ValueError`` for a non-loopback *address* without a key (unless
+        ``insecure=True``, which logs a warning instead) or an *allow_models* entry that cannot
+        be imported, ``TypeError``/``PermissionError`` as :meth:`Models.allow` does,
+        ``RuntimeError`` if the endpoint is already running, and ``OSError`` if *address*
+        cannot be bound."""
         # The status page and the HTTP ingress are imported here, on first use: a coordinator
         # that serves no endpoint never loads them.
         from .ingress.http import install_http_ingress

@@ -209,7 +209,10 @@ class Executor(concurrent.futures.Executor):
         order; lazy and bounded (see the class docstring). ``timeout`` counts from this call:
         every result ready by then is yielded, then ``TimeoutError`` is raised and the calls
         not started yet are cancelled. ``chunksize`` calls travel and run as one task
-        (default: chosen from the measured time per call of *fn*)."""
+        (default: chosen from the measured time per call of *fn*); at most ``buffersize``
+        calls are outstanding ahead of the results taken (default: sized from that same
+        measured time, as :meth:`Coordinator.map` does). ``ValueError`` for a ``chunksize``
+        below 1, ``RuntimeError`` once the executor is shut down."""
         if chunksize is not None and (isinstance(chunksize, bool) or chunksize < 1):
             raise ValueError("chunksize must be >= 1.")
         if self._closed:

@@ -63,9 +63,12 @@ def test_every_block_marked_not_runnable_says_why() -> None:
 
 
 def test_no_python_block_hides_from_the_tests() -> None:
-    """A ```py or ```python3 fence would not be run: every Python block uses ```python."""
+    """A ```py, ```python3 or ~~~python fence, an indented one (in a list) or one with
+    attributes would not be run: every Python block is a bare ```python at the margin."""
+    fence = re.compile(r"^[ \t]*(?:```|~~~)[ \t]*\{?[ \t]*\.?(?:py|python3?|pycon)\b.*$", re.M)
     for page in PAGES:
-        assert not re.search(r"^```(?:py|python3|pycon)\s*$", _text(page), re.M), page
+        hidden = [m.group(0) for m in fence.finditer(_text(page)) if m.group(0) != "```python"]
+        assert not hidden, (page, hidden)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ its own ordered results and its own credit; a producer that dies loses only its 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import socket
@@ -496,3 +497,52 @@ def test_silent_connections_beyond_the_handshake_cap_do_not_lock_out_a_producer(
         wait_for(
             lambda: coord.ingress_statistics()[0].refused >= 100, what="every silent one counted"
         )
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc/self/fd"
+)
+def test_worker_kills_under_a_producer_leave_no_descriptor_or_thread_behind() -> None:
+    """The soak that held (2M tasks, 20 worker kills), scaled down: a default Client maps
+    through the ingress port while a spawned worker is killed with SIGKILL in every round.
+    Every round comes back whole and in order, and the coordinator's descriptors and threads
+    do not grow with the kills: a descriptor or thread left per kill would be 7 more by the
+    end."""
+    rounds, n = 8, 3_000
+    counts: list[tuple[int, int]] = []
+    with Coordinator() as coord:
+        coord.spawn(Echo, processes=2)
+        assert coord.wait_workers(2, T)
+        addr = coord.serve_ingress()
+        with Client(addr) as client:
+            for _ in range(rounds):
+                before = {w.pid for w in coord.workers}
+                out = []
+                victim = None
+                for i, result in enumerate(client.map(range(n))):
+                    out.append(result)
+                    if i == n // 3:
+                        victim = coord.workers[0].pid
+                        assert victim is not None
+                        os.kill(victim, signal.SIGKILL)
+                assert out == list(range(n))
+
+                def replaced(gone: int | None = victim, old: set[Any] = before) -> bool:
+                    now = {w.pid for w in coord.workers}
+                    return len(now) == 2 and gone not in now and len(now - old) == 1
+
+                wait_for(replaced, T, "the killed worker replaced")
+                counts.append((_open_descriptors(), threading.active_count()))
+        stats = coord.statistics()
+        ingress = coord.ingress_statistics()[0]
+    assert stats.workers_lost == rounds and stats.restarts == rounds
+    assert ingress.dropped_producers == 0 and ingress.returned == rounds * n
+    # After the first round (the producer's connection, the restart machinery) nothing grows.
+    # A margin of 2 for a descriptor or thread on its way out when counted.
+    fds, threads = counts[0]
+    assert max(c[0] for c in counts) <= fds + 2, counts
+    assert max(c[1] for c in counts) <= threads + 2, counts

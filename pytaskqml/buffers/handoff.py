@@ -62,8 +62,9 @@ def spill(data: Any, *, directory: str | None = None) -> dict[str, Any]:
 def load(ref: dict[str, Any], *, delete: bool = False) -> Any:
     """Read what :func:`spill` wrote: a NumPy array (memory-mapped, read-only unless
     *delete*, in which case it is read into memory first) or ``bytes``. With *delete* the file is
-    removed once read. ``ValueError`` for something that is not such a reference,
-    ``OSError`` if the file cannot be read."""
+    removed once read. *ref* is the dict :func:`spill` returned. ``ValueError`` for something
+    that is not such a reference (or a file of another size), ``RuntimeError`` for an array
+    without NumPy, ``OSError`` if the file cannot be read."""
     if (
         not isinstance(ref, dict)
         or ref.get("kind") != _KIND

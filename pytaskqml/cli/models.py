@@ -45,7 +45,9 @@ def register(sub: Any) -> None:
     )
     load.add_argument("name", help="the name tasks use (submit(..., model=NAME))")
     load.add_argument("cls", metavar="MODULE:CLASS", help="the pytaskqml.Model subclass to load")
-    load.add_argument("--config", default="{}", metavar="JSON", help="the model's load() config")
+    load.add_argument(
+        "--config", default="{}", metavar="JSON", help="the model's load() config (default {})"
+    )
     load.add_argument("--version", help="the version to call it (default: a counter)")
     unload = actions.add_parser(
         "unload",

@@ -40,7 +40,12 @@ def register(sub: Any) -> None:
     _queue_args(s)
     s.add_argument("--worker", metavar="MODULE:CLASS", help="spawn workers of this class")
     s.add_argument("-n", "--processes", type=int, default=1, help="how many (default 1)")
-    s.add_argument("--kwargs", metavar="JSON", default="{}", help="constructor arguments")
+    s.add_argument(
+        "--kwargs",
+        metavar="JSON",
+        default="{}",
+        help="constructor arguments as a JSON object (default {}: none)",
+    )
     s.add_argument(
         "--listen", metavar="HOST:PORT", help="also accept workers that dial in (needs a key)"
     )

@@ -40,7 +40,13 @@ def register(sub: Any) -> None:
         "error) ends the run with one line and exit code 1; Ctrl-C with exit code 130.",
     )
     r.add_argument("config", metavar="CONFIG", help="the pipeline file (.toml or .json)")
-    r.add_argument("--input", "-i", metavar="FILE", default="-", help="JSON lines (- stdin)")
+    r.add_argument(
+        "--input",
+        "-i",
+        metavar="FILE",
+        default="-",
+        help="JSON lines to read items from (default -: stdin)",
+    )
     r.add_argument("--dry-run", action="store_true", help="check and print the plan only")
     r.add_argument("--buffersize", type=int, metavar="N", help="items in flight at most")
     r.add_argument(

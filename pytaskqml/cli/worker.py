@@ -77,7 +77,10 @@ def register(sub: Any) -> None:
         "--control); /shutdown still needs it",
     )
     w.add_argument(
-        "--kwargs", metavar="JSON", default="{}", help="constructor arguments as a JSON object"
+        "--kwargs",
+        metavar="JSON",
+        default="{}",
+        help="constructor arguments as a JSON object (default {}: none)",
     )
     w.add_argument("--name", help="worker name shown in the coordinator's statistics")
     add_key_args(w)

@@ -16,6 +16,11 @@ from .histogram import HistogramSnapshot
 class WorkerStats:
     """One attached worker, as of the snapshot.
 
+    ``name`` identifies it (``pytaskqml worker --name``, else made from its class, such as
+    ``Echo-4242`` or ``local-Echo-1``), ``pid`` is its process id and ``address`` where it is
+    reached (a peer's ``HOST:PORT``, ``pid N`` for a spawned worker); both are ``None`` for
+    thread workers.
+
     ``kind`` is ``"local"`` (threads in this process), ``"spawned"`` (a child process this
     coordinator started and supervises), ``"remote"`` (a listening worker it connected to) or
     ``"dial-in"`` (a worker that connected to it). ``window`` is how many tasks it may hold at
@@ -127,8 +132,10 @@ class Statistics:
     (:class:`PoolStats`).
 
     ``queued`` and ``in_flight`` are tasks waiting for a worker and held by workers now (a
-    chunk counts once). Latencies are seconds from submission to result, over the last 8,192
-    results (a chunk counts once); ``None`` before the first result. ``uptime`` is seconds
+    chunk counts once). Latencies (``latency_p50``, ``latency_p90``, ``latency_p99``,
+    ``latency_max``) are seconds from submission to result, over the last 8,192 results (a
+    chunk counts once); ``None`` before the first result. ``models`` has each named model
+    (:class:`ModelStats`). ``uptime`` is seconds
     since the coordinator was created. ``queue`` is the shared queue it is fed from, if any
     (see :class:`QueueStats`); ``buffers`` counts ``coord.buffer()`` arrays
     (:class:`BufferStats`).

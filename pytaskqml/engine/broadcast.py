@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Broadcast:
-    """What :meth:`Coordinator.broadcast` returns: each worker's result (or the exception it
-    raised) by worker name, and the id to :meth:`~Coordinator.withdraw` a retained one."""
+    """What :meth:`Coordinator.broadcast` returns: ``results``, each worker's result (or the
+    exception it raised) by worker name; ``errors``, the exceptions alone, by worker name;
+    and ``id``, to :meth:`~Coordinator.withdraw` a retained one (``None`` if not retained)."""
 
     results: dict[str, Any]
     id: int | None = None

@@ -305,9 +305,11 @@ class Stream(Inlet):
         key: str | None = None,
         priority: int | None = None,
     ) -> None:
-        """Submit one item (see the class docstring for when it blocks or raises). Items with
-        the same *key* go to the same worker while it lives. *priority* overrides the
-        stream's for this item (higher goes first)."""
+        """Submit one item (see the class docstring for when it blocks or raises). Under the
+        ``block`` policy it waits at most *timeout* seconds for room (default ``None``: as
+        long as it takes), then raises :class:`queue.Full`. Items with the same *key* go to
+        the same worker while it lives (``TypeError`` if it is not a str). *priority*
+        overrides the stream's for this item (higher goes first)."""
         if key is not None and not isinstance(key, str):
             raise TypeError("key must be a str")
         prio = self._priority if priority is None else check_priority(priority)

@@ -87,7 +87,7 @@ class IngressStats:
     """``producers`` connected now; ``accepted`` producers ever; ``refused`` connections that
     failed the handshake; ``dropped_producers`` disconnected for a protocol violation or a bad
     frame; ``received`` items; ``returned`` results sent back; ``abandoned`` items whose
-    producer went away before their result."""
+    producer went away before their result; ``address`` where it listens (``HOST:PORT``)."""
 
     producers: int
     accepted: int
@@ -287,7 +287,15 @@ class _Producer:
 
 class IngressServer:
     """Serves *target* to producers that connect to *address* with *key* (see the module's
-    docstring); :meth:`start`, :meth:`stop`, :attr:`address`, :meth:`statistics`."""
+    docstring); :meth:`start`, :meth:`stop`, :attr:`address`, :meth:`statistics`.
+
+    *address* defaults to ``127.0.0.1`` and a free port; *key* ``None`` means no
+    authentication, allowed only on loopback unless *insecure* (which logs a warning). *tls*
+    (default ``None``: plain TCP) is a server context (:func:`tls_server_context`) wrapped
+    around each connection before the key check. *max_outstanding* (default 64) is each
+    producer's window: items sent and not yet answered. *max_frame_size* bounds one frame, in
+    bytes. *name* labels its connections in log lines (default ``"ingress"``). ``ValueError``
+    for a *max_outstanding* below 1 or a non-loopback *address* without a key."""
 
     def __init__(
         self,

@@ -216,7 +216,9 @@ class PipelineStream(Inlet):
             fifo.clear()
 
     def settle(self, timeout: float | None = None) -> bool:
-        """Block until every item put so far has reached the end of the pipeline."""
+        """Block until every item put so far has reached the end of the pipeline, at most
+        *timeout* seconds (default ``None``: no limit). True once they have (or the stream
+        was stopped), False if *timeout* passed first."""
         with self._space:
             return self._space.wait_for(
                 lambda: self._emitted >= self._count or self._stop.is_set(), timeout
@@ -386,7 +388,14 @@ class Pipeline:
     ) -> PipelineStream:
         """A :class:`PipelineStream`: a producer ``put()``s and ``close()``s, a consumer
         iterates results in submission order (``ordered`` is accepted for the interface of
-        :meth:`Coordinator.stream`; a pipeline always keeps the order)."""
+        :meth:`Coordinator.stream`; a pipeline always keeps the order).
+
+        ``buffersize``: items outstanding before ``put()`` blocks (default: the pipeline's).
+        ``on_error``: a failed item's exception is yielded in its place (``"return"``, the
+        default) or raised (``"raise"``). ``timeout``: seconds from ``put()`` within which an
+        item must leave the pipeline, else a :class:`TaskTimeout` marker takes its place
+        (default ``None``: no limit). ``ValueError`` for a bad size, time or ``on_error``;
+        :class:`ClosedError` once the pipeline is shut down."""
         check_positive("buffersize", buffersize)
         check_positive("timeout", timeout)
         if on_error not in ("raise", "return"):
@@ -409,7 +418,14 @@ class Pipeline:
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """Yield the results for *iterable* in order, reading it lazily (at most
-        ``buffersize`` items ahead of the results taken)."""
+        ``buffersize`` items ahead of the results taken; default: the pipeline's).
+
+        ``on_error``: a failed item raises its exception at its position (``"raise"``, the
+        default) or is yielded in its place (``"return"``). ``timeout``: seconds from an
+        item's entry within which it must leave the pipeline, else a :class:`TaskTimeout`
+        marker takes its place (default ``None``: no limit). An exception *iterable* raises
+        is raised after the results of the items before it. ``ValueError`` and
+        :class:`ClosedError` as for :meth:`stream`."""
         s = self.stream(buffersize=buffersize, on_error=on_error, timeout=timeout)
         failed: list[BaseException] = []
 
@@ -438,8 +454,9 @@ class Pipeline:
         return results()
 
     def submit(self, payload: Any) -> Future[Any]:
-        """Run one item through the pipeline; a :class:`concurrent.futures.Future` of its
-        result (its exception if a stage failed it)."""
+        """Run one item, *payload*, through the pipeline; a
+        :class:`concurrent.futures.Future` of its result (its exception if a stage failed
+        it). :class:`ClosedError` once the pipeline is shut down."""
         fut: Future[Any] = Future()
         with self._lock:
             if self._closed:

@@ -83,6 +83,12 @@ class Stage:
     finds ``max_queue`` items waiting fails with :class:`queue.Full`, with ``"drop_oldest"``
     the oldest waiting one is cancelled - either way in its place, marked, and the later
     stages skip it.
+
+    Defaults: ``name`` the model's or the worker's name, ``timeout`` ``None`` (no limit; in
+    seconds), ``buffersize`` 64 items, ``max_queue`` 10,000 items, ``overflow="block"``,
+    ``window`` 64 tasks, ``max_retries`` 2, ``authkey`` ``$PYTASKQML_AUTHKEY``.
+    ``ValueError`` for a stage with neither a worker nor a model, an unknown ``overflow`` or
+    a ``"module:Class"`` that cannot be imported.
     """
 
     def __init__(
@@ -347,6 +353,9 @@ class Branches:
     ``join`` names the branches to wait for (default: all; a branch not in it runs for its
     effect and is left out of the dict). A failed branch holds its exception in the dict, a
     late one a :class:`TaskTimeout` marker; the item goes on to the next step either way.
+    ``timeout`` is in seconds (default ``None``: no limit); ``name`` labels the step
+    (default ``"branches"``). ``ValueError`` for no branches or a ``join`` naming an unknown
+    one, ``TypeError`` for a branch that is neither a Stage nor a non-empty list of them.
     """
 
     def __init__(

@@ -113,6 +113,12 @@ class RedisClient:
     :class:`~pytaskqml.errors.EntryLostError` (``on_lost="fail"``); while Redis does not answer for
     longer than ``lost_timeout`` seconds (``None``: no limit) the outstanding items fail with
     :class:`~pytaskqml.errors.EntryLostError`. See the module's docstring.
+
+    ``commit_interval``: seconds between two writes of the producer's cursor to Redis (the
+    results taken in that time are handed over again after a crash). Defaults:
+    ``max_outstanding`` 65,536 items, ``max_outstanding_bytes`` 64 MiB, ``commit_interval``
+    0.1 s, ``on_lost="resubmit"``, ``lost_timeout`` 60 s. ``ValueError`` for a bad
+    ``on_lost``, ``lost_timeout`` or name.
     """
 
     def __init__(
@@ -213,11 +219,14 @@ class RedisClient:
         on_error: Literal["raise", "return"] = "raise",
         chunksize: int | None = None,
     ) -> Iterator[Any]:
-        """Yield results for *iterable* in submission order (or as completed), as
-        ``Coordinator.map()`` does: lazily, at most ``buffersize`` items outstanding,
-        ``timeout`` bounding each item's run, errors raised at their position (or returned).
-        Tiny items travel ``chunksize`` to an entry (``None``: about 5 ms of the measured
-        throughput, at most 1 MiB of data; items with a ``timeout`` go alone)."""
+        """Yield results for *iterable* in submission order (``ordered=True``, the default)
+        or as they complete, as ``Coordinator.map()`` does: lazily, at most ``buffersize``
+        items outstanding, ``timeout`` seconds bounding each item's run (default ``None``: no
+        limit), errors raised at their position (``on_error="raise"``, the default) or
+        yielded in their place (``"return"``). Tiny items travel ``chunksize`` to an entry
+        (``None``: about 5 ms of the measured throughput, at most 1 MiB of data; items with a
+        ``timeout`` go alone). ``ValueError`` for a bad ``on_error``; :class:`ClosedError`
+        once the client is closed."""
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
         self._check_open()

@@ -71,7 +71,16 @@ class RedisQueue:
     consumers. ``max_deliveries``: an entry claimed more often than that is moved to the
     dead-letter stream (it keeps killing coordinators). ``max_length``: producers wait while the
     task stream is longer. ``max_results``/``result_ttl``: bounds of each result stream.
-    ``redis_options`` go to ``redis.Redis.from_url`` as they are.
+    ``max_dead``: entries the dead-letter stream keeps. ``socket_timeout``: seconds one Redis
+    command may take before it counts as Redis not answering (connecting: at most 5 s of it).
+
+    Defaults: ``url`` ``redis://127.0.0.1:6379/0``, ``stream`` ``"pytaskqml"``, ``group``
+    ``"coordinators"``, ``claim_idle`` 5 s, ``max_deliveries`` 5, ``max_length`` 100,000
+    entries, ``max_results`` 1,000,000 results, ``max_dead`` 10,000 entries, ``result_ttl``
+    86,400 s (a day), ``socket_timeout`` 10 s. ``ValueError`` for a bad stream or group name,
+    a number that is not positive, a URL that is not ``redis://``, ``rediss://`` or
+    ``unix://``, or ``decode_responses``. ``redis_options`` go to ``redis.Redis.from_url`` as
+    they are.
     """
 
     def __init__(
@@ -191,7 +200,8 @@ class RedisQueue:
         return feed
 
     def client(self, name: str | None = None, **options: Any) -> RedisClient:
-        """A producer on this queue (see :class:`RedisClient`)."""
+        """A producer on this queue named *name* (default ``None``: a random name); the
+        *options* are :class:`RedisClient`'s."""
         from .client import RedisClient
 
         return RedisClient(self, name, **options)

@@ -64,6 +64,7 @@ class Worker:
 
         NumPy arrays in *payload* are yours: writable, and in a spawned worker often a view of
         memory shared with the coordinator, which is not reused while you still refer to it.
+        Not overridden, it raises ``NotImplementedError`` (failing each task).
         """
         raise NotImplementedError(f"{type(self).__name__} must override process()")
 

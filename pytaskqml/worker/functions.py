@@ -145,7 +145,9 @@ class FunctionWorker(Worker):
     run; with neither, the worker runs only the functions loaded on it as named models (an
     Executor's workers). ``main_path`` is the caller's script, for functions of its
     ``__main__``. ``initializer`` (``"module:function"``) is called with ``initargs`` in
-    :meth:`setup`, once per worker process.
+    :meth:`setup`, once per worker process. ``ValueError`` for both ``function`` and
+    ``allow``, ``TypeError`` for a name that is not a ``"module:function"`` string. A task
+    naming a function not allowed fails with ``PermissionError`` before anything is imported.
     """
 
     def __init__(

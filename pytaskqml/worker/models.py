@@ -50,7 +50,9 @@ class Model:
         """Load weights, open files: *config* is the JSON ``config`` of the spec."""
 
     def predict(self, item: Any) -> Any:
-        """The result for one item. An exception fails this item only."""
+        """The result for one item. An exception fails this item only. Not overridden, it
+        raises ``NotImplementedError`` (a model that overrides only :meth:`predict_batch`
+        is never called here)."""
         raise NotImplementedError(f"{type(self).__name__} must override predict()")
 
     def predict_batch(self, items: list[Any]) -> list[Any]:
