@@ -83,7 +83,12 @@ class TaskTimeout:
 
 @dataclass(frozen=True)
 class LateResult:
-    """A result that arrived after its task's deadline had already been reported."""
+    """A result that arrived after its task's deadline had already been reported (its future
+    failed with ``TimeoutError``, or its ``map()``/stream yielded a :class:`TaskTimeout`).
+
+    ``task_id`` is the task's id in this coordinator; ``index`` the item's position in its
+    ``map()`` or stream (0 for ``submit()``); ``ok`` whether it ran without raising; ``value``
+    its result, or the :class:`~pytaskqml.TaskFailed` it raised when ``ok`` is False."""
 
     task_id: int
     index: int
@@ -203,8 +208,10 @@ class Route:
 
 @dataclass(frozen=True)
 class ModelResult:
-    """A result with where it came from: ``map(..., model=M, with_meta=True)`` yields these.
-    ``version`` is the version of the model that computed it, ``worker`` the worker's name."""
+    """A result with where it came from: ``submit()``/``map()``/``stream()`` with
+    ``model=M, with_meta=True`` give these. ``value`` is the model's result, ``model`` its
+    name, ``version`` the version of the model that computed it (as loaded on that worker) and
+    ``worker`` the name of the worker that ran it."""
 
     value: Any
     model: str
