@@ -9,6 +9,7 @@ import itertools
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -524,3 +525,33 @@ def test_map_reads_ahead_no_further_than_the_pool_holds() -> None:
         assert len(out) == 600 and all(o[0] == digest(frame) for o in out)
         s = coord.statistics().buffers
         assert s is not None and (s.pooled, s.plain) == (600, 0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="map() reads a batch of items from the iterator before it admits (and so makes "
+    "read-only) any of them: a buffer written again within one read-ahead batch is not "
+    "detected (engine/iterate.py would have to make each item's pool arrays read-only as it "
+    "reads it)",
+)
+def test_one_buffer_reused_for_every_frame_of_a_map_is_detected_not_a_wrong_result() -> None:
+    """The mistake the read-only buffer is there to catch, made through map(): one
+    coord.buffer() written again for each frame. Either the write raises (ValueError) or
+    every result is that of its own frame - never the next frame's."""
+    frames = [_frame(i, (240, 320, 3)) for i in range(40)]
+    with Coordinator() as coord:
+        coord.spawn(Describe, processes=2)
+        buf = coord.buffer((240, 320, 3), np.uint8)
+
+        def reuse() -> Iterator[np.ndarray]:
+            for frame in frames:
+                np.copyto(buf, frame)
+                yield buf
+
+        try:
+            out = list(coord.map(reuse()))
+        except ValueError as exc:
+            assert "read-only" in str(exc)
+            return
+        wrong = [i for i, o in enumerate(out) if o[0] != digest(frames[i])]
+        assert not wrong, f"{len(wrong)} of {len(frames)} results were of another frame"
