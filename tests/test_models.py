@@ -279,3 +279,37 @@ def test_the_models_command_takes_its_options_anywhere(tmp_path: Path) -> None:
         between = cli(where, *key_opt, "unload", "s", "--timeout", "5")
         assert between.returncode == 0, between.stderr
         assert coord.models.list() == {}
+
+
+def test_tasks_queued_before_an_unload_fail_saying_so_and_a_reload_serves_again() -> None:
+    """Tasks of a model already sent to its worker processes, or still waiting in the
+    coordinator, when the model is unloaded: each gets its result or fails with the unload as
+    its reason, never a bare "is not loaded here"."""
+    with Coordinator() as coord:
+        coord.spawn(Echo, processes=2)
+        coord.models.load("m", Scale, config={"factor": 2})
+        futures = [coord.submit(i, model="m") for i in range(400)]
+        coord.models.unload("m")
+        outcomes: dict[str, int] = {}
+        for i, f in enumerate(futures):
+            exc = f.exception(T)
+            if exc is None:
+                assert f.result()[0] == 2 * i
+                key = "ok"
+            else:
+                key = f"{type(exc).__name__}: {exc}"
+            outcomes[key] = outcomes.get(key, 0) + 1
+        # Waiting in the coordinator: ClosedError. Sent to a worker the unload reached
+        # first: that worker's LookupError, which says the same.
+        unloaded = {
+            "ClosedError: model 'm' was unloaded before this task ran",
+            "TaskFailed: LookupError: model 'm' was unloaded before this task ran",
+        }
+        assert set(outcomes) <= {"ok", *unloaded}, outcomes
+        assert sum(outcomes.get(u, 0) for u in unloaded) > 0, outcomes  # it cut into work
+        with pytest.raises(ValueError, match="no model named 'm'"):
+            coord.submit(1, model="m")
+        coord.models.load("m", Scale, config={"factor": 3})
+        assert [f.result(T)[0] for f in [coord.submit(i, model="m") for i in range(20)]] == [
+            3 * i for i in range(20)
+        ]

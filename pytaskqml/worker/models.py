@@ -105,6 +105,7 @@ class ModelTable:
         self._lock = threading.Lock()
         self._current: dict[str, _Target] = {}
         self._old: list[_Target] = []
+        self._unloaded: set[str] = set()  # unloaded by command, not loaded again since
 
     def loaded(self) -> dict[str, str]:
         """``{name: version}`` of the models ready now."""
@@ -155,6 +156,7 @@ class ModelTable:
         with self._lock:
             old = self._current.get(name)
             self._current[name] = target
+            self._unloaded.discard(name)
             if old is not None:
                 old.retired = True
                 self._old.append(old)
@@ -186,6 +188,7 @@ class ModelTable:
     def unload(self, name: str) -> None:
         with self._lock:
             old = self._current.pop(name, None)
+            self._unloaded.add(name)
             if old is not None:
                 old.retired = True
                 self._old.append(old)
@@ -201,6 +204,15 @@ class ModelTable:
             target = self._current[name]
             target.in_use += 1
             return target
+
+    def missing(self, name: str) -> LookupError:
+        """The error of a task for *name*, which is not loaded here: a task the coordinator
+        sent before it unloaded the model (the unload reached this worker first) says so."""
+        with self._lock:
+            unloaded = name in self._unloaded
+        if unloaded:
+            return LookupError(f"model {name!r} was unloaded before this task ran")
+        return LookupError(f"model {name!r} is not loaded here")
 
     def release(self, target: _Target) -> None:
         with self._lock:
@@ -302,7 +314,7 @@ def run_option_row(
         try:
             held = table.acquire(name)
         except KeyError:
-            return (tid, RESULT_ERROR, LookupError(f"model {name!r} is not loaded here")), None
+            return (tid, RESULT_ERROR, table.missing(name)), None
         target, version = held, held.version
     try:
         if opts.get("mv") and isinstance(key, str):
@@ -372,7 +384,7 @@ def _run_model_batch(
     try:
         held = table.acquire(name)
     except KeyError:
-        err = LookupError(f"model {name!r} is not loaded here")
+        err = table.missing(name)
         return [(r[0], RESULT_ERROR, err) for r in rows]
     try:
         plain = [[r[0], r[1], CHUNK_ROW] if r[2].get("c") else [r[0], r[1]] for r in rows]
