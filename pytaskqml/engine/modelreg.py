@@ -164,7 +164,8 @@ class Models:
         """Unload *name* everywhere. Its tasks still waiting for a worker fail at once with
         :class:`ClosedError` (so does one submitted while the unload happens); a task already
         running finishes on the version it started with; one sent to a worker but not started
-        there yet fails with that worker's ``LookupError`` (model not loaded here). No task of
+        there yet fails with that worker's ``LookupError`` (the model was unloaded before this
+        task ran). No task of
         it is left pending. To let queued work finish first, wait for it (its futures, or
         :meth:`Coordinator.wait_idle`) before unloading. ``KeyError`` for a name no worker
         knows (neither loaded by name nor brought by a worker)."""
