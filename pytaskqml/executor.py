@@ -100,6 +100,8 @@ class Executor(concurrent.futures.Executor):
       it) before the shutdown. Results are not kept once yielded.
     - **Back-pressure**: ``submit()`` blocks while ``max_queue`` (10,000) calls wait for a
       worker.
+    - No ``coordinator.buffer()`` pool unless you pass ``max_buffer_bytes``: arrays in
+      arguments still reach the workers through shared memory.
     - An ``initializer`` is named by import path as well; one that raises makes its worker
       fail to start: it is started again with backoff, and after ``max_start_failures``
       failures in a row calls fail with :class:`WorkerStartError` (carrying the traceback).
@@ -137,6 +139,10 @@ class Executor(concurrent.futures.Executor):
         # A call may run as long as it needs, as in the standard library: a hang timeout is
         # for tasks of known length (the user may still set one).
         options.setdefault("hang_timeout", None)
+        # No buffer pool unless asked for: calls carry their arrays through each worker's own
+        # shared memory, and deciding whether a pool can exist imports NumPy here, before the
+        # first worker process can start (a third of a second on a busy machine).
+        options.setdefault("max_buffer_bytes", 0)
         self._models: dict[tuple[Any, str], str] = {}
         self._lock = threading.Lock()
         self._maps: weakref.WeakSet[_MapState] = weakref.WeakSet()

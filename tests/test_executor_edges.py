@@ -147,6 +147,29 @@ def test_calls_have_no_hang_timeout_unless_one_is_set() -> None:
         assert ex.coordinator.hang_timeout == 5.0
 
 
+def test_an_executor_starts_its_workers_without_importing_numpy(tmp_path: Path) -> None:
+    """Its coordinator makes no buffer pool unless asked (deciding whether one can exist
+    imports NumPy, before the first worker can start); arrays still travel."""
+    pytest.importorskip("numpy")
+    done = _run_script(
+        tmp_path,
+        """
+        import sys
+        from pytaskqml import Executor
+
+        if __name__ == "__main__":
+            with Executor(max_workers=1) as ex:
+                assert ex.submit(pow, 2, 5).result(60) == 32
+                print("numpy" in sys.modules)
+            with Executor(max_workers=1, max_buffer_bytes=1 << 20) as ex:
+                ex.submit(pow, 2, 5).result(60)
+                print("numpy" in sys.modules)
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_a_result_over_the_frame_limit_fails_its_call_and_the_worker_lives() -> None:
     with Executor(max_workers=1, max_frame_size=4 * 1024 * 1024) as ex:
         assert ex.submit(f.square, 3).result(T) == 9
