@@ -106,8 +106,10 @@ class Intake:
             self._thaw(ids)
 
     def pooled(self) -> bool:
-        """Whether this coordinator has a buffer pool yet (see :meth:`hold`)."""
-        return self._pool() is not None
+        """Whether this coordinator's buffer pool has handed out a buffer yet (until then no
+        payload can hold one, and :meth:`hold` has nothing to look for)."""
+        pool = self._pool()
+        return pool is not None and pool.handed > 0
 
     def _freeze(self, arrays: list[Any]) -> list[int]:
         """Make *arrays* read-only, counted: the same array submitted twice is writable again
