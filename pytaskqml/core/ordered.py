@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -312,25 +313,35 @@ class ReorderBuffer:
 
     def __init__(self, *, ordered: bool = True) -> None:
         self.ordered = ordered
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        # A waiting consumer blocks on a lock of its own, held until a delivery releases it -
+        # after releasing _lock, so the consumer wakes once and finds _lock free (with a
+        # Condition it would wake holding nothing, then wait again for the deliverer's
+        # _lock: two hand-offs of the interpreter per result instead of one).
+        self._waiters: list[threading.Lock] = []
         self._slots: dict[int, tuple[int, Any]] = {}
         self._arrived: deque[tuple[int, int, Any]] = deque()
         self._next = 0
 
     def deliver(self, seq: int, kind: int, value: Any) -> None:
-        with self._cv:
+        woken: list[threading.Lock] = []
+        with self._lock:
             if self.ordered:
                 if seq < self._next or seq in self._slots:
                     return
                 self._slots[seq] = (kind, value)
-                if seq == self._next:
-                    self._cv.notify()
+                if seq == self._next and self._waiters:
+                    woken, self._waiters = self._waiters, []
             else:
                 self._arrived.append((seq, kind, value))
-                self._cv.notify()
+                if self._waiters:
+                    woken, self._waiters = self._waiters, []
+        for w in woken:
+            w.release()
 
     def deliver_many(self, outcomes: list[tuple[int, int, Any]]) -> None:
-        with self._cv:
+        woken: list[threading.Lock] = []
+        with self._lock:
             if self.ordered:
                 slots, head = self._slots, self._next
                 wake = False
@@ -338,32 +349,55 @@ class ReorderBuffer:
                     if seq >= head and seq not in slots:
                         slots[seq] = (kind, value)
                         wake = wake or seq == head
-                if wake:
-                    self._cv.notify()
+                if wake and self._waiters:
+                    woken, self._waiters = self._waiters, []
             else:
                 self._arrived.extend(outcomes)
-                self._cv.notify()
+                if self._waiters:
+                    woken, self._waiters = self._waiters, []
+        for w in woken:
+            w.release()
+
+    def _take(self) -> tuple[int, int, Any] | None:
+        """Lock held: the next outcome if it is here."""
+        if self.ordered:
+            seq = self._next
+            got = self._slots.pop(seq, None)
+            if got is None:
+                return None
+            kind, value = got
+            self._next = seq + (len(value) if kind == RUN else 1)
+            return seq, kind, value
+        return self._arrived.popleft() if self._arrived else None
 
     def get_next(self, timeout: float | None = None) -> tuple[int, int, Any]:
         """``(seq, kind, value)`` of the next outcome; ``TimeoutError`` if none in time."""
-        with self._cv:
-            if self.ordered:
-                seq = self._next
-                if seq not in self._slots and not self._cv.wait_for(
-                    lambda: seq in self._slots, timeout
-                ):
-                    raise TimeoutError("no result within the timeout")
-                kind, value = self._slots.pop(seq)
-                self._next = seq + (len(value) if kind == RUN else 1)
-                return seq, kind, value
-            if not self._arrived and not self._cv.wait_for(lambda: bool(self._arrived), timeout):
-                raise TimeoutError("no result within the timeout")
-            return self._arrived.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                out = self._take()
+                if out is not None:
+                    return out
+                waiter = threading.Lock()
+                waiter.acquire()
+                self._waiters.append(waiter)
+            if deadline is None:
+                waiter.acquire()
+                continue
+            if waiter.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                out = self._take()
+                if out is not None:
+                    return out
+            raise TimeoutError("no result within the timeout")
 
     def get_batch(self, timeout: float | None = None) -> list[tuple[int, int, Any]]:
         """The next outcome plus any that are ready right behind it, in one lock hold."""
         out = [self.get_next(timeout)]
-        with self._cv:
+        with self._lock:
             if self.ordered:
                 slots = self._slots
                 while self._next in slots:

@@ -137,6 +137,8 @@ def map_results(
             fits = intake.pool_fits(items[0]) if items else None
             if fits is not None:
                 pool_cap = max(2, fits // 2)
+        if exhausted and not items:
+            return  # (nothing more to read: no need to size the buffer)
         buffersize = fixed_buffersize or min(cap, intake.auto_buffersize(chunked, work))
         if pool_cap is not None:
             buffersize = min(buffersize, pool_cap)
