@@ -7,8 +7,8 @@ thread workers. Results come back in submission order. Standard library only.
 The names here are what a user types first. The rest live in the subpackages that own them
 (``pytaskqml.errors``, ``pytaskqml.pipeline``, ``pytaskqml.redis``, ``pytaskqml.core`` for the
 statistics records, ...; docs/layout.md has the map). ``import pytaskqml`` imports neither
-NumPy nor the features (pipelines, Redis, the status page, services): ``Pipeline``, ``Stage``
-and ``Branches`` are loaded on first use.
+NumPy nor the features (pipelines, Redis, the status page, services), and each name here is
+loaded on first use.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from .buffers.handoff import load, spill
-from .client import Client
-from .coordinator import Coordinator
-from .core.stats import Statistics
-from .core.tasks import LateResult, TaskTimeout
 from .errors import (
     ClosedError,
     NoWorkersError,
@@ -30,13 +25,18 @@ from .errors import (
     WorkerLostError,
     WorkerStartError,
 )
-from .executor import Executor
-from .worker.base import Worker
-from .worker.models import Model
 
 if TYPE_CHECKING:
+    from .buffers.handoff import load, spill
+    from .client import Client
+    from .coordinator import Coordinator
+    from .core.stats import Statistics
+    from .core.tasks import LateResult, TaskTimeout
+    from .executor import Executor
     from .pipeline.pipeline import Pipeline
     from .pipeline.stages import Branches, Stage
+    from .worker.base import Worker
+    from .worker.models import Model
 
 __version__ = "0.1.0"
 
@@ -63,11 +63,24 @@ __all__ = [
     "spill",
 ]
 
-# Front-door names that live in a feature, imported when first asked for.
+# Front-door names, each imported from the module that holds it when first asked for: a
+# worker process, which needs only ``Worker`` or ``Model`` of these, never loads the
+# coordinator's side (half its start-up time), and a script that makes a Coordinator never
+# loads the pipelines.
 _LAZY = {
+    "Client": "pytaskqml.client",
+    "Coordinator": "pytaskqml.coordinator",
+    "Executor": "pytaskqml.executor",
+    "LateResult": "pytaskqml.core.tasks",
+    "Model": "pytaskqml.worker.models",
     "Pipeline": "pytaskqml.pipeline",
     "Stage": "pytaskqml.pipeline",
     "Branches": "pytaskqml.pipeline",
+    "Statistics": "pytaskqml.core.stats",
+    "TaskTimeout": "pytaskqml.core.tasks",
+    "Worker": "pytaskqml.worker.base",
+    "load": "pytaskqml.buffers.handoff",
+    "spill": "pytaskqml.buffers.handoff",
 }
 
 # Names this package exported before the subpackages held them: still served, for one
