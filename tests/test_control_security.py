@@ -565,3 +565,43 @@ def test_connections_of_every_kind_leave_no_socket_or_thread_behind() -> None:
         wait_for(lambda: server.statistics().open == 0, T, "every connection closed")
         wait_for(lambda: fds() == before_fds, T, f"fds back to {before_fds}")
         wait_for(lambda: threading.active_count() == before_threads, T, "threads back")
+
+
+class _Gated(Worker):
+    """Each item waits for the test's go-ahead (or a second); counts what it ran."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.ran = 0
+
+    def process(self, payload: Any) -> Any:
+        self.started.set()
+        self.release.wait(1.0)
+        self.ran += 1
+        return payload
+
+
+def test_a_map_whose_client_hung_up_stops_running_its_items() -> None:
+    """100 clients sending a long /map and leaving used to cost every item of every map. Now
+    the items not started when the client has gone are cancelled."""
+    worker = _Gated()
+    with Coordinator(authkey=KEY) as coord:
+        coord.add_local(worker, 1)
+        _, port = coord.serve_control((HOST, 0), http_ingress=True)
+        body = json.dumps(list(range(200))).encode()
+        s = socket.create_connection((HOST, port), timeout=T)
+        s.sendall(
+            b"POST /map HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ACT.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )  # fmt: skip
+        assert worker.started.wait(T)  # the map runs
+        s.close()  # and its client leaves
+        wait_for(lambda: coord.statistics().cancelled > 0, T, "the items to be cancelled")
+        worker.release.set()
+        assert coord.wait_idle(T)
+        assert worker.ran < 100, worker.ran  # 200 without the hang-up check
+        # The endpoint serves on.
+        status, _, reply = call(port, "POST", "/map", b"[1, 2]", ACT)
+        assert (status, json.loads(reply)) == (200, [1, 2])

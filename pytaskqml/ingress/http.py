@@ -9,7 +9,9 @@ results in order, a failed item in its place as ``{"error", "type", "traceback"}
 is not strict JSON - nested deeper than :data:`~._control.MAX_JSON_DEPTH`, holding ``NaN``,
 ``Infinity`` or a number out of a double's range, or a ``/map`` body that is not an array - is
 ``400`` with the reason; a body over *max_body* bytes ``413``. A result that is not strict
-JSON (a ``NaN``, say) is a ``500`` saying so, never a reply that is not JSON. Both routes act:
+JSON (a ``NaN``, say) is a ``500`` saying so, never a reply that is not JSON. A client that
+hangs up before its reply leaves nothing running for it: its items not started yet are
+cancelled (see :data:`HANG_UP_POLL`). Both routes act:
 they need the act token when the endpoint has a key, like ``POST /shutdown``. Payloads and
 results are plain JSON here (no raw buffers).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ClosedError
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20
 MAX_BUFFERSIZE = 64
+# How often a request's items look whether its client is still there (seconds).
+HANG_UP_POLL = 0.25
 
 
 def install_http_ingress(
@@ -54,7 +59,7 @@ def install_http_ingress(
         if not _priority_ok(priority):
             return Reply(400, {"error": "priority must be an integer"})
         try:
-            (value,) = run(target, [payload], timeout, priority)
+            (value,) = run(target, [payload], timeout, priority, request.hung_up)
         except ClosedError as exc:
             return Reply(503, {"error": str(exc)})
         error = error_fields(value)
@@ -79,7 +84,7 @@ def install_http_ingress(
         if not _priority_ok(priority):
             return Reply(400, {"error": "priority must be an integer"})
         try:
-            values = run(target, body, timeout, priority)
+            values = run(target, body, timeout, priority, request.hung_up)
         except ClosedError as exc:
             return Reply(503, {"error": str(exc)})
         out = []
@@ -115,11 +120,18 @@ def _json_reply(body: Any) -> Reply:
 
 
 def run(
-    target: IngressTarget, payloads: list[Any], timeout: float | None, priority: int | None = None
+    target: IngressTarget,
+    payloads: list[Any],
+    timeout: float | None,
+    priority: int | None = None,
+    hung_up: Callable[[], bool] | None = None,
 ) -> list[Any]:
     """The outcomes of *payloads* on an ordered stream of *target*, in order: a value, or the
     error (or ``TaskTimeout``) in its place. ``ClosedError`` when the target takes no work.
-    *priority*: the items' priority (a target whose streams have none refuses them)."""
+    *priority*: the items' priority (a target whose streams have none refuses them).
+    *hung_up*: tells whether the client that asked has gone; looked at every
+    :data:`HANG_UP_POLL` seconds while the items run, and once it has, the items not started
+    are cancelled (their places hold ``CancelledError``) - nobody would read their results."""
     stream = target.stream(
         buffersize=max(1, min(len(payloads), MAX_BUFFERSIZE)),
         ordered=True,
@@ -143,7 +155,21 @@ def run(
 
     feeder = threading.Thread(target=feed, name="pytaskqml-http-ingress-feed", daemon=True)
     feeder.start()
-    out = list(stream)
+    done = threading.Event()
+    if hung_up is not None:
+
+        def watch() -> None:
+            while not done.wait(HANG_UP_POLL):
+                if hung_up():
+                    log.info("http ingress: the client hung up; cancelling its items")
+                    stream.cancel("client hung up")
+                    return
+
+        threading.Thread(target=watch, name="pytaskqml-http-ingress-watch", daemon=True).start()
+    try:
+        out = list(stream)
+    finally:
+        done.set()
     feeder.join()
     if refused:
         if isinstance(refused[0], ClosedError):

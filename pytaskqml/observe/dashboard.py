@@ -122,6 +122,8 @@ class PipelineCounts(Protocol):
     def latency(self) -> HistogramSnapshot | None: ...
     @property
     def latency_max(self) -> float | None: ...
+    @property
+    def items_abandoned(self) -> int: ...
 
 
 class ServedPipeline(Protocol):
@@ -147,7 +149,7 @@ def pipeline_snapshot(pipeline: ServedPipeline, uptime: float) -> PipelineSnapsh
         completed=s.items_out,
         failed=sum(r.stats.failed + r.stats.timed_out for r in rows),
         queued=sum(r.stats.queued for r in rows),
-        in_flight=max(0, s.items_in - s.items_out),
+        in_flight=max(0, s.items_in - s.items_out - s.items_abandoned),
         workers=rows,
         latency=s.latency,
         latency_max=s.latency_max,

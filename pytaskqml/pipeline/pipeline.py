@@ -15,13 +15,14 @@ stage fills the FIFO before it and, in the end, blocks ``put()``: nothing grows 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Literal
 
@@ -107,6 +108,8 @@ class PipelineStats:
     # any item came out.
     latency: HistogramSnapshot | None = None
     latency_max: float | None = None
+    # Put but never yielded: their stream was cancelled, or its consumer stopped reading.
+    items_abandoned: int = 0
 
 
 class PipelineStream(Inlet):
@@ -126,6 +129,8 @@ class PipelineStream(Inlet):
         name: str,
     ) -> None:
         super().__init__(buffersize)
+        # Called once, when the consumer is done with it (see Pipeline._retire).
+        self.retire: Callable[[PipelineStream], None] | None = None
         self._steps = list(steps)
         self._raise = on_error == "raise"
         self._timeout = timeout
@@ -302,6 +307,9 @@ class PipelineStream(Inlet):
         finally:
             if not finished:
                 self.stop("consumer stopped iterating")
+            retire, self.retire = self.retire, None
+            if retire is not None:
+                retire(self)
 
     @property
     def counts(self) -> tuple[int, int]:
@@ -354,7 +362,12 @@ class Pipeline:
         if any(s.coordinator is not None for s in self.stages):
             raise ValueError("a Stage serves one pipeline: build new Stages for another")
         self._lock = threading.Lock()
+        # The streams being read; a stream whose consumer is done leaves the list, its counts
+        # and times added to these (a service makes a stream per request).
         self._streams: list[PipelineStream] = []
+        self._retired = [0, 0, 0]  # items put, yielded, abandoned
+        self._retired_latency: HistogramSnapshot | None = None
+        self._retired_max = 0.0
         self._submitter: PipelineStream | None = None
         self._futures: queue.Queue[Future[Any]] = queue.Queue()
         self._closed = False
@@ -406,8 +419,25 @@ class Pipeline:
             s = PipelineStream(
                 self.steps, buffersize or self.buffersize, on_error, timeout, self.name
             )
+            s.retire = self._retire
             self._streams.append(s)
         return s
+
+    def _retire(self, s: PipelineStream) -> None:
+        """*s*'s consumer is done: keep its counts and times, not the stream."""
+        put, taken = s.counts
+        hist, most = s.latency()
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._streams.remove(s)
+            done = self._retired
+            done[0] += put
+            done[1] += taken
+            done[2] += put - taken
+            if hist.count:
+                old = self._retired_latency
+                self._retired_latency = hist if old is None else old.plus(hist)
+                self._retired_max = max(self._retired_max, most)
 
     def map(
         self,
@@ -502,9 +532,10 @@ class Pipeline:
         stages = {st.name: st.coordinator.statistics() for st in self.stages if st.coordinator}
         with self._lock:
             streams = list(self._streams)
+            put, taken, abandoned = self._retired
+            latency: HistogramSnapshot | None = self._retired_latency
+            longest: float | None = self._retired_max if latency is not None else None
         counts = [s.counts for s in streams]
-        latency: HistogramSnapshot | None = None
-        longest: float | None = None
         for hist, most in (s.latency() for s in streams):
             if not hist.count:
                 continue
@@ -515,10 +546,11 @@ class Pipeline:
                 longest = max(longest or 0.0, most)
         return PipelineStats(
             stages=stages,
-            items_in=sum(c[0] for c in counts),
-            items_out=sum(c[1] for c in counts),
+            items_in=put + sum(c[0] for c in counts),
+            items_out=taken + sum(c[1] for c in counts),
             latency=latency,
             latency_max=longest,
+            items_abandoned=abandoned,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hmac
 import http.client
 import io
@@ -86,7 +87,9 @@ Access = Literal["open", "read", "act"]
 @dataclass(frozen=True)
 class Request:
     """What a route handler gets: the method, the path without its query, the query's
-    parameters (last value of each), the headers, the body and the client's address."""
+    parameters (last value of each), the headers, the body and the client's address.
+    ``hung_up()`` tells a long handler whether the client has closed its connection since
+    (its reply would go nowhere: a handler may stop the work it does for it)."""
 
     method: str
     path: str
@@ -94,6 +97,22 @@ class Request:
     headers: Any
     body: bytes
     client: str
+    hung_up: Callable[[], bool] = field(default=lambda: False, repr=False, compare=False)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client of a request being handled has closed its end. A connection carries
+    one request, so what there is to read after it is the client's end (or bytes it should
+    not have sent, which are not its end)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | _DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: still there
+    except OSError:
+        return True  # reset
+
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # (elsewhere the socket is non-blocking)
 
 
 @dataclass
@@ -624,7 +643,13 @@ class ControlServer:
             self._selector.unregister(c.sock)
         url = urllib.parse.urlsplit(target)
         request = Request(
-            method, url.path, dict(urllib.parse.parse_qsl(url.query)), headers, body, c.client
+            method,
+            url.path,
+            dict(urllib.parse.parse_qsl(url.query)),
+            headers,
+            body,
+            c.client,
+            functools.partial(_hung_up, c.sock),
         )
         self._count("served")
         try:
